@@ -1,0 +1,54 @@
+# One entry point for building, running and testing the gateway.
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: venv deps build-dev build-prod install run test test-rust test-python lint fmt services-up services-down bench bench-micro clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Python dependencies are re-installed only when pyproject.toml changes.
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[dev]' --no-build-isolation --no-deps 2>/dev/null || true
+	$(PIP) install -q maturin 'granian>=2.0' 'msgspec>=0.18' 'uvloop>=0.19' $$($(PY) -c "import tomllib;d=tomllib.load(open('pyproject.toml','rb'));print(' '.join(repr(x) for g in d['project']['optional-dependencies'].values() for x in g))" | tr -d "'")
+	touch $@
+
+deps: $(VENV)/.deps
+
+build-dev: deps
+	cd $(CURDIR) && maturin develop -q
+
+build-prod: deps
+	cd $(CURDIR) && maturin develop -q --release
+
+install: build-prod
+
+run: install
+	gateway serve --config config/gateway.toml --data-dir data --demo
+
+test-rust:
+	cargo test --quiet -p fastpath
+
+test-python: install
+	pytest -q $(PYTEST_ARGS)
+
+test: install test-rust test-python
+
+lint: deps
+	cargo fmt --check
+	cargo clippy --quiet -p fastpath -- -D warnings
+	ruff check python tests bench loadtests
+	mypy python/gateway
+
+fmt:
+	cargo fmt
+	ruff format python tests bench loadtests
+
+clean:
+	rm -rf target $(VENV) data

@@ -1,0 +1,4 @@
+//! The latency-critical path of the payment gateway.
+//!
+//! Pure-Rust modules hold all the logic and are tested with `cargo test`; the `py` module is a thin
+//! PyO3 binding compiled only with the `python` feature (the maturin build).
