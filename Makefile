@@ -13,10 +13,9 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Python dependencies are re-installed only when pyproject.toml changes.
-$(VENV)/.deps: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[dev]' --no-build-isolation --no-deps 2>/dev/null || true
-	$(PIP) install -q maturin 'granian>=2.0' 'msgspec>=0.18' 'uvloop>=0.19' $$($(PY) -c "import tomllib;d=tomllib.load(open('pyproject.toml','rb'));print(' '.join(repr(x) for g in d['project']['optional-dependencies'].values() for x in g))" | tr -d "'")
+# Python dependencies (every file under requirements/) are re-installed only when one changes.
+$(VENV)/.deps: $(wildcard requirements/*.txt) | $(PY)
+	$(PIP) install -q $(addprefix -r ,$(wildcard requirements/*.txt))
 	touch $@
 
 deps: $(VENV)/.deps
@@ -49,6 +48,12 @@ lint: deps
 fmt:
 	cargo fmt
 	ruff format python tests bench loadtests
+
+services-up:
+	bash deploy/services.sh up
+
+services-down:
+	bash deploy/services.sh down
 
 clean:
 	rm -rf target $(VENV) data
