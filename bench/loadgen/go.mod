@@ -1,0 +1,3 @@
+module gateway.bench/loadgen
+
+go 1.22

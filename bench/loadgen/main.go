@@ -1,0 +1,323 @@
+// Command loadgen is the open-loop HTTP load generator used by bench/http_bench.py.
+//
+// It exists because the benchmark needs three things at once: a constant offered rate that does not
+// slow down when the server does (open loop), latency measured from each request's intended send time
+// (so coordinated omission cannot hide queueing), and a different body and different headers on every
+// request (distinct idempotency keys, several merchants' API keys, replays). oha has the first two but
+// only static headers; vegeta has all three but is not reachable from this build's module proxy. The
+// program uses the Go standard library only, so building it needs no download.
+//
+// Targets are JSON lines: {"method": "POST", "url": "...", "headers": {"K": "V"}, "body": "..."}.
+// The literal "{run}" in a header value is replaced by -run, so one targets file gives fresh
+// idempotency keys at every offered rate while keeping its planned replays (repeated lines) intact.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+type target struct {
+	Method  string            `json:"method"`
+	URL     string            `json:"url"`
+	Headers map[string]string `json:"headers"`
+	Body    string            `json:"body"`
+}
+
+type sample struct {
+	intendedNs int64 // intended send time, relative to the start of the run
+	sendLagNs  int64 // actual send time minus intended send time
+	doneNs     int64 // completion time minus intended send time (corrected latency)
+	serviceNs  int64 // completion time minus actual send time (uncorrected latency)
+	status     int   // HTTP status, 0 for a transport error or timeout
+	errKind    string
+}
+
+type percentiles struct {
+	P50   float64 `json:"p50_ms"`
+	P90   float64 `json:"p90_ms"`
+	P99   float64 `json:"p99_ms"`
+	P999  float64 `json:"p999_ms"`
+	Max   float64 `json:"max_ms"`
+	Mean  float64 `json:"mean_ms"`
+	Count int     `json:"count"`
+}
+
+type summary struct {
+	OfferedRate      float64            `json:"offered_rate"`
+	DurationS        float64            `json:"duration_s"`
+	Planned          int                `json:"planned"`
+	Sent             int                `json:"sent"`
+	Completed        int                `json:"completed"`
+	AchievedRate     float64            `json:"achieved_rate"`
+	Errors           int                `json:"errors"`
+	ErrorRate        float64            `json:"error_rate"`
+	StatusCounts     map[string]int     `json:"status_counts"`
+	ErrorKinds       map[string]int     `json:"error_kinds"`
+	Latency          percentiles        `json:"latency_corrected"`
+	ServiceLatency   percentiles        `json:"latency_uncorrected"`
+	SendLag          percentiles        `json:"send_lag"`
+	HistogramEdgesMs []float64          `json:"histogram_edges_ms"`
+	HistogramCounts  []int              `json:"histogram_counts"`
+	MaxConnections   int                `json:"max_connections"`
+	OkStatuses       []int              `json:"ok_statuses"`
+	Extra            map[string]float64 `json:"extra"`
+}
+
+func loadTargets(path string) ([]target, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []target
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := bytes.TrimSpace(sc.Bytes())
+		if len(line) == 0 {
+			continue
+		}
+		var t target
+		if err := json.Unmarshal(line, &t); err != nil {
+			return nil, fmt.Errorf("targets line %d: %w", len(out)+1, err)
+		}
+		if t.Method == "" {
+			t.Method = "GET"
+		}
+		out = append(out, t)
+	}
+	return out, sc.Err()
+}
+
+func pct(sorted []int64, q float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	idx := int(math.Ceil(q*float64(len(sorted)))) - 1
+	if idx < 0 {
+		idx = 0
+	}
+	if idx >= len(sorted) {
+		idx = len(sorted) - 1
+	}
+	return float64(sorted[idx]) / 1e6
+}
+
+func summarize(values []int64) percentiles {
+	if len(values) == 0 {
+		return percentiles{}
+	}
+	sort.Slice(values, func(i, j int) bool { return values[i] < values[j] })
+	var sum float64
+	for _, v := range values {
+		sum += float64(v)
+	}
+	return percentiles{
+		P50: pct(values, 0.50), P90: pct(values, 0.90), P99: pct(values, 0.99), P999: pct(values, 0.999),
+		Max: float64(values[len(values)-1]) / 1e6, Mean: sum / float64(len(values)) / 1e6, Count: len(values),
+	}
+}
+
+func classify(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case strings.Contains(err.Error(), "connection refused"):
+		return "connection_refused"
+	case strings.Contains(err.Error(), "reset by peer"):
+		return "connection_reset"
+	case strings.Contains(err.Error(), "EOF"):
+		return "eof"
+	default:
+		return "other"
+	}
+}
+
+func main() {
+	targetsPath := flag.String("targets", "", "JSON-lines targets file")
+	rate := flag.Float64("rate", 1000, "offered rate, requests per second")
+	duration := flag.Duration("duration", 5*time.Second, "how long to offer load")
+	timeout := flag.Duration("timeout", 2*time.Second, "per-request timeout")
+	maxConns := flag.Int("connections", 512, "maximum concurrent connections")
+	run := flag.String("run", "r0", "value substituted for {run} in header values")
+	okList := flag.String("ok", "200,201,202,402,409", "HTTP statuses that are expected outcomes, not errors")
+	flag.Parse()
+	if *targetsPath == "" || *rate <= 0 || *duration <= 0 {
+		fmt.Fprintln(os.Stderr, "usage: loadgen -targets FILE -rate N -duration D")
+		os.Exit(2)
+	}
+	targets, err := loadTargets(*targetsPath)
+	if err != nil || len(targets) == 0 {
+		fmt.Fprintln(os.Stderr, "cannot load targets:", err)
+		os.Exit(2)
+	}
+	ok := map[int]bool{}
+	var okStatuses []int
+	for _, s := range strings.Split(*okList, ",") {
+		var v int
+		if _, err := fmt.Sscanf(strings.TrimSpace(s), "%d", &v); err == nil {
+			ok[v] = true
+			okStatuses = append(okStatuses, v)
+		}
+	}
+	// Pre-build the per-request header sets once so the send loop does no string work.
+	type prepared struct {
+		method string
+		url    string
+		header http.Header
+		body   []byte
+	}
+	reqs := make([]prepared, len(targets))
+	for i, t := range targets {
+		h := http.Header{}
+		for k, v := range t.Headers {
+			h.Set(k, strings.ReplaceAll(v, "{run}", *run))
+		}
+		reqs[i] = prepared{t.Method, t.URL, h, []byte(t.Body)}
+	}
+
+	transport := &http.Transport{
+		MaxConnsPerHost:     *maxConns,
+		MaxIdleConns:        *maxConns,
+		MaxIdleConnsPerHost: *maxConns,
+		IdleConnTimeout:     30 * time.Second,
+		DisableCompression:  true,
+		DialContext:         (&net.Dialer{Timeout: *timeout}).DialContext,
+	}
+	client := &http.Client{Transport: transport, Timeout: *timeout}
+
+	planned := int(*rate * duration.Seconds())
+	if planned < 1 {
+		planned = 1
+	}
+	samples := make([]sample, planned)
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	intervalNs := 1e9 / *rate
+	start := time.Now()
+	// The scheduler releases every request whose intended time has passed, then sleeps briefly; it
+	// never waits for a response, so a slow server cannot lower the offered rate.
+	for i := 0; i < planned; {
+		elapsed := time.Since(start).Nanoseconds()
+		due := int(float64(elapsed)/intervalNs) + 1
+		if due > planned {
+			due = planned
+		}
+		for ; i < due; i++ {
+			wg.Add(1)
+			sent.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				p := &reqs[i%len(reqs)]
+				intended := int64(float64(i) * intervalNs)
+				s := &samples[i]
+				s.intendedNs = intended
+				req, _ := http.NewRequest(p.method, p.url, bytes.NewReader(p.body))
+				req.Header = p.header.Clone()
+				if len(p.body) > 0 && req.Header.Get("Content-Type") == "" {
+					req.Header.Set("Content-Type", "application/json")
+				}
+				sendAt := time.Since(start).Nanoseconds()
+				s.sendLagNs = sendAt - intended
+				resp, err := client.Do(req)
+				if err == nil {
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					s.status = resp.StatusCode
+				}
+				end := time.Since(start).Nanoseconds()
+				s.doneNs = end - intended
+				s.serviceNs = end - sendAt
+				if err != nil {
+					s.status = 0
+					s.errKind = classify(err)
+				}
+			}(i)
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
+	wg.Wait()
+	wall := time.Since(start).Seconds()
+	transport.CloseIdleConnections()
+
+	sum := summary{
+		OfferedRate: *rate, DurationS: duration.Seconds(), Planned: planned, Sent: int(sent.Load()),
+		StatusCounts: map[string]int{}, ErrorKinds: map[string]int{}, MaxConnections: *maxConns,
+		OkStatuses: okStatuses, Extra: map[string]float64{"wall_s": wall},
+	}
+	corrected := make([]int64, 0, planned)
+	service := make([]int64, 0, planned)
+	lag := make([]int64, 0, planned)
+	// Log-spaced histogram from 10 us to 10 s, 20 buckets per decade.
+	const bucketsPerDecade = 20
+	nb := 6 * bucketsPerDecade
+	edges := make([]float64, nb+1)
+	for b := 0; b <= nb; b++ {
+		edges[b] = 0.01 * math.Pow(10, float64(b)/bucketsPerDecade)
+	}
+	counts := make([]int, nb+2)
+	var lastDone int64
+	for i := range samples {
+		s := &samples[i]
+		corrected = append(corrected, s.doneNs)
+		service = append(service, s.serviceNs)
+		lag = append(lag, s.sendLagNs)
+		if s.doneNs+s.intendedNs > lastDone {
+			lastDone = s.doneNs + s.intendedNs
+		}
+		if s.status == 0 {
+			sum.Errors++
+			sum.ErrorKinds[s.errKind]++
+			sum.StatusCounts["transport_error"]++
+		} else {
+			sum.Completed++
+			sum.StatusCounts[fmt.Sprint(s.status)]++
+			if !ok[s.status] {
+				sum.Errors++
+			}
+		}
+		ms := float64(s.doneNs) / 1e6
+		b := 0
+		if ms > edges[0] {
+			b = int(math.Floor(math.Log10(ms/edges[0])*bucketsPerDecade)) + 1
+			if b > nb+1 {
+				b = nb + 1
+			}
+		}
+		counts[b]++
+	}
+	sum.ErrorRate = float64(sum.Errors) / float64(planned)
+	// Achieved rate counts successful answers over the span from the first intended send to the last
+	// answer, so a server that falls behind and drains its backlog late shows a lower rate.
+	if lastDone > 0 {
+		sum.AchievedRate = float64(sum.Completed-(sum.Errors-sum.StatusCounts["transport_error"])) / (float64(lastDone) / 1e9)
+	}
+	sum.Latency = summarize(corrected)
+	sum.ServiceLatency = summarize(service)
+	sum.SendLag = summarize(lag)
+	sum.HistogramEdgesMs = edges
+	sum.HistogramCounts = counts
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(sum); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
