@@ -2,3 +2,10 @@
 //!
 //! Pure-Rust modules hold all the logic and are tested with `cargo test`; the `py` module is a thin
 //! PyO3 binding compiled only with the `python` feature (the maturin build).
+
+pub mod config;
+pub mod currency;
+pub mod error;
+pub mod metrics;
+pub mod validate;
+pub mod wal;

@@ -1,0 +1,80 @@
+//! Lock-free latency histograms rendered as Prometheus text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds in nanoseconds: 1 µs to 1 s, roughly three per decade.
+pub const LATENCY_BOUNDS_NS: [u64; 19] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 25_000_000, 50_000_000, 100_000_000, 250_000_000, 500_000_000, 1_000_000_000,
+];
+
+pub const BATCH_BOUNDS: [u64; 12] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
+
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// One counter per bound plus the overflow (+Inf) bucket; counts are not cumulative here.
+    buckets: Vec<AtomicU64>,
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn latency() -> Self {
+        Self::new(&LATENCY_BOUNDS_NS)
+    }
+
+    pub fn observe(&self, v: u64) {
+        let idx = self.bounds.partition_point(|b| *b < v);
+        self.buckets[idx].fetch_add(1, Relaxed);
+        self.sum.fetch_add(v, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Writes the series; `scale` divides raw values (1e9 turns nanoseconds into seconds).
+    pub fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}", *b as f64 / scale);
+        }
+        cumulative += self.buckets[self.bounds.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum.load(Relaxed) as f64 / scale);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_in_text() {
+        let h = Histogram::latency();
+        h.observe(800);
+        h.observe(3_000);
+        h.observe(2_000_000_000);
+        let mut s = String::new();
+        h.render(&mut s, "x_seconds", "stage=\"a\"", 1e9);
+        assert!(s.contains("x_seconds_bucket{stage=\"a\",le=\"0.000001\"} 1"));
+        assert!(s.contains("x_seconds_bucket{stage=\"a\",le=\"0.000005\"} 2"));
+        assert!(s.contains("x_seconds_bucket{stage=\"a\",le=\"1\"} 2"));
+        assert!(s.contains("x_seconds_bucket{stage=\"a\",le=\"+Inf\"} 3"));
+        assert!(s.contains("x_seconds_count{stage=\"a\"} 3"));
+    }
+}
