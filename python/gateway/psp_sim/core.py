@@ -170,12 +170,17 @@ class SimulatedPSP:
 
     def _unit(self, *parts: object) -> float:
         """A uniform draw in [0, 1) determined by the seed and `parts`."""
-        digest = hashlib.blake2b(repr((self.seed, self.profile.name, *parts)).encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(
+            repr((self.seed, self.profile.name, *parts)).encode(), digest_size=8
+        ).digest()
         return int.from_bytes(digest, "big") / 2**64
 
     def latency_ms(self, operation: str, key: str, sequence: int) -> float:
         p = self.profile
-        latency = p.latency_ms_base + (2.0 * self._unit("jitter", operation, key, sequence) - 1.0) * p.latency_ms_jitter
+        latency = (
+            p.latency_ms_base
+            + (2.0 * self._unit("jitter", operation, key, sequence) - 1.0) * p.latency_ms_jitter
+        )
         if self._unit("tail", operation, key, sequence) < p.latency_tail_rate:
             latency *= p.latency_tail_factor
         return max(0.0, latency)
@@ -187,7 +192,12 @@ class SimulatedPSP:
 
     def _error(self, operation: str, code: str, message: str, *, retryable: bool) -> SimResponse:
         return SimResponse(
-            outcome="error", psp=self.name, operation=operation, code=code, message=message, retryable=retryable
+            outcome="error",
+            psp=self.name,
+            operation=operation,
+            code=code,
+            message=message,
+            retryable=retryable,
         )
 
     async def _call(
@@ -246,7 +256,9 @@ class SimulatedPSP:
         try:
             await self._wait_ms(self.latency_ms(operation, key, sequence))
             if utilisation > p.overload_utilisation_threshold:
-                over = (utilisation - p.overload_utilisation_threshold) / (1.0 - p.overload_utilisation_threshold)
+                over = (utilisation - p.overload_utilisation_threshold) / (
+                    1.0 - p.overload_utilisation_threshold
+                )
                 if self._unit("overload", operation, key, sequence) < over * p.overload_error_rate_max:
                     return self._error(
                         operation,
@@ -255,7 +267,9 @@ class SimulatedPSP:
                         retryable=True,
                     )
             if force_error is not None:
-                return self._error(operation, force_error, f"{self.name} could not process the request", retryable=True)
+                return self._error(
+                    operation, force_error, f"{self.name} could not process the request", retryable=True
+                )
             if self._unit("error", operation, key, sequence) < p.error_rate:
                 return self._error(
                     operation, "processor_error", f"{self.name} failed to process the request", retryable=True
@@ -294,10 +308,13 @@ class SimulatedPSP:
         force_error: str | None = None
         if spec.behaviour is TokenBehaviour.ERROR:
             force_error = spec.code
-        elif spec.behaviour is TokenBehaviour.ERROR_ONCE and reference not in self._errored_references:
-            if len(self._errored_references) < self.operations_max:
-                self._errored_references.add(reference)
-                force_error = spec.code
+        elif (
+            spec.behaviour is TokenBehaviour.ERROR_ONCE
+            and reference not in self._errored_references
+            and len(self._errored_references) < self.operations_max
+        ):
+            self._errored_references.add(reference)
+            force_error = spec.code
 
         def process() -> tuple[SimResponse, bool] | SimResponse:
             if len(self._transactions) >= self.transactions_max:
@@ -336,11 +353,15 @@ class SimulatedPSP:
                 outcome = "soft_decline"
             else:
                 outcome = "approved"
-            response = self._txn_response(op, outcome, txn, amount=txn.amount_authorized, code=txn.decline_code)
+            response = self._txn_response(
+                op, outcome, txn, amount=txn.amount_authorized, code=txn.decline_code
+            )
             lost = spec.behaviour in (TokenBehaviour.TIMEOUT_APPROVED, TokenBehaviour.TIMEOUT_DECLINED)
             return response, lost
 
-        return await self._call(op, idempotency_key, (reference, amount, currency, token), process, force_error)
+        return await self._call(
+            op, idempotency_key, (reference, amount, currency, token), process, force_error
+        )
 
     async def capture(
         self, *, psp_reference: str, amount: int, idempotency_key: str, final: bool = False
@@ -353,7 +374,9 @@ class SimulatedPSP:
         def process() -> tuple[SimResponse, bool] | SimResponse:
             txn = self._transactions.get(psp_reference)
             if txn is None:
-                return self._error(op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False)
+                return self._error(
+                    op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False
+                )
             if txn.status not in ("authorized", "captured") or txn.capture_final:
                 return self._error(op, "invalid_state", f"transaction is {txn.status}", retryable=False)
             capturable = txn.amount_authorized - txn.amount_captured
@@ -379,7 +402,9 @@ class SimulatedPSP:
         def process() -> SimResponse:
             txn = self._transactions.get(psp_reference)
             if txn is None:
-                return self._error(op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False)
+                return self._error(
+                    op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False
+                )
             if txn.status != "authorized":
                 return self._error(op, "invalid_state", f"transaction is {txn.status}", retryable=False)
             released = txn.amount_authorized
@@ -398,7 +423,9 @@ class SimulatedPSP:
         def process() -> tuple[SimResponse, bool] | SimResponse:
             txn = self._transactions.get(psp_reference)
             if txn is None:
-                return self._error(op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False)
+                return self._error(
+                    op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False
+                )
             if txn.status not in ("captured", "partially_refunded"):
                 return self._error(op, "invalid_state", f"transaction is {txn.status}", retryable=False)
             refundable = txn.amount_captured - txn.amount_refunded
@@ -431,7 +458,9 @@ class SimulatedPSP:
         profile's latency but never time out and are not subject to token behaviours.
         """
         self._sequence += 1
-        await self._wait_ms(self.latency_ms("status", str((reference, psp_reference, idempotency_key)), self._sequence))
+        await self._wait_ms(
+            self.latency_ms("status", str((reference, psp_reference, idempotency_key)), self._sequence)
+        )
         ref = psp_reference
         if ref is None and idempotency_key is not None:
             ref = self._key_to_psp_reference.get(idempotency_key)

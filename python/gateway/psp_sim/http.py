@@ -128,7 +128,11 @@ class PSPSimApp:
             if action == "authorize":
                 a = msgspec.json.decode(raw, type=AuthorizeBody)
                 response = await psp.authorize(
-                    reference=a.reference, amount=a.amount, currency=a.currency, token=a.token, idempotency_key=key
+                    reference=a.reference,
+                    amount=a.amount,
+                    currency=a.currency,
+                    token=a.token,
+                    idempotency_key=key,
                 )
             elif action == "capture":
                 c = msgspec.json.decode(raw, type=CaptureBody)
@@ -140,7 +144,9 @@ class PSPSimApp:
                 response = await psp.void(psp_reference=v.psp_reference, idempotency_key=key)
             elif action == "refund":
                 r = msgspec.json.decode(raw, type=RefundBody)
-                response = await psp.refund(psp_reference=r.psp_reference, amount=r.amount, idempotency_key=key)
+                response = await psp.refund(
+                    psp_reference=r.psp_reference, amount=r.amount, idempotency_key=key
+                )
             else:
                 return _problem(404, "not_found", "no such route")
         except msgspec.DecodeError as exc:
@@ -176,7 +182,10 @@ def app_from_env() -> PSPSimApp:
         return build_app()
     config = msgspec.json.decode(raw.encode(), type=SimConfig)
     return build_app(
-        config.profiles, seed=config.seed, time_scale=config.time_scale, transactions_max=config.transactions_max
+        config.profiles,
+        seed=config.seed,
+        time_scale=config.time_scale,
+        transactions_max=config.transactions_max,
     )
 
 

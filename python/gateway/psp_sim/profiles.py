@@ -46,7 +46,12 @@ class PSPProfile:
         assert self.latency_ms_base >= 0 and 0 <= self.latency_ms_jitter <= self.latency_ms_base
         assert self.capacity_inflight_max >= 1
         assert 0.0 < self.overload_utilisation_threshold <= 1.0
-        for rate in (self.overload_error_rate_max, self.error_rate, self.timeout_rate, self.latency_tail_rate):
+        for rate in (
+            self.overload_error_rate_max,
+            self.error_rate,
+            self.timeout_rate,
+            self.latency_tail_rate,
+        ):
             assert 0.0 <= rate <= 1.0
 
     def fee_minor(self, amount_minor: int) -> int:

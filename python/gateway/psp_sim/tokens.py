@@ -39,7 +39,9 @@ class TokenSpec:
 TEST_TOKENS: dict[str, TokenSpec] = {
     t.token: t
     for t in (
-        TokenSpec("tok_visa", TokenBehaviour.APPROVE, None, "Approved (any unlisted token behaves the same)."),
+        TokenSpec(
+            "tok_visa", TokenBehaviour.APPROVE, None, "Approved (any unlisted token behaves the same)."
+        ),
         TokenSpec("tok_mastercard", TokenBehaviour.APPROVE, None, "Approved."),
         TokenSpec(
             "tok_decline_insufficient_funds",
