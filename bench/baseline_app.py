@@ -92,8 +92,11 @@ class SimpleRisk:
     def __init__(self, config: dict[str, Any]) -> None:
         self.blocklist = {field: set(values) for field, values in config["blocklist"].items()}
         self.window_s = float(config["velocity_window_s"])
-        self.velocity_max = int(config["velocity_max"])
-        self.seen: dict[str, deque[float]] = {}
+        self.velocity_max = {
+            "payment_method": int(config["velocity_max"]),
+            "device_id": int(config.get("device_velocity_max", config["velocity_max"])),
+        }
+        self.seen: dict[tuple[str, str], deque[float]] = {}
 
     def decide(self, merchant_id: str, payment: dict[str, Any]) -> tuple[bool, list[str]]:
         fired: list[str] = []
@@ -103,12 +106,16 @@ class SimpleRisk:
             if values.get(field) in blocked:
                 fired.append(f"blocklist:{field}")
         now = time.monotonic()
-        window = self.seen.setdefault(payment["payment_method"], deque())
-        while window and now - window[0] > self.window_s:
-            window.popleft()
-        window.append(now)
-        if len(window) > self.velocity_max:
-            fired.append("velocity:payment_method")
+        for field, limit in self.velocity_max.items():
+            value = values.get(field)
+            if value is None:
+                continue
+            window = self.seen.setdefault((field, value), deque())
+            while window and now - window[0] > self.window_s:
+                window.popleft()
+            window.append(now)
+            if len(window) > limit:
+                fired.append(f"velocity:{field}")
         if payment["amount"] > 5_000_000 and customer.get("country") not in (None, "US"):
             fired.append("rule:large_foreign_amount")
         return (not fired, fired)

@@ -8,8 +8,10 @@
 // program uses the Go standard library only, so building it needs no download.
 //
 // Targets are JSON lines: {"method": "POST", "url": "...", "headers": {"K": "V"}, "body": "..."}.
-// The literal "{run}" in a header value is replaced by -run, so one targets file gives fresh
-// idempotency keys at every offered rate while keeping its planned replays (repeated lines) intact.
+// A target URL that starts with "/" is joined to -base. The literal "{run}" in a header value is
+// replaced by -run, and "{cycle}" by how many times the file has been wrapped around, so one targets
+// file gives fresh idempotency keys at every offered rate and on every pass while keeping its planned
+// replays (repeated lines) intact.
 package main
 
 import (
@@ -26,6 +28,7 @@ import (
 	"net/http"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -157,6 +160,7 @@ func main() {
 	timeout := flag.Duration("timeout", 2*time.Second, "per-request timeout")
 	maxConns := flag.Int("connections", 512, "maximum concurrent connections")
 	run := flag.String("run", "r0", "value substituted for {run} in header values")
+	base := flag.String("base", "", "base URL for targets whose URL starts with /")
 	okList := flag.String("ok", "200,201,202,402,409", "HTTP statuses that are expected outcomes, not errors")
 	flag.Parse()
 	if *targetsPath == "" || *rate <= 0 || *duration <= 0 {
@@ -183,14 +187,23 @@ func main() {
 		url    string
 		header http.Header
 		body   []byte
+		cycled []string // header names whose value contains {cycle}
 	}
 	reqs := make([]prepared, len(targets))
 	for i, t := range targets {
 		h := http.Header{}
+		var cycled []string
 		for k, v := range t.Headers {
 			h.Set(k, strings.ReplaceAll(v, "{run}", *run))
+			if strings.Contains(v, "{cycle}") {
+				cycled = append(cycled, k)
+			}
 		}
-		reqs[i] = prepared{t.Method, t.URL, h, []byte(t.Body)}
+		url := t.URL
+		if strings.HasPrefix(url, "/") {
+			url = strings.TrimRight(*base, "/") + url
+		}
+		reqs[i] = prepared{t.Method, url, h, []byte(t.Body), cycled}
 	}
 
 	transport := &http.Transport{
@@ -231,6 +244,10 @@ func main() {
 				s.intendedNs = intended
 				req, _ := http.NewRequest(p.method, p.url, bytes.NewReader(p.body))
 				req.Header = p.header.Clone()
+				cycle := strconv.Itoa(i / len(reqs))
+				for _, k := range p.cycled {
+					req.Header.Set(k, strings.ReplaceAll(req.Header.Get(k), "{cycle}", cycle))
+				}
 				if len(p.body) > 0 && req.Header.Get("Content-Type") == "" {
 					req.Header.Set("Content-Type", "application/json")
 				}

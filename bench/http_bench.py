@@ -1,0 +1,689 @@
+"""Open-loop HTTP benchmark: the gateway beside a bare server (floor) and a plain-Python baseline.
+
+Every system gets the same traffic at the same stepped offered rates, on the same machine, in the same
+run. Latency is measured from each request's intended send time (coordinated omission corrected) by
+bench/loadgen; the server and the load generator are pinned to separate cores when the machine has
+more than one. Results land in bench/results/<timestamp>/ as report.json, report.md and PNG plots.
+
+    python bench/http_bench.py            # full run, a few minutes
+    python bench/http_bench.py --quick    # seconds, tiny rates: a smoke test of the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+VENV_BIN = Path(sys.executable).parent
+TOOLS_BIN = REPO / ".cache" / "tools" / "bin"
+
+DEFAULT_RATES = [10_000, 25_000, 50_000, 75_000, 100_000]
+QUICK_RATES = [200, 500]
+KNEE_P99_MS = 10.0
+KNEE_ERROR_RATE = 0.001
+# Statuses that are correct answers to the planned traffic: created, replayed, risk decline, and the
+# 409 a retry gets while its original is still in flight. Anything else (429 included) is an error.
+OK_STATUSES = "200,201,202,402,409"
+SYSTEMS = ("floor", "gateway", "baseline")
+
+
+@dataclass
+class Traffic:
+    """The request mix, identical for every system; it is recorded in report.json."""
+
+    merchants: int = 6
+    cards: int = 200_000
+    card_zipf_exponent: float = 0.9
+    blocklisted_card_share: float = 0.01
+    blocklisted_email_share: float = 0.005
+    hot_device_share: float = 0.01
+    hot_devices: int = 10
+    replay_share: float = 0.03
+    replay_min_distance: int = 500
+    no_idempotency_key_share: float = 0.10
+    targets_max: int = 120_000
+    seed: int = 20260101
+    blocklisted_cards: list[str] = field(default_factory=lambda: [f"tok_blocked_{i:03d}" for i in range(100)])
+    blocklisted_emails: list[str] = field(default_factory=lambda: [f"fraud{i}@example.net" for i in range(20)])
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str]
+    cwd: Path
+    ready_path: str = "/readyz"
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_text(argv: list[str], timeout: float = 10) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
+    load = os.getloadavg()
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in load],
+        "hostname_hash": abs(hash(platform.node())) % 10**8,
+    }
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {"python": platform.python_version()}
+    from importlib import metadata
+
+    for pkg in ("granian", "msgspec", "uvloop", "fastapi", "uvicorn", "pydantic", "httptools", "gateway"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    out["go"] = run_text(["go", "version"]) or "unknown"
+    out["git_commit"] = run_text(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    return out
+
+
+def ensure_tools() -> Path:
+    loadgen = TOOLS_BIN / "loadgen"
+    src = BENCH / "loadgen" / "main.go"
+    if not loadgen.exists() or src.stat().st_mtime > loadgen.stat().st_mtime:
+        env = {**os.environ, "BENCH_SKIP_OHA": "1"}
+        subprocess.run(["bash", str(BENCH / "tools.sh")], check=True, env=env, stdout=subprocess.DEVNULL)
+    return loadgen
+
+
+def cpu_plan(cores: int, no_pin: bool) -> dict[str, Any]:
+    """Server on core 0, load generator on the rest; nothing is pinned on a single core."""
+    if no_pin or cores < 2 or shutil.which("taskset") is None:
+        return {"pinned": False, "server_cpus": None, "loadgen_cpus": None}
+    server = "0" if cores < 4 else f"0-{cores // 2 - 1}"
+    loadgen = "1" if cores < 4 else f"{cores // 2}-{cores - 1}"
+    if cores > 2 and cores < 4:
+        loadgen = f"1-{cores - 1}"
+    return {"pinned": True, "server_cpus": server, "loadgen_cpus": loadgen}
+
+
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+
+# --------------------------------------------------------------------------------------------- traffic
+
+
+def build_targets(path: Path, traffic: Traffic, api_keys: list[str], count: int) -> dict[str, Any]:
+    """Write `count` JSON-lines targets; returns the realised mix for the report."""
+    import msgspec
+
+    rng = np.random.default_rng(traffic.seed)
+    ranks = np.arange(1, traffic.cards + 1, dtype=np.float64)
+    card_p = ranks**-traffic.card_zipf_exponent
+    card_p /= card_p.sum()
+    cards = rng.choice(traffic.cards, size=count, p=card_p)
+    merchant_p = 1.0 / np.arange(1, len(api_keys) + 1)
+    merchant_p /= merchant_p.sum()
+    merchants = rng.choice(len(api_keys), size=count, p=merchant_p)
+    amounts = np.clip(rng.lognormal(mean=np.log(2500), sigma=1.0, size=count), 50, 2_000_000).astype(int)
+    currencies = rng.choice(["USD", "EUR", "GBP", "JPY"], size=count, p=[0.7, 0.15, 0.1, 0.05])
+    countries = rng.choice(["US", "GB", "DE", "FR", "JP", "BR"], size=count, p=[0.6, 0.1, 0.1, 0.08, 0.07, 0.05])
+    kind = rng.random(count)
+    no_key = rng.random(count) < traffic.no_idempotency_key_share
+    replay = rng.random(count) < traffic.replay_share
+    replay[: traffic.replay_min_distance] = False
+    encoder = msgspec.json.Encoder()
+    lines: list[bytes] = []
+    realised = {"blocklisted_card": 0, "blocklisted_email": 0, "hot_device": 0, "replay": 0, "no_key": 0}
+    b1 = traffic.blocklisted_card_share
+    b2 = b1 + traffic.blocklisted_email_share
+    b3 = b2 + traffic.hot_device_share
+    for i in range(count):
+        if replay[i]:
+            src = int(rng.integers(0, i - traffic.replay_min_distance + 1))
+            lines.append(lines[src])
+            realised["replay"] += 1
+            continue
+        card = f"tok_card_{int(cards[i]):06d}"
+        email = f"buyer{int(cards[i])}@example.com"
+        device = f"dev_{int(cards[i]):06d}"
+        if kind[i] < b1:
+            card = traffic.blocklisted_cards[int(cards[i]) % len(traffic.blocklisted_cards)]
+            realised["blocklisted_card"] += 1
+        elif kind[i] < b2:
+            email = traffic.blocklisted_emails[int(cards[i]) % len(traffic.blocklisted_emails)]
+            realised["blocklisted_email"] += 1
+        elif kind[i] < b3:
+            device = f"dev_hot_{int(cards[i]) % traffic.hot_devices}"
+            realised["hot_device"] += 1
+        currency = str(currencies[i])
+        amount = int(amounts[i]) // 100 if currency == "JPY" else int(amounts[i])
+        body = {
+            "amount": max(amount, 1),
+            "currency": currency,
+            "payment_method": card,
+            "capture": bool(i % 5),
+            "description": "bench order",
+            "metadata": {"order_id": f"ord_{i}"},
+            "customer": {
+                "email": email,
+                "ip": f"10.{(int(cards[i]) >> 16) & 255}.{(int(cards[i]) >> 8) & 255}.{int(cards[i]) & 255}",
+                "device_id": device,
+                "country": str(countries[i]),
+            },
+        }
+        headers = {"Authorization": f"Bearer {api_keys[int(merchants[i])]}", "Content-Type": "application/json"}
+        if no_key[i]:
+            realised["no_key"] += 1
+        else:
+            headers["Idempotency-Key"] = f"{{run}}-{{cycle}}-{i}"
+        target = {"method": "POST", "url": "/v1/payments", "headers": headers, "body": encoder.encode(body).decode()}
+        lines.append(encoder.encode(target))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return {k: round(v / count, 4) for k, v in realised.items()} | {"targets": count}
+
+
+# --------------------------------------------------------------------------------------------- servers
+
+
+def gateway_cli() -> Path | None:
+    exe = VENV_BIN / "gateway"
+    if not exe.exists():
+        return None
+    probe = subprocess.run([str(exe), "--help"], capture_output=True, timeout=30, check=False)
+    return exe if probe.returncode == 0 else None
+
+
+def create_gateway_merchants(exe: Path, data_dir: Path, n: int) -> list[str]:
+    keys: list[str] = []
+    for i in range(n):
+        out = subprocess.run(
+            [str(exe), "merchant", "create", "--name", f"bench-merchant-{i}", "--data-dir", str(data_dir)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        keys.append(json.loads(out.strip().splitlines()[-1])["api_key"])
+    return keys
+
+
+def start_server(server: Server, cpus: str | None, out_dir: Path, timeout_s: float = 60) -> None:
+    server.log_path = out_dir / f"server-{server.name}.log"
+    log = server.log_path.open("wb")
+    server.proc = subprocess.Popen(
+        pinned(server.argv, cpus), cwd=server.cwd, env=server.env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    url = f"http://127.0.0.1:{server.port}{server.ready_path}"
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}; see {server.log_path}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"{server.name} not ready after {timeout_s}s; see {server.log_path}")
+
+
+def stop_server(server: Server) -> None:
+    proc = server.proc
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def server_pid(server: Server) -> int | None:
+    """The process doing the work: the single child worker when the server forks one, else itself."""
+    assert server.proc is not None
+    children = run_text(["pgrep", "-P", str(server.proc.pid)]).split()
+    return int(children[0]) if len(children) == 1 else server.proc.pid
+
+
+def make_servers(
+    systems: list[str], work: Path, api_keys: list[str], traffic: Traffic, gateway_exe: Path | None,
+    gateway_data: Path | None, gateway_config: Path,
+) -> list[Server]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    servers: list[Server] = []
+    for name in systems:
+        port = free_port()
+        if name == "floor":
+            argv = [
+                str(VENV_BIN / "granian"), "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", "1", "--runtime-threads", "1", "--loop", "uvloop", "--no-ws", "--log-level",
+                "warning", "--working-dir", str(BENCH), "floor_app:app",
+            ]
+            servers.append(Server(name, argv, port, env, BENCH))
+        elif name == "baseline":
+            config = {
+                "merchants": {k: f"mer_bench_{i}" for i, k in enumerate(api_keys)},
+                "blocklist": {"payment_method": traffic.blocklisted_cards, "email": traffic.blocklisted_emails},
+                "velocity_window_s": 60,
+                "velocity_max": 1_000_000,
+                "device_velocity_max": 100,
+                "wal_path": str(work / "baseline-wal.log"),
+                "rate_limit_per_s": 10_000_000,
+            }
+            cfg_path = work / "baseline-config.json"
+            cfg_path.write_text(json.dumps(config))
+            argv = [
+                str(VENV_BIN / "uvicorn"), "--app-dir", str(BENCH), "baseline_app:app", "--host", "127.0.0.1",
+                "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+                "--no-access-log", "--workers", "1",
+            ]
+            servers.append(Server(name, argv, port, {**env, "BASELINE_CONFIG": str(cfg_path)}, REPO))
+        elif name == "gateway" and gateway_exe is not None and gateway_data is not None:
+            argv = [
+                str(gateway_exe), "serve", "--config", str(gateway_config), "--data-dir", str(gateway_data),
+                "--port", str(port),
+            ]
+            servers.append(Server(name, argv, port, env, REPO))
+    return servers
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def run_step(
+    loadgen: Path, targets: Path, port: int, rate: float, seconds: float, run_id: str, cpus: str | None,
+    connections: int,
+) -> dict[str, Any]:
+    argv = [
+        str(loadgen), "-targets", str(targets), "-base", f"http://127.0.0.1:{port}", "-rate", str(rate),
+        "-duration", f"{seconds}s", "-run", run_id, "-ok", OK_STATUSES, "-connections", str(connections),
+        "-timeout", "2s",
+    ]
+    proc = subprocess.run(pinned(argv, cpus), capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return dict(json.loads(proc.stdout))
+
+
+def knee(steps: list[dict[str, Any]]) -> float | None:
+    """Highest offered rate with P99 under the bound and errors under the bound (None if no step passes)."""
+    passing = [
+        s["offered_rate"] for s in steps
+        if s["latency_corrected"]["p99_ms"] < KNEE_P99_MS and s["error_rate"] < KNEE_ERROR_RATE
+    ]
+    return max(passing) if passing else None
+
+
+def py_spy_profile(pid: int, seconds: float, out_dir: Path, name: str) -> dict[str, Any]:
+    """Sample the server for `seconds`; writes a flame graph and the collapsed stacks, returns top frames."""
+    exe = VENV_BIN / "py-spy"
+    if not exe.exists():
+        return {"error": "py-spy not installed"}
+    raw = out_dir / f"profile-{name}.txt"
+    svg = out_dir / f"profile-{name}.svg"
+    base = [str(exe), "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "250",
+            "--nonblocking"]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for cmd in ([*base, "--format", "raw", "-o", str(raw)], [*base, "-o", str(svg)])
+    ]
+    return {"raw": raw.name, "svg": svg.name, "_procs": procs}
+
+
+def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    self_counts: dict[str, int] = {}
+    incl_counts: dict[str, int] = {}
+    total = 0
+    if not raw.exists():
+        return {"error": "no samples"}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = stack.split(";")
+        for f in set(frames):
+            incl_counts[f] = incl_counts.get(f, 0) + count
+        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
+    if total == 0:
+        return {"error": "no samples"}
+
+    def ranked(d: dict[str, int]) -> list[dict[str, Any]]:
+        items = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return [{"frame": k, "share": round(v / total, 4)} for k, v in items]
+
+    return {"samples": total, "top_self": ranked(self_counts), "top_inclusive": ranked(incl_counts)}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def fmt_rate(x: float | None) -> str:
+    if x is None:
+        return "none"
+    return f"{x / 1000:.1f}K" if x >= 1000 else f"{x:.0f}"
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    lines = [
+        f"# HTTP benchmark {report['started_at']}",
+        "",
+        f"Machine: {report['machine']['cpu_model']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['memory_gib']} GiB, kernel {report['machine']['kernel']}; load average at "
+        f"start {report['machine']['load_average_at_start']}. Pinning: {report['cpu_plan']}.",
+        f"Open loop, {report['config']['step_seconds']} s per offered rate, latency from intended send time "
+        f"(coordinated omission corrected). Knee = highest offered rate with P99 < {KNEE_P99_MS:g} ms and "
+        f"errors < {KNEE_ERROR_RATE:.1%}.",
+        "",
+        "| system | knee | offered | achieved | P50 ms | P99 ms | P99.9 ms | errors | gen lag P99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, res in report["systems"].items():
+        if "error" in res:
+            lines.append(f"| {name} | - | - | - | - | - | - | {res['error']} | - |")
+            continue
+        for i, s in enumerate(res["steps"]):
+            lat = s["latency_corrected"]
+            lines.append(
+                f"| {name if i == 0 else ''} | {fmt_rate(res['knee']) if i == 0 else ''} | "
+                f"{fmt_rate(s['offered_rate'])} | {fmt_rate(s['achieved_rate'])} | {lat['p50_ms']:.2f} | "
+                f"{lat['p99_ms']:.2f} | {lat['p999_ms']:.2f} | {s['error_rate']:.2%} | "
+                f"{s['send_lag']['p99_ms']:.2f} |"
+            )
+        for skipped in res.get("skipped_rates", []):
+            lines.append(f"| | | {fmt_rate(skipped)} | skipped: saturated at a lower rate | | | | | |")
+    ratios = report["ratios"]
+    lines += [
+        "",
+        f"Ratios: gateway knee / floor knee = {ratios['gateway_over_floor']}, "
+        f"gateway knee / baseline knee = {ratios['gateway_over_baseline']}.",
+        "",
+        "Errors count transport failures, timeouts (2 s) and statuses outside "
+        f"{{{OK_STATUSES}}}; 402 (risk decline), 409 (retry while in flight) and replays are correct "
+        "answers to the planned traffic. `gen lag` is how late the load generator sent; above ~1 ms the "
+        "generator, not the server, limits the step.",
+    ]
+    if report.get("notes"):
+        lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, (key, label) in zip(axes, [("p50_ms", "P50"), ("p99_ms", "P99"), ("p999_ms", "P99.9")], strict=True):
+        for name, res in report["systems"].items():
+            steps = res.get("steps", [])
+            if steps:
+                ax.plot([s["offered_rate"] for s in steps], [max(s["latency_corrected"][key], 1e-3) for s in steps],
+                        marker="o", label=name)
+        ax.axhline(KNEE_P99_MS, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("offered rate (req/s)")
+        ax.set_title(f"{label} latency (corrected)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_vs_rate.png", dpi=110)
+    plt.close(fig)
+    written.append("latency_vs_rate.png")
+
+    target = report["config"]["histogram_rate"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    chosen = None
+    for name, res in report["systems"].items():
+        steps = res.get("steps", [])
+        if not steps:
+            continue
+        step = min(steps, key=lambda s: abs(s["offered_rate"] - target))
+        chosen = step["offered_rate"]
+        edges = np.array(step["histogram_edges_ms"])
+        counts = np.array(step["histogram_counts"][1:-1], dtype=float)
+        total = max(sum(step["histogram_counts"]), 1)
+        ax.stairs(counts / total, edges, label=f"{name} @ {fmt_rate(step['offered_rate'])}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, ms (log)")
+    ax.set_ylabel("share of requests")
+    ax.set_title(f"Latency histogram near {fmt_rate(chosen or target)} req/s")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_histogram.png", dpi=110)
+    plt.close(fig)
+    written.append("latency_histogram.png")
+    return written
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny rates and short steps: a smoke test")
+    p.add_argument("--rates", help="comma-separated offered rates, req/s")
+    p.add_argument("--step-seconds", type=float, help="seconds per offered rate")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of floor,gateway,baseline")
+    p.add_argument("--out", type=Path, help="results directory (default bench/results/<timestamp>)")
+    p.add_argument("--connections", type=int, default=256, help="load generator connection cap")
+    p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--keep-going", action="store_true", help="run every rate even after saturation")
+    p.add_argument("--profile", default="", help="systems to sample with py-spy at --profile-rate")
+    p.add_argument("--profile-rate", type=float, default=0, help="offered rate to profile at (default: knee)")
+    p.add_argument("--gateway-config", type=Path, default=BENCH / "gateway-bench.toml")
+    p.add_argument("--histogram-rate", type=float, default=50_000)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else (QUICK_RATES if args.quick else DEFAULT_RATES)
+    step_seconds = args.step_seconds or (1.5 if args.quick else 4.0)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        print(f"unknown systems: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    started = dt.datetime.now(dt.UTC)
+    out_dir = args.out or BENCH / "results" / started.strftime("%Y%m%dT%H%M%SZ")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=str(out_dir)))
+    loadgen = ensure_tools()
+    machine = machine_info()
+    plan = cpu_plan(machine["cores"] or 1, args.no_pin)
+    traffic = Traffic()
+    notes: list[str] = []
+    if machine["load_average_at_start"][0] > 0.5 * (machine["cores"] or 1):
+        notes.append(
+            f"the machine was busy at start (load average {machine['load_average_at_start'][0]}): "
+            "figures are noisy and lower than on an idle machine"
+        )
+
+    gateway_exe = gateway_cli() if "gateway" in systems else None
+    gateway_data: Path | None = None
+    results: dict[str, Any] = {}
+    if "gateway" in systems and gateway_exe is None:
+        results["gateway"] = {"error": "gateway CLI not installed (run `make install`)"}
+    api_keys: list[str]
+    if gateway_exe is not None:
+        gateway_data = work / "gateway-data"
+        gateway_data.mkdir()
+        try:
+            api_keys = create_gateway_merchants(gateway_exe, gateway_data, traffic.merchants)
+        except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
+            results["gateway"] = {"error": f"merchant create failed: {exc}"}
+            gateway_exe = None
+            api_keys = [f"sk_bench_{i}" for i in range(traffic.merchants)]
+    else:
+        api_keys = [f"sk_bench_{i}" for i in range(traffic.merchants)]
+
+    count = int(min(traffic.targets_max, max(rates) * step_seconds))
+    targets = work / "targets.jsonl"
+    t0 = time.monotonic()
+    mix = build_targets(targets, traffic, api_keys, max(count, 1000))
+    print(f"bench: {mix['targets']} targets built in {time.monotonic() - t0:.1f}s; results in {out_dir}", flush=True)
+
+    servers = make_servers(systems, work, api_keys, traffic, gateway_exe, gateway_data, args.gateway_config)
+    total_steps = len(servers) * len(rates)
+    done = 0
+    bench_start = time.monotonic()
+    profile_systems = {s for s in args.profile.split(",") if s}
+    try:
+        for server in servers:
+            res: dict[str, Any] = {"steps": [], "skipped_rates": [], "command": server.argv}
+            results[server.name] = res
+            try:
+                start_server(server, plan["server_cpus"], out_dir)
+            except RuntimeError as exc:
+                results[server.name] = {"error": str(exc)}
+                done += len(rates)
+                continue
+            try:
+                # Warm-up: connections, caches and JIT-free but lazy imports, at the lowest rate.
+                run_step(loadgen, targets, server.port, min(rates[0], 1000), 1.0, f"warm-{server.name}",
+                         plan["loadgen_cpus"], args.connections)
+                saturated = False
+                for rate in rates:
+                    done += 1
+                    if saturated:
+                        res["skipped_rates"].append(rate)
+                        continue
+                    elapsed = time.monotonic() - bench_start
+                    print(f"[{done}/{total_steps}] {server.name:8s} offered {fmt_rate(rate):>6s} req/s "
+                          f"for {step_seconds:g}s  (elapsed {elapsed:.0f}s)", flush=True)
+                    profile: dict[str, Any] | None = None
+                    want_profile = server.name in profile_systems and (
+                        (args.profile_rate and abs(rate - args.profile_rate) < 1) or
+                        (not args.profile_rate and rate == rates[len(rates) // 2])
+                    )
+                    if want_profile:
+                        pid = server_pid(server)
+                        if pid is not None:
+                            profile = py_spy_profile(pid, step_seconds, out_dir, server.name)
+                    step = run_step(loadgen, targets, server.port, rate, step_seconds,
+                                    f"{server.name}-{int(rate)}", plan["loadgen_cpus"], args.connections)
+                    if profile is not None:
+                        for p in profile.pop("_procs"):
+                            p.wait(timeout=step_seconds + 30)
+                        profile["summary"] = summarise_profile(out_dir / profile["raw"])
+                        profile["rate"] = rate
+                        res["profile"] = profile
+                    res["steps"].append(step)
+                    lat = step["latency_corrected"]
+                    print(f"      achieved {fmt_rate(step['achieved_rate'])}/s  P50 {lat['p50_ms']:.2f}  "
+                          f"P99 {lat['p99_ms']:.2f}  P99.9 {lat['p999_ms']:.2f} ms  errors "
+                          f"{step['error_rate']:.2%}  statuses {step['status_counts']}", flush=True)
+                    if (
+                        not args.keep_going and step["error_rate"] > 0.2
+                        or (not args.keep_going and lat["p50_ms"] > 1000)
+                    ):
+                        saturated = True
+                    time.sleep(0.5)
+                res["knee"] = knee(res["steps"])
+                if server.name == "gateway":
+                    import httpx
+
+                    with contextlib.suppress(httpx.HTTPError):
+                        metrics = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+                        (out_dir / "gateway-metrics.txt").write_text(metrics)
+                        res["metrics_file"] = "gateway-metrics.txt"
+            finally:
+                stop_server(server)
+    finally:
+        for server in servers:
+            stop_server(server)
+
+    def ratio(a: str, b: str) -> float | None:
+        ka = results.get(a, {}).get("knee")
+        kb = results.get(b, {}).get("knee")
+        return round(ka / kb, 3) if ka and kb else None
+
+    for name, res in results.items():
+        if "steps" in res and any(s["send_lag"]["p99_ms"] > 1.0 for s in res["steps"]):
+            notes.append(f"{name}: the load generator sent late (P99 lag > 1 ms) at some rates; those steps "
+                         "are bounded by the generator's core, not only by the server")
+    report = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - bench_start, 1),
+        "machine": machine,
+        "versions": versions(),
+        "cpu_plan": plan,
+        "config": {
+            "rates": rates, "step_seconds": step_seconds, "quick": args.quick, "systems": systems,
+            "connections_max": args.connections, "ok_statuses": OK_STATUSES, "knee_p99_ms": KNEE_P99_MS,
+            "knee_error_rate": KNEE_ERROR_RATE, "histogram_rate": args.histogram_rate,
+            "gateway_config": str(args.gateway_config.relative_to(REPO)) if args.gateway_config.is_relative_to(REPO)
+            else str(args.gateway_config),
+            "traffic": {k: v for k, v in traffic.__dict__.items() if not isinstance(v, list)} | {"realised": mix},
+            "load_generator": "bench/loadgen (Go, open loop, latency from intended send time)",
+            "baseline_durability": "group commit: append + fsync per batch (<= 1 ms or 256 records)",
+        },
+        "systems": results,
+        "ratios": {"gateway_over_floor": ratio("gateway", "floor"), "gateway_over_baseline": ratio("gateway", "baseline")},
+        "notes": notes,
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_markdown(report, out_dir / "report.md")
+    if not args.no_plots:
+        report["plots"] = write_plots(report, out_dir)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(work / "targets.jsonl", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (work / "targets.jsonl").unlink()
+    print((out_dir / "report.md").read_text())
+    print(f"bench: report in {out_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
