@@ -217,7 +217,6 @@ PAYMENTS: dict[str, tuple[str, bytes]] = {}
 BUCKETS: dict[str, list[float]] = {}
 
 
-
 @asynccontextmanager
 async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     LOG.start()
@@ -278,7 +277,9 @@ async def create_payment(
             if stored[0] != fingerprint:
                 return _error(400, "idempotency_error", "parameters_mismatch", "Key reused.")
             return Response(
-                stored[2], status_code=stored[1], media_type="application/json",
+                stored[2],
+                status_code=stored[1],
+                media_type="application/json",
                 headers={"Idempotent-Replayed": "true"},
             )
         IDEMPOTENCY[slot] = None
@@ -314,10 +315,17 @@ async def _create(merchant_id: str, raw: bytes) -> tuple[int, bytes]:
     payment_id = "pay_" + uuid.uuid4().hex[:24]
     status_name = "processing" if approved else "failed"
     record = {
-        "id": payment_id, "object": "payment", "merchant": merchant_id, "status": status_name,
-        "amount": payment.amount, "currency": payment.currency, "capture": payment.capture,
-        "payment_method": payment.payment_method, "description": payment.description,
-        "metadata": payment.metadata, "created": int(time.time()),
+        "id": payment_id,
+        "object": "payment",
+        "merchant": merchant_id,
+        "status": status_name,
+        "amount": payment.amount,
+        "currency": payment.currency,
+        "capture": payment.capture,
+        "payment_method": payment.payment_method,
+        "description": payment.description,
+        "metadata": payment.metadata,
+        "created": int(time.time()),
     }
     if not approved:
         return err(402, "card_error", "payment_declined", "Declined by risk: " + ",".join(fired))

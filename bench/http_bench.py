@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,9 @@ class Traffic:
     targets_max: int = 120_000
     seed: int = 20260101
     blocklisted_cards: list[str] = field(default_factory=lambda: [f"tok_blocked_{i:03d}" for i in range(100)])
-    blocklisted_emails: list[str] = field(default_factory=lambda: [f"fraud{i}@example.net" for i in range(20)])
+    blocklisted_emails: list[str] = field(
+        default_factory=lambda: [f"fraud{i}@example.net" for i in range(20)]
+    )
 
 
 @dataclass
@@ -86,7 +87,9 @@ def free_port() -> int:
 
 def run_text(argv: list[str], timeout: float = 10) -> str:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False).stdout.strip()
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return ""
 
@@ -166,7 +169,9 @@ def build_targets(path: Path, traffic: Traffic, api_keys: list[str], count: int)
     merchants = rng.choice(len(api_keys), size=count, p=merchant_p)
     amounts = np.clip(rng.lognormal(mean=np.log(2500), sigma=1.0, size=count), 50, 2_000_000).astype(int)
     currencies = rng.choice(["USD", "EUR", "GBP", "JPY"], size=count, p=[0.7, 0.15, 0.1, 0.05])
-    countries = rng.choice(["US", "GB", "DE", "FR", "JP", "BR"], size=count, p=[0.6, 0.1, 0.1, 0.08, 0.07, 0.05])
+    countries = rng.choice(
+        ["US", "GB", "DE", "FR", "JP", "BR"], size=count, p=[0.6, 0.1, 0.1, 0.08, 0.07, 0.05]
+    )
     kind = rng.random(count)
     no_key = rng.random(count) < traffic.no_idempotency_key_share
     replay = rng.random(count) < traffic.replay_share
@@ -211,12 +216,20 @@ def build_targets(path: Path, traffic: Traffic, api_keys: list[str], count: int)
                 "country": str(countries[i]),
             },
         }
-        headers = {"Authorization": f"Bearer {api_keys[int(merchants[i])]}", "Content-Type": "application/json"}
+        headers = {
+            "Authorization": f"Bearer {api_keys[int(merchants[i])]}",
+            "Content-Type": "application/json",
+        }
         if no_key[i]:
             realised["no_key"] += 1
         else:
             headers["Idempotency-Key"] = f"{{run}}-{{cycle}}-{i}"
-        target = {"method": "POST", "url": "/v1/payments", "headers": headers, "body": encoder.encode(body).decode()}
+        target = {
+            "method": "POST",
+            "url": "/v1/payments",
+            "headers": headers,
+            "body": encoder.encode(body).decode(),
+        }
         lines.append(encoder.encode(target))
     path.write_bytes(b"\n".join(lines) + b"\n")
     return {k: round(v / count, 4) for k, v in realised.items()} | {"targets": count}
@@ -238,7 +251,10 @@ def create_gateway_merchants(exe: Path, data_dir: Path, n: int) -> list[str]:
     for i in range(n):
         out = subprocess.run(
             [str(exe), "merchant", "create", "--name", f"bench-merchant-{i}", "--data-dir", str(data_dir)],
-            capture_output=True, text=True, timeout=60, check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         ).stdout
         keys.append(json.loads(out.strip().splitlines()[-1])["api_key"])
     return keys
@@ -248,7 +264,11 @@ def start_server(server: Server, cpus: str | None, out_dir: Path, timeout_s: flo
     server.log_path = out_dir / f"server-{server.name}.log"
     log = server.log_path.open("wb")
     server.proc = subprocess.Popen(
-        pinned(server.argv, cpus), cwd=server.cwd, env=server.env, stdout=log, stderr=subprocess.STDOUT,
+        pinned(server.argv, cpus),
+        cwd=server.cwd,
+        env=server.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     import httpx
@@ -288,8 +308,13 @@ def server_pid(server: Server) -> int | None:
 
 
 def make_servers(
-    systems: list[str], work: Path, api_keys: list[str], traffic: Traffic, gateway_exe: Path | None,
-    gateway_data: Path | None, gateway_config: Path,
+    systems: list[str],
+    work: Path,
+    api_keys: list[str],
+    traffic: Traffic,
+    gateway_exe: Path | None,
+    gateway_data: Path | None,
+    gateway_config: Path,
 ) -> list[Server]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     servers: list[Server] = []
@@ -297,15 +322,34 @@ def make_servers(
         port = free_port()
         if name == "floor":
             argv = [
-                str(VENV_BIN / "granian"), "--interface", "rsgi", "--host", "127.0.0.1", "--port", str(port),
-                "--workers", "1", "--runtime-threads", "1", "--loop", "uvloop", "--no-ws", "--log-level",
-                "warning", "--working-dir", str(BENCH), "floor_app:app",
+                str(VENV_BIN / "granian"),
+                "--interface",
+                "rsgi",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--runtime-threads",
+                "1",
+                "--loop",
+                "uvloop",
+                "--no-ws",
+                "--log-level",
+                "warning",
+                "--working-dir",
+                str(BENCH),
+                "floor_app:app",
             ]
             servers.append(Server(name, argv, port, env, BENCH))
         elif name == "baseline":
             config = {
                 "merchants": {k: f"mer_bench_{i}" for i, k in enumerate(api_keys)},
-                "blocklist": {"payment_method": traffic.blocklisted_cards, "email": traffic.blocklisted_emails},
+                "blocklist": {
+                    "payment_method": traffic.blocklisted_cards,
+                    "email": traffic.blocklisted_emails,
+                },
                 "velocity_window_s": 60,
                 "velocity_max": 1_000_000,
                 "device_velocity_max": 100,
@@ -315,15 +359,35 @@ def make_servers(
             cfg_path = work / "baseline-config.json"
             cfg_path.write_text(json.dumps(config))
             argv = [
-                str(VENV_BIN / "uvicorn"), "--app-dir", str(BENCH), "baseline_app:app", "--host", "127.0.0.1",
-                "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
-                "--no-access-log", "--workers", "1",
+                str(VENV_BIN / "uvicorn"),
+                "--app-dir",
+                str(BENCH),
+                "baseline_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+                "--workers",
+                "1",
             ]
             servers.append(Server(name, argv, port, {**env, "BASELINE_CONFIG": str(cfg_path)}, REPO))
         elif name == "gateway" and gateway_exe is not None and gateway_data is not None:
             argv = [
-                str(gateway_exe), "serve", "--config", str(gateway_config), "--data-dir", str(gateway_data),
-                "--port", str(port),
+                str(gateway_exe),
+                "serve",
+                "--config",
+                str(gateway_config),
+                "--data-dir",
+                str(gateway_data),
+                "--port",
+                str(port),
             ]
             servers.append(Server(name, argv, port, env, REPO))
     return servers
@@ -333,15 +397,37 @@ def make_servers(
 
 
 def run_step(
-    loadgen: Path, targets: Path, port: int, rate: float, seconds: float, run_id: str, cpus: str | None,
+    loadgen: Path,
+    targets: Path,
+    port: int,
+    rate: float,
+    seconds: float,
+    run_id: str,
+    cpus: str | None,
     connections: int,
 ) -> dict[str, Any]:
     argv = [
-        str(loadgen), "-targets", str(targets), "-base", f"http://127.0.0.1:{port}", "-rate", str(rate),
-        "-duration", f"{seconds}s", "-run", run_id, "-ok", OK_STATUSES, "-connections", str(connections),
-        "-timeout", "2s",
+        str(loadgen),
+        "-targets",
+        str(targets),
+        "-base",
+        f"http://127.0.0.1:{port}",
+        "-rate",
+        str(rate),
+        "-duration",
+        f"{seconds}s",
+        "-run",
+        run_id,
+        "-ok",
+        OK_STATUSES,
+        "-connections",
+        str(connections),
+        "-timeout",
+        "2s",
     ]
-    proc = subprocess.run(pinned(argv, cpus), capture_output=True, text=True, timeout=seconds + 60, check=False)
+    proc = subprocess.run(
+        pinned(argv, cpus), capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     return dict(json.loads(proc.stdout))
@@ -350,7 +436,8 @@ def run_step(
 def knee(steps: list[dict[str, Any]]) -> float | None:
     """Highest offered rate with P99 under the bound and errors under the bound (None if no step passes)."""
     passing = [
-        s["offered_rate"] for s in steps
+        s["offered_rate"]
+        for s in steps
         if s["latency_corrected"]["p99_ms"] < KNEE_P99_MS and s["error_rate"] < KNEE_ERROR_RATE
     ]
     return max(passing) if passing else None
@@ -363,8 +450,17 @@ def py_spy_profile(pid: int, seconds: float, out_dir: Path, name: str) -> dict[s
         return {"error": "py-spy not installed"}
     raw = out_dir / f"profile-{name}.txt"
     svg = out_dir / f"profile-{name}.svg"
-    base = [str(exe), "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "250",
-            "--nonblocking"]
+    base = [
+        str(exe),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, int(seconds))),
+        "--rate",
+        "250",
+        "--nonblocking",
+    ]
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for cmd in ([*base, "--format", "raw", "-o", str(raw)], [*base, "-o", str(svg)])
@@ -412,12 +508,16 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines = [
         f"# HTTP benchmark {report['started_at']}",
         "",
-        f"Machine: {report['machine']['cpu_model']}, {report['machine']['cores']} cores, "
-        f"{report['machine']['memory_gib']} GiB, kernel {report['machine']['kernel']}; load average at "
-        f"start {report['machine']['load_average_at_start']}. Pinning: {report['cpu_plan']}.",
-        f"Open loop, {report['config']['step_seconds']} s per offered rate, latency from intended send time "
-        f"(coordinated omission corrected). Knee = highest offered rate with P99 < {KNEE_P99_MS:g} ms and "
-        f"errors < {KNEE_ERROR_RATE:.1%}.",
+        (
+            f"Machine: {report['machine']['cpu_model']}, {report['machine']['cores']} cores, "
+            f"{report['machine']['memory_gib']} GiB, kernel {report['machine']['kernel']}; load average at "
+            f"start {report['machine']['load_average_at_start']}. Pinning: {report['cpu_plan']}."
+        ),
+        (
+            f"Open loop, {report['config']['step_seconds']} s per offered rate, latency from intended send time "
+            f"(coordinated omission corrected). Knee = highest offered rate with P99 < {KNEE_P99_MS:g} ms and "
+            f"errors < {KNEE_ERROR_RATE:.1%}."
+        ),
         "",
         "| system | knee | offered | achieved | P50 ms | P99 ms | P99.9 ms | errors | gen lag P99 ms |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -439,13 +539,17 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     ratios = report["ratios"]
     lines += [
         "",
-        f"Ratios: gateway knee / floor knee = {ratios['gateway_over_floor']}, "
-        f"gateway knee / baseline knee = {ratios['gateway_over_baseline']}.",
+        (
+            f"Ratios: gateway knee / floor knee = {ratios['gateway_over_floor']}, "
+            f"gateway knee / baseline knee = {ratios['gateway_over_baseline']}."
+        ),
         "",
-        "Errors count transport failures, timeouts (2 s) and statuses outside "
-        f"{{{OK_STATUSES}}}; 402 (risk decline), 409 (retry while in flight) and replays are correct "
-        "answers to the planned traffic. `gen lag` is how late the load generator sent; above ~1 ms the "
-        "generator, not the server, limits the step.",
+        (
+            "Errors count transport failures, timeouts (2 s) and statuses outside "
+            f"{{{OK_STATUSES}}}; 402 (risk decline), 409 (retry while in flight) and replays are correct "
+            "answers to the planned traffic. `gen lag` is how late the load generator sent; above ~1 ms the "
+            "generator, not the server, limits the step."
+        ),
     ]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
@@ -460,12 +564,18 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
 
     written: list[str] = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
-    for ax, (key, label) in zip(axes, [("p50_ms", "P50"), ("p99_ms", "P99"), ("p999_ms", "P99.9")], strict=True):
+    for ax, (key, label) in zip(
+        axes, [("p50_ms", "P50"), ("p99_ms", "P99"), ("p999_ms", "P99.9")], strict=True
+    ):
         for name, res in report["systems"].items():
             steps = res.get("steps", [])
             if steps:
-                ax.plot([s["offered_rate"] for s in steps], [max(s["latency_corrected"][key], 1e-3) for s in steps],
-                        marker="o", label=name)
+                ax.plot(
+                    [s["offered_rate"] for s in steps],
+                    [max(s["latency_corrected"][key], 1e-3) for s in steps],
+                    marker="o",
+                    label=name,
+                )
         ax.axhline(KNEE_P99_MS, color="grey", linestyle="--", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("offered rate (req/s)")
@@ -527,7 +637,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else (QUICK_RATES if args.quick else DEFAULT_RATES)
+    rates = (
+        [float(r) for r in args.rates.split(",")]
+        if args.rates
+        else (QUICK_RATES if args.quick else DEFAULT_RATES)
+    )
     step_seconds = args.step_seconds or (1.5 if args.quick else 4.0)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
@@ -571,7 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = work / "targets.jsonl"
     t0 = time.monotonic()
     mix = build_targets(targets, traffic, api_keys, max(count, 1000))
-    print(f"bench: {mix['targets']} targets built in {time.monotonic() - t0:.1f}s; results in {out_dir}", flush=True)
+    print(
+        f"bench: {mix['targets']} targets built in {time.monotonic() - t0:.1f}s; results in {out_dir}",
+        flush=True,
+    )
 
     servers = make_servers(systems, work, api_keys, traffic, gateway_exe, gateway_data, args.gateway_config)
     total_steps = len(servers) * len(rates)
@@ -590,8 +707,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 # Warm-up: connections, caches and JIT-free but lazy imports, at the lowest rate.
-                run_step(loadgen, targets, server.port, min(rates[0], 1000), 1.0, f"warm-{server.name}",
-                         plan["loadgen_cpus"], args.connections)
+                run_step(
+                    loadgen,
+                    targets,
+                    server.port,
+                    min(rates[0], 1000),
+                    1.0,
+                    f"warm-{server.name}",
+                    plan["loadgen_cpus"],
+                    args.connections,
+                )
                 saturated = False
                 for rate in rates:
                     done += 1
@@ -599,19 +724,30 @@ def main(argv: list[str] | None = None) -> int:
                         res["skipped_rates"].append(rate)
                         continue
                     elapsed = time.monotonic() - bench_start
-                    print(f"[{done}/{total_steps}] {server.name:8s} offered {fmt_rate(rate):>6s} req/s "
-                          f"for {step_seconds:g}s  (elapsed {elapsed:.0f}s)", flush=True)
+                    print(
+                        f"[{done}/{total_steps}] {server.name:8s} offered {fmt_rate(rate):>6s} req/s "
+                        f"for {step_seconds:g}s  (elapsed {elapsed:.0f}s)",
+                        flush=True,
+                    )
                     profile: dict[str, Any] | None = None
                     want_profile = server.name in profile_systems and (
-                        (args.profile_rate and abs(rate - args.profile_rate) < 1) or
-                        (not args.profile_rate and rate == rates[len(rates) // 2])
+                        (args.profile_rate and abs(rate - args.profile_rate) < 1)
+                        or (not args.profile_rate and rate == rates[len(rates) // 2])
                     )
                     if want_profile:
                         pid = server_pid(server)
                         if pid is not None:
                             profile = py_spy_profile(pid, step_seconds, out_dir, server.name)
-                    step = run_step(loadgen, targets, server.port, rate, step_seconds,
-                                    f"{server.name}-{int(rate)}", plan["loadgen_cpus"], args.connections)
+                    step = run_step(
+                        loadgen,
+                        targets,
+                        server.port,
+                        rate,
+                        step_seconds,
+                        f"{server.name}-{int(rate)}",
+                        plan["loadgen_cpus"],
+                        args.connections,
+                    )
                     if profile is not None:
                         for p in profile.pop("_procs"):
                             p.wait(timeout=step_seconds + 30)
@@ -620,11 +756,15 @@ def main(argv: list[str] | None = None) -> int:
                         res["profile"] = profile
                     res["steps"].append(step)
                     lat = step["latency_corrected"]
-                    print(f"      achieved {fmt_rate(step['achieved_rate'])}/s  P50 {lat['p50_ms']:.2f}  "
-                          f"P99 {lat['p99_ms']:.2f}  P99.9 {lat['p999_ms']:.2f} ms  errors "
-                          f"{step['error_rate']:.2%}  statuses {step['status_counts']}", flush=True)
+                    print(
+                        f"      achieved {fmt_rate(step['achieved_rate'])}/s  P50 {lat['p50_ms']:.2f}  "
+                        f"P99 {lat['p99_ms']:.2f}  P99.9 {lat['p999_ms']:.2f} ms  errors "
+                        f"{step['error_rate']:.2%}  statuses {step['status_counts']}",
+                        flush=True,
+                    )
                     if (
-                        not args.keep_going and step["error_rate"] > 0.2
+                        not args.keep_going
+                        and step["error_rate"] > 0.2
                         or (not args.keep_going and lat["p50_ms"] > 1000)
                     ):
                         saturated = True
@@ -650,8 +790,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, res in results.items():
         if "steps" in res and any(s["send_lag"]["p99_ms"] > 1.0 for s in res["steps"]):
-            notes.append(f"{name}: the load generator sent late (P99 lag > 1 ms) at some rates; those steps "
-                         "are bounded by the generator's core, not only by the server")
+            notes.append(
+                f"{name}: the load generator sent late (P99 lag > 1 ms) at some rates; those steps "
+                "are bounded by the generator's core, not only by the server"
+            )
     report = {
         "started_at": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - bench_start, 1),
@@ -659,17 +801,28 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "cpu_plan": plan,
         "config": {
-            "rates": rates, "step_seconds": step_seconds, "quick": args.quick, "systems": systems,
-            "connections_max": args.connections, "ok_statuses": OK_STATUSES, "knee_p99_ms": KNEE_P99_MS,
-            "knee_error_rate": KNEE_ERROR_RATE, "histogram_rate": args.histogram_rate,
-            "gateway_config": str(args.gateway_config.relative_to(REPO)) if args.gateway_config.is_relative_to(REPO)
+            "rates": rates,
+            "step_seconds": step_seconds,
+            "quick": args.quick,
+            "systems": systems,
+            "connections_max": args.connections,
+            "ok_statuses": OK_STATUSES,
+            "knee_p99_ms": KNEE_P99_MS,
+            "knee_error_rate": KNEE_ERROR_RATE,
+            "histogram_rate": args.histogram_rate,
+            "gateway_config": str(args.gateway_config.relative_to(REPO))
+            if args.gateway_config.is_relative_to(REPO)
             else str(args.gateway_config),
-            "traffic": {k: v for k, v in traffic.__dict__.items() if not isinstance(v, list)} | {"realised": mix},
+            "traffic": {k: v for k, v in traffic.__dict__.items() if not isinstance(v, list)}
+            | {"realised": mix},
             "load_generator": "bench/loadgen (Go, open loop, latency from intended send time)",
             "baseline_durability": "group commit: append + fsync per batch (<= 1 ms or 256 records)",
         },
         "systems": results,
-        "ratios": {"gateway_over_floor": ratio("gateway", "floor"), "gateway_over_baseline": ratio("gateway", "baseline")},
+        "ratios": {
+            "gateway_over_floor": ratio("gateway", "floor"),
+            "gateway_over_baseline": ratio("gateway", "baseline"),
+        },
         "notes": notes,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
