@@ -8,8 +8,12 @@ pub mod card;
 pub mod error;
 pub mod input;
 pub mod lists;
+pub mod model;
+pub mod velocity;
 
 pub use card::{card_attributes, CardAttributes, Country};
 pub use error::{ListError, ModelError, RuleError, RuleErrorKind, RulesError};
 pub use input::{Action, Context, Decision, DeclineCode, MatchedRule, RiskInput, RiskRequest, Scope};
 pub use lists::{List, ListInfo, ListKind, Lists};
+pub use velocity::{VelocityConfig, VelocityStore};
+pub use model::Model;
