@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import gateway
 import httpx
 import pytest
-
-import gateway
 from gateway.pipeline.psp_client import HTTPPSPClient, InProcessPSPClient, Outcome
 from gateway.psp_sim import (
     DEFAULT_PROFILES,
