@@ -9,6 +9,7 @@ pub mod error;
 pub mod input;
 pub mod lists;
 pub mod model;
+pub mod rules;
 pub mod velocity;
 
 pub use card::{card_attributes, CardAttributes, Country};
@@ -17,3 +18,4 @@ pub use input::{Action, Context, Decision, DeclineCode, MatchedRule, RiskInput, 
 pub use lists::{List, ListInfo, ListKind, Lists};
 pub use velocity::{VelocityConfig, VelocityStore};
 pub use model::Model;
+pub use rules::{Rule, Ruleset};
