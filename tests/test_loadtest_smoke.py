@@ -29,7 +29,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def gateway_url(tmp_path: Path) -> Iterator[str]:
-    if not GATEWAY.exists() or subprocess.run([str(GATEWAY), "--help"], capture_output=True, timeout=30).returncode:
+    if (
+        not GATEWAY.exists()
+        or subprocess.run([str(GATEWAY), "--help"], check=False, capture_output=True, timeout=30).returncode
+    ):
         pytest.skip("the gateway CLI is not importable yet (make install)")
     port = _free_port()
     log = (tmp_path / "gateway.log").open("wb")
