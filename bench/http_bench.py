@@ -433,6 +433,60 @@ def run_step(
     return dict(json.loads(proc.stdout))
 
 
+def run_oha_step(
+    oha: Path, targets: Path, port: int, rate: float, seconds: float, cpus: str | None, connections: int
+) -> dict[str, Any]:
+    """The same offered rate with oha (static body and headers: the first target's), for a cross-check."""
+    first = json.loads(targets.read_text().split("\n", 1)[0])
+    body_file = targets.with_name("oha-body.json")
+    body_file.write_text(first["body"])
+    argv = [
+        str(oha),
+        "-q",
+        str(rate),
+        "-z",
+        f"{seconds}s",
+        "--latency-correction",
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-c",
+        str(connections),
+        "-m",
+        "POST",
+        "-D",
+        str(body_file),
+        "-T",
+        "application/json",
+        "-H",
+        f"Authorization: {first['headers']['Authorization']}",
+        "-t",
+        "2s",
+        f"http://127.0.0.1:{port}{first['url']}",
+    ]
+    proc = subprocess.run(
+        pinned(argv, cpus), capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    if proc.returncode != 0:
+        return {"offered_rate": rate, "error": proc.stderr.strip()[-300:]}
+    data = json.loads(proc.stdout)
+    pct = data.get("latencyPercentiles", {})
+
+    def ms(key: str) -> float | None:
+        v = pct.get(key)
+        return round(v * 1000, 3) if v is not None else None
+
+    return {
+        "offered_rate": rate,
+        "achieved_rate": round(data["summary"]["requestsPerSec"], 1),
+        "success_rate": data["summary"]["successRate"],
+        "p50_ms": ms("p50"),
+        "p99_ms": ms("p99"),
+        "p999_ms": ms("p99.9"),
+        "status_counts": data.get("statusCodeDistribution", {}),
+    }
+
+
 def knee(steps: list[dict[str, Any]]) -> float | None:
     """Highest offered rate with P99 under the bound and errors under the bound (None if no step passes)."""
     passing = [
@@ -551,6 +605,23 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "generator, not the server, limits the step."
         ),
     ]
+    oha_steps = report["systems"].get("floor", {}).get("oha_steps")
+    if oha_steps:
+        lines += [
+            "",
+            "Cross-check of the floor with oha (static body and headers, `--latency-correction`):",
+            "",
+            "| offered | achieved | P50 ms | P99 ms | P99.9 ms | success |",
+            "|---|---|---|---|---|---|",
+        ]
+        for o in oha_steps:
+            if "error" in o:
+                lines.append(f"| {fmt_rate(o['offered_rate'])} | oha failed: {o['error']} | | | | |")
+            else:
+                lines.append(
+                    f"| {fmt_rate(o['offered_rate'])} | {fmt_rate(o['achieved_rate'])} | {o['p50_ms']} | "
+                    f"{o['p99_ms']} | {o['p999_ms']} | {o['success_rate']:.2%} |"
+                )
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
     path.write_text("\n".join(lines) + "\n")
@@ -628,6 +699,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--keep-going", action="store_true", help="run every rate even after saturation")
+    p.add_argument("--oha", action="store_true", help="cross-check every floor step with oha (if installed)")
     p.add_argument("--profile", default="", help="systems to sample with py-spy at --profile-rate")
     p.add_argument("--profile-rate", type=float, default=0, help="offered rate to profile at (default: knee)")
     p.add_argument("--gateway-config", type=Path, default=BENCH / "gateway-bench.toml")
@@ -755,6 +827,20 @@ def main(argv: list[str] | None = None) -> int:
                         profile["rate"] = rate
                         res["profile"] = profile
                     res["steps"].append(step)
+                    oha = TOOLS_BIN / "oha"
+                    if args.oha and server.name == "floor" and oha.exists():
+                        time.sleep(0.5)
+                        res.setdefault("oha_steps", []).append(
+                            run_oha_step(
+                                oha,
+                                targets,
+                                server.port,
+                                rate,
+                                step_seconds,
+                                plan["loadgen_cpus"],
+                                args.connections,
+                            )
+                        )
                     lat = step["latency_corrected"]
                     print(
                         f"      achieved {fmt_rate(step['achieved_rate'])}/s  P50 {lat['p50_ms']:.2f}  "
