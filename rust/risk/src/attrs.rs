@@ -23,8 +23,11 @@ pub const DIM_CUSTOMER: usize = 4;
 pub const DIM_MERCHANT: usize = 5;
 
 /// Window name, bucket width and bucket count: the window length is `bucket_ms * buckets`.
-pub const WINDOWS: [(&str, u64, usize); 3] =
-    [("1m", 2_000, 30), ("1h", 60_000, 60), ("24h", 1_800_000, 48)];
+pub const WINDOWS: [(&str, u64, usize); 3] = [
+    ("1m", 2_000, 30),
+    ("1h", 60_000, 60),
+    ("24h", 1_800_000, 48),
+];
 pub const WINDOW_MS: [u64; 3] = [60_000, 3_600_000, 86_400_000];
 
 /// Distinct-count features: (name prefix, owner dimension, member dimension).
@@ -42,8 +45,13 @@ pub const AMOUNT_USD: usize = 1;
 pub const RISK_SCORE: usize = 2;
 pub const CARD_IP_COUNTRY_MISMATCH: usize = 3;
 pub const CARD_CUSTOMER_COUNTRY_MISMATCH: usize = 4;
-const SCALAR_NAMES: [&str; 5] =
-    ["amount", "amount_usd", "risk_score", "card_ip_country_mismatch", "card_customer_country_mismatch"];
+const SCALAR_NAMES: [&str; 5] = [
+    "amount",
+    "amount_usd",
+    "risk_score",
+    "card_ip_country_mismatch",
+    "card_customer_country_mismatch",
+];
 pub const VELOCITY_BASE: usize = SCALAR_NAMES.len();
 pub const DISTINCT_BASE: usize = VELOCITY_BASE + DIMS.len() * WINDOWS.len() * 2;
 pub const NUM_NUMERIC: usize = DISTINCT_BASE + DISTINCT.len() * WINDOWS.len();
@@ -100,7 +108,10 @@ pub fn numeric_names() -> &'static [String] {
 
 /// Names of the model's features, in model order.
 pub fn model_feature_names() -> Vec<&'static str> {
-    MODEL_FEATURES.iter().map(|&i| numeric_names()[i].as_str()).collect()
+    MODEL_FEATURES
+        .iter()
+        .map(|&i| numeric_names()[i].as_str())
+        .collect()
 }
 
 /// String attributes. `case_insensitive` ones compare with ASCII case folding.
@@ -222,7 +233,9 @@ pub struct Features {
 
 impl Default for Features {
     fn default() -> Self {
-        Features { values: [f64::NAN; NUM_NUMERIC] }
+        Features {
+            values: [f64::NAN; NUM_NUMERIC],
+        }
     }
 }
 
@@ -258,13 +271,19 @@ mod tests {
     fn names_are_systematic_and_unique() {
         let names = numeric_names();
         assert_eq!(names[velocity_index(DIM_CARD, 1)], "card_count_1h");
-        assert_eq!(names[velocity_index(DIM_CARD, 2) + 1], "card_amount_usd_24h");
+        assert_eq!(
+            names[velocity_index(DIM_CARD, 2) + 1],
+            "card_amount_usd_24h"
+        );
         assert_eq!(names[velocity_index(DIM_MERCHANT, 0)], "merchant_count_1m");
         assert_eq!(names[distinct_index(0, 1)], "cards_per_device_1h");
         assert_eq!(names[distinct_index(4, 2)], "emails_per_card_24h");
         let set: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(set.len(), names.len());
-        assert_eq!(lookup_attr("ip_country"), Some(Attr::Str(StrAttr::IpCountry)));
+        assert_eq!(
+            lookup_attr("ip_country"),
+            Some(Attr::Str(StrAttr::IpCountry))
+        );
         assert_eq!(lookup_attr("nope"), None);
     }
 

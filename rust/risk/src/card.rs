@@ -33,7 +33,10 @@ impl Country {
     pub fn parse(s: &str) -> Option<Country> {
         let b = s.as_bytes();
         if b.len() == 2 && b[0].is_ascii_alphabetic() && b[1].is_ascii_alphabetic() {
-            Some(Country([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
+            Some(Country([
+                b[0].to_ascii_uppercase(),
+                b[1].to_ascii_uppercase(),
+            ]))
         } else {
             None
         }
@@ -60,7 +63,11 @@ pub struct CardAttributes<'a> {
 }
 
 impl CardAttributes<'_> {
-    pub const NONE: CardAttributes<'static> = CardAttributes { bin: None, country: None, brand: None };
+    pub const NONE: CardAttributes<'static> = CardAttributes {
+        bin: None,
+        country: None,
+        brand: None,
+    };
 }
 
 fn brand_of_bin(bin: &str) -> &'static str {
@@ -86,10 +93,18 @@ pub fn card_attributes(token: &str) -> CardAttributes<'_> {
     if head == "bin" {
         let bin = parts.next().unwrap_or("");
         if bin.len() != 6 || !bin.bytes().all(|b| b.is_ascii_digit()) {
-            return CardAttributes { bin: None, country: None, brand: Some("unknown") };
+            return CardAttributes {
+                bin: None,
+                country: None,
+                brand: Some("unknown"),
+            };
         }
         let country = parts.next().and_then(Country::parse);
-        return CardAttributes { bin: Some(bin), country, brand: Some(brand_of_bin(bin)) };
+        return CardAttributes {
+            bin: Some(bin),
+            country,
+            brand: Some(brand_of_bin(bin)),
+        };
     }
     let country = parts.next().and_then(Country::parse);
     match TEST_BRANDS.iter().find(|(brand, _)| *brand == head) {
@@ -98,7 +113,11 @@ pub fn card_attributes(token: &str) -> CardAttributes<'_> {
             country: Some(country.unwrap_or(Country(*b"US"))),
             brand: Some(brand),
         },
-        None => CardAttributes { bin: None, country, brand: Some("unknown") },
+        None => CardAttributes {
+            bin: None,
+            country,
+            brand: Some("unknown"),
+        },
     }
 }
 
@@ -120,7 +139,10 @@ mod tests {
         assert_eq!(a.bin, Some("555555"));
         assert_eq!(a.country.unwrap().as_str(), "DE");
         assert_eq!(a.brand, Some("mastercard"));
-        assert_eq!(card_attributes("tok_visa_gb").country.unwrap().as_str(), "GB");
+        assert_eq!(
+            card_attributes("tok_visa_gb").country.unwrap().as_str(),
+            "GB"
+        );
     }
 
     #[test]

@@ -8,10 +8,21 @@ pub enum ListError {
     UnknownList(String),
     ListExists(String),
     InvalidListName(String),
-    TooManyLists { lists_max: usize },
-    Full { list: String, entries_max: usize },
-    ValueTooLong { list: String, len: usize, value_len_max: usize },
-    EmptyValue { list: String },
+    TooManyLists {
+        lists_max: usize,
+    },
+    Full {
+        list: String,
+        entries_max: usize,
+    },
+    ValueTooLong {
+        list: String,
+        len: usize,
+        value_len_max: usize,
+    },
+    EmptyValue {
+        list: String,
+    },
     UnknownKind(String),
 }
 
@@ -68,7 +79,11 @@ pub struct RuleError {
 
 impl fmt::Display for RuleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}, column {}: {}", self.line, self.column, self.message)
+        write!(
+            f,
+            "line {}, column {}: {}",
+            self.line, self.column, self.message
+        )
     }
 }
 

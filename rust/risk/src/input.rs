@@ -89,7 +89,9 @@ pub const CURRENCIES: [(&str, u32, f64); 12] = [
 
 /// `amount` (minor units) converted to USD major units, `None` for a currency not in [`CURRENCIES`].
 pub fn amount_to_usd(amount: i64, currency: &str) -> Option<f64> {
-    let (_, exponent, rate) = CURRENCIES.iter().find(|(code, _, _)| code.eq_ignore_ascii_case(currency))?;
+    let (_, exponent, rate) = CURRENCIES
+        .iter()
+        .find(|(code, _, _)| code.eq_ignore_ascii_case(currency))?;
     Some(amount as f64 / 10f64.powi(*exponent as i32) * rate)
 }
 
@@ -108,13 +110,22 @@ pub struct Context<'a> {
 
 impl<'a> Context<'a> {
     pub fn new(input: &'a RiskInput<'a>) -> Context<'a> {
-        let card = non_empty(input.card).map(card_attributes).unwrap_or(CardAttributes::NONE);
+        let card = non_empty(input.card)
+            .map(card_attributes)
+            .unwrap_or(CardAttributes::NONE);
         let email_domain = non_empty(input.email)
             .and_then(|e| e.rsplit_once('@'))
             .map(|(_, d)| d)
             .filter(|d| !d.is_empty());
-        let amount_usd = input.amount_usd.or_else(|| amount_to_usd(input.amount, input.currency));
-        Context { input, card, email_domain, amount_usd }
+        let amount_usd = input
+            .amount_usd
+            .or_else(|| amount_to_usd(input.amount, input.currency));
+        Context {
+            input,
+            card,
+            email_domain,
+            amount_usd,
+        }
     }
 }
 
@@ -129,7 +140,12 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 4] = [Action::Allow, Action::Block, Action::Challenge, Action::Review];
+    pub const ALL: [Action; 4] = [
+        Action::Allow,
+        Action::Block,
+        Action::Challenge,
+        Action::Review,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -156,6 +172,10 @@ impl Action {
 
     pub(crate) fn index(self) -> usize {
         self as usize
+    }
+
+    pub(crate) fn from_index(i: usize) -> Action {
+        Action::ALL[i]
     }
 }
 
@@ -215,7 +235,7 @@ pub struct Decision {
     pub ruleset_version: u64,
     pub merchant_ruleset_version: Option<u64>,
     /// First 12 hex digits of the model file's SHA-256.
-    pub model_hash: Option<String>,
+    pub model_hash: Option<Arc<str>>,
     /// Action of the shadow (candidate) ruleset in place of the global one, when one is installed.
     pub shadow_action: Option<Action>,
     pub shadow_ruleset_version: Option<u64>,

@@ -5,6 +5,7 @@
 
 pub mod attrs;
 pub mod card;
+pub mod engine;
 pub mod error;
 pub mod input;
 pub mod lists;
@@ -13,9 +14,12 @@ pub mod rules;
 pub mod velocity;
 
 pub use card::{card_attributes, CardAttributes, Country};
+pub use engine::{Engine, EngineConfig, ShadowSample, ShadowStats, StageTimings};
 pub use error::{ListError, ModelError, RuleError, RuleErrorKind, RulesError};
-pub use input::{Action, Context, Decision, DeclineCode, MatchedRule, RiskInput, RiskRequest, Scope};
+pub use input::{
+    Action, Context, Decision, DeclineCode, MatchedRule, RiskInput, RiskRequest, Scope,
+};
 pub use lists::{List, ListInfo, ListKind, Lists};
-pub use velocity::{VelocityConfig, VelocityStore};
 pub use model::Model;
 pub use rules::{Rule, Ruleset};
+pub use velocity::{VelocityConfig, VelocityStore};

@@ -8,7 +8,6 @@
 //! count exceeds its design capacity, so the false-positive rate stays near 1%.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use ahash::RandomState;
@@ -83,7 +82,10 @@ impl ListKind {
             ListKind::Ip => attr == StrAttr::Ip,
             ListKind::Device => attr == StrAttr::DeviceId,
             ListKind::Country => {
-                matches!(attr, StrAttr::CardCountry | StrAttr::IpCountry | StrAttr::CustomerCountry)
+                matches!(
+                    attr,
+                    StrAttr::CardCountry | StrAttr::IpCountry | StrAttr::CustomerCountry
+                )
             }
         }
     }
@@ -110,9 +112,7 @@ fn hasher() -> RandomState {
 }
 
 fn hash_value(state: &RandomState, v: &[u8]) -> u64 {
-    let mut h = state.build_hasher();
-    v.hash(&mut h);
-    h.finish()
+    state.hash_one(v)
 }
 
 /// A classic Bloom filter over 64-bit hashes (double hashing, `BLOOM_HASHES` probes).
@@ -128,7 +128,11 @@ impl BloomFilter {
     pub fn with_capacity(capacity: usize) -> BloomFilter {
         let capacity = capacity.max(BLOOM_CAPACITY_MIN);
         let nbits = (capacity * BLOOM_BITS_PER_ENTRY).next_power_of_two();
-        BloomFilter { bits: vec![0; nbits / 64], mask: nbits as u64 - 1, capacity }
+        BloomFilter {
+            bits: vec![0; nbits / 64],
+            mask: nbits as u64 - 1,
+            capacity,
+        }
     }
 
     #[inline]
@@ -152,7 +156,8 @@ impl BloomFilter {
 
     #[inline]
     pub fn might_contain_hash(&self, h: u64) -> bool {
-        self.probes(h).all(|bit| self.bits[(bit >> 6) as usize] & (1 << (bit & 63)) != 0)
+        self.probes(h)
+            .all(|bit| self.bits[(bit >> 6) as usize] & (1 << (bit & 63)) != 0)
     }
 
     pub fn capacity(&self) -> usize {
@@ -186,7 +191,10 @@ pub struct List {
 
 impl std::fmt::Debug for List {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("List").field("name", &self.name).field("kind", &self.kind).finish()
+        f.debug_struct("List")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
@@ -203,7 +211,11 @@ pub struct ListInfo {
 
 /// Normalises `value` into `buf` for `kind`; `None` when it is too long to be a member.
 #[inline]
-fn normalise<'b>(kind: ListKind, value: &[u8], buf: &'b mut [u8; VALUE_LEN_MAX]) -> Option<&'b [u8]> {
+fn normalise<'b>(
+    kind: ListKind,
+    value: &[u8],
+    buf: &'b mut [u8; VALUE_LEN_MAX],
+) -> Option<&'b [u8]> {
     if value.len() > VALUE_LEN_MAX {
         return None;
     }
@@ -263,7 +275,9 @@ impl List {
 
     fn check_value(&self, value: &str) -> Result<(), ListError> {
         if value.is_empty() {
-            return Err(ListError::EmptyValue { list: self.name.to_string() });
+            return Err(ListError::EmptyValue {
+                list: self.name.to_string(),
+            });
         }
         if value.len() > VALUE_LEN_MAX {
             return Err(ListError::ValueTooLong {
@@ -286,7 +300,10 @@ impl List {
             return Ok(false);
         }
         if inner.set.len() >= self.entries_max {
-            return Err(ListError::Full { list: self.name.to_string(), entries_max: self.entries_max });
+            return Err(ListError::Full {
+                list: self.name.to_string(),
+                entries_max: self.entries_max,
+            });
         }
         inner.set.insert(v.into());
         if inner.set.len() > inner.bloom.capacity() {
@@ -341,7 +358,11 @@ impl List {
     pub fn filter_might_contain(&self, value: &str) -> bool {
         let mut buf = [0u8; VALUE_LEN_MAX];
         match normalise(self.kind, value.as_bytes(), &mut buf) {
-            Some(v) => self.inner.read().bloom.might_contain_hash(hash_value(&self.hasher, v)),
+            Some(v) => self
+                .inner
+                .read()
+                .bloom
+                .might_contain_hash(hash_value(&self.hasher, v)),
             None => false,
         }
     }
@@ -398,7 +419,9 @@ pub struct Lists {
 
 impl Default for Lists {
     fn default() -> Self {
-        Lists { by_name: RwLock::new(HashMap::new()) }
+        Lists {
+            by_name: RwLock::new(HashMap::new()),
+        }
     }
 }
 
@@ -412,7 +435,12 @@ fn valid_list_name(name: &str) -> bool {
 
 impl Lists {
     /// Creates an empty list; `entries_max` defaults to [`LIST_ENTRIES_DEFAULT`].
-    pub fn create(&self, name: &str, kind: ListKind, entries_max: Option<usize>) -> Result<Arc<List>, ListError> {
+    pub fn create(
+        &self,
+        name: &str,
+        kind: ListKind,
+        entries_max: Option<usize>,
+    ) -> Result<Arc<List>, ListError> {
         if !valid_list_name(name) {
             return Err(ListError::InvalidListName(name.to_string()));
         }
@@ -421,9 +449,13 @@ impl Lists {
             return Err(ListError::ListExists(name.to_string()));
         }
         if map.len() >= LISTS_MAX {
-            return Err(ListError::TooManyLists { lists_max: LISTS_MAX });
+            return Err(ListError::TooManyLists {
+                lists_max: LISTS_MAX,
+            });
         }
-        let entries_max = entries_max.unwrap_or(LIST_ENTRIES_DEFAULT).clamp(1, LIST_ENTRIES_MAX);
+        let entries_max = entries_max
+            .unwrap_or(LIST_ENTRIES_DEFAULT)
+            .clamp(1, LIST_ENTRIES_MAX);
         let list = Arc::new(List::new(name, kind, entries_max));
         map.insert(name.to_string(), list.clone());
         Ok(list)
@@ -434,7 +466,8 @@ impl Lists {
     }
 
     fn require(&self, name: &str) -> Result<Arc<List>, ListError> {
-        self.get(name).ok_or_else(|| ListError::UnknownList(name.to_string()))
+        self.get(name)
+            .ok_or_else(|| ListError::UnknownList(name.to_string()))
     }
 
     pub fn add(&self, name: &str, value: &str) -> Result<bool, ListError> {
@@ -464,7 +497,10 @@ mod tests {
         assert!(lists.add("blocked_cards", "tok_visa").unwrap());
         assert!(!lists.add("blocked_cards", "tok_visa").unwrap());
         assert!(l.contains(StrAttr::Card, "tok_visa"));
-        assert!(!l.contains(StrAttr::Card, "TOK_VISA"), "card tokens are case-sensitive");
+        assert!(
+            !l.contains(StrAttr::Card, "TOK_VISA"),
+            "card tokens are case-sensitive"
+        );
         assert!(lists.remove("blocked_cards", "tok_visa").unwrap());
         assert!(!lists.remove("blocked_cards", "tok_visa").unwrap());
         assert!(!l.contains(StrAttr::Card, "tok_visa"));
@@ -482,11 +518,20 @@ mod tests {
             let probe = format!("192.168.{}.{}", i / 256, i % 256);
             if l.filter_might_contain(&probe) {
                 filter_hits += 1;
-                assert!(!l.contains(StrAttr::Ip, &probe), "false positive must not be a member");
+                assert!(
+                    !l.contains(StrAttr::Ip, &probe),
+                    "false positive must not be a member"
+                );
             }
         }
-        assert!(filter_hits > 0, "the test needs at least one filter false positive");
-        assert!(filter_hits < 50_000 / 20, "false-positive rate far above design: {filter_hits}");
+        assert!(
+            filter_hits > 0,
+            "the test needs at least one filter false positive"
+        );
+        assert!(
+            filter_hits < 50_000 / 20,
+            "false-positive rate far above design: {filter_hits}"
+        );
     }
 
     #[test]
@@ -512,19 +557,39 @@ mod tests {
         lists.add("small", "a").unwrap();
         lists.add("small", "b").unwrap();
         let err = lists.add("small", "c").unwrap_err();
-        assert_eq!(err, ListError::Full { list: "small".into(), entries_max: 2 });
+        assert_eq!(
+            err,
+            ListError::Full {
+                list: "small".into(),
+                entries_max: 2
+            }
+        );
         assert_eq!(err.to_string(), "list @small is full: at most 2 entries");
         let long = "x".repeat(VALUE_LEN_MAX + 1);
-        assert!(matches!(lists.add("small", &long), Err(ListError::ValueTooLong { .. })));
-        assert!(matches!(lists.add("nope", "x"), Err(ListError::UnknownList(_))));
-        assert!(matches!(lists.create("small", ListKind::Ip, None), Err(ListError::ListExists(_))));
-        assert!(matches!(lists.create("bad name", ListKind::Ip, None), Err(ListError::InvalidListName(_))));
+        assert!(matches!(
+            lists.add("small", &long),
+            Err(ListError::ValueTooLong { .. })
+        ));
+        assert!(matches!(
+            lists.add("nope", "x"),
+            Err(ListError::UnknownList(_))
+        ));
+        assert!(matches!(
+            lists.create("small", ListKind::Ip, None),
+            Err(ListError::ListExists(_))
+        ));
+        assert!(matches!(
+            lists.create("bad name", ListKind::Ip, None),
+            Err(ListError::InvalidListName(_))
+        ));
     }
 
     #[test]
     fn email_list_matches_addresses_domains_and_parent_domains() {
         let lists = Lists::default();
-        let l = lists.create("disposable_domains", ListKind::Email, None).unwrap();
+        let l = lists
+            .create("disposable_domains", ListKind::Email, None)
+            .unwrap();
         l.add("Mailinator.com").unwrap();
         l.add("fraudster@example.org").unwrap();
         assert!(l.contains(StrAttr::Email, "x@mailinator.com"));

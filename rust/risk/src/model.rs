@@ -48,15 +48,27 @@ fn field<'v>(v: &'v Value, path: &[&'static str]) -> Result<&'v Value, ModelErro
 fn number_in_string(v: &Value) -> Option<f64> {
     match v {
         Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().trim_start_matches('[').trim_end_matches(']').trim().parse().ok(),
+        Value::String(s) => s
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim()
+            .parse()
+            .ok(),
         _ => None,
     }
 }
 
 fn array<'v>(tree: &'v Value, key: &'static str, len: usize) -> Result<&'v Vec<Value>, ModelError> {
-    let a = tree.get(key).and_then(Value::as_array).ok_or(ModelError::Missing(key))?;
+    let a = tree
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or(ModelError::Missing(key))?;
     if a.len() != len {
-        return Err(ModelError::Invalid(format!("{key} has {} entries, expected {len}", a.len())));
+        return Err(ModelError::Invalid(format!(
+            "{key} has {} entries, expected {len}",
+            a.len()
+        )));
     }
     Ok(a)
 }
@@ -65,19 +77,29 @@ impl Model {
     /// Parses the JSON bytes of a model file.
     pub fn from_json(bytes: &[u8]) -> Result<Model, ModelError> {
         if bytes.len() > MODEL_BYTES_MAX {
-            return Err(ModelError::TooLarge(format!("{} bytes, at most {MODEL_BYTES_MAX}", bytes.len())));
+            return Err(ModelError::TooLarge(format!(
+                "{} bytes, at most {MODEL_BYTES_MAX}",
+                bytes.len()
+            )));
         }
-        let doc: Value = serde_json::from_slice(bytes).map_err(|e| ModelError::Json(e.to_string()))?;
+        let doc: Value =
+            serde_json::from_slice(bytes).map_err(|e| ModelError::Json(e.to_string()))?;
         let learner = field(&doc, &["learner"])?;
-        let objective = field(learner, &["objective", "name"])?.as_str().unwrap_or("");
+        let objective = field(learner, &["objective", "name"])?
+            .as_str()
+            .unwrap_or("");
         if objective != "binary:logistic" {
-            return Err(ModelError::Unsupported(format!("objective {objective:?}, expected binary:logistic")));
+            return Err(ModelError::Unsupported(format!(
+                "objective {objective:?}, expected binary:logistic"
+            )));
         }
         let params = field(learner, &["learner_model_param"])?;
         let base_score = number_in_string(field(params, &["base_score"])?)
             .ok_or(ModelError::Invalid("base_score is not a number".into()))?;
         if !(base_score > 0.0 && base_score < 1.0) {
-            return Err(ModelError::Invalid(format!("base_score {base_score} outside (0, 1)")));
+            return Err(ModelError::Invalid(format!(
+                "base_score {base_score} outside (0, 1)"
+            )));
         }
         if let Some(n) = params.get("num_feature").and_then(number_in_string) {
             if n as usize > MODEL_FEATURES.len() {
@@ -88,19 +110,32 @@ impl Model {
             }
         }
         let booster = field(learner, &["gradient_booster"])?;
-        let name = booster.get("name").and_then(Value::as_str).unwrap_or("gbtree");
+        let name = booster
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("gbtree");
         if name != "gbtree" {
-            return Err(ModelError::Unsupported(format!("booster {name:?}, expected gbtree")));
+            return Err(ModelError::Unsupported(format!(
+                "booster {name:?}, expected gbtree"
+            )));
         }
-        let trees = field(booster, &["model", "trees"])?.as_array().ok_or(ModelError::Missing("trees"))?;
+        let trees = field(booster, &["model", "trees"])?
+            .as_array()
+            .ok_or(ModelError::Missing("trees"))?;
         if trees.len() > TREES_MAX {
-            return Err(ModelError::TooLarge(format!("{} trees, at most {TREES_MAX}", trees.len())));
+            return Err(ModelError::TooLarge(format!(
+                "{} trees, at most {TREES_MAX}",
+                trees.len()
+            )));
         }
         let mut nodes = Vec::new();
         let mut roots = Vec::with_capacity(trees.len());
         for (t, tree) in trees.iter().enumerate() {
             let bad = |what: String| ModelError::Invalid(format!("tree {t}: {what}"));
-            let left = tree.get("left_children").and_then(Value::as_array).ok_or(ModelError::Missing("left_children"))?;
+            let left = tree
+                .get("left_children")
+                .and_then(Value::as_array)
+                .ok_or(ModelError::Missing("left_children"))?;
             let n = left.len();
             if n == 0 {
                 return Err(bad("no nodes".into()));
@@ -114,21 +149,40 @@ impl Model {
             let default_left = array(tree, "default_left", n)?;
             if let Some(types) = tree.get("split_type").and_then(Value::as_array) {
                 if types.iter().any(|v| v.as_i64().unwrap_or(0) != 0) {
-                    return Err(ModelError::Unsupported(format!("tree {t}: categorical splits")));
+                    return Err(ModelError::Unsupported(format!(
+                        "tree {t}: categorical splits"
+                    )));
                 }
             }
             let base = nodes.len() as u32;
             roots.push(base);
             for i in 0..n {
-                let l = left[i].as_i64().ok_or_else(|| bad(format!("left_children[{i}]")))?;
-                let r = right[i].as_i64().ok_or_else(|| bad(format!("right_children[{i}]")))?;
-                let value = cond[i].as_f64().ok_or_else(|| bad(format!("split_conditions[{i}]")))? as f32;
+                let l = left[i]
+                    .as_i64()
+                    .ok_or_else(|| bad(format!("left_children[{i}]")))?;
+                let r = right[i]
+                    .as_i64()
+                    .ok_or_else(|| bad(format!("right_children[{i}]")))?;
+                let value = cond[i]
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("split_conditions[{i}]")))?
+                    as f32;
                 let dl = match &default_left[i] {
                     Value::Bool(b) => *b,
-                    v => v.as_i64().ok_or_else(|| bad(format!("default_left[{i}]")))? != 0,
+                    v => {
+                        v.as_i64()
+                            .ok_or_else(|| bad(format!("default_left[{i}]")))?
+                            != 0
+                    }
                 };
                 let node = if l == -1 {
-                    Node { value, feature: LEAF, left: 0, right: 0, default_left: false }
+                    Node {
+                        value,
+                        feature: LEAF,
+                        left: 0,
+                        right: 0,
+                        default_left: false,
+                    }
                 } else {
                     // Children always follow their parent in XGBoost's numbering; requiring it here
                     // guarantees every walk terminates.
@@ -136,20 +190,36 @@ impl Model {
                     if !ok(l) || !ok(r) {
                         return Err(bad(format!("node {i} has invalid children {l}, {r}")));
                     }
-                    let feature = index[i].as_u64().ok_or_else(|| bad(format!("split_indices[{i}]")))?;
+                    let feature = index[i]
+                        .as_u64()
+                        .ok_or_else(|| bad(format!("split_indices[{i}]")))?;
                     if feature as usize >= MODEL_FEATURES.len() {
                         return Err(bad(format!(
                             "node {i} splits on feature {feature}, the engine provides {}",
                             MODEL_FEATURES.len()
                         )));
                     }
-                    Node { value, feature: feature as u32, left: base + l as u32, right: base + r as u32, default_left: dl }
+                    Node {
+                        value,
+                        feature: feature as u32,
+                        left: base + l as u32,
+                        right: base + r as u32,
+                        default_left: dl,
+                    }
                 };
                 nodes.push(node);
             }
         }
-        let sha256_hex = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Model { nodes, roots, base_margin: (base_score / (1.0 - base_score)).ln(), sha256_hex })
+        let sha256_hex = Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Model {
+            nodes,
+            roots,
+            base_margin: (base_score / (1.0 - base_score)).ln(),
+            sha256_hex,
+        })
     }
 
     /// The model's input vector in `MODEL_FEATURES` order (NaN = missing).
@@ -167,7 +237,11 @@ impl Model {
             let mut node = &self.nodes[root as usize];
             while node.feature != LEAF {
                 let v = xf[node.feature as usize];
-                let go_left = if v.is_nan() { node.default_left } else { v < node.value };
+                let go_left = if v.is_nan() {
+                    node.default_left
+                } else {
+                    v < node.value
+                };
                 node = &self.nodes[if go_left { node.left } else { node.right } as usize];
             }
             sum += node.value as f64;
@@ -248,7 +322,10 @@ pub(crate) mod tests {
         let mut f = Features::default();
         f.values[crate::attrs::AMOUNT_USD] = 500.0;
         f.values[crate::attrs::velocity_index(0, 1)] = 5.0;
-        assert_eq!(m.score(&f), (100.0 / (1.0 + (-3.5f64).exp()) + 0.5).floor() as u8);
+        assert_eq!(
+            m.score(&f),
+            (100.0 / (1.0 + (-3.5f64).exp()) + 0.5).floor() as u8
+        );
     }
 
     #[test]
@@ -262,11 +339,20 @@ pub(crate) mod tests {
     fn rejects_bad_models_with_clear_errors() {
         assert!(matches!(Model::from_json(b"{"), Err(ModelError::Json(_))));
         let wrong_obj = TWO_TREES.replace("binary:logistic", "reg:squarederror");
-        assert!(matches!(Model::from_json(wrong_obj.as_bytes()), Err(ModelError::Unsupported(_))));
+        assert!(matches!(
+            Model::from_json(wrong_obj.as_bytes()),
+            Err(ModelError::Unsupported(_))
+        ));
         let cyclic = TWO_TREES.replace("[1, -1, -1]", "[0, -1, -1]");
-        assert!(matches!(Model::from_json(cyclic.as_bytes()), Err(ModelError::Invalid(_))));
+        assert!(matches!(
+            Model::from_json(cyclic.as_bytes()),
+            Err(ModelError::Invalid(_))
+        ));
         let bad_feature = TWO_TREES.replace("\"split_indices\": [3,", "\"split_indices\": [99,");
-        assert!(matches!(Model::from_json(bad_feature.as_bytes()), Err(ModelError::Invalid(_))));
+        assert!(matches!(
+            Model::from_json(bad_feature.as_bytes()),
+            Err(ModelError::Invalid(_))
+        ));
         let vector_base = TWO_TREES.replace("\"5E-1\"", "\"[5E-1]\"");
         assert!(Model::from_json(vector_base.as_bytes()).is_ok());
     }

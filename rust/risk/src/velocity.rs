@@ -15,7 +15,6 @@
 //! idle for 24 hours, then evicts the least recently updated eighth of its keys (amortised O(1)).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 
 use ahash::RandomState;
 use parking_lot::Mutex;
@@ -37,7 +36,9 @@ pub struct VelocityConfig {
 
 impl Default for VelocityConfig {
     fn default() -> Self {
-        VelocityConfig { keys_per_dimension_max: 32_768 }
+        VelocityConfig {
+            keys_per_dimension_max: 32_768,
+        }
     }
 }
 
@@ -52,7 +53,13 @@ struct Ring<const B: usize> {
 
 impl<const B: usize> Ring<B> {
     fn new() -> Self {
-        Ring { bucket: 0, count: 0, cents: 0, counts: [0; B], sums: [0; B] }
+        Ring {
+            bucket: 0,
+            count: 0,
+            cents: 0,
+            counts: [0; B],
+            sums: [0; B],
+        }
     }
 
     /// Moves the window to `bucket` (never backwards), dropping expired buckets from the totals.
@@ -111,7 +118,11 @@ impl Entry {
     }
 
     fn totals(&self) -> [(u64, i64); 3] {
-        [(self.w1m.count, self.w1m.cents), (self.w1h.count, self.w1h.cents), (self.w24h.count, self.w24h.cents)]
+        [
+            (self.w1m.count, self.w1m.cents),
+            (self.w1h.count, self.w1h.cents),
+            (self.w24h.count, self.w24h.cents),
+        ]
     }
 }
 
@@ -133,7 +144,9 @@ fn touch_member(set: &mut Vec<(u64, u64)>, member: u64, now_ms: u64) {
 }
 
 fn count_members(set: &[(u64, u64)], now_ms: u64, window_ms: u64) -> f64 {
-    set.iter().filter(|(_, t)| t.saturating_add(window_ms) > now_ms).count() as f64
+    set.iter()
+        .filter(|(_, t)| t.saturating_add(window_ms) > now_ms)
+        .count() as f64
 }
 
 type Shard = Mutex<HashMap<Box<str>, Box<Entry>, RandomState>>;
@@ -155,7 +168,11 @@ pub struct Event<'a> {
 impl<'a> Event<'a> {
     pub fn from_context(ctx: &Context<'a>) -> Event<'a> {
         let i = ctx.input;
-        let cents = ctx.amount_usd.map(|u| (u * 100.0 + 0.5).floor() as i64).unwrap_or(0).max(0);
+        let cents = ctx
+            .amount_usd
+            .map(|u| (u * 100.0 + 0.5).floor() as i64)
+            .unwrap_or(0)
+            .max(0);
         let key = |v: Option<&'a str>| non_empty(v).filter(|k| k.len() <= KEY_LEN_MAX);
         Event {
             keys: [
@@ -183,7 +200,9 @@ impl VelocityStore {
         let shard_keys_max = (config.keys_per_dimension_max / SHARDS).max(8);
         let dims = (0..DIMS.len())
             .map(|d| Dimension {
-                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::with_hasher(hasher.clone()))).collect(),
+                shards: (0..SHARDS)
+                    .map(|_| Mutex::new(HashMap::with_hasher(hasher.clone())))
+                    .collect(),
                 shard_keys_max,
                 distinct: DISTINCT
                     .iter()
@@ -197,9 +216,7 @@ impl VelocityStore {
     }
 
     fn hash(&self, s: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        s.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(s)
     }
 
     /// Records the payment (when `record`) and writes every velocity feature, current payment included,
@@ -223,7 +240,10 @@ impl VelocityStore {
                 }
                 map.get_mut(key).expect("inserted above")
             } else {
-                scratch = map.get(key).map(|e| (**e).clone()).unwrap_or_else(Entry::new);
+                scratch = map
+                    .get(key)
+                    .map(|e| (**e).clone())
+                    .unwrap_or_else(Entry::new);
                 &mut scratch
             };
             entry.w1m.add(now_ms, WINDOWS[0].1, event.cents);
@@ -318,8 +338,14 @@ mod tests {
         let b = input("tok_b", "d2");
         observe(&store, &a, 0);
         // At 59_999 ms the first event is still counted, at 60_000 it is gone.
-        assert_eq!(observe(&store, &b, 59_999).values[velocity_index(DIM_IP, 0)], 2.0);
-        assert_eq!(observe(&store, &b, 60_000).values[velocity_index(DIM_IP, 0)], 2.0);
+        assert_eq!(
+            observe(&store, &b, 59_999).values[velocity_index(DIM_IP, 0)],
+            2.0
+        );
+        assert_eq!(
+            observe(&store, &b, 60_000).values[velocity_index(DIM_IP, 0)],
+            2.0
+        );
         let f = observe(&store, &b, 60_000);
         assert_eq!(f.values[velocity_index(DIM_IP, 0)], 3.0);
         assert_eq!(f.values[velocity_index(DIM_IP, 1)], 4.0);
@@ -337,7 +363,11 @@ mod tests {
             f.values[velocity_index(DIM_CARD, 0)]
         };
         assert_eq!(peek(59_999), 2.0);
-        assert_eq!(peek(60_000), 1.0, "58.001 s old but its bucket left the window");
+        assert_eq!(
+            peek(60_000),
+            1.0,
+            "58.001 s old but its bucket left the window"
+        );
         // Peeking recorded nothing.
         assert_eq!(peek(1_999), 2.0);
     }
@@ -356,7 +386,10 @@ mod tests {
     #[test]
     fn distinct_cards_per_device_by_window_and_saturation() {
         let store = VelocityStore::new(VelocityConfig::default());
-        let pair = DISTINCT.iter().position(|p| p.0 == "cards_per_device").unwrap();
+        let pair = DISTINCT
+            .iter()
+            .position(|p| p.0 == "cards_per_device")
+            .unwrap();
         observe(&store, &input("tok_1", "dev"), 0);
         observe(&store, &input("tok_2", "dev"), 1_000);
         let f = observe(&store, &input("tok_1", "dev"), 2_000);
@@ -369,13 +402,18 @@ mod tests {
             observe(&store, &input(&format!("tok_x{i}"), "dev"), 100_000 + i);
         }
         let f = observe(&store, &input("tok_x99", "dev"), 100_200);
-        assert_eq!(f.values[distinct_index(pair, 1)], DISTINCT_MEMBERS_MAX as f64);
+        assert_eq!(
+            f.values[distinct_index(pair, 1)],
+            DISTINCT_MEMBERS_MAX as f64
+        );
         let _ = DIM_DEVICE;
     }
 
     #[test]
     fn memory_is_bounded_by_eviction() {
-        let store = VelocityStore::new(VelocityConfig { keys_per_dimension_max: 256 });
+        let store = VelocityStore::new(VelocityConfig {
+            keys_per_dimension_max: 256,
+        });
         for i in 0..5_000u64 {
             observe(&store, &input(&format!("tok_{i}"), "d"), i);
         }

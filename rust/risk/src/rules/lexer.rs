@@ -72,7 +72,12 @@ pub fn lex(line: &str, line_no: usize) -> Result<Vec<Token>, RuleError> {
     let b = line.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
-    let err = |column: usize, message: String| RuleError { line: line_no, column, kind: RuleErrorKind::Syntax, message };
+    let err = |column: usize, message: String| RuleError {
+        line: line_no,
+        column,
+        kind: RuleErrorKind::Syntax,
+        message,
+    };
     while i < b.len() {
         let c = b[i];
         let column = i + 1;
@@ -148,7 +153,9 @@ pub fn lex(line: &str, line_no: usize) -> Result<Vec<Token>, RuleError> {
                     j += 1;
                 }
                 let text: String = line[i..j].chars().filter(|&c| c != '_').collect();
-                let n: f64 = text.parse().map_err(|_| err(column, format!("invalid number {:?}", &line[i..j])))?;
+                let n: f64 = text
+                    .parse()
+                    .map_err(|_| err(column, format!("invalid number {:?}", &line[i..j])))?;
                 if !n.is_finite() {
                     return Err(err(column, format!("invalid number {:?}", &line[i..j])));
                 }

@@ -27,10 +27,26 @@ pub enum Expr {
     Or(Box<[Expr]>),
     And(Box<[Expr]>),
     Not(Box<Expr>),
-    NumLit { attr: u16, op: CmpOp, lit: f64 },
-    NumAttr { a: u16, op: CmpOp, b: u16 },
-    StrLit { attr: StrAttr, negated: bool, lit: Box<str> },
-    StrAttr { a: StrAttr, negated: bool, b: StrAttr },
+    NumLit {
+        attr: u16,
+        op: CmpOp,
+        lit: f64,
+    },
+    NumAttr {
+        a: u16,
+        op: CmpOp,
+        b: u16,
+    },
+    StrLit {
+        attr: StrAttr,
+        negated: bool,
+        lit: Box<str>,
+    },
+    StrAttr {
+        a: StrAttr,
+        negated: bool,
+        b: StrAttr,
+    },
     /// Index into [`Ruleset::probes`].
     InList(u16),
 }
@@ -119,7 +135,9 @@ impl Expr {
                 None => false,
             },
             Expr::StrAttr { a, negated, b } => match (a.get(ctx), b.get(ctx)) {
-                (Some(x), Some(y)) => str_eq(x, y, a.case_insensitive() || b.case_insensitive()) != *negated,
+                (Some(x), Some(y)) => {
+                    str_eq(x, y, a.case_insensitive() || b.case_insensitive()) != *negated
+                }
                 _ => false,
             },
             Expr::InList(i) => hits.get(*i as usize),
@@ -148,7 +166,12 @@ fn valid_rule_name(name: &str) -> bool {
 impl Ruleset {
     /// An empty ruleset: every payment gets the default allow.
     pub fn empty(version: u64) -> Ruleset {
-        Ruleset { version, rules: Vec::new(), probes: Vec::new(), source: "".into() }
+        Ruleset {
+            version,
+            rules: Vec::new(),
+            probes: Vec::new(),
+            source: "".into(),
+        }
     }
 
     /// Compiles `source`, resolving `@list` names against `lists`. Every line is checked; all errors are
@@ -180,7 +203,15 @@ impl Ruleset {
                     continue;
                 }
             };
-            let parsed = match parser::Parser::new(&toks, line_no, text.trim_end().len(), lists, &mut probes).rule() {
+            let parsed = match parser::Parser::new(
+                &toks,
+                line_no,
+                text.trim_end().len(),
+                lists,
+                &mut probes,
+            )
+            .rule()
+            {
                 Ok(p) => p,
                 Err(e) => {
                     errors.push(e);
@@ -193,7 +224,9 @@ impl Ruleset {
                     line: line_no,
                     column: toks.first().map(|t| t.column).unwrap_or(1),
                     kind: RuleErrorKind::DuplicateName,
-                    message: format!("rule name {name:?} is already used (or longer than {RULE_NAME_LEN_MAX})"),
+                    message: format!(
+                        "rule name {name:?} is already used (or longer than {RULE_NAME_LEN_MAX})"
+                    ),
                 });
                 continue;
             }
@@ -215,10 +248,21 @@ impl Ruleset {
             } else {
                 DeclineCode::Fraudulent
             };
-            rules.push(Rule { name: name.into(), action: parsed.action, line: line_no, decline_code, expr: parsed.expr });
+            rules.push(Rule {
+                name: name.into(),
+                action: parsed.action,
+                line: line_no,
+                decline_code,
+                expr: parsed.expr,
+            });
         }
         if errors.is_empty() {
-            Ok(Ruleset { version, rules, probes, source: source.into() })
+            Ok(Ruleset {
+                version,
+                rules,
+                probes,
+                source: source.into(),
+            })
         } else {
             Err(RulesError { errors })
         }
@@ -240,7 +284,13 @@ impl Ruleset {
 
     /// Evaluates every rule (the "rules" stage), calling `on_match` for each matching rule in source order.
     #[inline]
-    pub fn evaluate<'r>(&'r self, ctx: &Context<'_>, features: &Features, hits: &ListHits, mut on_match: impl FnMut(&'r Rule)) {
+    pub fn evaluate<'r>(
+        &'r self,
+        ctx: &Context<'_>,
+        features: &Features,
+        hits: &ListHits,
+        mut on_match: impl FnMut(&'r Rule),
+    ) {
         for rule in &self.rules {
             if rule.expr.eval(ctx, features, hits) {
                 on_match(rule);
@@ -249,7 +299,12 @@ impl Ruleset {
     }
 
     /// The deciding rule of this ruleset alone: the first matching rule of the highest-priority action.
-    pub fn decide<'r>(&'r self, ctx: &Context<'_>, features: &Features, hits: &ListHits) -> Option<&'r Rule> {
+    pub fn decide<'r>(
+        &'r self,
+        ctx: &Context<'_>,
+        features: &Features,
+        hits: &ListHits,
+    ) -> Option<&'r Rule> {
         let mut best: Option<&Rule> = None;
         self.evaluate(ctx, features, hits, |r| {
             if best.is_none_or(|b| r.action.priority() > b.action.priority()) {

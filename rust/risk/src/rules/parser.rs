@@ -54,16 +54,39 @@ pub struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
-    pub fn new(toks: &'a [Token], line: usize, line_len: usize, lists: &'a Lists, probes: &'a mut Vec<ListProbe>) -> Self {
-        Parser { toks, pos: 0, line, line_len, lists, probes, uses: Uses::default(), depth: 0 }
+    pub fn new(
+        toks: &'a [Token],
+        line: usize,
+        line_len: usize,
+        lists: &'a Lists,
+        probes: &'a mut Vec<ListProbe>,
+    ) -> Self {
+        Parser {
+            toks,
+            pos: 0,
+            line,
+            line_len,
+            lists,
+            probes,
+            uses: Uses::default(),
+            depth: 0,
+        }
     }
 
     fn err(&self, column: usize, kind: RuleErrorKind, message: String) -> RuleError {
-        RuleError { line: self.line, column, kind, message }
+        RuleError {
+            line: self.line,
+            column,
+            kind,
+            message,
+        }
     }
 
     fn column(&self) -> usize {
-        self.toks.get(self.pos).map(|t| t.column).unwrap_or(self.line_len + 1)
+        self.toks
+            .get(self.pos)
+            .map(|t| t.column)
+            .unwrap_or(self.line_len + 1)
     }
 
     fn peek(&self) -> Option<&Tok> {
@@ -79,12 +102,18 @@ impl<'a> Parser<'a> {
             None => "end of line".to_string(),
             Some(t) => describe(t),
         };
-        self.err(self.column(), RuleErrorKind::Syntax, format!("expected {expected}, found {found}"))
+        self.err(
+            self.column(),
+            RuleErrorKind::Syntax,
+            format!("expected {expected}, found {found}"),
+        )
     }
 
     pub fn rule(mut self) -> Result<Parsed, RuleError> {
         let mut name = None;
-        if let (Some(Tok::Word(w)), Some(Tok::Colon)) = (self.peek(), self.toks.get(self.pos + 1).map(|t| &t.tok)) {
+        if let (Some(Tok::Word(w)), Some(Tok::Colon)) =
+            (self.peek(), self.toks.get(self.pos + 1).map(|t| &t.tok))
+        {
             name = Some(w.clone());
             self.pos += 2;
         }
@@ -104,13 +133,22 @@ impl<'a> Parser<'a> {
         if self.pos < self.toks.len() {
             return Err(self.unexpected("'and', 'or' or end of line"));
         }
-        Ok(Parsed { name, action, expr, uses: self.uses })
+        Ok(Parsed {
+            name,
+            action,
+            expr,
+            uses: self.uses,
+        })
     }
 
     fn expr(&mut self) -> Result<Expr, RuleError> {
         self.depth += 1;
         if self.depth > EXPR_DEPTH_MAX {
-            return Err(self.err(self.column(), RuleErrorKind::Limit, format!("expression nested deeper than {EXPR_DEPTH_MAX}")));
+            return Err(self.err(
+                self.column(),
+                RuleErrorKind::Limit,
+                format!("expression nested deeper than {EXPR_DEPTH_MAX}"),
+            ));
         }
         let mut terms = vec![self.and()?];
         while self.peek_word("or") {
@@ -118,7 +156,11 @@ impl<'a> Parser<'a> {
             terms.push(self.and()?);
         }
         self.depth -= 1;
-        Ok(if terms.len() == 1 { terms.pop().expect("one term") } else { Expr::Or(terms.into()) })
+        Ok(if terms.len() == 1 {
+            terms.pop().expect("one term")
+        } else {
+            Expr::Or(terms.into())
+        })
     }
 
     fn and(&mut self) -> Result<Expr, RuleError> {
@@ -127,7 +169,11 @@ impl<'a> Parser<'a> {
             self.pos += 1;
             terms.push(self.unary()?);
         }
-        Ok(if terms.len() == 1 { terms.pop().expect("one term") } else { Expr::And(terms.into()) })
+        Ok(if terms.len() == 1 {
+            terms.pop().expect("one term")
+        } else {
+            Expr::And(terms.into())
+        })
     }
 
     fn unary(&mut self) -> Result<Expr, RuleError> {
@@ -135,7 +181,11 @@ impl<'a> Parser<'a> {
             self.pos += 1;
             self.depth += 1;
             if self.depth > EXPR_DEPTH_MAX {
-                return Err(self.err(self.column(), RuleErrorKind::Limit, format!("expression nested deeper than {EXPR_DEPTH_MAX}")));
+                return Err(self.err(
+                    self.column(),
+                    RuleErrorKind::Limit,
+                    format!("expression nested deeper than {EXPR_DEPTH_MAX}"),
+                ));
             }
             let inner = self.unary()?;
             self.depth -= 1;
@@ -170,31 +220,56 @@ impl<'a> Parser<'a> {
             let attr = match left {
                 Operand::Attr(Attr::Str(a), _) => a,
                 Operand::Attr(Attr::Num(i), c) => {
-                    return Err(self.err(c, RuleErrorKind::TypeMismatch, format!(
-                        "numeric attribute :{}: cannot be looked up in a list", crate::attrs::numeric_names()[i]
-                    )))
+                    return Err(self.err(
+                        c,
+                        RuleErrorKind::TypeMismatch,
+                        format!(
+                            "numeric attribute :{}: cannot be looked up in a list",
+                            crate::attrs::numeric_names()[i]
+                        ),
+                    ))
                 }
                 Operand::Str(_, c) | Operand::Num(_, c) => {
-                    return Err(self.err(c, RuleErrorKind::TypeMismatch, "only an attribute can be looked up in a list".into()))
+                    return Err(self.err(
+                        c,
+                        RuleErrorKind::TypeMismatch,
+                        "only an attribute can be looked up in a list".into(),
+                    ))
                 }
             };
             let Some(list) = self.lists.get(&list_name) else {
-                return Err(self.err(list_column, RuleErrorKind::UnknownList, format!("unknown list @{list_name}")));
+                return Err(self.err(
+                    list_column,
+                    RuleErrorKind::UnknownList,
+                    format!("unknown list @{list_name}"),
+                ));
             };
             if !list.kind().accepts(attr) {
-                return Err(self.err(op_column, RuleErrorKind::TypeMismatch, format!(
-                    "attribute :{}: cannot be looked up in @{list_name}, a {} list",
-                    attr.name(),
-                    list.kind().as_str()
-                )));
+                return Err(self.err(
+                    op_column,
+                    RuleErrorKind::TypeMismatch,
+                    format!(
+                        "attribute :{}: cannot be looked up in @{list_name}, a {} list",
+                        attr.name(),
+                        list.kind().as_str()
+                    ),
+                ));
             }
-            let probe = match self.probes.iter().position(|p| p.attr == attr && Arc::ptr_eq(&p.list, &list)) {
+            let probe = match self
+                .probes
+                .iter()
+                .position(|p| p.attr == attr && Arc::ptr_eq(&p.list, &list))
+            {
                 Some(p) => p,
                 None => {
                     if self.probes.len() >= LIST_PROBES_MAX {
-                        return Err(self.err(list_column, RuleErrorKind::Limit, format!(
-                            "more than {LIST_PROBES_MAX} distinct list lookups in one ruleset"
-                        )));
+                        return Err(self.err(
+                            list_column,
+                            RuleErrorKind::Limit,
+                            format!(
+                                "more than {LIST_PROBES_MAX} distinct list lookups in one ruleset"
+                            ),
+                        ));
                     }
                     self.probes.push(ListProbe { attr, list });
                     self.probes.len() - 1
@@ -219,7 +294,11 @@ impl<'a> Parser<'a> {
         let op = match self.peek().cloned() {
             Some(Tok::Attr(name)) => {
                 let Some(attr) = lookup_attr(&name) else {
-                    return Err(self.err(column, RuleErrorKind::UnknownAttribute, format!("unknown attribute :{name}:")));
+                    return Err(self.err(
+                        column,
+                        RuleErrorKind::UnknownAttribute,
+                        format!("unknown attribute :{name}:"),
+                    ));
                 };
                 if let Attr::Num(i) = attr {
                     if i == RISK_SCORE {
@@ -238,40 +317,76 @@ impl<'a> Parser<'a> {
         Ok(op)
     }
 
-    fn comparison(&self, left: Operand, op: CmpOp, column: usize, right: Operand) -> Result<Expr, RuleError> {
+    fn comparison(
+        &self,
+        left: Operand,
+        op: CmpOp,
+        column: usize,
+        right: Operand,
+    ) -> Result<Expr, RuleError> {
         let mismatch = |msg: String| self.err(column, RuleErrorKind::TypeMismatch, msg);
         let string_op = |op: CmpOp| -> Result<bool, RuleError> {
             match op {
                 CmpOp::Eq => Ok(false),
                 CmpOp::Ne => Ok(true),
-                _ => Err(mismatch(format!("operator {} needs numbers; strings compare only with = and !=", op.as_str()))),
+                _ => Err(mismatch(format!(
+                    "operator {} needs numbers; strings compare only with = and !=",
+                    op.as_str()
+                ))),
             }
         };
         let num_name = |i: usize| crate::attrs::numeric_names()[i].clone();
         match (left, right) {
-            (Operand::Attr(Attr::Num(a), _), Operand::Num(n, _)) => Ok(Expr::NumLit { attr: a as u16, op, lit: n }),
-            (Operand::Num(n, _), Operand::Attr(Attr::Num(a), _)) => Ok(Expr::NumLit { attr: a as u16, op: op.flipped(), lit: n }),
-            (Operand::Attr(Attr::Num(a), _), Operand::Attr(Attr::Num(b), _)) => {
-                Ok(Expr::NumAttr { a: a as u16, op, b: b as u16 })
-            }
-            (Operand::Attr(Attr::Str(a), _), Operand::Str(s, _)) | (Operand::Str(s, _), Operand::Attr(Attr::Str(a), _)) => {
-                Ok(Expr::StrLit { attr: a, negated: string_op(op)?, lit: s.into_boxed_str() })
-            }
-            (Operand::Attr(Attr::Str(a), _), Operand::Attr(Attr::Str(b), _)) => {
-                Ok(Expr::StrAttr { a, negated: string_op(op)?, b })
-            }
-            (Operand::Attr(Attr::Num(a), _), Operand::Str(s, _)) | (Operand::Str(s, _), Operand::Attr(Attr::Num(a), _)) => {
-                Err(mismatch(format!("cannot compare numeric attribute :{}: with string {s:?}", num_name(a))))
-            }
-            (Operand::Attr(Attr::Str(a), _), Operand::Num(n, _)) | (Operand::Num(n, _), Operand::Attr(Attr::Str(a), _)) => {
-                Err(mismatch(format!("cannot compare string attribute :{}: with number {n}", a.name())))
-            }
-            (Operand::Attr(Attr::Num(a), _), Operand::Attr(Attr::Str(b), _)) => Err(mismatch(format!(
-                "cannot compare numeric attribute :{}: with string attribute :{}:", num_name(a), b.name()
+            (Operand::Attr(Attr::Num(a), _), Operand::Num(n, _)) => Ok(Expr::NumLit {
+                attr: a as u16,
+                op,
+                lit: n,
+            }),
+            (Operand::Num(n, _), Operand::Attr(Attr::Num(a), _)) => Ok(Expr::NumLit {
+                attr: a as u16,
+                op: op.flipped(),
+                lit: n,
+            }),
+            (Operand::Attr(Attr::Num(a), _), Operand::Attr(Attr::Num(b), _)) => Ok(Expr::NumAttr {
+                a: a as u16,
+                op,
+                b: b as u16,
+            }),
+            (Operand::Attr(Attr::Str(a), _), Operand::Str(s, _))
+            | (Operand::Str(s, _), Operand::Attr(Attr::Str(a), _)) => Ok(Expr::StrLit {
+                attr: a,
+                negated: string_op(op)?,
+                lit: s.into_boxed_str(),
+            }),
+            (Operand::Attr(Attr::Str(a), _), Operand::Attr(Attr::Str(b), _)) => Ok(Expr::StrAttr {
+                a,
+                negated: string_op(op)?,
+                b,
+            }),
+            (Operand::Attr(Attr::Num(a), _), Operand::Str(s, _))
+            | (Operand::Str(s, _), Operand::Attr(Attr::Num(a), _)) => Err(mismatch(format!(
+                "cannot compare numeric attribute :{}: with string {s:?}",
+                num_name(a)
             ))),
-            (Operand::Attr(Attr::Str(a), _), Operand::Attr(Attr::Num(b), _)) => Err(mismatch(format!(
-                "cannot compare string attribute :{}: with numeric attribute :{}:", a.name(), num_name(b)
+            (Operand::Attr(Attr::Str(a), _), Operand::Num(n, _))
+            | (Operand::Num(n, _), Operand::Attr(Attr::Str(a), _)) => Err(mismatch(format!(
+                "cannot compare string attribute :{}: with number {n}",
+                a.name()
             ))),
+            (Operand::Attr(Attr::Num(a), _), Operand::Attr(Attr::Str(b), _)) => {
+                Err(mismatch(format!(
+                    "cannot compare numeric attribute :{}: with string attribute :{}:",
+                    num_name(a),
+                    b.name()
+                )))
+            }
+            (Operand::Attr(Attr::Str(a), _), Operand::Attr(Attr::Num(b), _)) => {
+                Err(mismatch(format!(
+                    "cannot compare string attribute :{}: with numeric attribute :{}:",
+                    a.name(),
+                    num_name(b)
+                )))
+            }
             _ => Err(mismatch("a comparison needs at least one attribute".into())),
         }
     }

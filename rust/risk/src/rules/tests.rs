@@ -5,7 +5,9 @@ use crate::lists::ListKind;
 
 fn lists() -> Lists {
     let lists = Lists::default();
-    lists.create("disposable_domains", ListKind::Email, None).unwrap();
+    lists
+        .create("disposable_domains", ListKind::Email, None)
+        .unwrap();
     lists.create("vip", ListKind::String, None).unwrap();
     lists.create("blocked_ips", ListKind::Ip, None).unwrap();
     lists.add("disposable_domains", "mailinator.com").unwrap();
@@ -59,7 +61,10 @@ fn compiles_the_documented_examples() {
          allow if :customer_id: in @vip\n",
     );
     let names: Vec<_> = rs.rules.iter().map(|r| r.name.to_string()).collect();
-    assert_eq!(names, ["rule_2", "rule_3", "disposable", "rule_6", "rule_7"]);
+    assert_eq!(
+        names,
+        ["rule_2", "rule_3", "disposable", "rule_6", "rule_7"]
+    );
     assert_eq!(rs.rules[0].decline_code, DeclineCode::Fraudulent);
     assert_eq!(rs.rules[1].decline_code, DeclineCode::VelocityExceeded);
     assert_eq!(rs.rules[2].decline_code, DeclineCode::Blocklisted);
@@ -80,7 +85,10 @@ fn evaluates_comparisons_lists_and_attribute_pairs() {
          g: review if :currency: = 'eur'\n",
     );
     let i = input();
-    assert_eq!(matches(&rs, &i, &features(&i)), ["a", "b", "c", "d", "e", "f"]);
+    assert_eq!(
+        matches(&rs, &i, &features(&i)),
+        ["a", "b", "c", "d", "e", "f"]
+    );
     let mut j = input();
     j.card = Some("tok_visa_us");
     j.customer_id = None;
@@ -98,9 +106,17 @@ fn missing_values_make_comparisons_false_and_not_in_true() {
          d: block if not (:device_id: = 'x')\n\
          e: block if :card_country: != :customer_country:\n",
     );
-    let i = RiskInput { merchant_id: "m", amount: 1, currency: "USD", ..Default::default() };
+    let i = RiskInput {
+        merchant_id: "m",
+        amount: 1,
+        currency: "USD",
+        ..Default::default()
+    };
     assert_eq!(matches(&rs, &i, &features(&i)), ["c", "d"]);
-    let empty = RiskInput { ip_country: Some(""), ..i };
+    let empty = RiskInput {
+        ip_country: Some(""),
+        ..i
+    };
     assert_eq!(matches(&rs, &empty, &features(&empty)), ["c", "d"]);
 }
 
@@ -111,7 +127,12 @@ fn and_binds_tighter_than_or_and_parentheses_group() {
          b: block if (:amount: > 1 or :amount: > 100) and :amount: < 0\n\
          c: block if not :amount: < 0 and not (:amount: > 10 or :amount: = 5)\n",
     );
-    let i = RiskInput { merchant_id: "m", amount: 5, currency: "USD", ..Default::default() };
+    let i = RiskInput {
+        merchant_id: "m",
+        amount: 5,
+        currency: "USD",
+        ..Default::default()
+    };
     assert_eq!(matches(&rs, &i, &features(&i)), ["a"]);
     let j = RiskInput { amount: 7, ..i };
     assert_eq!(matches(&rs, &j, &features(&j)), ["a", "c"]);
@@ -151,14 +172,23 @@ fn ruleset_decide_uses_action_priority_then_source_order() {
 fn unknown_attribute_is_reported_with_line_and_column() {
     let e = errors("block if :amount: > 1\nreview if :card_count_2h: > 3");
     assert_eq!(e.len(), 1);
-    assert_eq!((e[0].line, e[0].column, e[0].kind), (2, 11, RuleErrorKind::UnknownAttribute));
-    assert_eq!(e[0].to_string(), "line 2, column 11: unknown attribute :card_count_2h:");
+    assert_eq!(
+        (e[0].line, e[0].column, e[0].kind),
+        (2, 11, RuleErrorKind::UnknownAttribute)
+    );
+    assert_eq!(
+        e[0].to_string(),
+        "line 2, column 11: unknown attribute :card_count_2h:"
+    );
 }
 
 #[test]
 fn unknown_list_is_reported() {
     let e = errors("block if :email: in @nope");
-    assert_eq!((e[0].line, e[0].column, e[0].kind), (1, 21, RuleErrorKind::UnknownList));
+    assert_eq!(
+        (e[0].line, e[0].column, e[0].kind),
+        (1, 21, RuleErrorKind::UnknownList)
+    );
     assert!(e[0].message.contains("@nope"));
 }
 
@@ -175,7 +205,12 @@ fn type_mismatches_are_reported() {
     ];
     for (src, column) in cases {
         let e = errors(src);
-        assert_eq!((e[0].column, e[0].kind), (column, RuleErrorKind::TypeMismatch), "{src}: {}", e[0]);
+        assert_eq!(
+            (e[0].column, e[0].kind),
+            (column, RuleErrorKind::TypeMismatch),
+            "{src}: {}",
+            e[0]
+        );
     }
 }
 
@@ -184,7 +219,11 @@ fn syntax_errors_say_what_was_expected() {
     let cases = [
         ("block :amount: > 1", 7, "expected 'if'"),
         ("deny if :amount: > 1", 1, "expected an action"),
-        ("block if :amount: > 1 :amount:", 23, "expected 'and', 'or' or end of line"),
+        (
+            "block if :amount: > 1 :amount:",
+            23,
+            "expected 'and', 'or' or end of line",
+        ),
         ("block if (:amount: > 1", 23, "expected ')'"),
         ("block if :amount: >", 20, "found end of line"),
         ("block if :email: = 'x", 20, "unterminated string"),
@@ -193,24 +232,40 @@ fn syntax_errors_say_what_was_expected() {
     ];
     for (src, column, msg) in cases {
         let e = errors(src);
-        assert_eq!((e[0].column, e[0].kind), (column, RuleErrorKind::Syntax), "{src}: {}", e[0]);
+        assert_eq!(
+            (e[0].column, e[0].kind),
+            (column, RuleErrorKind::Syntax),
+            "{src}: {}",
+            e[0]
+        );
         assert!(e[0].message.contains(msg), "{src}: {}", e[0]);
     }
 }
 
 #[test]
 fn every_bad_line_is_reported_and_names_are_unique() {
-    let e = errors("x: block if :amount: > 1\nx: review if :amount: > 2\nblock if :nope: > 1\nblock if");
+    let e = errors(
+        "x: block if :amount: > 1\nx: review if :amount: > 2\nblock if :nope: > 1\nblock if",
+    );
     let lines: Vec<_> = e.iter().map(|e| (e.line, e.kind)).collect();
     assert_eq!(
         lines,
-        [(2, RuleErrorKind::DuplicateName), (3, RuleErrorKind::UnknownAttribute), (4, RuleErrorKind::Syntax)]
+        [
+            (2, RuleErrorKind::DuplicateName),
+            (3, RuleErrorKind::UnknownAttribute),
+            (4, RuleErrorKind::Syntax)
+        ]
     );
 }
 
 #[test]
 fn hash_inside_string_is_not_a_comment() {
     let rs = compile("block if :customer_id: = 'a#b' # comment");
-    let i = RiskInput { merchant_id: "m", customer_id: Some("a#b"), currency: "USD", ..Default::default() };
+    let i = RiskInput {
+        merchant_id: "m",
+        customer_id: Some("a#b"),
+        currency: "USD",
+        ..Default::default()
+    };
     assert_eq!(matches(&rs, &i, &features(&i)), ["rule_1"]);
 }
