@@ -9,3 +9,10 @@ pub mod error;
 pub mod metrics;
 pub mod validate;
 pub mod wal;
+pub mod engine;
+pub mod idempotency;
+pub mod ids;
+pub mod ratelimit;
+
+#[cfg(feature = "python")]
+mod py;

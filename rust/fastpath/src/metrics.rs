@@ -54,8 +54,9 @@ impl Histogram {
         }
         cumulative += self.buckets[self.bounds.len()].load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum.load(Relaxed) as f64 / scale);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Relaxed));
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braced} {}", self.sum.load(Relaxed) as f64 / scale);
+        let _ = writeln!(out, "{name}_count{braced} {}", self.count.load(Relaxed));
     }
 }
 

@@ -26,7 +26,11 @@ pub struct WriterConfig {
 
 /// Told of every commit, on the flusher thread, after the batch is on disk.
 pub trait CommitListener: Send + Sync {
-    fn on_commit(&self, committed_lsn: u64);
+    /// Runs before `committed_lsn()` moves, so whatever it records is visible to anyone who sees
+    /// the new LSN.
+    fn before_publish(&self, committed_lsn: u64);
+    /// Runs after `committed_lsn()` moved (and after a failure, with the unchanged LSN).
+    fn after_publish(&self, committed_lsn: u64);
 }
 
 pub struct WalStats {
@@ -249,13 +253,17 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
                 shared.stats.fsync_ns.observe(fsync_ns);
                 shared.stats.batch_records.observe(records as u64);
                 shared.stats.bytes_written.fetch_add(spare.len() as u64, Ordering::Relaxed);
+                let listener = shared.listener.lock().clone();
+                if let Some(l) = &listener {
+                    l.before_publish(last_lsn);
+                }
                 {
                     let _st = shared.state.lock();
                     shared.committed.store(last_lsn, Ordering::Release);
                     shared.committed_cv.notify_all();
                 }
-                if let Some(l) = shared.listener.lock().clone() {
-                    l.on_commit(last_lsn);
+                if let Some(l) = &listener {
+                    l.after_publish(last_lsn);
                 }
             }
             Err(e) => {
@@ -264,7 +272,7 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
                 shared.committed_cv.notify_all();
                 drop(st);
                 if let Some(l) = shared.listener.lock().clone() {
-                    l.on_commit(shared.committed.load(Ordering::Acquire));
+                    l.after_publish(shared.committed.load(Ordering::Acquire));
                 }
                 return;
             }

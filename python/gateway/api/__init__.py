@@ -1,0 +1,1 @@
+"""The merchant HTTP API (RSGI app served by granian)."""

@@ -1,0 +1,285 @@
+"""The RSGI application: routing, authentication and the hand-off to the Rust fast path.
+
+A create request costs one call into Rust (validation, idempotency, rate limit, risk, WAL append,
+all with the GIL released). That call never waits for the disk: it returns the LSN of the record,
+and the handler awaits a future that the group-commit notification (an eventfd registered with the
+event loop) resolves, so one event loop keeps thousands of requests in flight while they share fsyncs.
+A 2xx is sent only after the record is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway import config as config_mod
+from gateway._fastpath import FastPath
+from gateway.api.errors import error_body
+from gateway.api.metrics import HttpMetrics
+from gateway.pipeline.tailer import Tailer
+from gateway.secrets import hash_api_key
+from gateway.store.base import Merchant
+from gateway.store.sqlite import SqliteStore
+
+log = logging.getLogger("gateway.api")
+
+JSON = ("content-type", "application/json")
+API_KEY_CHARS_MAX = 128
+PAYMENT_ID = re.compile(r"^pay_[0-9a-z]{24}$")
+# Unknown keys are remembered briefly so that a flood of bad keys cannot turn into store lookups.
+UNKNOWN_KEYS_MAX = 10_000
+UNKNOWN_KEY_TTL_S = 5.0
+RECENT_MAX = 1_000_000
+
+
+class _Id(msgspec.Struct):
+    id: str
+
+
+class Settings(msgspec.Struct):
+    """What `gateway serve` hands to the worker process (through the environment)."""
+
+    config_path: str | None = None
+    data_dir: str | None = None
+    demo: bool = False
+
+
+class GatewayApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = config_mod.load(settings.config_path)
+        self.data_dir = Path(settings.data_dir or self.config.server.data_dir)
+        self.metrics = HttpMetrics()
+        self.ready = False
+        self.fastpath: FastPath | None = None
+        self.store: SqliteStore | None = None
+        self.tailer: Tailer | None = None
+        self._merchants: dict[str, Merchant] = {}
+        self._unknown_keys: dict[str, float] = {}
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # Payments acknowledged but not yet in the store: read-your-writes until the tailer applies them.
+        self.recent: dict[str, tuple[str, bytes]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SqliteStore(self.data_dir / "gateway.db")
+        self.store.migrate()
+        self.fastpath = FastPath(self.config.fastpath_json(self.data_dir))
+        self.tailer = Tailer(
+            str(self.data_dir / "wal"),
+            self.store,
+            self.fastpath,
+            self.config.tailer.batch_records_max,
+            on_applied=self._forget_applied,
+        )
+        caught_up = self.tailer.catch_up()
+        self.tailer.start()
+        loop.add_reader(self.fastpath.notify_fd(), self._on_commit)
+        self.ready = True
+        log.info(
+            "gateway ready: %d WAL records recovered (%d torn bytes cut), %d applied on start",
+            self.fastpath.recovered_records, self.fastpath.truncated_bytes, caught_up,
+        )
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ready = False
+        if self.fastpath is not None:
+            loop.remove_reader(self.fastpath.notify_fd())
+            self.fastpath.close()
+            self._on_commit()
+        if self.tailer is not None:
+            self.tailer.stop()
+        if self.store is not None:
+            self.store.close()
+        log.info("gateway stopped; WAL flushed")
+
+    def _on_commit(self) -> None:
+        fp = self.fastpath
+        assert fp is not None
+        fp.drain_notify()
+        committed = fp.committed_lsn()
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= committed:
+            _, fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        if waiters and fp.wal_error() is not None:
+            err = OSError(fp.wal_error())
+            while waiters:
+                _, fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(err)
+
+    def _forget_applied(self, records: list[tuple[int, bytes]]) -> None:
+        # Runs on the tailer thread; dict.pop is atomic under the GIL.
+        for _, payload in records:
+            try:
+                pid = msgspec.json.decode(payload, type=_PaymentRef).payment.id
+            except msgspec.DecodeError:
+                continue
+            self.recent.pop(pid, None)
+
+    # -- request handling ------------------------------------------------------------------------
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        started = time.perf_counter()
+        path = scope.path
+        method = scope.method
+        route = "other"
+        try:
+            if path == "/v1/payments" and method == "POST":
+                route = "create_payment"
+                status, headers, body = await self._create_payment(scope, proto)
+            elif path.startswith("/v1/payments/") and method == "GET":
+                route = "get_payment"
+                status, headers, body = self._get_payment(scope, path[len("/v1/payments/"):])
+            elif path == "/healthz":
+                route = "healthz"
+                status, headers, body = 200, [JSON], b'{"status":"ok"}'
+            elif path == "/readyz":
+                route = "readyz"
+                ok = self.ready and self.fastpath is not None and self.fastpath.wal_error() is None
+                status, headers, body = (200, [JSON], b'{"status":"ready"}') if ok else (
+                    503, [JSON], b'{"status":"starting"}')
+            elif path == "/metrics":
+                route = "metrics"
+                status, headers, body = 200, [("content-type", "text/plain; version=0.0.4")], self._metrics()
+            elif path.startswith("/v1/payments"):
+                status, headers, body = 405, [JSON], error_body(405, "method_not_allowed", "Method not allowed.")
+            else:
+                status, headers, body = 404, [JSON], error_body(404, "resource_missing", "Unrecognized request URL.")
+        except Exception:  # noqa: BLE001 - a bug must answer 500, never drop the connection silently
+            log.exception("unhandled error on %s %s", method, path)
+            status, headers, body = 500, [JSON], error_body(500, "internal_error", "Internal error.", kind="api_error")
+        proto.response_bytes(status, headers, body)
+        self.metrics.observe(route, status, time.perf_counter() - started)
+
+    def _authenticate(self, scope: Any) -> Merchant | tuple[int, list[tuple[str, str]], bytes]:
+        header = scope.headers.get("authorization")
+        key = None
+        if header and header.startswith("Bearer "):
+            key = header[7:].strip()
+        if not key or len(key) > API_KEY_CHARS_MAX:
+            return 401, [JSON, ("www-authenticate", "Bearer")], error_body(
+                401, "missing_api_key" if not key else "invalid_api_key",
+                "Provide your API key as 'Authorization: Bearer sk_...'.", kind="authentication_error")
+        digest = hash_api_key(key)
+        merchant = self._merchants.get(digest)
+        if merchant is not None:
+            return merchant
+        now = time.monotonic()
+        if self._unknown_keys.get(digest, 0.0) > now:
+            merchant = None
+        else:
+            assert self.store is not None
+            merchant = self.store.merchant_by_key_hash(digest)
+        if merchant is None:
+            if len(self._unknown_keys) >= UNKNOWN_KEYS_MAX:
+                self._unknown_keys.clear()
+            self._unknown_keys[digest] = now + UNKNOWN_KEY_TTL_S
+            return 401, [JSON, ("www-authenticate", "Bearer")], error_body(
+                401, "invalid_api_key", "Invalid API key provided.", kind="authentication_error")
+        if merchant.rate_limit_per_s is not None and self.fastpath is not None:
+            burst = merchant.rate_limit_burst or max(1.0, merchant.rate_limit_per_s)
+            self.fastpath.set_rate_limit(merchant.id, merchant.rate_limit_per_s, burst)
+        self._merchants[digest] = merchant
+        return merchant
+
+    async def _create_payment(self, scope: Any, proto: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+        auth = self._authenticate(scope)
+        if not isinstance(auth, Merchant):
+            return auth
+        limit = self.config.limits.body_bytes_max
+        length = scope.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return 413, [JSON], error_body(
+                413, "body_too_large", f"The request body is larger than the limit of {limit} bytes.")
+        body = await proto()
+        if len(body) > limit:
+            return 413, [JSON], error_body(
+                413, "body_too_large", f"The request body is larger than the limit of {limit} bytes.")
+        fp = self.fastpath
+        assert fp is not None and self._loop is not None
+        if not self.ready:
+            return 503, [JSON, ("retry-after", "1")], error_body(503, "starting", "The gateway is starting.")
+        idem_key = scope.headers.get("idempotency-key")
+        status, out, lsn, replayed, retry_after, payment_id = fp.create_payment(auth.id, idem_key, body)
+        headers = [JSON]
+        if lsn:
+            if payment_id is not None and len(self.recent) < RECENT_MAX:
+                self.recent[payment_id] = (auth.id, out)
+            if fp.committed_lsn() < lsn:
+                fut: asyncio.Future[None] = self._loop.create_future()
+                self._waiters.append((lsn, fut))
+                try:
+                    await asyncio.wait_for(fut, self.config.server.durable_wait_ms_max / 1000)
+                except (OSError, asyncio.TimeoutError) as e:
+                    log.error("payment %s not confirmed durable: %s", payment_id, e)
+                    return 503, [JSON, ("retry-after", "1")], error_body(
+                        503, "storage_unavailable",
+                        "The payment could not be confirmed as stored; retry with the same Idempotency-Key.")
+        if replayed:
+            headers.append(("idempotent-replayed", "true"))
+        if retry_after is not None:
+            headers.append(("retry-after", str(retry_after)))
+        if idem_key is not None and status < 500:
+            headers.append(("idempotency-key", idem_key))
+        return status, headers, out
+
+    def _get_payment(self, scope: Any, payment_id: str) -> tuple[int, list[tuple[str, str]], bytes]:
+        auth = self._authenticate(scope)
+        if not isinstance(auth, Merchant):
+            return auth
+        if PAYMENT_ID.match(payment_id):
+            hit = self.recent.get(payment_id)
+            if hit is not None and hit[0] == auth.id:
+                return 200, [JSON], hit[1]
+            assert self.store is not None
+            body = self.store.get_payment(auth.id, payment_id)
+            if body is not None:
+                return 200, [JSON], body
+        return 404, [JSON], error_body(404, "resource_missing", f"No such payment: '{payment_id[:64]}'",
+                                       param="id")
+
+    def _metrics(self) -> bytes:
+        parts = [self.metrics.render()]
+        if self.fastpath is not None:
+            parts.append(self.fastpath.metrics_text())
+            parts.append(
+                "# TYPE gateway_durable_waiters gauge\n"
+                f"gateway_durable_waiters {len(self._waiters)}\n"
+                "# TYPE gateway_tailer_applied_lsn gauge\n"
+                f"gateway_tailer_applied_lsn {self.tailer.applied_lsn if self.tailer else 0}\n"
+            )
+        return "".join(parts).encode()
+
+
+class _PaymentRefInner(msgspec.Struct):
+    id: str
+
+
+class _PaymentRef(msgspec.Struct):
+    payment: _PaymentRefInner
+
+
+def create_app() -> GatewayApp:
+    """Granian factory: settings come from the environment set by `gateway serve`."""
+    from gateway import logs
+
+    raw = os.environ.get("GATEWAY_SETTINGS", "{}")
+    settings = msgspec.json.decode(raw.encode(), type=Settings)
+    app = GatewayApp(settings)
+    logs.setup(app.config.log.level)
+    return app

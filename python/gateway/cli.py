@@ -1,0 +1,148 @@
+"""The one `gateway` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from gateway import config as config_mod
+
+DEMO_MERCHANT_ID = "acct_demo"
+DEMO_API_KEY = "sk_test_demo"
+
+
+def _data_dir(args: argparse.Namespace, cfg: config_mod.Config) -> Path:
+    return Path(args.data_dir or cfg.server.data_dir)
+
+
+def _open_store(data_dir: Path):  # noqa: ANN202 - returns the embedded store
+    from gateway.store.sqlite import SqliteStore
+
+    store = SqliteStore(data_dir / "gateway.db")
+    store.migrate()
+    return store
+
+
+def ensure_demo_merchant(data_dir: Path) -> None:
+    from gateway.secrets import hash_api_key
+
+    store = _open_store(data_dir)
+    try:
+        if store.merchant_by_key_hash(hash_api_key(DEMO_API_KEY)) is None:
+            store.create_merchant("Demo Merchant", hash_api_key(DEMO_API_KEY), merchant_id=DEMO_MERCHANT_ID)
+    finally:
+        store.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    data_dir = _data_dir(args, cfg)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        ensure_demo_merchant(data_dir)
+    port = args.port or cfg.server.port
+    host = args.host or cfg.server.host
+    workers = args.workers or cfg.server.workers
+    if workers != 1:
+        print("error: embedded mode runs one process (one WAL writer); use cluster mode for --workers > 1",
+              file=sys.stderr)
+        return 2
+    os.environ["GATEWAY_SETTINGS"] = msgspec.json.encode(
+        {"config_path": str(Path(args.config).resolve()) if args.config else None,
+         "data_dir": str(data_dir.resolve()), "demo": bool(args.demo)}
+    ).decode()
+
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops
+
+    print(f"gateway: serving on http://{host}:{port} (data in {data_dir})", flush=True)
+    Granian(
+        "gateway.api.app:create_app",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.RSGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        http=HTTPModes.http1,
+        backlog=cfg.server.backlog,
+        log_level="warning",  # type: ignore[arg-type]
+        log_access=False,
+    ).serve()
+    return 0
+
+
+def cmd_merchant_create(args: argparse.Namespace) -> int:
+    from gateway.secrets import Secret, hash_api_key, new_api_key
+
+    cfg = config_mod.load(args.config)
+    if not 1 <= len(args.name) <= 200:
+        print("error: --name must be 1 to 200 characters", file=sys.stderr)
+        return 2
+    key = Secret(args.api_key) if args.api_key else new_api_key()
+    store = _open_store(_data_dir(args, cfg))
+    try:
+        m = store.create_merchant(args.name, hash_api_key(key.expose()), rate_limit_per_s=args.rate_limit_per_s,
+                                  rate_limit_burst=args.rate_limit_burst)
+    finally:
+        store.close()
+    # The only place a key is ever shown in clear: to the operator who created it.
+    print(json.dumps({"id": m.id, "name": m.name, "api_key": key.expose()}))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    print(f"{args.config}: ok (mode={cfg.server.mode}, port={cfg.server.port}, "
+          f"fsync_interval_us={cfg.wal.fsync_interval_us}, batch_records_max={cfg.wal.batch_records_max})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="High-performance payment gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the merchant HTTP API")
+    s.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    s.add_argument("--data-dir", help="folder for the WAL and the embedded store")
+    s.add_argument("--port", type=int)
+    s.add_argument("--host")
+    s.add_argument("--workers", type=int)
+    s.add_argument("--demo", action="store_true", help=f"create the demo merchant (key {DEMO_API_KEY})")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("merchant", help="manage merchants")
+    msub = m.add_subparsers(dest="merchant_command", required=True)
+    mc = msub.add_parser("create", help="create a merchant and print its API key once")
+    mc.add_argument("--name", required=True)
+    mc.add_argument("--data-dir")
+    mc.add_argument("--config")
+    mc.add_argument("--api-key", help=argparse.SUPPRESS)
+    mc.add_argument("--rate-limit-per-s", type=float)
+    mc.add_argument("--rate-limit-burst", type=float)
+    mc.set_defaults(func=cmd_merchant_create)
+
+    c = sub.add_parser("config", help="config file tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="validate a config file")
+    cc.add_argument("--config", required=True)
+    cc.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except config_mod.ConfigurationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

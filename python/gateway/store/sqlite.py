@@ -1,0 +1,210 @@
+"""SQLite store for embedded mode (WAL journal, one writer: the tailer; readers on their own
+connections)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+
+from gateway.store.base import Merchant, WalRecord
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE merchants (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+            api_key_hash TEXT NOT NULL UNIQUE CHECK (length(api_key_hash) = 64),
+            rate_limit_per_s REAL CHECK (rate_limit_per_s IS NULL OR rate_limit_per_s > 0),
+            rate_limit_burst REAL CHECK (rate_limit_burst IS NULL OR rate_limit_burst >= 1),
+            created INTEGER NOT NULL
+        );
+        CREATE TABLE payments (
+            id TEXT PRIMARY KEY,
+            merchant_id TEXT NOT NULL REFERENCES merchants(id),
+            status TEXT NOT NULL,
+            amount INTEGER NOT NULL CHECK (amount > 0),
+            currency TEXT NOT NULL CHECK (length(currency) = 3),
+            idempotency_key TEXT,
+            created INTEGER NOT NULL,
+            lsn INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            UNIQUE (merchant_id, idempotency_key)
+        );
+        CREATE INDEX payments_by_merchant ON payments (merchant_id, created DESC, id DESC);
+        CREATE TABLE idempotency_keys (
+            merchant_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            status_code INTEGER NOT NULL,
+            response TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            PRIMARY KEY (merchant_id, key)
+        );
+        CREATE TABLE wal_checkpoint (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            lsn INTEGER NOT NULL
+        );
+        INSERT INTO wal_checkpoint (id, lsn) VALUES (1, 0);
+        """,
+    ),
+]
+
+_record_decoder = msgspec.json.Decoder(WalRecord)
+
+
+class _PaymentHead(msgspec.Struct):
+    id: str
+    status: str
+    amount: int
+    currency: str
+    created: int
+
+
+_head_decoder = msgspec.json.Decoder(_PaymentHead)
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # The WAL of the gateway is the durability promise; SQLite is a materialised view of it
+            # and is rebuilt from the checkpoint after a crash, so NORMAL sync is enough here.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def migrate(self) -> int:
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            for version, sql in MIGRATIONS:
+                if version <= current:
+                    continue
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in sql.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                current = version
+        return current
+
+    def create_merchant(
+        self,
+        name: str,
+        api_key_hash: str,
+        merchant_id: str | None = None,
+        rate_limit_per_s: float | None = None,
+        rate_limit_burst: float | None = None,
+    ) -> Merchant:
+        from gateway.secrets import new_id
+
+        mid = merchant_id or new_id("acct")
+        with self._write_lock:
+            self._conn().execute(
+                "INSERT INTO merchants (id, name, api_key_hash, rate_limit_per_s, rate_limit_burst, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (mid, name, api_key_hash, rate_limit_per_s, rate_limit_burst, int(time.time())),
+            )
+        return Merchant(mid, name, rate_limit_per_s, rate_limit_burst)
+
+    def merchant_by_id(self, merchant_id: str) -> Merchant | None:
+        row = self._conn().execute(
+            "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE id = ?", (merchant_id,)
+        ).fetchone()
+        return Merchant(*row) if row else None
+
+    def merchant_by_key_hash(self, api_key_hash: str) -> Merchant | None:
+        row = self._conn().execute(
+            "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE api_key_hash = ?",
+            (api_key_hash,),
+        ).fetchone()
+        return Merchant(*row) if row else None
+
+    def apply_wal_records(self, records: list[tuple[int, bytes]]) -> int:
+        if not records:
+            return 0
+        payments = []
+        keys = []
+        for lsn, payload in records:
+            rec = _record_decoder.decode(payload)
+            if rec.type != "payment.created":
+                continue
+            body = bytes(rec.payment)
+            head = _head_decoder.decode(body)
+            payments.append(
+                (head.id, rec.merchant_id, head.status, head.amount, head.currency, rec.idempotency_key,
+                 head.created, lsn, body.decode())
+            )
+            if rec.idempotency_key is not None and rec.fingerprint is not None:
+                keys.append(
+                    (rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, body.decode(),
+                     rec.created_ms)
+                )
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.executemany(
+                    "INSERT OR IGNORE INTO payments"
+                    " (id, merchant_id, status, amount, currency, idempotency_key, created, lsn, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    payments,
+                )
+                inserted = conn.total_changes - before
+                conn.executemany(
+                    "INSERT OR IGNORE INTO idempotency_keys"
+                    " (merchant_id, key, fingerprint, status_code, response, created_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    keys,
+                )
+                conn.execute("UPDATE wal_checkpoint SET lsn = ? WHERE id = 1 AND lsn < ?",
+                             (records[-1][0], records[-1][0]))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return inserted
+
+    def checkpoint(self) -> int:
+        return int(self._conn().execute("SELECT lsn FROM wal_checkpoint WHERE id = 1").fetchone()[0])
+
+    def get_payment(self, merchant_id: str, payment_id: str) -> bytes | None:
+        row = self._conn().execute(
+            "SELECT body FROM payments WHERE id = ? AND merchant_id = ?", (payment_id, merchant_id)
+        ).fetchone()
+        return row[0].encode() if row else None
+
+    def count_payments(self, merchant_id: str | None = None) -> int:
+        if merchant_id is None:
+            return int(self._conn().execute("SELECT count(*) FROM payments").fetchone()[0])
+        return int(
+            self._conn().execute("SELECT count(*) FROM payments WHERE merchant_id = ?", (merchant_id,)).fetchone()[0]
+        )
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
