@@ -356,4 +356,37 @@ pub(crate) mod tests {
         let vector_base = TWO_TREES.replace("\"5E-1\"", "\"[5E-1]\"");
         assert!(Model::from_json(vector_base.as_bytes()).is_ok());
     }
+
+    #[test]
+    fn shipped_model_matches_xgboost_predictions() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let bytes = std::fs::read(root.join("python/gateway/risk/model.json")).unwrap();
+        let m = Model::from_json(&bytes).unwrap();
+        let doc: Value = serde_json::from_slice(&bytes).unwrap();
+        let names: Vec<&str> = doc["learner"]["feature_names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(names, crate::attrs::model_feature_names());
+        let vectors: Value = serde_json::from_slice(
+            &std::fs::read(root.join("tests/reference/model_vectors.json")).unwrap(),
+        )
+        .unwrap();
+        let cases = vectors["cases"].as_array().unwrap();
+        assert!(cases.len() > 100);
+        for case in cases {
+            let mut x = [f64::NAN; MODEL_FEATURES.len()];
+            for (slot, v) in x.iter_mut().zip(case["x"].as_array().unwrap()) {
+                *slot = v.as_f64().unwrap_or(f64::NAN);
+            }
+            let expected = case["p"].as_f64().unwrap();
+            let p = m.probability(&x);
+            assert!(
+                (p - expected).abs() < 1e-5,
+                "{x:?}: {p} vs xgboost {expected}"
+            );
+        }
+    }
 }
