@@ -22,10 +22,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"sort"
 	"strconv"
@@ -206,27 +206,69 @@ func main() {
 		reqs[i] = prepared{t.Method, url, h, []byte(t.Body), cycled}
 	}
 
-	transport := &http.Transport{
-		MaxConnsPerHost:     *maxConns,
-		MaxIdleConns:        *maxConns,
-		MaxIdleConnsPerHost: *maxConns,
-		IdleConnTimeout:     30 * time.Second,
-		DisableCompression:  true,
-		DialContext:         (&net.Dialer{Timeout: *timeout}).DialContext,
+	// Each target is serialised to HTTP/1.1 bytes once; only {cycle} is filled in per request.
+	u, err := url.Parse(reqs[0].url)
+	if err != nil || u.Host == "" {
+		fmt.Fprintln(os.Stderr, "targets need absolute URLs or -base:", err)
+		os.Exit(2)
 	}
-	client := &http.Client{Transport: transport, Timeout: *timeout}
+	host := u.Host
+	wire := make([][]byte, len(reqs))
+	for i := range reqs {
+		wire[i] = serialise(&reqs[i].method, reqs[i].url, reqs[i].header, reqs[i].body, host)
+	}
 
 	planned := int(*rate * duration.Seconds())
 	if planned < 1 {
 		planned = 1
 	}
 	samples := make([]sample, planned)
+	for i := range samples {
+		samples[i].errKind = "not_sent"
+	}
+	queue := make(chan int, planned)
 	var sent atomic.Int64
 	var wg sync.WaitGroup
 	intervalNs := 1e9 / *rate
 	start := time.Now()
+	deadline := start.Add(*duration + *timeout)
+	for w := 0; w < *maxConns; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := &conn{addr: host, timeout: *timeout}
+			defer c.close()
+			for i := range queue {
+				if time.Now().After(deadline) {
+					continue // past the run's bound: left as not_sent
+				}
+				s := &samples[i]
+				s.intendedNs = int64(float64(i) * intervalNs)
+				cycle := i / len(reqs)
+				msg := wire[i%len(reqs)]
+				if cycle > 0 && len(reqs[i%len(reqs)].cycled) > 0 {
+					msg = bytes.ReplaceAll(msg, []byte("{cycle}"), []byte(strconv.Itoa(cycle)))
+				} else if len(reqs[i%len(reqs)].cycled) > 0 {
+					msg = bytes.ReplaceAll(msg, []byte("{cycle}"), []byte("0"))
+				}
+				sendAt := time.Since(start).Nanoseconds()
+				sent.Add(1)
+				status, err := c.roundTrip(msg)
+				end := time.Since(start).Nanoseconds()
+				s.serviceNs = end - sendAt
+				s.doneNs = end - s.intendedNs
+				s.status = status
+				s.errKind = ""
+				if err != nil {
+					s.status = 0
+					s.errKind = classify(err)
+				}
+			}
+		}()
+	}
 	// The scheduler releases every request whose intended time has passed, then sleeps briefly; it
-	// never waits for a response, so a slow server cannot lower the offered rate.
+	// never waits for a response, so a slow server cannot lower the offered rate. Its own lateness
+	// is the generator's send lag; time spent waiting for a free connection counts against the server.
 	for i := 0; i < planned; {
 		elapsed := time.Since(start).Nanoseconds()
 		due := int(float64(elapsed)/intervalNs) + 1
@@ -234,45 +276,20 @@ func main() {
 			due = planned
 		}
 		for ; i < due; i++ {
-			wg.Add(1)
-			sent.Add(1)
-			go func(i int) {
-				defer wg.Done()
-				p := &reqs[i%len(reqs)]
-				intended := int64(float64(i) * intervalNs)
-				s := &samples[i]
-				s.intendedNs = intended
-				req, _ := http.NewRequest(p.method, p.url, bytes.NewReader(p.body))
-				req.Header = p.header.Clone()
-				cycle := strconv.Itoa(i / len(reqs))
-				for _, k := range p.cycled {
-					req.Header.Set(k, strings.ReplaceAll(req.Header.Get(k), "{cycle}", cycle))
-				}
-				if len(p.body) > 0 && req.Header.Get("Content-Type") == "" {
-					req.Header.Set("Content-Type", "application/json")
-				}
-				sendAt := time.Since(start).Nanoseconds()
-				s.sendLagNs = sendAt - intended
-				resp, err := client.Do(req)
-				if err == nil {
-					_, err = io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					s.status = resp.StatusCode
-				}
-				end := time.Since(start).Nanoseconds()
-				s.doneNs = end - intended
-				s.serviceNs = end - sendAt
-				if err != nil {
-					s.status = 0
-					s.errKind = classify(err)
-				}
-			}(i)
+			samples[i].sendLagNs = elapsed - int64(float64(i)*intervalNs)
+			queue <- i
 		}
 		time.Sleep(50 * time.Microsecond)
 	}
+	close(queue)
 	wg.Wait()
 	wall := time.Since(start).Seconds()
-	transport.CloseIdleConnections()
+	for i := range samples {
+		if samples[i].errKind == "not_sent" {
+			samples[i].intendedNs = int64(float64(i) * intervalNs)
+			samples[i].doneNs = deadline.Sub(start).Nanoseconds() - samples[i].intendedNs
+		}
+	}
 
 	sum := summary{
 		OfferedRate: *rate, DurationS: duration.Seconds(), Planned: planned, Sent: int(sent.Load()),
@@ -337,4 +354,128 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+}
+
+// serialise renders one request as HTTP/1.1 bytes with keep-alive.
+func serialise(method *string, rawURL string, h http.Header, body []byte, host string) []byte {
+	u, _ := url.Parse(rawURL)
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "%s %s HTTP/1.1\r\nHost: %s\r\n", *method, u.RequestURI(), host)
+	for k, vs := range h {
+		for _, v := range vs {
+			fmt.Fprintf(&b, "%s: %s\r\n", k, v)
+		}
+	}
+	if len(body) > 0 && h.Get("Content-Type") == "" {
+		b.WriteString("Content-Type: application/json\r\n")
+	}
+	fmt.Fprintf(&b, "Content-Length: %d\r\n\r\n", len(body))
+	b.Write(body)
+	return b.Bytes()
+}
+
+// conn is one keep-alive connection, redialled after any error.
+type conn struct {
+	addr    string
+	timeout time.Duration
+	c       net.Conn
+	r       *bufio.Reader
+}
+
+func (c *conn) close() {
+	if c.c != nil {
+		c.c.Close()
+		c.c = nil
+	}
+}
+
+func (c *conn) roundTrip(msg []byte) (int, error) {
+	if c.c == nil {
+		nc, err := net.DialTimeout("tcp", c.addr, c.timeout)
+		if err != nil {
+			return 0, err
+		}
+		if tc, ok := nc.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		c.c = nc
+		c.r = bufio.NewReaderSize(nc, 16<<10)
+	}
+	c.c.SetDeadline(time.Now().Add(c.timeout))
+	if _, err := c.c.Write(msg); err != nil {
+		c.close()
+		return 0, err
+	}
+	status, keep, err := readResponse(c.r)
+	if err != nil || !keep {
+		c.close()
+	}
+	return status, err
+}
+
+// readResponse reads one HTTP/1.1 response (Content-Length or chunked body) and discards the body.
+func readResponse(r *bufio.Reader) (int, bool, error) {
+	line, err := r.ReadSlice('\n')
+	if err != nil {
+		return 0, false, err
+	}
+	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) {
+		return 0, false, fmt.Errorf("bad status line %q", line)
+	}
+	status, err := strconv.Atoi(string(line[9:12]))
+	if err != nil {
+		return 0, false, fmt.Errorf("bad status line %q", line)
+	}
+	length := -1
+	chunked := false
+	keep := true
+	for {
+		hl, err := r.ReadSlice('\n')
+		if err != nil {
+			return 0, false, err
+		}
+		if len(bytes.TrimSpace(hl)) == 0 {
+			break
+		}
+		colon := bytes.IndexByte(hl, ':')
+		if colon < 0 {
+			continue
+		}
+		name := strings.ToLower(string(bytes.TrimSpace(hl[:colon])))
+		value := strings.ToLower(string(bytes.TrimSpace(hl[colon+1:])))
+		switch name {
+		case "content-length":
+			length, _ = strconv.Atoi(value)
+		case "transfer-encoding":
+			chunked = strings.Contains(value, "chunked")
+		case "connection":
+			keep = value != "close"
+		}
+	}
+	switch {
+	case chunked:
+		for {
+			sizeLine, err := r.ReadString('\n')
+			if err != nil {
+				return 0, false, err
+			}
+			size, err := strconv.ParseInt(strings.TrimSpace(strings.SplitN(sizeLine, ";", 2)[0]), 16, 64)
+			if err != nil {
+				return 0, false, err
+			}
+			if _, err := r.Discard(int(size) + 2); err != nil {
+				return 0, false, err
+			}
+			if size == 0 {
+				break
+			}
+		}
+	case length >= 0:
+		if _, err := r.Discard(length); err != nil {
+			return 0, false, err
+		}
+	default:
+		return status, false, nil
+	}
+	return status, keep, nil
 }
