@@ -29,6 +29,7 @@ build-prod: deps
 install: build-prod
 
 run: install
+	@echo "demo merchant API key: sk_test_demo"
 	gateway serve --config config/gateway.toml --data-dir data --demo
 
 test-rust:
