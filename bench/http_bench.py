@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -251,8 +252,21 @@ def create_gateway_merchants(exe: Path, data_dir: Path, n: int, config: Path) ->
     keys: list[str] = []
     for i in range(n):
         out = subprocess.run(
-            [str(exe), "merchant", "create", "--name", f"bench-merchant-{i}", "--data-dir", str(data_dir),
-             "--config", str(config), "--rate-limit-per-s", "10000000", "--rate-limit-burst", "10000000"],
+            [
+                str(exe),
+                "merchant",
+                "create",
+                "--name",
+                f"bench-merchant-{i}",
+                "--data-dir",
+                str(data_dir),
+                "--config",
+                str(config),
+                "--rate-limit-per-s",
+                "10000000",
+                "--rate-limit-burst",
+                "10000000",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -525,9 +539,14 @@ def py_spy_profile(pid: int, seconds: float, out_dir: Path, name: str) -> dict[s
 
 
 def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    """Sample shares from py-spy's collapsed stacks: per function (self and inclusive) and per thread role.
+
+    Shares are of all samples taken across the process's threads; a thread inside Rust or a system
+    call with the GIL released still counts as busy, so I/O waits such as fsync show up too.
+    """
     self_counts: dict[str, int] = {}
     incl_counts: dict[str, int] = {}
+    roles: dict[str, int] = {}
     total = 0
     if not raw.exists():
         return {"error": "no samples"}
@@ -537,10 +556,17 @@ def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
             continue
         count = int(n)
         total += count
-        frames = stack.split(";")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f]
+        role = "other (HTTP runtime, native)"
+        if any(f.startswith("Tailer.") for f in frames):
+            role = "WAL tailer thread"
+        elif any("__rsgi__" in f or "_cbsched" in f for f in frames):
+            role = "request handling (event loop)"
+        roles[role] = roles.get(role, 0) + count
         for f in set(frames):
             incl_counts[f] = incl_counts.get(f, 0) + count
-        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
+        leaf = frames[-1] if frames else "(native)"
+        self_counts[leaf] = self_counts.get(leaf, 0) + count
     if total == 0:
         return {"error": "no samples"}
 
@@ -548,7 +574,12 @@ def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
         items = sorted(d.items(), key=lambda kv: -kv[1])[:top]
         return [{"frame": k, "share": round(v / total, 4)} for k, v in items]
 
-    return {"samples": total, "top_self": ranked(self_counts), "top_inclusive": ranked(incl_counts)}
+    return {
+        "samples": total,
+        "by_role": ranked(roles),
+        "top_self": ranked(self_counts),
+        "top_inclusive": ranked(incl_counts),
+    }
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -624,6 +655,20 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                     f"| {fmt_rate(o['offered_rate'])} | {fmt_rate(o['achieved_rate'])} | {o['p50_ms']} | "
                     f"{o['p99_ms']} | {o['p999_ms']} | {o['success_rate']:.2%} |"
                 )
+    for name, res in report["systems"].items():
+        prof = res.get("profile", {}).get("summary", {})
+        if prof.get("top_self"):
+            lines += [
+                "",
+                (
+                    f"py-spy profile of {name} at {fmt_rate(res['profile']['rate'])} req/s "
+                    f"({prof['samples']} samples; flame graph {res['profile']['svg']}):"
+                ),
+            ]
+            lines += [f"- {r['share']:.1%} {r['frame']}" for r in prof["by_role"]]
+            lines += ["", "Top functions (self):"] + [
+                f"- {r['share']:.1%} {r['frame']}" for r in prof["top_self"][:8]
+            ]
     if report.get("notes"):
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
     path.write_text("\n".join(lines) + "\n")
@@ -747,7 +792,9 @@ def main(argv: list[str] | None = None) -> int:
         gateway_data = work / "gateway-data"
         gateway_data.mkdir()
         try:
-            api_keys = create_gateway_merchants(gateway_exe, gateway_data, traffic.merchants, args.gateway_config)
+            api_keys = create_gateway_merchants(
+                gateway_exe, gateway_data, traffic.merchants, args.gateway_config
+            )
         except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as exc:
             results["gateway"] = {"error": f"merchant create failed: {exc}"}
             gateway_exe = None
