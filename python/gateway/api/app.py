@@ -16,6 +16,7 @@ import re
 import time
 from collections import deque
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -40,8 +41,36 @@ UNKNOWN_KEY_TTL_S = 5.0
 RECENT_MAX = 1_000_000
 
 
-class _Id(msgspec.Struct):
-    id: str
+Response = tuple[int, list[tuple[str, str]], bytes]
+# A route handler gets the app, the RSGI scope and protocol, and the match of its path pattern.
+Handler = Callable[["GatewayApp", Any, Any, "re.Match[str]"], Awaitable[Response]]
+
+
+class Route(msgspec.Struct):
+    method: str
+    pattern: re.Pattern[str]
+    name: str
+    handler: Handler
+
+
+# Modules that add endpoints (payment operations, risk admin, ...) append here at import time; the
+# core create and read routes are matched first, without a regex, because they are the hot path.
+EXTRA_ROUTES: list[Route] = []
+# Called with the app after the fast path, the store and the tailer are up, and before they stop.
+ON_START: list[Callable[["GatewayApp"], None]] = []
+ON_STOP: list[Callable[["GatewayApp"], None]] = []
+# Called on the tailer thread with every batch of WAL records it has applied to the store.
+ON_APPLIED: list[Callable[["GatewayApp", list[tuple[int, bytes]]], None]] = []
+
+
+def route(method: str, pattern: str, name: str) -> Callable[[Handler], Handler]:
+    """Registers an extra endpoint; `pattern` is matched against the whole path."""
+
+    def deco(fn: Handler) -> Handler:
+        EXTRA_ROUTES.append(Route(method, re.compile(f"^{pattern}$"), name, fn))
+        return fn
+
+    return deco
 
 
 class Settings(msgspec.Struct):
@@ -87,6 +116,8 @@ class GatewayApp:
         caught_up = self.tailer.catch_up()
         self.tailer.start()
         loop.add_reader(self.fastpath.notify_fd(), self._on_commit)
+        for hook in ON_START:
+            hook(self)
         self.ready = True
         log.info(
             "gateway ready: %d WAL records recovered (%d torn bytes cut), %d applied on start",
@@ -95,6 +126,8 @@ class GatewayApp:
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.ready = False
+        for hook in ON_STOP:
+            hook(self)
         if self.fastpath is not None:
             loop.remove_reader(self.fastpath.notify_fd())
             self.fastpath.close()
@@ -123,6 +156,8 @@ class GatewayApp:
                     fut.set_exception(err)
 
     def _forget_applied(self, records: list[tuple[int, bytes]]) -> None:
+        for hook in ON_APPLIED:
+            hook(self, records)
         # Runs on the tailer thread; dict.pop is atomic under the GIL.
         for _, payload in records:
             try:
@@ -142,7 +177,7 @@ class GatewayApp:
             if path == "/v1/payments" and method == "POST":
                 route = "create_payment"
                 status, headers, body = await self._create_payment(scope, proto)
-            elif path.startswith("/v1/payments/") and method == "GET":
+            elif path.startswith("/v1/payments/") and method == "GET" and path.count("/") == 3:
                 route = "get_payment"
                 status, headers, body = self._get_payment(scope, path[len("/v1/payments/"):])
             elif path == "/healthz":
@@ -156,15 +191,28 @@ class GatewayApp:
             elif path == "/metrics":
                 route = "metrics"
                 status, headers, body = 200, [("content-type", "text/plain; version=0.0.4")], self._metrics()
-            elif path.startswith("/v1/payments"):
-                status, headers, body = 405, [JSON], error_body(405, "method_not_allowed", "Method not allowed.")
             else:
                 status, headers, body = 404, [JSON], error_body(404, "resource_missing", "Unrecognized request URL.")
+                for r in EXTRA_ROUTES:
+                    m = r.pattern.match(path)
+                    if m is None:
+                        continue
+                    if r.method != method:
+                        status, headers, body = 405, [JSON], error_body(
+                            405, "method_not_allowed", "Method not allowed.")
+                        continue
+                    route = r.name
+                    status, headers, body = await r.handler(self, scope, proto, m)
+                    break
         except Exception:  # noqa: BLE001 - a bug must answer 500, never drop the connection silently
             log.exception("unhandled error on %s %s", method, path)
             status, headers, body = 500, [JSON], error_body(500, "internal_error", "Internal error.", kind="api_error")
         proto.response_bytes(status, headers, body)
         self.metrics.observe(route, status, time.perf_counter() - started)
+
+    def authenticate(self, scope: Any) -> Merchant | Response:
+        """The merchant of the request's API key, or the 401 response to send."""
+        return self._authenticate(scope)
 
     def _authenticate(self, scope: Any) -> Merchant | tuple[int, list[tuple[str, str]], bytes]:
         header = scope.headers.get("authorization")
@@ -277,6 +325,7 @@ class _PaymentRef(msgspec.Struct):
 def create_app() -> GatewayApp:
     """Granian factory: settings come from the environment set by `gateway serve`."""
     from gateway import logs
+    from gateway.api import extensions  # noqa: F401 - registers the extra routes and hooks
 
     raw = os.environ.get("GATEWAY_SETTINGS", "{}")
     settings = msgspec.json.decode(raw.encode(), type=Settings)
