@@ -432,8 +432,9 @@ class VelocityStore:
                 out[f"{DIMS[d]}_amount_usd_{win}"] = entry.rings[w].cents / 100.0
             for slot, (pair, member_dim) in enumerate(self.owned[d]):
                 members = entry.distinct[slot]
-                if keys[member_dim] is not None:
-                    _touch(members, keys[member_dim], now_ms)
+                member = keys[member_dim]
+                if member is not None:
+                    _touch(members, member, now_ms)
                 for w, (win, _, _) in enumerate(WINDOWS):
                     n = sum(1 for t in members.values() if t + WINDOW_MS[w] > now_ms)
                     out[f"{DISTINCT[pair][0]}_{win}"] = float(n)

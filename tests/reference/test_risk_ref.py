@@ -469,3 +469,24 @@ def test_decision_json_shape_matches_the_rust_decision() -> None:
     }
     with pytest.raises(ValueError, match="unknown request fields"):
         e.decide({"merchant_id": "m", "amount": 1, "currency": "USD", "pan": "4242"}, 0)
+
+
+# -- differential check against the Rust engine ---------------------------------------------------
+
+
+def _scenario_binary() -> Path | None:
+    import os
+
+    candidates = [os.environ.get("RISK_DECIDE_SCENARIO_BIN", "")]
+    candidates += [str(ROOT / "target" / d / "examples" / "decide_scenario") for d in ("debug", "release")]
+    candidates += [str(ROOT / "target" / "risk-dev" / "debug" / "examples" / "decide_scenario")]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+def test_rust_engine_agrees_with_reference_on_random_scenarios() -> None:
+    binary = _scenario_binary()
+    if binary is None:
+        pytest.skip("build it with: cargo build -p risk --example decide_scenario")
+    import compare_with_rust
+
+    assert compare_with_rust.compare(binary, range(50)) == 0
