@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_RISK = REPO / "tests" / "reference" / "risk_ref.py"
+MODEL_PATH = REPO / "python" / "gateway" / "risk" / "model.json"
 CURRENCIES = {"USD": 2, "EUR": 2, "GBP": 2, "JPY": 0, "CAD": 2, "AUD": 2, "CHF": 2, "SEK": 2}
 PAN_RE = re.compile(r"(?:\d[ -]?){13,19}")
 AMOUNT_MAX = 99_999_999
@@ -122,7 +123,11 @@ class SimpleRisk:
 
 
 class ReferenceRisk:
-    """Adapter over tests/reference/risk_ref.py, whose entry point is found by name."""
+    """tests/reference/risk_ref.py's Engine with the benchmark's lists, rules and the shipped model.
+
+    The rules mirror what the benchmark traffic exercises: blocklisted cards and emails, and per-card
+    and per-device velocity limits; the XGBoost model scores every request as the gateway's would.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         spec = importlib.util.spec_from_file_location("risk_ref", REFERENCE_RISK)
@@ -130,32 +135,43 @@ class ReferenceRisk:
         module = importlib.util.module_from_spec(spec)
         sys.modules["risk_ref"] = module
         spec.loader.exec_module(module)
-        self.module = module
-        self.engine = _build_reference_engine(module, config)
+        engine = module.Engine()
+        kinds = {"payment_method": "card", "email": "email", "ip": "ip", "device_id": "device"}
+        attrs = {"payment_method": "card", "email": "email", "ip": "ip", "device_id": "device_id"}
+        rules = []
+        for field, values in config["blocklist"].items():
+            if field not in kinds or not values:
+                continue
+            lst = engine.create_list(f"blocked_{kinds[field]}", kinds[field])
+            for v in values:
+                lst.add(v)
+            rules.append(f"blocklisted_{kinds[field]}: block if :{attrs[field]}: in @blocked_{kinds[field]}")
+        device_max = int(config.get("device_velocity_max", config["velocity_max"]))
+        rules.append(f"device_velocity: block if :device_count_1m: > {device_max}")
+        rules.append(f"card_velocity: block if :card_count_1m: > {int(config['velocity_max'])}")
+        engine.set_global_rules(engine.compile_rules("\n".join(rules) + "\n", 1))
+        if MODEL_PATH.exists():
+            engine.load_model(MODEL_PATH.read_bytes())
+        self.engine = engine
 
     def decide(self, merchant_id: str, payment: dict[str, Any]) -> tuple[bool, list[str]]:
-        return _call_reference(self.engine, merchant_id, payment)
-
-
-def _build_reference_engine(module: Any, config: dict[str, Any]) -> Any:
-    """Instantiate the reference engine; the exact constructor is adapted once the module lands."""
-    factory = getattr(module, "build_engine", None) or getattr(module, "RiskEngine", None)
-    if factory is None:
-        raise RuntimeError("tests/reference/risk_ref.py exposes neither build_engine nor RiskEngine")
-    try:
-        return factory(blocklist=config["blocklist"])
-    except TypeError:
-        return factory()
-
-
-def _call_reference(engine: Any, merchant_id: str, payment: dict[str, Any]) -> tuple[bool, list[str]]:
-    result = engine.decide(merchant_id, payment)
-    if isinstance(result, tuple):
-        return bool(result[0]), list(result[1])
-    approved = getattr(result, "approved", None)
-    if approved is None:
-        approved = getattr(result, "decision", "approve") in ("approve", "allow", "review")
-    return bool(approved), list(getattr(result, "fired", getattr(result, "rules_fired", [])))
+        customer = payment.get("customer") or {}
+        request = {
+            "merchant_id": merchant_id,
+            "amount": payment["amount"],
+            "currency": payment["currency"],
+            "card": payment["payment_method"],
+        }
+        for src, dst in (
+            ("email", "email"),
+            ("ip", "ip"),
+            ("device_id", "device_id"),
+            ("country", "customer_country"),
+        ):
+            if customer.get(src):
+                request[dst] = customer[src]
+        decision = self.engine.decide(request, int(time.time() * 1000))
+        return decision["action"] != "block", [r["name"] for r in decision["matched_rules"]]
 
 
 class GroupCommitLog:
