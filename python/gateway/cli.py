@@ -103,6 +103,38 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_psp_sim(args: argparse.Namespace) -> int:
+    from gateway.psp_sim.http import serve
+
+    print(f"psp-sim: serving {', '.join(args.psp or ['psp_a', 'psp_b', 'psp_c'])} on http://{args.host}:{args.port}",
+          flush=True)
+    serve(args.host, args.port, args.psp, seed=args.seed, time_scale=args.time_scale,
+          transactions_max=args.transactions_max)
+    return 0
+
+
+def cmd_ledger_check(args: argparse.Namespace) -> int:
+    from gateway.pipeline import ledger
+    from gateway.store.processing import ProcessingStore
+
+    cfg = config_mod.load(args.config)
+    db = _data_dir(args, cfg) / "gateway.db"
+    if not db.exists():
+        print(f"error: no store at {db}", file=sys.stderr)
+        return 2
+    store = _open_store(db.parent)
+    try:
+        postings, violations = ProcessingStore(store).all_postings()
+    finally:
+        store.close()
+    violations += ledger.check(postings)
+    for v in violations:
+        print(json.dumps({"code": v.code, "message": v.message, "payment_id": v.payment_id, "currency": v.currency}))
+    print(f"ledger check: {len(postings)} postings, {len(violations)} violations",
+          file=sys.stderr if violations else sys.stdout)
+    return 1 if violations else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="High-performance payment gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="validate a config file")
     cc.add_argument("--config", required=True)
     cc.set_defaults(func=cmd_config_check)
+
+    ps = sub.add_parser("psp-sim", help="serve the simulated PSPs over HTTP")
+    ps.add_argument("--host", default="127.0.0.1")
+    ps.add_argument("--port", type=int, default=8700)
+    ps.add_argument("--psp", action="append", choices=["psp_a", "psp_b", "psp_c"], help="profile (repeatable)")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--time-scale", type=float, default=1.0, help="multiplies every simulated duration")
+    ps.add_argument("--transactions-max", type=int, default=100_000)
+    ps.set_defaults(func=cmd_psp_sim)
+
+    lg = sub.add_parser("ledger", help="ledger tools")
+    lgsub = lg.add_subparsers(dest="ledger_command", required=True)
+    lc = lgsub.add_parser("check", help="check every stored posting; exit 1 on any violation")
+    lc.add_argument("--data-dir")
+    lc.add_argument("--config")
+    lc.set_defaults(func=cmd_ledger_check)
     return p
 
 

@@ -61,6 +61,9 @@ ON_START: list[Callable[["GatewayApp"], None]] = []
 ON_STOP: list[Callable[["GatewayApp"], None]] = []
 # Called on the tailer thread with every batch of WAL records it has applied to the store.
 ON_APPLIED: list[Callable[["GatewayApp", list[tuple[int, bytes]]], None]] = []
+# Called after a successful `GET /v1/payments/{id}` that carries a `Prefer` header (e.g. `wait=MS`),
+# with the id and the response so far; returns the response to send.
+GET_PAYMENT_WAIT: list[Callable[["GatewayApp", Any, str, "Response"], Awaitable["Response"]]] = []
 
 
 def route(method: str, pattern: str, name: str) -> Callable[[Handler], Handler]:
@@ -180,6 +183,9 @@ class GatewayApp:
             elif path.startswith("/v1/payments/") and method == "GET" and path.count("/") == 3:
                 route = "get_payment"
                 status, headers, body = self._get_payment(scope, path[len("/v1/payments/"):])
+                if status == 200 and GET_PAYMENT_WAIT and scope.headers.get("prefer"):
+                    status, headers, body = await GET_PAYMENT_WAIT[0](
+                        self, scope, path[len("/v1/payments/"):], (status, headers, body))
             elif path == "/healthz":
                 route = "healthz"
                 status, headers, body = 200, [JSON], b'{"status":"ok"}'

@@ -1,1 +1,2 @@
 """Imports every module that registers extra routes or lifecycle hooks with `gateway.api.app`."""
+from gateway.api import operations  # noqa: F401 - capture, void, refund, list; the payment worker

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.store.base import Merchant, WalRecord
+from gateway.store.processing_schema import MIGRATION_2_PROCESSING
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -53,6 +54,9 @@ MIGRATIONS: list[tuple[int, str]] = [
         INSERT INTO wal_checkpoint (id, lsn) VALUES (1, 0);
         """,
     ),
+    # Payment processing (async path): state, PSP attempts, merchant operations, the ledger, the
+    # audit log and the idempotency keys of capture/void/refund. Written by store/processing.py.
+    (2, MIGRATION_2_PROCESSING),
 ]
 
 _record_decoder = msgspec.json.Decoder(WalRecord)

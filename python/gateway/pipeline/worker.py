@@ -1,0 +1,412 @@
+"""Embedded mode's payment worker: takes accepted payments to a PSP and back.
+
+One thread with its own asyncio event loop, so PSP latency (50-300 ms per call) never touches the
+HTTP loop. It is fed three ways:
+
+- the tailer's `ON_APPLIED` hook hands it every new `payment.created` record;
+- the merchant API hands it every accepted capture/void/refund (`submit_operation`);
+- on start, and then every `reconcile_interval_ms`, a scan finds payments still `processing`
+  (a crash between acceptance and processing), `pending_verification` payments and open operations
+  (timeouts, or a crash in the middle of a PSP call) and resolves them by status query or by replaying
+  the same PSP idempotency key.
+
+Merchant operations are *accepted* by the API (intent recorded, 202) and executed here; a merchant
+who wants the final answer sends `Prefer: wait=MS`. Work on one payment is serialised by a
+per-payment lock, and the store's version check refuses any write computed from a stale state.
+
+Every PSP call of a payment uses a key derived from the payment id (`P:auth:n`, `P:capture:k`, ...),
+recorded in `payment_attempts` *before* the call; after a crash the same key is resolved or
+replayed, never replaced by a new one, so a PSP never charges twice.
+
+Configuration (environment variables, since the PSP section of the config file does not exist yet):
+
+| variable | default | meaning |
+|---|---|---|
+| `GATEWAY_PSP_TIME_SCALE` | 1.0 | multiplies every simulated PSP duration (tests use 0.01) |
+| `GATEWAY_PSPS` | psp_a,psp_b,psp_c | simulated PSP profiles to route between |
+| `GATEWAY_PSP_SEED` | 0 | simulator seed |
+| `GATEWAY_PSP_TIMEOUT_MS` | 10000 | how long a PSP call may take before it counts as a timeout |
+| `GATEWAY_WORKER_INFLIGHT_MAX` | 256 | payments/operations processed concurrently |
+| `GATEWAY_RECONCILE_INTERVAL_MS` | 1000 | period of the reconciler scan |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
+
+from . import router as rt
+from . import state_machine as sm
+from .psp_client import InProcessPSPClient, Outcome, PSPClient
+from .router import AttemptRow, AttemptStatus, PSPRoute, Router
+
+log = logging.getLogger("gateway.worker")
+
+WORKER_INFLIGHT_MAX_DEFAULT = 256
+WORKER_INFLIGHT_MAX_LIMIT = 10_000
+WORKER_QUEUE_MAX = 100_000
+RECONCILE_INTERVAL_MS_DEFAULT = 1000
+RECONCILE_BATCH_MAX = 1000
+STOP_WAIT_S = 5.0
+
+UNRESOLVED = (AttemptStatus.STARTED, AttemptStatus.TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    psp_time_scale: float = 1.0
+    psps: tuple[str, ...] = ("psp_a", "psp_b", "psp_c")
+    psp_seed: int = 0
+    psp_timeout_ms: int = 10_000
+    inflight_max: int = WORKER_INFLIGHT_MAX_DEFAULT
+    reconcile_interval_ms: int = RECONCILE_INTERVAL_MS_DEFAULT
+
+    def __post_init__(self) -> None:
+        assert self.psp_time_scale >= 0, "GATEWAY_PSP_TIME_SCALE must be >= 0"
+        assert self.psps and all(p in DEFAULT_PROFILES for p in self.psps), (
+            f"GATEWAY_PSPS must name profiles among {', '.join(DEFAULT_PROFILES)}"
+        )
+        assert 1 <= self.psp_timeout_ms <= 600_000, "GATEWAY_PSP_TIMEOUT_MS must be 1..600000"
+        assert 1 <= self.inflight_max <= WORKER_INFLIGHT_MAX_LIMIT, (
+            f"GATEWAY_WORKER_INFLIGHT_MAX must be 1..{WORKER_INFLIGHT_MAX_LIMIT}"
+        )
+        assert 10 <= self.reconcile_interval_ms <= 3_600_000, "GATEWAY_RECONCILE_INTERVAL_MS must be 10..3600000"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> WorkerSettings:
+        e = os.environ if env is None else env
+        return cls(
+            psp_time_scale=float(e.get("GATEWAY_PSP_TIME_SCALE", "1.0")),
+            psps=tuple(p.strip() for p in e.get("GATEWAY_PSPS", "psp_a,psp_b,psp_c").split(",") if p.strip()),
+            psp_seed=int(e.get("GATEWAY_PSP_SEED", "0")),
+            psp_timeout_ms=int(e.get("GATEWAY_PSP_TIMEOUT_MS", "10000")),
+            inflight_max=int(e.get("GATEWAY_WORKER_INFLIGHT_MAX", str(WORKER_INFLIGHT_MAX_DEFAULT))),
+            reconcile_interval_ms=int(e.get("GATEWAY_RECONCILE_INTERVAL_MS", str(RECONCILE_INTERVAL_MS_DEFAULT))),
+        )
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Created(msgspec.Struct):
+    id: str
+
+
+class _CreatedRecord(msgspec.Struct):
+    type: str
+    payment: _Created
+
+
+_created_decoder = msgspec.json.Decoder(_CreatedRecord)
+
+
+def created_payment_ids(records: list[tuple[int, bytes]]) -> list[str]:
+    out = []
+    for _, payload in records:
+        try:
+            rec = _created_decoder.decode(payload)
+        except msgspec.DecodeError:
+            continue
+        if rec.type == "payment.created":
+            out.append(rec.payment.id)
+    return out
+
+
+class Worker:
+    def __init__(self, store: object, settings: WorkerSettings | None = None) -> None:
+        from gateway.store.processing import ProcessingStore
+        from gateway.store.sqlite import SqliteStore
+
+        assert isinstance(store, SqliteStore)
+        self.settings = settings or WorkerSettings.from_env()
+        self.pstore = ProcessingStore(store)
+        s = self.settings
+        self.sims = {
+            name: SimulatedPSP(DEFAULT_PROFILES[name], seed=s.psp_seed, time_scale=s.psp_time_scale)
+            for name in s.psps
+        }
+        self.clients: dict[str, PSPClient] = {
+            name: InProcessPSPClient(sim, timeout_s=s.psp_timeout_ms / 1000) for name, sim in self.sims.items()
+        }
+        self.router = Router(
+            [
+                PSPRoute(p.name, p.fee_bps, p.fee_fixed_minor, p.latency_ms_base * s.psp_time_scale)
+                for p in (DEFAULT_PROFILES[n] for n in s.psps)
+            ]
+        )
+        # Called on the worker thread with a payment id after every persisted change to it.
+        self.on_change: list[Callable[[str], None]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._queue: asyncio.Queue[tuple[str, str]] | None = None
+        self._queued: set[tuple[str, str]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping: asyncio.Event | None = None
+        self._rescan = False
+        self.settled = 0
+        self.errors = 0
+
+    # -- lifecycle (called from other threads) ----------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="payment-worker", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+
+    def stop(self) -> None:
+        loop, stopping = self.loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stopping.set)
+        if self._thread is not None:
+            self._thread.join(STOP_WAIT_S + 5)
+
+    def submit_payments(self, payment_ids: list[str]) -> None:
+        """Thread-safe: queue new payments for authorization."""
+        loop = self.loop
+        if loop is None or not payment_ids:
+            return
+        loop.call_soon_threadsafe(self._enqueue_many, [("payment", pid) for pid in payment_ids])
+
+    def submit_operation(self, operation_id: str) -> None:
+        loop = self.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._enqueue_many, [("operation", operation_id)])
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._queue = asyncio.Queue(WORKER_QUEUE_MAX)
+        self._stopping = asyncio.Event()
+        abandoned = self.pstore.finish_abandoned_keys()
+        if abandoned:
+            log.info("%d operation idempotency keys left in flight by a restart now replay 202", abandoned)
+        self._scan(include_processing=True)
+        self._ready.set()
+        dispatcher = asyncio.ensure_future(self._dispatch())
+        reconciler = asyncio.ensure_future(self._reconcile_loop())
+        await self._stopping.wait()
+        dispatcher.cancel()
+        reconciler.cancel()
+        if self._tasks:
+            # In-flight PSP calls get a moment to finish; anything cut short left a `started` attempt
+            # that the next start resolves by its key.
+            _, pending = await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(dispatcher, reconciler, return_exceptions=True)
+
+    def _enqueue_many(self, items: list[tuple[str, str]]) -> None:
+        assert self._queue is not None
+        for item in items:
+            if item in self._queued:
+                continue
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                # Bounded queue: what does not fit is found again by the reconciler's scan.
+                self._rescan = True
+                return
+            self._queued.add(item)
+
+    def _scan(self, include_processing: bool) -> None:
+        items: list[tuple[str, str]] = []
+        if include_processing:
+            items += [("payment", pid) for pid in self.pstore.payment_ids_with_status("processing", RECONCILE_BATCH_MAX)]
+        items += [
+            ("payment", pid)
+            for pid in self.pstore.payment_ids_with_status("pending_verification", RECONCILE_BATCH_MAX)
+        ]
+        items += [("operation", op.id) for op in self.pstore.open_operations(RECONCILE_BATCH_MAX)]
+        self._enqueue_many(items)
+
+    async def _reconcile_loop(self) -> None:
+        interval_s = self.settings.reconcile_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                rescan, self._rescan = self._rescan, False
+                self._scan(include_processing=rescan)
+            except Exception:
+                log.exception("reconciler scan failed")
+
+    async def _dispatch(self) -> None:
+        assert self._queue is not None
+        sem = asyncio.Semaphore(self.settings.inflight_max)
+        while True:
+            item = await self._queue.get()
+            await sem.acquire()
+            task = asyncio.ensure_future(self._handle(item))
+            self._tasks.add(task)
+
+            def done(t: asyncio.Task[None], item: tuple[str, str] = item) -> None:
+                self._tasks.discard(t)
+                self._queued.discard(item)
+                sem.release()
+
+            task.add_done_callback(done)
+
+    async def _handle(self, item: tuple[str, str]) -> None:
+        kind, ident = item
+        try:
+            if kind == "payment":
+                await self.process_payment(ident)
+            else:
+                await self.process_operation(ident)
+        except Exception:
+            self.errors += 1
+            log.exception("processing %s %s failed; the reconciler will retry it", kind, ident)
+
+    def _lock(self, payment_id: str) -> asyncio.Lock:
+        lock = self._locks.get(payment_id)
+        if lock is None:
+            lock = self._locks[payment_id] = asyncio.Lock()
+        return lock
+
+    def _changed(self, payment_id: str) -> None:
+        for cb in self.on_change:
+            cb(payment_id)
+
+    # -- authorization ---------------------------------------------------------------------------
+
+    async def process_payment(self, payment_id: str) -> None:
+        lock = self._lock(payment_id)
+        async with lock:
+            try:
+                await self._process_payment(payment_id)
+            finally:
+                if not lock._waiters:
+                    self._locks.pop(payment_id, None)
+
+    async def _process_payment(self, payment_id: str) -> None:
+        rec = self.pstore.load(payment_id)
+        if rec is None:
+            return
+        p = rec.payment
+        if p.status not in (sm.PaymentStatus.PROCESSING, sm.PaymentStatus.PENDING_VERIFICATION):
+            return
+        unresolved = [
+            a for a in self.pstore.attempts(payment_id) if a.operation == "authorize" and a.status in UNRESOLVED
+        ]
+        if unresolved:
+            # A timeout, or a crash in the middle of a call: ask the PSP about that very key.
+            attempt = unresolved[-1]
+            client = self.clients.get(attempt.psp)
+            if client is None:
+                log.error("payment %s: attempt %s went to %s, which is not configured", p.id, attempt.attempt_id,
+                          attempt.psp)
+                return
+            result = await rt.resolve_pending(p, attempt, client, now_ms)
+            if result.outcome is None:
+                return  # PSP unreachable: the reconciler asks again
+        elif p.status is sm.PaymentStatus.PROCESSING:
+
+            async def intent(row: AttemptRow) -> None:
+                self.pstore.record_intent(row)
+
+            result = await rt.process_authorization(
+                p, self.router, self.clients, now_ms, token=rec.token, record_intent=intent
+            )
+        else:
+            log.error("payment %s is pending_verification without an unresolved attempt", p.id)
+            return
+        follow_up = None
+        if result.payment.status is sm.PaymentStatus.AUTHORIZED and rec.auto_capture:
+            follow_up = ("capture", result.payment.amount_authorized, True, "worker")
+        created = self.pstore.apply(result, base_version=p.version, new_operation=follow_up)
+        if result.payment.status is not sm.PaymentStatus.PENDING_VERIFICATION:
+            self.settled += 1
+        self._changed(p.id)
+        if created is not None:
+            await self._process_operation(created.id)
+
+    # -- capture, void, refund -------------------------------------------------------------------
+
+    async def process_operation(self, operation_id: str) -> None:
+        op = self.pstore.operation(operation_id)
+        if op is None:
+            return
+        lock = self._lock(op.payment_id)
+        async with lock:
+            try:
+                await self._process_operation(operation_id)
+            finally:
+                if not lock._waiters:
+                    self._locks.pop(op.payment_id, None)
+
+    async def _process_operation(self, operation_id: str) -> None:
+        from gateway.store.processing import OperationFinish
+
+        op = self.pstore.operation(operation_id)
+        if op is None or op.status not in ("pending", "pending_verification"):
+            return
+        rec = self.pstore.load(op.payment_id)
+        assert rec is not None
+        p = rec.payment
+        client = self.clients.get(p.psp or "")
+        if client is None:
+            self.pstore.finish_operation(OperationFinish(op.id, "failed", "psp_not_configured"), p.id)
+            self._changed(p.id)
+            return
+        unresolved = [a for a in self.pstore.attempts(p.id, op.id) if a.status in UNRESOLVED]
+        if unresolved:
+            result = await rt.resolve_pending(p, unresolved[-1], client, now_ms)
+            if result.outcome is None:
+                if op.status == "pending":
+                    self.pstore.finish_operation(OperationFinish(op.id, "pending_verification"), p.id)
+                    self._changed(p.id)
+                return
+        else:
+
+            async def intent(row: AttemptRow) -> None:
+                self.pstore.record_intent(row, op.id)
+
+            try:
+                if op.kind == "capture":
+                    result = await rt.process_capture(
+                        p, client, now_ms, amount=op.amount, final_capture=op.final_capture,
+                        idempotency_key=op.psp_idempotency_key, record_intent=intent, actor=op.actor,
+                    )
+                elif op.kind == "void":
+                    result = await rt.process_void(
+                        p, client, now_ms, idempotency_key=op.psp_idempotency_key, record_intent=intent,
+                        actor=op.actor,
+                    )
+                else:
+                    result = await rt.process_refund(
+                        p, client, now_ms, amount=op.amount, idempotency_key=op.psp_idempotency_key,
+                        record_intent=intent, actor=op.actor,
+                    )
+            except sm.TransitionError as e:
+                self.pstore.finish_operation(OperationFinish(op.id, "failed", e.code), p.id)
+                self._changed(p.id)
+                return
+        if result.outcome is Outcome.APPROVED:
+            finish = OperationFinish(op.id, "succeeded")
+        elif result.outcome is Outcome.TIMEOUT or result.outcome is None:
+            finish = OperationFinish(op.id, "pending_verification")
+        else:
+            code = result.attempts[-1].code if result.attempts else None
+            finish = OperationFinish(op.id, "failed", code or result.outcome.value)
+        self.pstore.apply(result, base_version=p.version, operation_id=op.id, finish=finish)
+        self._changed(p.id)

@@ -1,0 +1,614 @@
+"""Persistence of the async payment path (embedded mode, SQLite).
+
+Every state change is written in ONE transaction together with its audit rows, its ledger postings,
+its attempt rows, the operation it finishes and the recomposed payment body (so that
+`GET /v1/payments/{id}` stays a single-row read). Concurrency is optimistic: `payment_state.version`
+must still be the version the change was computed from, or the transaction is rolled back with
+`StaleVersion` and nothing is written; two writers can therefore never both apply a transition.
+
+The ledger is append-only: this module only ever INSERTs into `ledger_entries` and `audit_log`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from gateway.pipeline import ledger
+from gateway.pipeline import state_machine as sm
+from gateway.pipeline.router import AttemptRow, AttemptStatus, ProcessingResult
+from gateway.store.processing_schema import MIGRATION_2_PROCESSING
+
+if TYPE_CHECKING:
+    from gateway.store.sqlite import SqliteStore
+
+OPEN_OPERATION_STATUSES = ("pending", "pending_verification")
+OPERATION_ID_PREFIX = {"capture": "cap", "void": "void", "refund": "re"}
+ATTEMPTS_IN_BODY_MAX = 32
+OPERATIONS_IN_BODY_MAX = 100
+
+
+class StaleVersion(Exception):
+    """Another writer changed the payment first; the caller must reload and recompute."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def fingerprint(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else p.encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    payment: sm.Payment
+    token: str
+    auto_capture: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    id: str
+    payment_id: str
+    merchant_id: str
+    kind: str
+    seq: int
+    amount: int
+    final_capture: bool
+    reason: str | None
+    actor: str
+    status: str
+    psp_idempotency_key: str
+    failure_code: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationFinish:
+    """How a merchant operation ends in the same transaction as the payment change."""
+
+    operation_id: str
+    status: str  # succeeded | failed | pending_verification | pending
+    failure_code: str | None = None
+
+
+# Results of accepting a merchant operation (capture, void, refund).
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    operation: Operation
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    status_code: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A business-rule or conflict refusal: `status_code` with an error object in `body`."""
+
+    status_code: int
+    code: str
+    message: str
+    param: str | None = None
+    store_for_replay: bool = True
+
+
+_OP_COLUMNS = (
+    "id, payment_id, merchant_id, kind, seq, amount, final_capture, reason, actor, status,"
+    " psp_idempotency_key, failure_code"
+)
+_STATE_COLUMNS = (
+    "payment_id, merchant_id, status, amount, currency, amount_authorized, amount_captured,"
+    " amount_refunded, capture_final, psp, psp_reference, failure_code, version, payment_method, auto_capture"
+)
+
+
+def _op(row: tuple[Any, ...]) -> Operation:
+    return Operation(
+        row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[9], row[10], row[11]
+    )
+
+
+def _record(row: tuple[Any, ...]) -> PaymentRecord:
+    p = sm.Payment(
+        id=row[0],
+        merchant_id=row[1],
+        status=sm.PaymentStatus(row[2]),
+        amount=row[3],
+        currency=row[4],
+        amount_authorized=row[5],
+        amount_captured=row[6],
+        amount_refunded=row[7],
+        capture_final=bool(row[8]),
+        psp=row[9],
+        psp_reference=row[10],
+        failure_code=row[11],
+        version=row[12],
+    )
+    return PaymentRecord(payment=p, token=row[13], auto_capture=bool(row[14]))
+
+
+class ProcessingStore:
+    """Processing persistence on top of a `SqliteStore` (its per-thread connections and write lock)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+
+    def _conn(self) -> sqlite3.Connection:
+        return self.store._conn()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        with self.store._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def _ensure_state(self, conn: sqlite3.Connection, payment_id: str) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO payment_state (payment_id, merchant_id, status, amount, currency,"
+            " payment_method, auto_capture, updated_ms)"
+            " SELECT id, merchant_id, status, amount, currency,"
+            " coalesce(json_extract(body, '$.payment_method'), ''),"
+            " coalesce(json_extract(body, '$.capture'), 1), ? FROM payments WHERE id = ?",
+            (now_ms(), payment_id),
+        )
+
+    def _load(self, conn: sqlite3.Connection, payment_id: str) -> PaymentRecord | None:
+        row = conn.execute(
+            f"SELECT {_STATE_COLUMNS} FROM payment_state WHERE payment_id = ?", (payment_id,)
+        ).fetchone()
+        return _record(row) if row else None
+
+    def load(self, payment_id: str) -> PaymentRecord | None:
+        """The payment's processing state, creating it from the accepted payment on first use."""
+        conn = self._conn()
+        rec = self._load(conn, payment_id)
+        if rec is not None:
+            return rec
+        with self._tx() as conn:
+            self._ensure_state(conn, payment_id)
+            return self._load(conn, payment_id)
+
+    def payment_ids_with_status(self, status: str, limit: int = 10_000) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT id FROM payments WHERE status = ? ORDER BY lsn LIMIT ?", (status, limit)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def open_operations(self, limit: int = 10_000) -> list[Operation]:
+        rows = self._conn().execute(
+            f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE status IN ('pending', 'pending_verification')"
+            " ORDER BY created_ms LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_op(r) for r in rows]
+
+    def operation(self, operation_id: str) -> Operation | None:
+        row = self._conn().execute(
+            f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE id = ?", (operation_id,)
+        ).fetchone()
+        return _op(row) if row else None
+
+    def attempts(self, payment_id: str, operation_id: str | None = None) -> list[AttemptRow]:
+        sql = (
+            "SELECT attempt_id, payment_id, attempt_no, operation, psp, idempotency_key, amount, currency,"
+            " status, started_at_ms, final_capture, psp_reference, code, fee_minor, latency_ms, finished_at_ms"
+            " FROM payment_attempts WHERE payment_id = ?"
+        )
+        args: tuple[Any, ...] = (payment_id,)
+        if operation_id is not None:
+            sql += " AND operation_id = ?"
+            args += (operation_id,)
+        rows = self._conn().execute(sql + " ORDER BY started_at_ms, attempt_id", args).fetchall()
+        return [
+            AttemptRow(
+                attempt_id=r[0], payment_id=r[1], attempt_no=r[2], operation=r[3], psp=r[4],
+                idempotency_key=r[5], amount=r[6], currency=r[7], status=AttemptStatus(r[8]),
+                started_at_ms=r[9], final_capture=bool(r[10]), psp_reference=r[11], code=r[12],
+                fee_minor=r[13], latency_ms=r[14], finished_at_ms=r[15],
+            )
+            for r in rows
+        ]
+
+    def audit_trail(self, payment_id: str) -> list[tuple[str, str, str, str]]:
+        """(old_status, new_status, actor, reason) in the order they happened."""
+        return [
+            (r[0], r[1], r[2], r[3])
+            for r in self._conn().execute(
+                "SELECT old_status, new_status, actor, reason FROM audit_log WHERE payment_id = ? ORDER BY id",
+                (payment_id,),
+            )
+        ]
+
+    def all_postings(self) -> tuple[list[ledger.Posting], list[ledger.Violation]]:
+        """Every stored posting, rebuilt from its rows; rows that cannot form a posting are violations."""
+        rows = self._conn().execute(
+            "SELECT posting_id, line_no, payment_id, kind, account, currency, debit, credit, at_ms, reverses"
+            " FROM ledger_entries ORDER BY posting_id, line_no"
+        ).fetchall()
+        return postings_from_rows(rows)
+
+    def list_payments(self, merchant_id: str, limit: int, starting_after: str | None) -> tuple[list[str], bool] | None:
+        """Bodies newest first; None when `starting_after` is not one of the merchant's payments."""
+        conn = self._conn()
+        if starting_after is None:
+            rows = conn.execute(
+                "SELECT body FROM payments WHERE merchant_id = ? ORDER BY lsn DESC LIMIT ?", (merchant_id, limit + 1)
+            ).fetchall()
+        else:
+            cursor = conn.execute(
+                "SELECT lsn FROM payments WHERE id = ? AND merchant_id = ?", (starting_after, merchant_id)
+            ).fetchone()
+            if cursor is None:
+                return None
+            rows = conn.execute(
+                "SELECT body FROM payments WHERE merchant_id = ? AND lsn < ? ORDER BY lsn DESC LIMIT ?",
+                (merchant_id, cursor[0], limit + 1),
+            ).fetchall()
+        return [r[0] for r in rows[:limit]], len(rows) > limit
+
+    def payment_body(self, merchant_id: str, payment_id: str) -> bytes | None:
+        return self.store.get_payment(merchant_id, payment_id)
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def record_intent(self, row: AttemptRow, operation_id: str | None = None) -> None:
+        """Persist a `started` attempt before its PSP call (its own transaction, committed first)."""
+        with self._tx() as conn:
+            self._upsert_attempt(conn, row, operation_id)
+            self._compose_body(conn, row.payment_id)
+
+    def _upsert_attempt(self, conn: sqlite3.Connection, a: AttemptRow, operation_id: str | None) -> None:
+        conn.execute(
+            "INSERT INTO payment_attempts (attempt_id, payment_id, operation_id, attempt_no, operation, psp,"
+            " idempotency_key, amount, currency, status, final_capture, psp_reference, code, fee_minor,"
+            " latency_ms, started_at_ms, finished_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (attempt_id) DO UPDATE SET status = excluded.status,"
+            " psp_reference = coalesce(excluded.psp_reference, psp_reference), code = excluded.code,"
+            " fee_minor = excluded.fee_minor, latency_ms = excluded.latency_ms,"
+            " finished_at_ms = excluded.finished_at_ms",
+            (
+                a.attempt_id, a.payment_id, operation_id, a.attempt_no, a.operation, a.psp, a.idempotency_key,
+                a.amount, a.currency, a.status.value, int(a.final_capture), a.psp_reference, a.code,
+                a.fee_minor, a.latency_ms, a.started_at_ms, a.finished_at_ms,
+            ),
+        )
+
+    def apply(
+        self,
+        result: ProcessingResult,
+        *,
+        base_version: int,
+        operation_id: str | None = None,
+        finish: OperationFinish | None = None,
+        new_operation: tuple[str, int, bool, str] | None = None,
+    ) -> Operation | None:
+        """Persist one orchestration result atomically: attempts, the payment change (checked against
+        `base_version`), audit rows, ledger rows, the operation's end and optionally a follow-up
+        operation `(kind, amount, final_capture, actor)` (the auto-capture). Returns that operation."""
+        created: Operation | None = None
+        with self._tx() as conn:
+            for a in result.attempts:
+                self._upsert_attempt(conn, a, operation_id)
+            if result.transitions:
+                first, last = result.transitions[0], result.transitions[-1]
+                assert first.before.version == base_version, (first.before.version, base_version)
+                for t in result.transitions:
+                    sm.check_invariants(t.payment)
+                p = last.payment
+                cur = conn.execute(
+                    "UPDATE payment_state SET status = ?, amount_authorized = ?, amount_captured = ?,"
+                    " amount_refunded = ?, capture_final = ?, psp = ?, psp_reference = ?, failure_code = ?,"
+                    " version = ?, updated_ms = ? WHERE payment_id = ? AND version = ?",
+                    (
+                        p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded,
+                        int(p.capture_final), p.psp, p.psp_reference, p.failure_code, p.version, now_ms(),
+                        p.id, base_version,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise StaleVersion(f"payment {p.id} changed since version {base_version}")
+                conn.execute("UPDATE payments SET status = ? WHERE id = ?", (p.status.value, p.id))
+                conn.executemany(
+                    "INSERT INTO audit_log (payment_id, old_status, new_status, actor, reason, at_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (t.audit.payment_id, t.audit.old_status, t.audit.new_status, t.audit.actor,
+                         t.audit.reason, t.audit.at_ms)
+                        for t in result.transitions
+                    ],
+                )
+            rows = [r for posting in result.postings for r in posting.rows()]
+            conn.executemany(
+                "INSERT INTO ledger_entries (posting_id, line_no, payment_id, kind, account, currency, debit,"
+                " credit, at_ms, reverses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (r.posting_id, r.line_no, r.payment_id, r.kind, r.account, r.currency, r.debit, r.credit,
+                     r.at_ms, r.reverses)
+                    for r in rows
+                ],
+            )
+            if finish is not None:
+                conn.execute(
+                    "UPDATE payment_operations SET status = ?, failure_code = ?, updated_ms = ? WHERE id = ?",
+                    (finish.status, finish.failure_code, now_ms(), finish.operation_id),
+                )
+            if new_operation is not None:
+                kind, amount, final, actor = new_operation
+                p = result.payment
+                created = self._insert_operation(conn, p.id, p.merchant_id, kind, amount, final, None, actor)
+            self._compose_body(conn, result.payment.id)
+        return created
+
+    def _insert_operation(
+        self,
+        conn: sqlite3.Connection,
+        payment_id: str,
+        merchant_id: str,
+        kind: str,
+        amount: int,
+        final_capture: bool,
+        reason: str | None,
+        actor: str,
+    ) -> Operation:
+        seq = int(
+            conn.execute(
+                "SELECT coalesce(max(seq), 0) + 1 FROM payment_operations WHERE payment_id = ? AND kind = ?",
+                (payment_id, kind),
+            ).fetchone()[0]
+        )
+        op = Operation(
+            id=f"{OPERATION_ID_PREFIX[kind]}_{secrets.token_hex(12)}",
+            payment_id=payment_id,
+            merchant_id=merchant_id,
+            kind=kind,
+            seq=seq,
+            amount=amount,
+            final_capture=final_capture,
+            reason=reason,
+            actor=actor,
+            status="pending",
+            # The PSP idempotency key of the operation, reused on every retry and on recovery.
+            psp_idempotency_key=f"{payment_id}:{kind}:{seq}",
+            failure_code=None,
+        )
+        t = now_ms()
+        conn.execute(
+            f"INSERT INTO payment_operations ({_OP_COLUMNS}, created_ms, updated_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (op.id, op.payment_id, op.merchant_id, op.kind, op.seq, op.amount, int(op.final_capture), op.reason,
+             op.actor, op.status, op.psp_idempotency_key, op.failure_code, t, t),
+        )
+        return op
+
+    def finish_operation(self, finish: OperationFinish, payment_id: str, attempts: list[AttemptRow] = ()) -> None:  # type: ignore[assignment]
+        with self._tx() as conn:
+            for a in attempts:
+                self._upsert_attempt(conn, a, finish.operation_id)
+            conn.execute(
+                "UPDATE payment_operations SET status = ?, failure_code = ?, updated_ms = ? WHERE id = ?",
+                (finish.status, finish.failure_code, now_ms(), finish.operation_id),
+            )
+            self._compose_body(conn, payment_id)
+
+    # -- merchant operations ---------------------------------------------------------------------
+
+    def accept_operation(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        kind: str,
+        amount: int | None,
+        final_capture: bool,
+        reason: str | None,
+        idempotency_key: str | None,
+        request_fingerprint: str,
+    ) -> Accepted | Replayed | Refused | None:
+        """Check and record a capture/void/refund in one transaction. None: no such payment."""
+        with self._tx() as conn:
+            if idempotency_key is not None:
+                row = conn.execute(
+                    "SELECT fingerprint, state, status_code, response FROM operation_idempotency_keys"
+                    " WHERE merchant_id = ? AND key = ?",
+                    (merchant_id, idempotency_key),
+                ).fetchone()
+                if row is not None:
+                    if row[0] != request_fingerprint:
+                        return Refused(400, "idempotency_key_reused",
+                                       "This Idempotency-Key was used with different parameters.",
+                                       store_for_replay=False)
+                    if row[1] == "in_flight":
+                        return Refused(409, "idempotency_key_in_use",
+                                       "A request with this Idempotency-Key is still being processed.",
+                                       store_for_replay=False)
+                    return Replayed(int(row[2]), row[3].encode())
+            owner = conn.execute("SELECT merchant_id FROM payments WHERE id = ?", (payment_id,)).fetchone()
+            if owner is None or owner[0] != merchant_id:
+                return None
+            self._ensure_state(conn, payment_id)
+            rec = self._load(conn, payment_id)
+            assert rec is not None
+            p = rec.payment
+            refusal: Refused | None = None
+            busy = conn.execute(
+                "SELECT id, kind FROM payment_operations WHERE payment_id = ?"
+                " AND status IN ('pending', 'pending_verification') LIMIT 1",
+                (payment_id,),
+            ).fetchone()
+            if busy is not None:
+                refusal = Refused(409, "payment_operation_in_progress",
+                                  f"The {busy[1]} {busy[0]} of this payment is still in progress; retry after it"
+                                  " finishes.", store_for_replay=False)
+            else:
+                try:
+                    if kind == "capture":
+                        amount = p.amount_capturable if amount is None else amount
+                        sm.check_capture(p, amount if amount > 0 else 1)
+                    elif kind == "void":
+                        sm.check_void(p)
+                        amount = p.amount_authorized
+                    else:
+                        amount = p.amount_refundable if amount is None else amount
+                        sm.check_refund(p, amount if amount > 0 else 1)
+                except sm.TransitionError as e:
+                    refusal = Refused(422, e.code, e.message, e.param)
+            if refusal is not None:
+                if idempotency_key is not None and refusal.store_for_replay:
+                    from gateway.api.errors import error_body
+
+                    conn.execute(
+                        "INSERT INTO operation_idempotency_keys (merchant_id, key, fingerprint, state, payment_id,"
+                        " status_code, response, created_ms) VALUES (?, ?, ?, 'done', ?, ?, ?, ?)",
+                        (merchant_id, idempotency_key, request_fingerprint, payment_id, refusal.status_code,
+                         error_body(refusal.status_code, refusal.code, refusal.message, refusal.param).decode(),
+                         now_ms()),
+                    )
+                return refusal
+            assert amount is not None and amount > 0
+            op = self._insert_operation(conn, payment_id, merchant_id, kind, amount, final_capture, reason,
+                                        "merchant")
+            if idempotency_key is not None:
+                conn.execute(
+                    "INSERT INTO operation_idempotency_keys (merchant_id, key, fingerprint, state, payment_id,"
+                    " created_ms) VALUES (?, ?, ?, 'in_flight', ?, ?)",
+                    (merchant_id, idempotency_key, request_fingerprint, payment_id, now_ms()),
+                )
+            body = self._compose_body(conn, payment_id)
+        return Accepted(op, body)
+
+    def finish_idempotency(self, merchant_id: str, key: str, status_code: int, body: bytes) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE operation_idempotency_keys SET state = 'done', status_code = ?, response = ?"
+                " WHERE merchant_id = ? AND key = ? AND state = 'in_flight'",
+                (status_code, body.decode(), merchant_id, key),
+            )
+
+    def finish_abandoned_keys(self) -> int:
+        """After a restart, keys left in flight get the payment as it is now, with 202 (accepted)."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE operation_idempotency_keys SET state = 'done', status_code = 202,"
+                " response = (SELECT body FROM payments WHERE payments.id = operation_idempotency_keys.payment_id)"
+                " WHERE state = 'in_flight'"
+            )
+            return cur.rowcount
+
+    # -- the payment body ------------------------------------------------------------------------
+
+    def _compose_body(self, conn: sqlite3.Connection, payment_id: str) -> bytes:
+        """Rewrite `payments.body` from the processing state: status, amounts, attempts, refunds and
+        the operation in progress. Done at write time so reads stay one indexed row."""
+        row = conn.execute("SELECT body FROM payments WHERE id = ?", (payment_id,)).fetchone()
+        body: dict[str, Any] = msgspec.json.decode(row[0])
+        rec = self._load(conn, payment_id)
+        if rec is not None:
+            p = rec.payment
+            body["status"] = p.status.value
+            body["amount_authorized"] = p.amount_authorized
+            body["amount_capturable"] = p.amount_capturable
+            body["amount_captured"] = p.amount_captured
+            body["amount_refunded"] = p.amount_refunded
+            body["capture_final"] = p.capture_final
+            body["psp"] = p.psp
+            body["failure_code"] = p.failure_code
+        attempts = conn.execute(
+            "SELECT attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
+            " FROM payment_attempts WHERE payment_id = ? ORDER BY started_at_ms, attempt_id LIMIT ?",
+            (payment_id, ATTEMPTS_IN_BODY_MAX),
+        ).fetchall()
+        body["attempts"] = [
+            {"id": a[0], "operation": a[1], "psp": a[2], "status": a[3], "code": a[4], "amount": a[5],
+             "started_ms": a[6], "finished_ms": a[7]}
+            for a in attempts
+        ]
+        ops = conn.execute(
+            f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE payment_id = ? ORDER BY created_ms, seq LIMIT ?",
+            (payment_id, OPERATIONS_IN_BODY_MAX),
+        ).fetchall()
+        operations = [_op(o) for o in ops]
+        body["refunds"] = [
+            {"id": o.id, "object": "refund", "amount": o.amount, "status": _refund_status(o.status),
+             "reason": o.reason, "failure_code": o.failure_code}
+            for o in operations
+            if o.kind == "refund"
+        ]
+        pending = [o for o in operations if o.status in OPEN_OPERATION_STATUSES]
+        body["pending_operation"] = (
+            {"id": pending[0].id, "type": pending[0].kind, "amount": pending[0].amount, "status": pending[0].status}
+            if pending
+            else None
+        )
+        out = msgspec.json.encode(body)
+        conn.execute("UPDATE payments SET body = ? WHERE id = ?", (out.decode(), payment_id))
+        return out
+
+
+def _refund_status(op_status: str) -> str:
+    return {"succeeded": "succeeded", "failed": "failed"}.get(op_status, "pending")
+
+
+def postings_from_rows(rows: list[tuple[Any, ...]]) -> tuple[list[ledger.Posting], list[ledger.Violation]]:
+    grouped: dict[str, list[tuple[Any, ...]]] = {}
+    for r in rows:
+        grouped.setdefault(r[0], []).append(r)
+    postings: list[ledger.Posting] = []
+    violations: list[ledger.Violation] = []
+    for posting_id, lines in grouped.items():
+        first = lines[0]
+        amount = sum(r[6] for r in lines) // 2 if first[3] == "capture" else sum(r[6] for r in lines)
+        try:
+            postings.append(
+                ledger.Posting(
+                    posting_id=posting_id,
+                    payment_id=first[2],
+                    kind=ledger.PostingKind(first[3]),
+                    currency=first[5],
+                    amount=amount,
+                    lines=tuple(
+                        ledger.Line(r[4], ledger.Direction.DEBIT if r[6] else ledger.Direction.CREDIT, r[6] or r[7])
+                        for r in lines
+                    ),
+                    at_ms=first[8],
+                    reverses=first[9],
+                )
+            )
+        except (ledger.UnbalancedPosting, ValueError) as e:
+            violations.append(ledger.Violation("unbalanced_posting", str(e), first[2], first[5]))
+    return postings, violations
+
+
+__all__ = [
+    "MIGRATION_2_PROCESSING",
+    "Accepted",
+    "Operation",
+    "OperationFinish",
+    "PaymentRecord",
+    "ProcessingStore",
+    "Refused",
+    "Replayed",
+    "StaleVersion",
+]

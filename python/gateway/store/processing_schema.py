@@ -1,0 +1,107 @@
+"""Schema of the async payment path (migration 2), kept apart so that the store imports no pipeline code."""
+
+# No statement below may contain a semicolon inside it: the migrator splits on them.
+MIGRATION_2_PROCESSING = """
+CREATE TABLE payment_state (
+    payment_id TEXT PRIMARY KEY REFERENCES payments(id),
+    merchant_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    payment_method TEXT NOT NULL,
+    auto_capture INTEGER NOT NULL,
+    amount_authorized INTEGER NOT NULL DEFAULT 0,
+    amount_captured INTEGER NOT NULL DEFAULT 0,
+    amount_refunded INTEGER NOT NULL DEFAULT 0,
+    capture_final INTEGER NOT NULL DEFAULT 0,
+    psp TEXT,
+    psp_reference TEXT,
+    failure_code TEXT,
+    version INTEGER NOT NULL DEFAULT 0,
+    updated_ms INTEGER NOT NULL,
+    CHECK (0 <= amount_refunded AND amount_refunded <= amount_captured
+           AND amount_captured <= amount_authorized AND amount_authorized <= amount)
+);
+CREATE INDEX payment_state_by_status ON payment_state (status);
+CREATE INDEX payments_by_status ON payments (status);
+CREATE INDEX payments_by_merchant_lsn ON payments (merchant_id, lsn DESC);
+CREATE TABLE payment_attempts (
+    attempt_id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    operation_id TEXT,
+    attempt_no INTEGER NOT NULL,
+    operation TEXT NOT NULL CHECK (operation IN ('authorize', 'capture', 'void', 'refund')),
+    psp TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL CHECK (length(idempotency_key) BETWEEN 1 AND 255),
+    amount INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    status TEXT NOT NULL,
+    final_capture INTEGER NOT NULL,
+    psp_reference TEXT,
+    code TEXT,
+    fee_minor INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER
+);
+CREATE INDEX payment_attempts_by_payment ON payment_attempts (payment_id, started_at_ms, attempt_id);
+CREATE TABLE payment_operations (
+    id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    merchant_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('capture', 'void', 'refund')),
+    seq INTEGER NOT NULL CHECK (seq >= 1),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    final_capture INTEGER NOT NULL,
+    reason TEXT,
+    actor TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'pending_verification', 'succeeded', 'failed')),
+    psp_idempotency_key TEXT NOT NULL UNIQUE,
+    failure_code TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    UNIQUE (payment_id, kind, seq)
+);
+CREATE INDEX payment_operations_open ON payment_operations (status)
+    WHERE status IN ('pending', 'pending_verification');
+CREATE INDEX payment_operations_by_payment ON payment_operations (payment_id, created_ms);
+CREATE VIEW refunds AS
+    SELECT id, payment_id, merchant_id, seq, amount, reason, status, failure_code, created_ms, updated_ms
+    FROM payment_operations WHERE kind = 'refund';
+CREATE TABLE ledger_entries (
+    posting_id TEXT NOT NULL,
+    line_no INTEGER NOT NULL,
+    payment_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    account TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    debit INTEGER NOT NULL CHECK (debit >= 0),
+    credit INTEGER NOT NULL CHECK (credit >= 0),
+    at_ms INTEGER NOT NULL,
+    reverses TEXT,
+    PRIMARY KEY (posting_id, line_no),
+    CHECK ((debit > 0 AND credit = 0) OR (credit > 0 AND debit = 0))
+);
+CREATE INDEX ledger_entries_by_payment ON ledger_entries (payment_id);
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    payment_id TEXT NOT NULL,
+    old_status TEXT NOT NULL,
+    new_status TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX audit_log_by_payment ON audit_log (payment_id, id);
+CREATE TABLE operation_idempotency_keys (
+    merchant_id TEXT NOT NULL,
+    key TEXT NOT NULL CHECK (length(key) BETWEEN 1 AND 255),
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
+    payment_id TEXT,
+    status_code INTEGER,
+    response TEXT,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (merchant_id, key)
+)
+"""
