@@ -975,6 +975,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {
             "gateway_over_floor": ratio("gateway", "floor"),
             "gateway_over_baseline": ratio("gateway", "baseline"),
+            "capacity_gateway_over_floor": ratio("gateway", "floor", "capacity"),
+            "capacity_gateway_over_baseline": ratio("gateway", "baseline", "capacity"),
         },
         "notes": notes,
     }
