@@ -1,0 +1,184 @@
+"""The processing store against the state machine and a plain model of a payment's amounts.
+
+A hypothesis property drives random sequences of capture/void/refund requests (accepted or refused
+by the store, then succeeded or failed at the "PSP") and checks the stored payment, the refusal
+codes, the audit log and the ledger against an independent model after every step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.pipeline import ledger
+from gateway.pipeline import state_machine as sm
+from gateway.pipeline.psp_client import Outcome
+from gateway.pipeline.router import ProcessingResult
+from gateway.store.processing import Accepted, OperationFinish, ProcessingStore, Refused, StaleVersion
+from gateway.store.sqlite import SqliteStore
+
+PID = "pay_" + "a" * 24
+MERCHANT = "acct_model"
+AUTHORIZED = 10_000
+
+
+def _store(folder: str) -> tuple[SqliteStore, ProcessingStore]:
+    store = SqliteStore(Path(folder) / "gateway.db")
+    store.migrate()
+    store.create_merchant("Model Shop", "0" * 64, merchant_id=MERCHANT)
+    payment = {"id": PID, "object": "payment", "status": "processing", "amount": AUTHORIZED, "currency": "EUR",
+               "payment_method": "tok_visa", "capture": False, "created": 1}
+    record = {"type": "payment.created", "merchant_id": MERCHANT, "status_code": 201, "created_ms": 1,
+              "payment": payment}
+    store.apply_wal_records([(1, msgspec.json.encode(record))])
+    pstore = ProcessingStore(store)
+    rec = pstore.load(PID)
+    assert rec is not None
+    t = sm.authorize(rec.payment, amount=AUTHORIZED, psp="psp_a", psp_reference="psp_ref_1", actor="worker", at_ms=2)
+    result = ProcessingResult(payment=t.payment, outcome=Outcome.APPROVED, transitions=[t],
+                              postings=ledger.postings_for_transition(t, f"{PID}:auth:1"))
+    pstore.apply(result, base_version=rec.payment.version)
+    return store, pstore
+
+
+@dataclass
+class Model:
+    status: str = "authorized"
+    captured: int = 0
+    refunded: int = 0
+    final: bool = False
+
+    def refusal(self, kind: str, amount: int | None) -> str | None:
+        if self.status == "canceled":
+            return "payment_already_canceled"
+        if kind == "void":
+            return None if self.status == "authorized" else "payment_not_voidable"
+        if kind == "capture":
+            if self.status not in ("authorized", "captured") or self.final:
+                return "payment_not_capturable"
+            a = AUTHORIZED - self.captured if amount is None else amount
+            return "amount_exceeds_capturable" if a > AUTHORIZED - self.captured else None
+        if self.status == "refunded":
+            return "payment_already_refunded"
+        if self.status not in ("captured", "partially_refunded"):
+            return "payment_not_refundable"
+        a = self.captured - self.refunded if amount is None else amount
+        return "refund_exceeds_captured" if a > self.captured - self.refunded else None
+
+    def apply(self, kind: str, amount: int, final: bool) -> None:
+        if kind == "capture":
+            self.captured += amount
+            self.status = "captured"
+            self.final = final or self.captured == AUTHORIZED
+        elif kind == "void":
+            self.status, self.final = "canceled", True
+        else:
+            self.refunded += amount
+            self.final = True
+            self.status = "refunded" if self.refunded == self.captured else "partially_refunded"
+
+
+def _transition(p: sm.Payment, kind: str, amount: int, final: bool) -> sm.Transition:
+    if kind == "capture":
+        return sm.capture(p, amount=amount, final_capture=final, actor="merchant", at_ms=3)
+    if kind == "void":
+        return sm.void(p, actor="merchant", at_ms=3)
+    return sm.refund(p, amount=amount, actor="merchant", at_ms=3)
+
+
+requests = st.lists(
+    st.tuples(
+        st.sampled_from(["capture", "capture", "refund", "refund", "void"]),
+        st.one_of(st.none(), st.integers(1, AUTHORIZED + 10), st.integers(1, 3000)),
+        st.booleans(),  # final_capture
+        st.booleans(),  # the PSP approves
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests)
+def test_random_operation_sequences_never_diverge_from_the_model(ops: list[tuple[str, int | None, bool, bool]]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        store, pstore = _store(folder)
+        model = Model()
+        successes = 0
+        try:
+            for kind, amount, final, approve in ops:
+                expected = model.refusal(kind, amount)
+                got = pstore.accept_operation(MERCHANT, PID, kind, amount, final and kind == "capture", None, None,
+                                              f"{kind}{amount}{final}")
+                if expected is not None:
+                    assert isinstance(got, Refused) and got.status_code == 422 and got.code == expected, (got, model)
+                    continue
+                assert isinstance(got, Accepted), (got, model)
+                op = got.operation
+                rec = pstore.load(PID)
+                assert rec is not None
+                if not approve:
+                    pstore.finish_operation(OperationFinish(op.id, "failed", "processor_declined"), PID)
+                    continue
+                t = _transition(rec.payment, kind, op.amount, op.final_capture)
+                fee = 7 if kind == "capture" else 0
+                result = ProcessingResult(
+                    payment=t.payment, outcome=Outcome.APPROVED, transitions=[t],
+                    postings=ledger.postings_for_transition(t, op.psp_idempotency_key, fee_minor=fee))
+                pstore.apply(result, base_version=rec.payment.version, operation_id=op.id,
+                             finish=OperationFinish(op.id, "succeeded"))
+                model.apply(kind, op.amount, op.final_capture)
+                successes += 1
+                p = pstore.load(PID)
+                assert p is not None
+                assert (p.payment.status.value, p.payment.amount_captured, p.payment.amount_refunded,
+                        p.payment.capture_final) == (model.status, model.captured, model.refunded, model.final)
+            postings, bad_rows = pstore.all_postings()
+            assert bad_rows == [] and ledger.check(postings) == []
+            bal = ledger.balances(postings)
+            held = 0 if model.final else AUTHORIZED - model.captured
+            assert bal.get((ledger.merchant_pending(MERCHANT), "EUR"), 0) == -held
+            assert bal.get((ledger.merchant_available(MERCHANT), "EUR"), 0) == -(model.captured - model.refunded)
+            trail = pstore.audit_trail(PID)
+            assert len(trail) == 1 + successes and trail[-1][1] == model.status
+            body = msgspec.json.decode(store.get_payment(MERCHANT, PID) or b"{}")
+            assert (body["status"], body["amount_captured"], body["amount_refunded"]) == (
+                model.status, model.captured, model.refunded)
+            assert body["pending_operation"] is None
+        finally:
+            store.close()
+
+
+def test_two_writers_cannot_both_apply_a_transition(tmp_path: Path) -> None:
+    store, pstore = _store(str(tmp_path))
+    rec = pstore.load(PID)
+    assert rec is not None
+    first = sm.capture(rec.payment, amount=100, final_capture=False, actor="a", at_ms=3)
+    second = sm.capture(rec.payment, amount=200, final_capture=False, actor="b", at_ms=3)
+    pstore.apply(ProcessingResult(first.payment, Outcome.APPROVED, transitions=[first],
+                                  postings=ledger.postings_for_transition(first, "k1")),
+                 base_version=rec.payment.version)
+    with pytest.raises(StaleVersion):
+        pstore.apply(ProcessingResult(second.payment, Outcome.APPROVED, transitions=[second],
+                                      postings=ledger.postings_for_transition(second, "k2")),
+                     base_version=rec.payment.version)
+    after = pstore.load(PID)
+    assert after is not None and after.payment.amount_captured == 100
+    postings, _ = pstore.all_postings()
+    assert not any(p.posting_id.startswith("k2") for p in postings), "the losing write left nothing behind"
+    assert len(pstore.audit_trail(PID)) == 2
+    store.close()
+
+
+def test_one_operation_at_a_time_per_payment(tmp_path: Path) -> None:
+    store, pstore = _store(str(tmp_path))
+    assert isinstance(pstore.accept_operation(MERCHANT, PID, "capture", 100, False, None, None, "a"), Accepted)
+    busy = pstore.accept_operation(MERCHANT, PID, "capture", 100, False, None, None, "b")
+    assert isinstance(busy, Refused) and (busy.status_code, busy.code) == (409, "payment_operation_in_progress")
+    assert pstore.accept_operation("acct_other", PID, "void", None, False, None, None, "c") is None
+    store.close()
