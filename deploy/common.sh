@@ -1,0 +1,107 @@
+# Shared helpers for the deploy/*.sh service scripts. Sourced, never executed.
+#
+# Every service keeps its configuration, data, logs and pidfile under $SERVICES_DIR/<service>, so a
+# whole test environment can be thrown away with `rm -rf .services` after `deploy/services.sh down`.
+
+set -euo pipefail
+
+DEPLOY_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$DEPLOY_DIR/.." && pwd)"
+SERVICES_DIR="${SERVICES_DIR:-$REPO_DIR/.services}"
+CACHE_DIR="${CACHE_DIR:-$REPO_DIR/.cache}"
+mkdir -p "$SERVICES_DIR"
+SERVICES_DIR="$(cd "$SERVICES_DIR" && pwd)"
+
+# All services listen on loopback only; the ports are far from the defaults so that a system-wide
+# Redis, PostgreSQL or Kafka on the same machine never collides with the project's own.
+SERVICES_HOST=127.0.0.1
+REDIS_PORT="${REDIS_PORT:-16379}"
+POSTGRES_PORT="${POSTGRES_PORT:-15432}"
+KAFKA_PORT="${KAFKA_PORT:-19092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
+
+log() { printf '[%s] %s\n' "${SERVICE_NAME:-deploy}" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Serialises concurrent runs of one service script (for example `make services-up` in one shell and a
+# pytest session in another), so two starts never race on the same data directory. The lock lives on
+# file descriptor 9: every daemon must be started with `9>&-`, or it would hold the lock for its lifetime.
+take_service_lock() {
+    exec 9>"$SERVICES_DIR/.$SERVICE_NAME.lock"
+    flock -w 600 9 || die "another deploy/$SERVICE_NAME.sh is still running (lock $SERVICES_DIR/.$SERVICE_NAME.lock)"
+}
+
+# True when a TCP connect to host:port succeeds within one second.
+port_open() {
+    timeout 1 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null
+}
+
+# True when the process in the pidfile is alive and its command line contains the given marker,
+# so that a pid recycled by an unrelated process is never mistaken for the service.
+pidfile_alive() {
+    local pidfile="$1" marker="$2" pid
+    [[ -s "$pidfile" ]] || return 1
+    pid="$(tr -dc '0-9' <"$pidfile")"
+    [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$marker"
+}
+
+# Waits until the pid in the pidfile has exited; sends SIGKILL after the grace period.
+wait_pid_exit() {
+    local pid="$1" grace_s="$2" waited_ds=0
+    while kill -0 "$pid" 2>/dev/null; do
+        if (( waited_ds >= grace_s * 10 )); then
+            log "pid $pid still running after ${grace_s}s, sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 0.5
+            return 0
+        fi
+        sleep 0.1
+        waited_ds=$(( waited_ds + 1 ))
+    done
+}
+
+deb_installed() {
+    [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == "installed" ]]
+}
+
+# Installs Debian packages that are missing; runs `apt-get update` only when something must be installed.
+# The packages' own system-wide services (redis-server on 6379, the postgresql "main" cluster on 5432)
+# are kept from starting through a temporary policy-rc.d: the project runs its own instances instead.
+apt_install() {
+    local missing=() pkg policy=/usr/sbin/policy-rc.d created_policy=0
+    for pkg in "$@"; do
+        deb_installed "$pkg" || missing+=("$pkg")
+    done
+    (( ${#missing[@]} == 0 )) && return 0
+    [[ "$(id -u)" == 0 ]] || die "installing ${missing[*]} needs root (apt-get)"
+    log "installing Debian packages: ${missing[*]}"
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\n# Written by deploy/common.sh while it installs packages.\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        created_policy=1
+    fi
+    local rc=0
+    {
+        DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 \
+            install --no-install-recommends "${missing[@]}" >/dev/null
+    } || rc=$?
+    (( created_policy )) && rm -f "$policy"
+    (( rc == 0 )) || die "apt-get install ${missing[*]} failed (exit $rc)"
+}
+
+# Prints the last lines of each given log file, for start-up errors.
+show_log_tail() {
+    local f
+    for f in "$@"; do
+        [[ -s "$f" ]] || continue
+        log "last lines of $f:"
+        tail -n 40 "$f" >&2
+    done
+}
+
+usage_and_exit() {
+    echo "usage: $0 install|start|stop|status" >&2
+    exit 2
+}

@@ -1,0 +1,75 @@
+"""Fixtures for tests against the real cluster-mode services (Redis, PostgreSQL, Kafka) on loopback.
+
+The first test that needs them runs `deploy/services.sh up` once per session, so `make test` starts the
+services itself; on a warm machine that is a no-op of about a second, on a fresh one it installs them.
+The services are left running afterwards: the next session, and developers, reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[2]
+SERVICES_SCRIPT = REPO_DIR / "deploy" / "services.sh"
+# A first install downloads Debian packages and the Kafka jars; later runs take seconds.
+SERVICES_UP_TIMEOUT_S = 900
+SETTING_NAMES = ("REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP")
+
+
+@dataclass(frozen=True)
+class ServiceUrls:
+    redis_url: str
+    database_url: str
+    kafka_bootstrap: str
+
+
+def run_services_up() -> dict[str, str]:
+    """Runs `deploy/services.sh up` and returns the KEY=VALUE settings it prints."""
+    try:
+        result = subprocess.run(
+            ["bash", str(SERVICES_SCRIPT), "up"],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            timeout=SERVICES_UP_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"deploy/services.sh up did not finish within {SERVICES_UP_TIMEOUT_S}s: {error}")
+    if result.returncode != 0:
+        pytest.fail(
+            f"deploy/services.sh up failed with exit code {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+        )
+    settings = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    missing = [name for name in SETTING_NAMES if name not in settings]
+    assert not missing, f"deploy/services.sh up did not print {missing}; stdout:\n{result.stdout}"
+    return settings
+
+
+def services_dir() -> Path:
+    return Path(os.environ.get("SERVICES_DIR", REPO_DIR / ".services")).resolve()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every test under tests/cluster needs the real services, whether or not its module says so.
+    cluster_dir = Path(__file__).resolve().parent
+    for item in items:
+        if cluster_dir in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[ServiceUrls]:
+    settings = run_services_up()
+    yield ServiceUrls(
+        redis_url=settings["REDIS_URL"],
+        database_url=settings["DATABASE_URL"],
+        kafka_bootstrap=settings["KAFKA_BOOTSTRAP"],
+    )
