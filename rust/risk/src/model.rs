@@ -18,13 +18,66 @@ pub const MODEL_BYTES_MAX: usize = 64 << 20;
 const LEAF: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy)]
-struct Node {
+struct RawNode {
     /// Split threshold, or the leaf value for a leaf.
     value: f32,
     feature: u32,
     left: u32,
     right: u32,
     default_left: bool,
+}
+
+/// A flattened node (12 bytes). Siblings are adjacent: the right child is `left + 1`.
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    /// Split threshold, or the leaf value for a leaf.
+    value: f32,
+    /// Bits 0-30: feature index (`FEATURE_LEAF` for a leaf); bit 31: missing values go left.
+    meta: u32,
+    left: u32,
+}
+
+const FEATURE_MASK: u32 = 0x7fff_ffff;
+const FEATURE_LEAF: u32 = FEATURE_MASK;
+const DEFAULT_LEFT: u32 = 1 << 31;
+
+/// Appends one tree to `nodes` in breadth-first order with siblings adjacent.
+fn lay_out(tree: &[RawNode], nodes: &mut Vec<Node>) -> Result<(), String> {
+    let base = nodes.len() as u32;
+    let mut order = vec![0usize];
+    let mut new_index = vec![u32::MAX; tree.len()];
+    new_index[0] = 0;
+    let mut k = 0;
+    while k < order.len() {
+        let raw = &tree[order[k]];
+        if raw.feature != LEAF {
+            for child in [raw.left as usize, raw.right as usize] {
+                if new_index[child] != u32::MAX {
+                    return Err(format!("node {child} has two parents"));
+                }
+                new_index[child] = order.len() as u32;
+                order.push(child);
+            }
+        }
+        k += 1;
+    }
+    for &old in &order {
+        let raw = &tree[old];
+        nodes.push(if raw.feature == LEAF {
+            Node {
+                value: raw.value,
+                meta: FEATURE_LEAF,
+                left: 0,
+            }
+        } else {
+            Node {
+                value: raw.value,
+                meta: raw.feature | if raw.default_left { DEFAULT_LEFT } else { 0 },
+                left: base + new_index[raw.left as usize],
+            }
+        });
+    }
+    Ok(())
 }
 
 /// A loaded model, immutable and shareable between threads.
@@ -154,8 +207,8 @@ impl Model {
                     )));
                 }
             }
-            let base = nodes.len() as u32;
-            roots.push(base);
+            roots.push(nodes.len() as u32);
+            let mut tree_nodes = Vec::with_capacity(n);
             for i in 0..n {
                 let l = left[i]
                     .as_i64()
@@ -176,7 +229,7 @@ impl Model {
                     }
                 };
                 let node = if l == -1 {
-                    Node {
+                    RawNode {
                         value,
                         feature: LEAF,
                         left: 0,
@@ -199,16 +252,17 @@ impl Model {
                             MODEL_FEATURES.len()
                         )));
                     }
-                    Node {
+                    RawNode {
                         value,
                         feature: feature as u32,
-                        left: base + l as u32,
-                        right: base + r as u32,
+                        left: l as u32,
+                        right: r as u32,
                         default_left: dl,
                     }
                 };
-                nodes.push(node);
+                tree_nodes.push(node);
             }
+            lay_out(&tree_nodes, &mut nodes).map_err(bad)?;
         }
         let sha256_hex = Sha256::digest(bytes)
             .iter()
@@ -234,15 +288,19 @@ impl Model {
         let xf: [f32; MODEL_FEATURES.len()] = x.map(|v| v as f32);
         let mut sum = self.base_margin;
         for &root in &self.roots {
-            let mut node = &self.nodes[root as usize];
-            while node.feature != LEAF {
-                let v = xf[node.feature as usize];
+            let mut node = self.nodes[root as usize];
+            loop {
+                let feature = node.meta & FEATURE_MASK;
+                if feature == FEATURE_LEAF {
+                    break;
+                }
+                let v = xf[feature as usize];
                 let go_left = if v.is_nan() {
-                    node.default_left
+                    node.meta & DEFAULT_LEFT != 0
                 } else {
                     v < node.value
                 };
-                node = &self.nodes[if go_left { node.left } else { node.right } as usize];
+                node = self.nodes[(node.left + (!go_left) as u32) as usize];
             }
             sum += node.value as f64;
         }

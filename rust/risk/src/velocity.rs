@@ -37,93 +37,119 @@ pub struct VelocityConfig {
 impl Default for VelocityConfig {
     fn default() -> Self {
         VelocityConfig {
-            keys_per_dimension_max: 32_768,
+            keys_per_dimension_max: 16_384,
         }
     }
 }
 
-#[derive(Clone)]
-struct Ring<const B: usize> {
-    bucket: u64,
-    count: u64,
+/// One sub-bucket: its count and amount share a 16-byte slot so an update touches one cache line.
+#[derive(Clone, Copy, Default)]
+struct Slot {
     cents: i64,
-    counts: [u32; B],
-    sums: [i64; B],
+    count: u32,
 }
 
-impl<const B: usize> Ring<B> {
-    fn new() -> Self {
-        Ring {
-            bucket: 0,
-            count: 0,
-            cents: 0,
-            counts: [0; B],
-            sums: [0; B],
-        }
-    }
+const SLOTS_1M: usize = WINDOWS[0].2;
+const SLOTS_1H: usize = WINDOWS[1].2;
+const SLOTS_24H: usize = WINDOWS[2].2;
 
-    /// Moves the window to `bucket` (never backwards), dropping expired buckets from the totals.
-    #[inline]
-    fn advance(&mut self, bucket: u64) {
-        if bucket <= self.bucket {
-            return;
-        }
-        if bucket - self.bucket >= B as u64 || self.count == 0 {
-            self.counts = [0; B];
-            self.sums = [0; B];
-            self.count = 0;
-            self.cents = 0;
-        } else {
-            for b in self.bucket + 1..=bucket {
-                let i = (b % B as u64) as usize;
-                self.count -= self.counts[i] as u64;
-                self.cents -= self.sums[i];
-                self.counts[i] = 0;
-                self.sums[i] = 0;
-            }
-        }
-        self.bucket = bucket;
-    }
-
-    #[inline]
-    fn add(&mut self, now_ms: u64, bucket_ms: u64, cents: i64) {
-        self.advance(now_ms / bucket_ms);
-        let i = (self.bucket % B as u64) as usize;
-        self.counts[i] = self.counts[i].saturating_add(1);
-        self.sums[i] = self.sums[i].saturating_add(cents);
-        self.count += 1;
-        self.cents = self.cents.saturating_add(cents);
-    }
-}
-
+/// The running state of the three windows of one key, in one 64-byte cache line, followed by the rings of
+/// sub-buckets (one slot touched per window and update).
 #[derive(Clone)]
+#[repr(C, align(64))]
 struct Entry {
-    w1m: Ring<{ WINDOWS[0].2 }>,
-    w1h: Ring<{ WINDOWS[1].2 }>,
-    w24h: Ring<{ WINDOWS[2].2 }>,
+    /// Newest bucket index per window (`now_ms / bucket_ms`, saturating at `u32::MAX`).
+    bucket: [u32; 3],
+    count: [u64; 3],
+    cents: [i64; 3],
+    s1m: [Slot; SLOTS_1M],
+    s1h: [Slot; SLOTS_1H],
+    s24h: [Slot; SLOTS_24H],
+    last_seen_ms: u64,
     /// (member hash, last seen ms) per distinct feature owned by this dimension.
     distinct: [Vec<(u64, u64)>; 2],
-    last_seen_ms: u64,
 }
 
 impl Entry {
     fn new() -> Entry {
         Entry {
-            w1m: Ring::new(),
-            w1h: Ring::new(),
-            w24h: Ring::new(),
-            distinct: [Vec::new(), Vec::new()],
+            bucket: [0; 3],
+            count: [0; 3],
+            cents: [0; 3],
+            s1m: [Slot::default(); SLOTS_1M],
+            s1h: [Slot::default(); SLOTS_1H],
+            s24h: [Slot::default(); SLOTS_24H],
             last_seen_ms: 0,
+            distinct: [Vec::new(), Vec::new()],
         }
     }
 
-    fn totals(&self) -> [(u64, i64); 3] {
-        [
-            (self.w1m.count, self.w1m.cents),
-            (self.w1h.count, self.w1h.cents),
-            (self.w24h.count, self.w24h.cents),
-        ]
+    /// Records one payment in every window.
+    #[inline]
+    fn add(&mut self, now_ms: u64, cents: i64) {
+        add_to_ring(
+            &mut self.bucket[0],
+            &mut self.count[0],
+            &mut self.cents[0],
+            &mut self.s1m,
+            now_ms / WINDOWS[0].1,
+            cents,
+        );
+        add_to_ring(
+            &mut self.bucket[1],
+            &mut self.count[1],
+            &mut self.cents[1],
+            &mut self.s1h,
+            now_ms / WINDOWS[1].1,
+            cents,
+        );
+        add_to_ring(
+            &mut self.bucket[2],
+            &mut self.count[2],
+            &mut self.cents[2],
+            &mut self.s24h,
+            now_ms / WINDOWS[2].1,
+            cents,
+        );
+        self.last_seen_ms = self.last_seen_ms.max(now_ms);
     }
+}
+
+/// Moves a window to `bucket` (never backwards), dropping expired sub-buckets from its totals, then adds
+/// the payment to the newest sub-bucket.
+#[inline]
+fn add_to_ring(
+    newest: &mut u32,
+    count: &mut u64,
+    total: &mut i64,
+    slots: &mut [Slot],
+    bucket: u64,
+    cents: i64,
+) {
+    let n = slots.len() as u64;
+    let bucket = bucket.min(u32::MAX as u64) as u32;
+    if bucket > *newest {
+        if (bucket - *newest) as u64 >= n || *count == 0 {
+            if *count != 0 {
+                slots.fill(Slot::default());
+            }
+            *count = 0;
+            *total = 0;
+        } else {
+            for b in *newest as u64 + 1..=bucket as u64 {
+                let slot = &mut slots[(b % n) as usize];
+                *count -= slot.count as u64;
+                *total -= slot.cents;
+                *slot = Slot::default();
+            }
+        }
+        *newest = bucket;
+    }
+    let slot = &mut slots[(*newest as u64 % n) as usize];
+    slot.count = slot.count.saturating_add(1);
+    slot.cents = slot.cents.saturating_add(cents);
+    *count += 1;
+    *total = total.saturating_add(cents);
 }
 
 fn touch_member(set: &mut Vec<(u64, u64)>, member: u64, now_ms: u64) {
@@ -143,13 +169,21 @@ fn touch_member(set: &mut Vec<(u64, u64)>, member: u64, now_ms: u64) {
     }
 }
 
-fn count_members(set: &[(u64, u64)], now_ms: u64, window_ms: u64) -> f64 {
-    set.iter()
-        .filter(|(_, t)| t.saturating_add(window_ms) > now_ms)
-        .count() as f64
+/// Members seen within each window (one pass over the set).
+fn count_members(set: &[(u64, u64)], now_ms: u64) -> [f64; 3] {
+    let mut n = [0u32; 3];
+    for &(_, t) in set {
+        for (w, window_ms) in WINDOW_MS.iter().enumerate() {
+            n[w] += (t.saturating_add(*window_ms) > now_ms) as u32;
+        }
+    }
+    n.map(|c| c as f64)
 }
 
-type Shard = Mutex<HashMap<Box<str>, Box<Entry>, RandomState>>;
+/// Keys are stored as their 64-bit hash: no allocation or string comparison per lookup. Two different
+/// keys of one dimension share counters only on a hash collision (probability about n²/2⁶⁵).
+type KeyMap = HashMap<u64, Box<Entry>, RandomState>;
+type Shard = Mutex<KeyMap>;
 
 struct Dimension {
     shards: Vec<Shard>,
@@ -224,44 +258,37 @@ impl VelocityStore {
     pub fn observe(&self, event: &Event<'_>, now_ms: u64, record: bool, out: &mut Features) {
         let member_hashes: [Option<u64>; 6] = event.keys.map(|k| k.map(|k| self.hash(k)));
         for (d, dim) in self.dims.iter().enumerate() {
-            let Some(key) = event.keys[d] else {
+            let Some(h) = member_hashes[d] else {
                 continue; // features stay missing
             };
-            let h = member_hashes[d].unwrap_or(0);
-            let shard = &dim.shards[(h >> 59) as usize % SHARDS];
+            let shard = &dim.shards[(h >> 60) as usize % SHARDS];
             let mut map = shard.lock();
             let mut scratch;
             let entry: &mut Entry = if record {
-                if !map.contains_key(key) {
-                    if map.len() >= dim.shard_keys_max {
-                        evict(&mut map, dim.shard_keys_max, now_ms);
-                    }
-                    map.insert(key.into(), Box::new(Entry::new()));
+                if map.len() >= dim.shard_keys_max && !map.contains_key(&h) {
+                    evict(&mut map, dim.shard_keys_max, now_ms);
                 }
-                map.get_mut(key).expect("inserted above")
+                map.entry(h).or_insert_with(|| Box::new(Entry::new()))
             } else {
                 scratch = map
-                    .get(key)
+                    .get(&h)
                     .map(|e| (**e).clone())
                     .unwrap_or_else(Entry::new);
                 &mut scratch
             };
-            entry.w1m.add(now_ms, WINDOWS[0].1, event.cents);
-            entry.w1h.add(now_ms, WINDOWS[1].1, event.cents);
-            entry.w24h.add(now_ms, WINDOWS[2].1, event.cents);
-            entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
-            for (w, (count, cents)) in entry.totals().into_iter().enumerate() {
+            entry.add(now_ms, event.cents);
+            for w in 0..WINDOWS.len() {
                 let i = velocity_index(d, w);
-                out.values[i] = count as f64;
-                out.values[i + 1] = cents as f64 / 100.0;
+                out.values[i] = entry.count[w] as f64;
+                out.values[i + 1] = entry.cents[w] as f64 / 100.0;
             }
             for (slot, &(pair, member_dim)) in dim.distinct.iter().enumerate() {
                 let set = &mut entry.distinct[slot];
                 if let Some(m) = member_hashes[member_dim] {
                     touch_member(set, m, now_ms);
                 }
-                for (w, window_ms) in WINDOW_MS.iter().enumerate() {
-                    out.values[distinct_index(pair, w)] = count_members(set, now_ms, *window_ms);
+                for (w, n) in count_members(set, now_ms).into_iter().enumerate() {
+                    out.values[distinct_index(pair, w)] = n;
                 }
             }
         }
@@ -278,7 +305,7 @@ impl VelocityStore {
 }
 
 /// Frees at least an eighth of a full shard: idle keys first, then the least recently updated.
-fn evict(map: &mut HashMap<Box<str>, Box<Entry>, RandomState>, keys_max: usize, now_ms: u64) {
+fn evict(map: &mut KeyMap, keys_max: usize, now_ms: u64) {
     let idle_before = now_ms.saturating_sub(WINDOW_MS[2]);
     map.retain(|_, e| e.last_seen_ms > idle_before);
     let target = keys_max - keys_max / 8;
