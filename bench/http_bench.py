@@ -537,6 +537,7 @@ def py_spy_profile(pid: int, seconds: float, out_dir: Path, name: str) -> dict[s
     base = [
         str(exe),
         "record",
+        "--subprocesses",
         "--pid",
         str(pid),
         "--duration",
@@ -570,16 +571,19 @@ def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
             continue
         count = int(n)
         total += count
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f]
+        # With --subprocesses py-spy roots every stack at a "process N:..." frame; it names no function.
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f and not f.startswith("process ")]
         role = "other (HTTP runtime, native)"
         if any(f.startswith("Tailer.") for f in frames):
             role = "WAL tailer thread"
+        elif any(f.startswith("Worker.") and "pipeline" in f for f in frames):
+            role = "async pipeline workers (state machine, PSP, store)"
         elif any("__rsgi__" in f or "_cbsched" in f for f in frames):
             role = "request handling (event loop)"
         roles[role] = roles.get(role, 0) + count
         for f in set(frames):
             incl_counts[f] = incl_counts.get(f, 0) + count
-        leaf = frames[-1] if frames else "(native)"
+        leaf = frames[-1] if frames else "(no Python frame: native code)"
         self_counts[leaf] = self_counts.get(leaf, 0) + count
     if total == 0:
         return {"error": "no samples"}
@@ -872,10 +876,9 @@ def main(argv: list[str] | None = None) -> int:
                         (args.profile_rate and abs(rate - args.profile_rate) < 1)
                         or (not args.profile_rate and rate == rates[len(rates) // 2])
                     )
-                    if want_profile:
-                        pid = server_pid(server)
-                        if pid is not None:
-                            profile = py_spy_profile(pid, step_seconds, out_dir, server.name)
+                    if want_profile and server.proc is not None:
+                        # The whole process tree: HTTP workers, pipeline workers and helpers alike.
+                        profile = py_spy_profile(server.proc.pid, step_seconds, out_dir, server.name)
                     step = run_step(
                         loadgen,
                         targets,

@@ -1,0 +1,86 @@
+"""How many payments per second the embedded worker settles against the in-process PSP simulator.
+
+Feeds N accepted `payment.created` records (auto-capture) to a real SQLite store, hands their ids
+to a `Worker` the way the tailer's hook does, and times until every payment is final. Run it once
+with `--time-scale 0` (the simulator answers at once: the figure is the worker's own ceiling — the
+Python event loop and the SQLite transactions) and once with `--time-scale 1` (real PSP latencies:
+bounded by concurrency / latency, i.e. GATEWAY_WORKER_INFLIGHT_MAX and the PSPs' capacity).
+
+    .venv/bin/python bench/settle_rate.py --payments 2000 --time-scale 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+from gateway.pipeline.worker import Worker, WorkerSettings
+from gateway.store.sqlite import SqliteStore
+
+FINAL = ("captured", "failed", "canceled", "authorized")
+
+
+def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...]) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as folder:
+        store = SqliteStore(Path(folder) / "gateway.db")
+        store.migrate()
+        store.create_merchant("Bench", "0" * 64, merchant_id="acct_bench")
+        ids = [f"pay_{i:024d}" for i in range(payments)]
+        records = []
+        for lsn, pid in enumerate(ids, 1):
+            payment = {"id": pid, "object": "payment", "status": "processing", "amount": 1000 + lsn % 500,
+                       "currency": "USD", "payment_method": "tok_visa", "capture": True, "created": 1}
+            records.append((lsn, msgspec.json.encode({"type": "payment.created", "merchant_id": "acct_bench",
+                                                      "status_code": 201, "created_ms": 1, "payment": payment})))
+        for i in range(0, len(records), 1000):
+            store.apply_wal_records(records[i:i + 1000])
+        # The worker's start-up scan finds every `processing` payment, as after a crash; time from start.
+        worker = Worker(store, WorkerSettings(psp_time_scale=time_scale, psps=psps, inflight_max=inflight))
+        started = time.perf_counter()
+        worker.start()
+        conn = store._conn()
+        while True:
+            done = conn.execute("SELECT count(*) FROM payments WHERE status = 'captured'").fetchone()[0]
+            if done >= payments:
+                break
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        worker.stop()
+        store.close()
+    return {
+        "payments": payments,
+        "time_scale": time_scale,
+        "inflight_max": inflight,
+        "psps": list(psps),
+        "elapsed_s": round(elapsed, 3),
+        "payments_per_s": round(payments / elapsed, 1),
+        "psp_calls_per_payment": 2,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--payments", type=int, default=2000)
+    ap.add_argument("--time-scale", type=float, action="append")
+    ap.add_argument("--inflight", type=int, default=256)
+    ap.add_argument("--psps", default="psp_a,psp_b")
+    args = ap.parse_args()
+    results = [run(args.payments, ts, args.inflight, tuple(args.psps.split(","))) for ts in args.time_scale or [0.0]]
+    for r in results:
+        print(f"time_scale={r['time_scale']}: {r['payments']} payments authorized+captured in {r['elapsed_s']} s"
+              f" = {r['payments_per_s']} payments/s (inflight_max={r['inflight_max']})")
+    out = Path(__file__).parent / "results" / f"settle_rate-{int(time.time())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
