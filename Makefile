@@ -33,7 +33,7 @@ run: install
 	gateway serve --config config/gateway.toml --data-dir data --demo
 
 test-rust:
-	cargo test --quiet -p fastpath
+	cargo test --quiet --workspace
 
 test-python: install
 	pytest -q $(PYTEST_ARGS)

@@ -96,7 +96,8 @@ class GatewayApp:
         self.tailer: Tailer | None = None
         self._merchants: dict[str, Merchant] = {}
         self._unknown_keys: dict[str, float] = {}
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # (lsn, future, deadline) in LSN order, which is also arrival order: one event loop appends.
+        self._waiters: deque[tuple[int, asyncio.Future[None], float]] = deque()
         # Payments acknowledged but not yet in the store: read-your-writes until the tailer applies them.
         self.recent: dict[str, tuple[str, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,6 +120,7 @@ class GatewayApp:
         caught_up = self.tailer.catch_up()
         self.tailer.start()
         loop.add_reader(self.fastpath.notify_fd(), self._on_commit)
+        loop.call_later(0.1, self._expire_waiters)
         for hook in ON_START:
             hook(self)
         self.ready = True
@@ -148,15 +150,26 @@ class GatewayApp:
         committed = fp.committed_lsn()
         waiters = self._waiters
         while waiters and waiters[0][0] <= committed:
-            _, fut = waiters.popleft()
+            fut = waiters.popleft()[1]
             if not fut.done():
                 fut.set_result(None)
         if waiters and fp.wal_error() is not None:
             err = OSError(fp.wal_error())
             while waiters:
-                _, fut = waiters.popleft()
+                fut = waiters.popleft()[1]
                 if not fut.done():
                     fut.set_exception(err)
+
+    def _expire_waiters(self) -> None:
+        """Fails requests whose record is not durable in time: one timer for all, not one per request."""
+        now = time.monotonic()
+        waiters = self._waiters
+        while waiters and waiters[0][2] <= now:
+            fut = waiters.popleft()[1]
+            if not fut.done():
+                fut.set_exception(TimeoutError("WAL commit took longer than durable_wait_ms_max"))
+        if self.ready and self._loop is not None:
+            self._loop.call_later(0.1, self._expire_waiters)
 
     def _forget_applied(self, records: list[tuple[int, bytes]]) -> None:
         for hook in ON_APPLIED:
@@ -276,10 +289,11 @@ class GatewayApp:
                 self.recent[payment_id] = (auth.id, out)
             if fp.committed_lsn() < lsn:
                 fut: asyncio.Future[None] = self._loop.create_future()
-                self._waiters.append((lsn, fut))
+                deadline = time.monotonic() + self.config.server.durable_wait_ms_max / 1000
+                self._waiters.append((lsn, fut, deadline))
                 try:
-                    await asyncio.wait_for(fut, self.config.server.durable_wait_ms_max / 1000)
-                except (OSError, asyncio.TimeoutError) as e:
+                    await fut
+                except OSError as e:
                     log.error("payment %s not confirmed durable: %s", payment_id, e)
                     return 503, [JSON, ("retry-after", "1")], error_body(
                         503, "storage_unavailable",
