@@ -34,12 +34,32 @@ def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...]) 
         ids = [f"pay_{i:024d}" for i in range(payments)]
         records = []
         for lsn, pid in enumerate(ids, 1):
-            payment = {"id": pid, "object": "payment", "status": "processing", "amount": 1000 + lsn % 500,
-                       "currency": "USD", "payment_method": "tok_visa", "capture": True, "created": 1}
-            records.append((lsn, msgspec.json.encode({"type": "payment.created", "merchant_id": "acct_bench",
-                                                      "status_code": 201, "created_ms": 1, "payment": payment})))
+            payment = {
+                "id": pid,
+                "object": "payment",
+                "status": "processing",
+                "amount": 1000 + lsn % 500,
+                "currency": "USD",
+                "payment_method": "tok_visa",
+                "capture": True,
+                "created": 1,
+            }
+            records.append(
+                (
+                    lsn,
+                    msgspec.json.encode(
+                        {
+                            "type": "payment.created",
+                            "merchant_id": "acct_bench",
+                            "status_code": 201,
+                            "created_ms": 1,
+                            "payment": payment,
+                        }
+                    ),
+                )
+            )
         for i in range(0, len(records), 1000):
-            store.apply_wal_records(records[i:i + 1000])
+            store.apply_wal_records(records[i : i + 1000])
         # The worker's start-up scan finds every `processing` payment, as after a crash; time from start.
         worker = Worker(store, WorkerSettings(psp_time_scale=time_scale, psps=psps, inflight_max=inflight))
         started = time.perf_counter()
@@ -72,10 +92,14 @@ def main() -> None:
     ap.add_argument("--inflight", type=int, default=256)
     ap.add_argument("--psps", default="psp_a,psp_b")
     args = ap.parse_args()
-    results = [run(args.payments, ts, args.inflight, tuple(args.psps.split(","))) for ts in args.time_scale or [0.0]]
+    results = [
+        run(args.payments, ts, args.inflight, tuple(args.psps.split(","))) for ts in args.time_scale or [0.0]
+    ]
     for r in results:
-        print(f"time_scale={r['time_scale']}: {r['payments']} payments authorized+captured in {r['elapsed_s']} s"
-              f" = {r['payments_per_s']} payments/s (inflight_max={r['inflight_max']})")
+        print(
+            f"time_scale={r['time_scale']}: {r['payments']} payments authorized+captured in {r['elapsed_s']} s"
+            f" = {r['payments_per_s']} payments/s (inflight_max={r['inflight_max']})"
+        )
     out = Path(__file__).parent / "results" / f"settle_rate-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
