@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the deploy/*.sh service scripts. Sourced, never executed.
 #
 # Every service keeps its configuration, data, logs and pidfile under $SERVICES_DIR/<service>, so a
@@ -14,6 +15,7 @@ SERVICES_DIR="$(cd "$SERVICES_DIR" && pwd)"
 
 # All services listen on loopback only; the ports are far from the defaults so that a system-wide
 # Redis, PostgreSQL or Kafka on the same machine never collides with the project's own.
+# shellcheck disable=SC2034 # used by the scripts that source this file
 SERVICES_HOST=127.0.0.1
 REDIS_PORT="${REDIS_PORT:-16379}"
 POSTGRES_PORT="${POSTGRES_PORT:-15432}"

@@ -6,7 +6,10 @@
 #
 #   deploy/kafka.sh install|start|stop|status
 
+# Read by the helpers in common.sh (log prefix, lock file name).
+# shellcheck disable=SC2034
 SERVICE_NAME=kafka
+# shellcheck source=deploy/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 KAFKA_POM="$DEPLOY_DIR/kafka/pom.xml"
@@ -49,7 +52,7 @@ cmd_install() {
     # Resolve into a fresh directory and swap it in, so an interrupted download never leaves a mixed class path.
     local staging="$KAFKA_LIBS.tmp.$$"
     rm -rf "$staging"
-    mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$staging" >&2 ||
+    mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$staging" >&2 ||
         { rm -rf "$staging"; die "mvn dependency:copy-dependencies failed for $KAFKA_POM"; }
     pom_hash >"$staging/.pom.sha256"
     rm -rf "$KAFKA_LIBS"
@@ -172,6 +175,7 @@ cmd_start() {
     # started it; the wrapper records its own pid, which `exec` hands over to the JVM.
     rm -f "$KAFKA_PID"
     java_argv kafka.Kafka "$KAFKA_CONF"
+    # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell.
     setsid -f bash -c 'echo $$ >"$1"; shift; exec "$@"' kafka-start "$KAFKA_PID" "${JAVA_ARGV[@]}" \
         >>"$KAFKA_STDOUT" 2>&1 </dev/null 9>&-
     local waited_ds=0

@@ -6,7 +6,10 @@
 #
 #   deploy/postgres.sh install|start|stop|status
 
+# Read by the helpers in common.sh (log prefix, lock file name).
+# shellcheck disable=SC2034
 SERVICE_NAME=postgres
+# shellcheck source=deploy/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PG_OS_USER=postgres
@@ -20,11 +23,13 @@ PG_PASSWORD=gateway
 
 # The newest server installed under /usr/lib/postgresql/<version>/bin (a psql client alone is not enough).
 pg_bindir() {
-    local dir
-    dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | while read -r d; do
-        [[ -x "$d/postgres" && -x "$d/initdb" && -x "$d/pg_ctl" ]] && echo "$d"; done | tail -n 1)"
-    [[ -n "$dir" ]] || return 1
-    echo "$dir"
+    local dir found=""
+    # Glob order is lexical, so sort by version to prefer 16 over 15 (and 15 over 9.6).
+    while read -r dir; do
+        [[ -x "$dir/postgres" && -x "$dir/initdb" && -x "$dir/pg_ctl" ]] && found="$dir"
+    done < <(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V)
+    [[ -n "$found" ]] || return 1
+    echo "$found"
 }
 
 as_pg() { runuser -u "$PG_OS_USER" -- "$@"; }

@@ -5,7 +5,10 @@
 #
 #   deploy/redis.sh install|start|stop|status
 
+# Read by the helpers in common.sh (log prefix, lock file name).
+# shellcheck disable=SC2034
 SERVICE_NAME=redis
+# shellcheck source=deploy/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 REDIS_DIR="$SERVICES_DIR/redis"

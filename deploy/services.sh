@@ -7,7 +7,10 @@
 #
 #   deploy/services.sh up|down|status
 
+# Read by the helpers in common.sh (log prefix, lock file name).
+# shellcheck disable=SC2034
 SERVICE_NAME=services
+# shellcheck source=deploy/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Start order follows dependencies of the gateway's workers; stop order is the reverse.

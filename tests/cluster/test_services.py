@@ -33,6 +33,11 @@ def create_topic(bootstrap: str, topic: str) -> None:
     futures[topic].result(timeout=KAFKA_TIMEOUT_S)
 
 
+def delete_topic(bootstrap: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.delete_topics([topic])[topic].result(timeout=KAFKA_TIMEOUT_S)
+
+
 def produce_keyed(bootstrap: str, topic: str, key: bytes, value: bytes) -> tuple[int, int]:
     """Produces one message with the idempotent producer settings and returns its (partition, offset)."""
     producer = Producer(
@@ -139,11 +144,14 @@ def test_kafka_idempotent_producer_message_is_consumed_back_with_its_key(service
     key = b"pay_" + uuid.uuid4().hex.encode()
     value = b'{"status":"processing","amount_minor":1250,"currency":"EUR"}'
 
-    partition, offset = produce_keyed(services.kafka_bootstrap, topic, key, value)
+    try:
+        partition, offset = produce_keyed(services.kafka_bootstrap, topic, key, value)
 
-    assert 0 <= partition < TOPIC_PARTITIONS
-    assert offset == 0  # the first message of a fresh topic
-    assert consume_all(services.kafka_bootstrap, topic, expected_count=1) == [(key, value)]
+        assert 0 <= partition < TOPIC_PARTITIONS
+        assert offset == 0  # the first message of a fresh topic
+        assert consume_all(services.kafka_bootstrap, topic, expected_count=1) == [(key, value)]
+    finally:
+        delete_topic(services.kafka_bootstrap, topic)
 
 
 def read_pid(path: Path) -> int:
@@ -188,4 +196,4 @@ def test_services_up_twice_keeps_running_processes_and_their_data(services: Serv
         client.close()
         with psycopg.connect(services.database_url) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
-        AdminClient({"bootstrap.servers": services.kafka_bootstrap}).delete_topics([topic])
+        delete_topic(services.kafka_bootstrap, topic)
