@@ -141,7 +141,8 @@ class Merchant(FastHttpUser):
                 MissingEndpoints.mark(name)
                 resp.success()
                 return None
-            return self._expect(resp, (200, 201))
+            # 202: the operation is accepted and the PSP call happens on the async path.
+            return self._expect(resp, (200, 201, 202))
 
     # ------------------------------------------------------------------------------------- scenarios
 

@@ -116,3 +116,13 @@ class Gateway:
 
 def auth(key: str = DEMO_KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+# Fields the async path changes once the payment has been processed (status, amounts, attempts, ...).
+PROCESSING_FIELDS = frozenset({"status", "amount_capturable", "amount_captured", "amount_refunded"})
+
+
+def same_payment(got: dict, created: dict) -> bool:
+    """Whether `got` (read later) is the payment `created` was, whatever processing did since."""
+    return all(got.get(k) == v for k, v in created.items() if k not in PROCESSING_FIELDS)
+

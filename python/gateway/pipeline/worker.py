@@ -232,7 +232,8 @@ class Worker:
     def _scan(self, include_processing: bool) -> None:
         items: list[tuple[str, str]] = []
         if include_processing:
-            items += [("payment", pid) for pid in self.pstore.payment_ids_with_status("processing", RECONCILE_BATCH_MAX)]
+            # All of them (up to the queue bound): after a crash every accepted payment must be found.
+            items += [("payment", pid) for pid in self.pstore.payment_ids_with_status("processing", WORKER_QUEUE_MAX)]
         items += [
             ("payment", pid)
             for pid in self.pstore.payment_ids_with_status("pending_verification", RECONCILE_BATCH_MAX)

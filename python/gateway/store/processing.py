@@ -276,10 +276,11 @@ class ProcessingStore:
     # -- writes ----------------------------------------------------------------------------------
 
     def record_intent(self, row: AttemptRow, operation_id: str | None = None) -> None:
-        """Persist a `started` attempt before its PSP call (its own transaction, committed first)."""
+        """Persist a `started` attempt before its PSP call (its own transaction, committed first).
+        The payment body is recomposed when the attempt's result is applied, not here: one
+        transaction less per PSP call."""
         with self._tx() as conn:
             self._upsert_attempt(conn, row, operation_id)
-            self._compose_body(conn, row.payment_id)
 
     def _upsert_attempt(self, conn: sqlite3.Connection, a: AttemptRow, operation_id: str | None) -> None:
         conn.execute(
