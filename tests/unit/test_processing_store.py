@@ -13,15 +13,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from gateway.pipeline import ledger
 from gateway.pipeline import state_machine as sm
 from gateway.pipeline.psp_client import Outcome
 from gateway.pipeline.router import ProcessingResult
 from gateway.store.processing import Accepted, OperationFinish, ProcessingStore, Refused, StaleVersion
 from gateway.store.sqlite import SqliteStore
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 PID = "pay_" + "a" * 24
 MERCHANT = "acct_model"
