@@ -22,6 +22,8 @@ challenge if :card_ip_country_mismatch: = 1 and :amount_usd: > 1000
 review if :card_bin: = '555555' and :ip_country: in @high_risk_countries
 ";
 
+const ROUNDS: usize = 5;
+
 fn main() {
     let iterations: usize = std::env::var("RISK_BENCH_ITERATIONS")
         .ok()
@@ -89,9 +91,9 @@ fn main() {
     let customers: Vec<String> = (0..customers_n).map(|i| format!("cus_{i}")).collect();
     let input = |i: usize| {
         let k = (i.wrapping_mul(2_654_435_761)) % customers_n;
-        let testing = i % 64 == 0;
+        let testing = i.is_multiple_of(64);
         RiskInput {
-            merchant_id: if i % 2 == 0 { "m1" } else { "m2" },
+            merchant_id: if i.is_multiple_of(2) { "m1" } else { "m2" },
             amount: 1_000 + (i as i64 % 50) * 997,
             currency: "USD",
             amount_usd: None,
@@ -120,62 +122,98 @@ fn main() {
         black_box(engine.decide(&input(i), now(i)));
     }
 
-    let start = Instant::now();
-    for i in 0..iterations {
-        black_box(engine.decide(&input(i), now(i)));
+    // Each figure is the best of `ROUNDS` rounds: the machine is shared, and the minimum is the figure
+    // least disturbed by other processes. Simulated time keeps moving forward across rounds.
+    let round = iterations / ROUNDS;
+    let mut next = 20_000usize;
+    let mut tick = move || {
+        next += 1;
+        next
+    };
+    fn best(mut f: impl FnMut() -> f64) -> f64 {
+        (0..ROUNDS).map(|_| f()).fold(f64::INFINITY, f64::min)
     }
-    let decide_ns = start.elapsed().as_nanos() as f64 / iterations as f64;
 
-    let mut sum = StageTimings::default();
-    for i in 0..iterations {
-        let mut t = StageTimings::default();
-        black_box(engine.decide_timed(&input(i), now(i), &mut t));
-        sum.velocity_ns += t.velocity_ns;
-        sum.model_ns += t.model_ns;
-        sum.lists_ns += t.lists_ns;
-        sum.rules_ns += t.rules_ns;
+    let decide_ns = best(|| {
+        let start = Instant::now();
+        for _ in 0..round {
+            let i = tick();
+            black_box(engine.decide(&input(i), now(i)));
+        }
+        start.elapsed().as_nanos() as f64 / round as f64
+    });
+
+    let mut stage_best = [f64::INFINITY; 4];
+    for _ in 0..ROUNDS {
+        let mut sum = StageTimings::default();
+        for _ in 0..round {
+            let i = tick();
+            let mut t = StageTimings::default();
+            black_box(engine.decide_timed(&input(i), now(i), &mut t));
+            sum.velocity_ns += t.velocity_ns;
+            sum.model_ns += t.model_ns;
+            sum.lists_ns += t.lists_ns;
+            sum.rules_ns += t.rules_ns;
+        }
+        let per = [sum.velocity_ns, sum.model_ns, sum.lists_ns, sum.rules_ns]
+            .map(|x| x as f64 / round as f64);
+        for (b, p) in stage_best.iter_mut().zip(per) {
+            *b = b.min(p);
+        }
     }
-    let per = |x: u64| x as f64 / iterations as f64;
 
     // Stages called on their own.
     let rules = engine.global_rules();
     let model = engine.model().unwrap();
-    let inputs: Vec<RiskInput<'_>> = (0..4096).map(input).collect();
-    let start = Instant::now();
-    for i in 0..iterations {
-        let ctx = Context::new(&inputs[i % 4096]);
-        black_box(engine.features(&ctx, now(i + 2 * iterations + 20_000), true));
-    }
-    let velocity_alone = start.elapsed().as_nanos() as f64 / iterations as f64;
-    let ctx0 = Context::new(&inputs[0]);
-    let features = engine.features(&ctx0, now(0), false);
-    let start = Instant::now();
-    for _ in 0..iterations {
-        black_box(model.score(black_box(&features)));
-    }
-    let model_alone = start.elapsed().as_nanos() as f64 / iterations as f64;
-    let start = Instant::now();
-    for i in 0..iterations {
-        let ctx = Context::new(&inputs[i % 4096]);
-        black_box(rules.probe_lists(&ctx));
-    }
-    let lists_alone = start.elapsed().as_nanos() as f64 / iterations as f64;
+    let velocity_alone = best(|| {
+        let start = Instant::now();
+        for _ in 0..round {
+            let i = tick();
+            let inp = input(i);
+            let ctx = Context::new(&inp);
+            black_box(engine.features(&ctx, now(i), true));
+        }
+        start.elapsed().as_nanos() as f64 / round as f64
+    });
+    let inp0 = input(1);
+    let ctx0 = Context::new(&inp0);
+    let features = engine.features(&ctx0, now(tick()), false);
+    let model_alone = best(|| {
+        let start = Instant::now();
+        for _ in 0..round {
+            black_box(model.score(black_box(&features)));
+        }
+        start.elapsed().as_nanos() as f64 / round as f64
+    });
+    let lists_alone = best(|| {
+        let start = Instant::now();
+        for _ in 0..round {
+            let inp = input(tick());
+            let ctx = Context::new(&inp);
+            black_box(rules.probe_lists(&ctx));
+        }
+        start.elapsed().as_nanos() as f64 / round as f64
+    });
     let hits = rules.probe_lists(&ctx0);
-    let start = Instant::now();
-    for _ in 0..iterations {
-        let mut n = 0;
-        rules.evaluate(&ctx0, black_box(&features), &hits, |_| n += 1);
-        black_box(n);
-    }
-    let rules_alone = start.elapsed().as_nanos() as f64 / iterations as f64;
+    let rules_alone = best(|| {
+        let start = Instant::now();
+        for _ in 0..round {
+            let mut n = 0;
+            rules.evaluate(&ctx0, black_box(&features), &hits, |_| n += 1);
+            black_box(n);
+        }
+        start.elapsed().as_nanos() as f64 / round as f64
+    });
 
     println!(
-        "risk engine, {iterations} iterations, model {} trees",
+        "risk engine, best of {ROUNDS} rounds of {round} iterations, model {} trees",
         model.trees()
     );
     println!("decide (end to end, untimed)   {decide_ns:8.0} ns/op");
-    println!("decide_timed stages: velocity  {:8.0} ns  model {:6.0} ns  lists {:6.0} ns  rules {:6.0} ns",
-        per(sum.velocity_ns), per(sum.model_ns), per(sum.lists_ns), per(sum.rules_ns));
+    println!(
+        "decide_timed stages: velocity {:6.0} ns  model {:6.0} ns  lists {:6.0} ns  rules {:6.0} ns",
+        stage_best[0], stage_best[1], stage_best[2], stage_best[3]
+    );
     println!("stage alone: velocity (record) {velocity_alone:8.0} ns/op");
     println!("stage alone: model score       {model_alone:8.0} ns/op");
     println!(
