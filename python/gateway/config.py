@@ -69,6 +69,41 @@ class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class ClusterConfig(_Section):
+    """Cluster mode (`server.mode = "cluster"`): the shared services and how the gateway uses them."""
+
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    database_url: str = "postgresql://gateway:gateway@127.0.0.1:15432/gateway"
+    # PostgreSQL schema holding the gateway's tables (one per environment, or per test run).
+    database_schema: Annotated[str, Meta(pattern=r"^[a-z_][a-z0-9_]{0,62}$")] = "public"
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    topic: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "payments"
+    topic_partitions: Annotated[int, Meta(ge=1, le=1024)] = 6
+    consumer_group: Annotated[str, Meta(min_length=1, max_length=200)] = "gateway-workers"
+    # "wal": a 2xx waits for the local WAL fsync only; the relay ships the record to Kafka afterwards.
+    # "kafka": a 2xx waits for the local fsync and then for the broker's acknowledgement (acks=all).
+    durability: Literal["wal", "kafka"] = "wal"
+    # Prefix of every Redis key and of the risk channel, so several gateways can share one Redis.
+    redis_key_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_-]{1,64}$")] = "gw"
+    risk_channel: Annotated[str, Meta(min_length=1, max_length=200)] = "gateway:risk"
+    redis_pool_size: Annotated[int, Meta(ge=1, le=1000)] = 64
+    redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 200
+    database_pool_min: Annotated[int, Meta(ge=1, le=100)] = 1
+    database_pool_max: Annotated[int, Meta(ge=1, le=100)] = 4
+    database_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 5_000
+    # Cached create responses and locks: replays within this window are served from Redis.
+    idempotency_ttl_s: Annotated[int, Meta(ge=60, le=30 * 24 * 3600)] = 24 * 3600
+    # Accepted payments are readable from Redis until a worker has written them to PostgreSQL.
+    recent_ttl_s: Annotated[int, Meta(ge=10, le=7 * 24 * 3600)] = 3600
+    relay_inflight_records_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    relay_batch_records_max: Annotated[int, Meta(ge=1, le=100_000)] = 1_000
+    relay_linger_ms: Annotated[int, Meta(ge=0, le=1_000)] = 1
+    # How long librdkafka keeps retrying one record before the relay rewinds to its checkpoint.
+    relay_message_timeout_ms: Annotated[int, Meta(ge=1_000, le=3_600_000)] = 60_000
+    relay_checkpoint_interval_ms: Annotated[int, Meta(ge=1, le=60_000)] = 100
+    worker_batch_records_max: Annotated[int, Meta(ge=1, le=100_000)] = 500
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
@@ -77,6 +112,7 @@ class Config(_Section):
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)
     tailer: TailerConfig = msgspec.field(default_factory=TailerConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def fastpath_json(self, data_dir: Path) -> str:
         """The settings the Rust fast path takes, as the JSON its `Config` decodes."""
