@@ -28,10 +28,29 @@ def _open_store(data_dir: Path):  # noqa: ANN202 - returns the embedded store
     return store
 
 
-def ensure_demo_merchant(data_dir: Path) -> None:
+def open_postgres(cfg: config_mod.Config):  # noqa: ANN201 - returns the cluster store
+    from gateway.store.postgres import PostgresStore
+
+    c = cfg.cluster
+    return PostgresStore(c.database_url, c.database_schema, c.database_pool_min, c.database_pool_max,
+                         c.database_timeout_ms)
+
+
+def _open_configured_store(args: argparse.Namespace, cfg: config_mod.Config):  # noqa: ANN202
+    """The store of the configured mode: PostgreSQL (migrated) in cluster mode, else SQLite."""
+    if cfg.server.mode == "cluster":
+        store = open_postgres(cfg)
+        store.migrate()
+        return store
+    return _open_store(_data_dir(args, cfg))
+
+
+def ensure_demo_merchant(data_dir: Path, cfg: config_mod.Config | None = None) -> None:
     from gateway.secrets import hash_api_key
 
-    store = _open_store(data_dir)
+    store = open_postgres(cfg) if cfg is not None and cfg.server.mode == "cluster" else _open_store(data_dir)
+    if cfg is not None and cfg.server.mode == "cluster":
+        store.migrate()
     try:
         if store.merchant_by_key_hash(hash_api_key(DEMO_API_KEY)) is None:
             store.create_merchant("Demo Merchant", hash_api_key(DEMO_API_KEY), merchant_id=DEMO_MERCHANT_ID)
@@ -44,11 +63,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args, cfg)
     data_dir.mkdir(parents=True, exist_ok=True)
     if args.demo:
-        ensure_demo_merchant(data_dir)
+        ensure_demo_merchant(data_dir, cfg)
+    elif cfg.server.mode == "cluster":
+        store = open_postgres(cfg)
+        try:
+            store.migrate()
+        finally:
+            store.close()
     port = args.port or cfg.server.port
     host = args.host or cfg.server.host
     workers = args.workers or cfg.server.workers
-    if workers != 1:
+    if workers != 1 and cfg.server.mode != "cluster":
         print("error: embedded mode runs one process (one WAL writer); use cluster mode for --workers > 1",
               file=sys.stderr)
         return 2
@@ -85,7 +110,7 @@ def cmd_merchant_create(args: argparse.Namespace) -> int:
         print("error: --name must be 1 to 200 characters", file=sys.stderr)
         return 2
     key = Secret(args.api_key) if args.api_key else new_api_key()
-    store = _open_store(_data_dir(args, cfg))
+    store = _open_configured_store(args, cfg)
     try:
         m = store.create_merchant(args.name, hash_api_key(key.expose()), rate_limit_per_s=args.rate_limit_per_s,
                                   rate_limit_burst=args.rate_limit_burst)
@@ -101,6 +126,34 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok (mode={cfg.server.mode}, port={cfg.server.port}, "
           f"fsync_interval_us={cfg.wal.fsync_interval_us}, batch_records_max={cfg.wal.batch_records_max})")
     return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    if cfg.server.mode != "cluster":
+        store = _open_store(_data_dir(args, cfg))
+        where = str(_data_dir(args, cfg) / "gateway.db")
+    else:
+        store = open_postgres(cfg)
+        where = f"PostgreSQL schema {cfg.cluster.database_schema}"
+    try:
+        version = store.migrate()
+    finally:
+        store.close()
+    print(f"{where}: schema version {version}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gateway import logs
+    from gateway.pipeline.kafka_worker import run_worker
+
+    cfg = config_mod.load(args.config)
+    if cfg.server.mode != "cluster":
+        print("error: `gateway worker` consumes Kafka: it needs server.mode = \"cluster\"", file=sys.stderr)
+        return 2
+    logs.setup(cfg.log.level)
+    return run_worker(cfg)
 
 
 def cmd_psp_sim(args: argparse.Namespace) -> int:
@@ -164,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="validate a config file")
     cc.add_argument("--config", required=True)
     cc.set_defaults(func=cmd_config_check)
+
+    db = sub.add_parser("db", help="database tools")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    dm = dbsub.add_parser("migrate", help="apply pending schema migrations (PostgreSQL in cluster mode)")
+    dm.add_argument("--config", required=True)
+    dm.add_argument("--data-dir")
+    dm.set_defaults(func=cmd_db_migrate)
+
+    wk = sub.add_parser("worker", help="cluster mode: consume the payments topic into PostgreSQL")
+    wk.add_argument("--config", required=True)
+    wk.set_defaults(func=cmd_worker)
 
     ps = sub.add_parser("psp-sim", help="serve the simulated PSPs over HTTP")
     ps.add_argument("--host", default="127.0.0.1")
