@@ -40,6 +40,8 @@ struct Node {
 const FEATURE_MASK: u32 = 0x7fff_ffff;
 const FEATURE_LEAF: u32 = FEATURE_MASK;
 const DEFAULT_LEFT: u32 = 1 << 31;
+/// Trees walked together by `margin`.
+const LANES: usize = 8;
 
 /// Appends one tree to `nodes` in breadth-first order with siblings adjacent.
 fn lay_out(tree: &[RawNode], nodes: &mut Vec<Node>) -> Result<(), String> {
@@ -286,21 +288,43 @@ impl Model {
     #[inline]
     pub fn margin(&self, x: &[f64; MODEL_FEATURES.len()]) -> f64 {
         let xf: [f32; MODEL_FEATURES.len()] = x.map(|v| v as f32);
+        let step = |node: Node| -> u32 {
+            let v = xf[(node.meta & FEATURE_MASK) as usize];
+            let go_left = if v.is_nan() {
+                node.meta & DEFAULT_LEFT != 0
+            } else {
+                v < node.value
+            };
+            node.left + (!go_left) as u32
+        };
         let mut sum = self.base_margin;
-        for &root in &self.roots {
-            let mut node = self.nodes[root as usize];
+        // Walk LANES trees at once: each walk is a chain of dependent loads, and interleaving independent
+        // chains lets the CPU overlap them. Leaves are summed in tree order, as the reference does.
+        let mut chunks = self.roots.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            let mut at: [u32; LANES] = [0; LANES];
+            at.copy_from_slice(chunk);
             loop {
-                let feature = node.meta & FEATURE_MASK;
-                if feature == FEATURE_LEAF {
+                let mut active = false;
+                for slot in at.iter_mut() {
+                    let node = self.nodes[*slot as usize];
+                    if node.meta & FEATURE_MASK != FEATURE_LEAF {
+                        active = true;
+                        *slot = step(node);
+                    }
+                }
+                if !active {
                     break;
                 }
-                let v = xf[feature as usize];
-                let go_left = if v.is_nan() {
-                    node.meta & DEFAULT_LEFT != 0
-                } else {
-                    v < node.value
-                };
-                node = self.nodes[(node.left + (!go_left) as u32) as usize];
+            }
+            for slot in at {
+                sum += self.nodes[slot as usize].value as f64;
+            }
+        }
+        for &root in chunks.remainder() {
+            let mut node = self.nodes[root as usize];
+            while node.meta & FEATURE_MASK != FEATURE_LEAF {
+                node = self.nodes[step(node) as usize];
             }
             sum += node.value as f64;
         }
