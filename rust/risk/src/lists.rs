@@ -550,6 +550,22 @@ mod tests {
     }
 
     #[test]
+    fn blocked_filter_false_positive_rate_is_near_design_at_capacity() {
+        let mut f = BloomFilter::with_capacity(100_000);
+        let state = hasher();
+        for i in 0..f.capacity() {
+            f.insert_hash(hash_value(&state, format!("member{i}").as_bytes()));
+        }
+        let probes = 200_000;
+        let hits = (0..probes)
+            .filter(|i| f.might_contain_hash(hash_value(&state, format!("other{i}").as_bytes())))
+            .count();
+        let rate = hits as f64 / probes as f64;
+        eprintln!("blocked Bloom filter false-positive rate at capacity: {rate}");
+        assert!(rate < 0.025, "false-positive rate {rate}");
+    }
+
+    #[test]
     fn removal_rebuilds_filter_and_growth_keeps_members() {
         let lists = Lists::default();
         let l = lists.create("devices", ListKind::Device, None).unwrap();
