@@ -7,10 +7,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from gateway import config as config_mod
+
+if TYPE_CHECKING:
+    from gateway.store.postgres import PostgresStore
+    from gateway.store.sqlite import SqliteStore
 
 DEMO_MERCHANT_ID = "acct_demo"
 DEMO_API_KEY = "sk_test_demo"
@@ -20,7 +25,7 @@ def _data_dir(args: argparse.Namespace, cfg: config_mod.Config) -> Path:
     return Path(args.data_dir or cfg.server.data_dir)
 
 
-def _open_store(data_dir: Path):  # noqa: ANN202 - returns the embedded store
+def _open_store(data_dir: Path):
     from gateway.store.sqlite import SqliteStore
 
     store = SqliteStore(data_dir / "gateway.db")
@@ -28,7 +33,7 @@ def _open_store(data_dir: Path):  # noqa: ANN202 - returns the embedded store
     return store
 
 
-def open_postgres(cfg: config_mod.Config):  # noqa: ANN201 - returns the cluster store
+def open_postgres(cfg: config_mod.Config) -> PostgresStore:
     from gateway.store.postgres import PostgresStore
 
     c = cfg.cluster
@@ -36,7 +41,7 @@ def open_postgres(cfg: config_mod.Config):  # noqa: ANN201 - returns the cluster
                          c.database_timeout_ms)
 
 
-def _open_configured_store(args: argparse.Namespace, cfg: config_mod.Config):  # noqa: ANN202
+def _open_configured_store(args: argparse.Namespace, cfg: config_mod.Config) -> SqliteStore | PostgresStore:
     """The store of the configured mode: PostgreSQL (migrated) in cluster mode, else SQLite."""
     if cfg.server.mode == "cluster":
         store = open_postgres(cfg)

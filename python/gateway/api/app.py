@@ -17,7 +17,7 @@ import time
 from collections import deque
 from pathlib import Path
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -29,6 +29,9 @@ from gateway.pipeline.tailer import Tailer
 from gateway.secrets import hash_api_key
 from gateway.store.base import Merchant
 from gateway.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from gateway.api.cluster import Cluster
 
 log = logging.getLogger("gateway.api")
 
@@ -101,28 +104,40 @@ class GatewayApp:
         # Payments acknowledged but not yet in the store: read-your-writes until the tailer applies them.
         self.recent: dict[str, tuple[str, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Cluster mode (api/cluster.py): shared state, relay and PostgreSQL; None in embedded mode.
+        self.cluster: Cluster | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(self.data_dir / "gateway.db")
-        self.store.migrate()
-        self.fastpath = FastPath(self.config.fastpath_json(self.data_dir))
-        self.tailer = Tailer(
-            str(self.data_dir / "wal"),
-            self.store,
-            self.fastpath,
-            self.config.tailer.batch_records_max,
-            on_applied=self._forget_applied,
-        )
-        caught_up = self.tailer.catch_up()
-        self.tailer.start()
+        caught_up = 0
+        if self.config.server.mode == "cluster":
+            from gateway.api.cluster import Cluster
+
+            # The relay (WAL -> Kafka) replaces the tailer; workers write PostgreSQL. The embedded hooks
+            # (ON_START/ON_STOP/ON_APPLIED: the SQLite payment-processing worker) do not run here.
+            self.cluster = Cluster(self)
+            self.store, self.fastpath = self.cluster.start(loop)  # type: ignore[assignment]
+        else:
+            self.store = SqliteStore(self.data_dir / "gateway.db")
+            self.store.migrate()
+            self.fastpath = FastPath(self.config.fastpath_json(self.data_dir))
+            self.tailer = Tailer(
+                str(self.data_dir / "wal"),
+                self.store,
+                self.fastpath,
+                self.config.tailer.batch_records_max,
+                on_applied=self._forget_applied,
+            )
+            caught_up = self.tailer.catch_up()
+            self.tailer.start()
         loop.add_reader(self.fastpath.notify_fd(), self._on_commit)
         loop.call_later(0.1, self._expire_waiters)
-        for hook in ON_START:
-            hook(self)
+        if self.cluster is None:
+            for hook in ON_START:
+                hook(self)
         self.ready = True
         log.info(
             "gateway ready: %d WAL records recovered (%d torn bytes cut), %d applied on start",
@@ -131,12 +146,15 @@ class GatewayApp:
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.ready = False
-        for hook in ON_STOP:
+        for hook in ON_STOP if self.cluster is None else ():
             hook(self)
         if self.fastpath is not None:
             loop.remove_reader(self.fastpath.notify_fd())
             self.fastpath.close()
             self._on_commit()
+        if self.cluster is not None:
+            self.cluster.stop()  # ships the rest of the WAL to Kafka, closes PostgreSQL and Redis
+            self.store = None
         if self.tailer is not None:
             self.tailer.stop()
         if self.store is not None:
@@ -195,7 +213,10 @@ class GatewayApp:
                 status, headers, body = await self._create_payment(scope, proto)
             elif path.startswith("/v1/payments/") and method == "GET" and path.count("/") == 3:
                 route = "get_payment"
-                status, headers, body = self._get_payment(scope, path[len("/v1/payments/"):])
+                if self.cluster is not None:
+                    status, headers, body = await self.cluster.get_payment(scope, path[len("/v1/payments/"):])
+                else:
+                    status, headers, body = self._get_payment(scope, path[len("/v1/payments/"):])
                 if status == 200 and GET_PAYMENT_WAIT and scope.headers.get("prefer"):
                     status, headers, body = await GET_PAYMENT_WAIT[0](
                         self, scope, path[len("/v1/payments/"):], (status, headers, body))
@@ -282,10 +303,21 @@ class GatewayApp:
         if not self.ready:
             return 503, [JSON, ("retry-after", "1")], error_body(503, "starting", "The gateway is starting.")
         idem_key = scope.headers.get("idempotency-key")
+        if self.cluster is not None:
+            return await self.cluster.create_payment(auth, idem_key, body)
+        return (await self.accept_payment(auth, idem_key, body))[:3]
+
+    async def accept_payment(
+        self, auth: Merchant, idem_key: str | None, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes, int, str | None, bool]:
+        """The Rust call and the wait for the group commit: (status, headers, body, lsn, payment id,
+        replayed). lsn > 0 means a record was written (and is durable unless the status is 503)."""
+        fp = self.fastpath
+        assert fp is not None and self._loop is not None
         status, out, lsn, replayed, retry_after, payment_id = fp.create_payment(auth.id, idem_key, body)
         headers = [JSON]
         if lsn:
-            if payment_id is not None and len(self.recent) < RECENT_MAX:
+            if payment_id is not None and self.tailer is not None and len(self.recent) < RECENT_MAX:
                 self.recent[payment_id] = (auth.id, out)
             if fp.committed_lsn() < lsn:
                 fut: asyncio.Future[None] = self._loop.create_future()
@@ -297,14 +329,15 @@ class GatewayApp:
                     log.error("payment %s not confirmed durable: %s", payment_id, e)
                     return 503, [JSON, ("retry-after", "1")], error_body(
                         503, "storage_unavailable",
-                        "The payment could not be confirmed as stored; retry with the same Idempotency-Key.")
+                        "The payment could not be confirmed as stored; retry with the same Idempotency-Key."
+                    ), lsn, payment_id, replayed
         if replayed:
             headers.append(("idempotent-replayed", "true"))
         if retry_after is not None:
             headers.append(("retry-after", str(retry_after)))
         if idem_key is not None and status < 500:
             headers.append(("idempotency-key", idem_key))
-        return status, headers, out
+        return status, headers, out, lsn, payment_id, replayed
 
     def _get_payment(self, scope: Any, payment_id: str) -> tuple[int, list[tuple[str, str]], bytes]:
         auth = self._authenticate(scope)
@@ -331,6 +364,8 @@ class GatewayApp:
                 "# TYPE gateway_tailer_applied_lsn gauge\n"
                 f"gateway_tailer_applied_lsn {self.tailer.applied_lsn if self.tailer else 0}\n"
             )
+        if self.cluster is not None:
+            parts.append(self.cluster.metrics_text())
         return "".join(parts).encode()
 
 

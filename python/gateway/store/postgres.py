@@ -102,7 +102,7 @@ class PostgresStore:
                     continue
                 for stmt in ddl.split(";"):
                     if stmt.strip():
-                        conn.execute(stmt)  # type: ignore[call-overload] - DDL from this module only
+                        conn.execute(stmt)  # type: ignore[call-overload]  # DDL from this module only
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
                 current = version
         return current
@@ -176,7 +176,7 @@ class PostgresStore:
             # One statement per row inside one transaction (pipelined by executemany), so the count of
             # new rows is exact: ON CONFLICT DO NOTHING makes replays and duplicates no-ops.
             cur.executemany(_INSERT_PAYMENT, payments, returning=False)
-            inserted = cur.rowcount if cur.rowcount >= 0 else 0
+            inserted = max(cur.rowcount, 0)
             if keys:
                 cur.executemany(_INSERT_KEY, keys)
         return inserted
@@ -191,20 +191,21 @@ class PostgresStore:
             conn.execute("UPDATE wal_checkpoint SET lsn = %s WHERE id = 1 AND lsn < %s", (last, last))
         return inserted
 
-    def apply_events(self, payloads: list[bytes]) -> int:
+    def apply_events(self, records: list[tuple[int, bytes]]) -> int:
         """Writes `payment.created` records from the event bus (many WALs, so no checkpoint: the
-        consumer's offsets are the checkpoint). Idempotent by payment id; returns how many were new.
+        consumer's offsets are the checkpoint); the LSN of each record is the one of its gateway's WAL
+        (the `lsn` header the relay sets). Idempotent by payment id; returns how many were new.
 
         A record a constraint refuses (a bug upstream) is moved to `dead_letters` instead of blocking
         the partition behind it forever.
         """
-        if not payloads:
+        if not records:
             return 0
-        assert len(payloads) <= EVENTS_BATCH_MAX
-        rows = []
-        for payload in payloads:
+        assert len(records) <= EVENTS_BATCH_MAX
+        rows: list[tuple[bytes, tuple[list[tuple[object, ...]], list[tuple[object, ...]]] | None]] = []
+        for lsn, payload in records:
             try:
-                rows.append((payload, self._rows([(0, payload)])))
+                rows.append((payload, self._rows([(lsn, payload)])))
             except (msgspec.DecodeError, UnicodeDecodeError):
                 rows.append((payload, None))
         good = [r for _, r in rows if r is not None]
@@ -219,7 +220,7 @@ class PostgresStore:
                         self._dead_letter(conn, payload, "undecodable record")
             return inserted
         except psycopg.errors.IntegrityError:
-            log.warning("a batch of %d records violates a constraint; applying one by one", len(payloads))
+            log.warning("a batch of %d records violates a constraint; applying one by one", len(records))
         inserted = 0
         with self.pool.connection() as conn:
             self._ensure_dead_letters(conn)

@@ -1,0 +1,152 @@
+"""Cluster mode's workers: consume the payments topic in a consumer group and write PostgreSQL.
+
+Offsets are committed only after the batch is committed in PostgreSQL (manual commit), so a worker
+killed at any point leaves its records to be consumed again; the store applies them by payment id,
+so a record seen twice is written once. After the write the read-your-writes copies in Redis are
+dropped, and GETs read PostgreSQL from then on.
+
+SIGTERM and SIGINT stop the loop after the batch in hand: it is written and committed, the consumer
+leaves the group (a quick rebalance for the others), and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+import msgspec
+import redis
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+
+from gateway.config import Config
+from gateway.pipeline.relay import ensure_topic
+from gateway.shared.redis_state import forget_recent
+from gateway.store.postgres import PostgresStore
+
+log = logging.getLogger("gateway.worker")
+
+POLL_TIMEOUT_S = 0.2
+STORE_RETRY_S = 1.0
+
+
+class _PaymentIdInner(msgspec.Struct):
+    id: str
+
+
+class _PaymentId(msgspec.Struct):
+    payment: _PaymentIdInner
+
+
+_id_decoder = msgspec.json.Decoder(_PaymentId)
+
+
+def _payment_id(payload: bytes) -> str | None:
+    try:
+        return _id_decoder.decode(payload).payment.id
+    except msgspec.DecodeError:
+        return None
+
+
+def _lsn(message: Message) -> int:
+    for header in message.headers() or []:
+        name, value = header[0], header[1]
+        if name == "lsn" and isinstance(value, bytes) and value.isdigit():
+            return int(value)
+    return 0
+
+
+class KafkaWorker:
+    def __init__(self, cfg: Config, store: PostgresStore) -> None:
+        c = cfg.cluster
+        self.cfg = cfg
+        self.store = store
+        self.batch_records_max = c.worker_batch_records_max
+        self.consumer = Consumer({
+            "bootstrap.servers": c.kafka_bootstrap,
+            "group.id": c.consumer_group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+        })
+        self.redis = redis.Redis.from_url(c.redis_url, socket_timeout=c.redis_timeout_ms / 1000,
+                                          socket_connect_timeout=c.redis_timeout_ms / 1000)
+        self.prefix = c.redis_key_prefix
+        self.topic = c.topic
+        self.stopping = threading.Event()
+        self.applied_records = 0
+        self.inserted_payments = 0
+
+    def step(self) -> int:
+        """Consumes one batch, writes it, then commits its offsets; returns the records consumed."""
+        messages: list[Message] = self.consumer.consume(self.batch_records_max, POLL_TIMEOUT_S)
+        payloads: list[tuple[int, bytes]] = []
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            value = m.value()
+            if value is not None:
+                payloads.append((_lsn(m), value))
+        if not payloads:
+            return 0
+        while True:
+            try:
+                inserted = self.store.apply_events(payloads)
+                break
+            except Exception as e:
+                if self.stopping.is_set():
+                    raise
+                log.error("store write failed (%s); retrying in %.1fs", e, STORE_RETRY_S)
+                time.sleep(STORE_RETRY_S)
+        # The batch is committed in PostgreSQL: only now may the group forget it.
+        try:
+            self.consumer.commit(asynchronous=False)
+        except KafkaException as e:
+            # Not fatal: the records will be delivered again and applied as no-ops.
+            log.warning("offset commit failed: %s", e)
+        ids = [pid for _, p in payloads if (pid := _payment_id(p)) is not None]
+        forget_recent(self.redis, self.prefix, ids)
+        self.applied_records += len(payloads)
+        self.inserted_payments += inserted
+        return len(payloads)
+
+    def run(self) -> None:
+        self.consumer.subscribe([self.topic])
+        log.info("worker consuming %s as %s", self.topic, self.cfg.cluster.consumer_group)
+        try:
+            while not self.stopping.is_set():
+                self.step()
+        finally:
+            self.consumer.close()
+            self.redis.close()
+            log.info("worker stopped: %d records applied, %d new payments",
+                     self.applied_records, self.inserted_payments)
+
+
+def run_worker(cfg: Config) -> int:
+    from gateway.cli import open_postgres
+
+    c = cfg.cluster
+    ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
+    store = open_postgres(cfg)
+    store.migrate()
+    worker = KafkaWorker(cfg, store)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after the current batch", signum)
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"gateway worker: consuming {c.topic} into PostgreSQL schema {c.database_schema}", flush=True)
+    try:
+        worker.run()
+    finally:
+        store.close()
+    return 0
