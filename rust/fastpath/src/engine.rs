@@ -6,6 +6,7 @@
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::geo::GeoTable;
 use crate::idempotency::{table_key, Fingerprint, IdempotencyTable, Lookup};
 use crate::ids;
 use crate::metrics::Histogram;
@@ -22,7 +23,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const STAGES: [&str; 6] = ["validate", "idempotency", "rate_limit", "risk", "wal_append", "total"];
+pub const STAGES: [&str; 10] = [
+    "validate",
+    "idempotency",
+    "rate_limit",
+    "risk",
+    "wal_append",
+    "total",
+    "risk_velocity",
+    "risk_model",
+    "risk_lists",
+    "risk_rules",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -30,6 +42,60 @@ pub enum Outcome {
     Immediate { status: u16, body: Vec<u8>, replayed: bool, retry_after_s: Option<u32> },
     /// Answer once `lsn` is committed.
     Pending { status: u16, body: Arc<[u8]>, lsn: u64, payment_id: String },
+}
+
+/// The decision trace shown to the merchant (`risk` on the payment) and kept in the WAL.
+#[derive(Serialize)]
+struct RiskTrace<'a> {
+    action: &'static str,
+    risk_score: Option<u8>,
+    rule: Option<&'a str>,
+    decline_code: Option<&'static str>,
+    matched_rules: Vec<MatchedRuleView<'a>>,
+    ruleset_version: u64,
+    merchant_ruleset_version: Option<u64>,
+    model_hash: Option<&'a str>,
+    review: bool,
+}
+
+#[derive(Serialize)]
+struct MatchedRuleView<'a> {
+    name: &'a str,
+    action: &'static str,
+    scope: &'static str,
+}
+
+impl<'a> RiskTrace<'a> {
+    fn from_decision(d: &'a risk::Decision) -> Self {
+        Self {
+            action: d.action.as_str(),
+            risk_score: d.risk_score,
+            rule: d.rule.as_deref(),
+            decline_code: d.decline_code.map(|c| c.as_str()),
+            matched_rules: d
+                .matched_rules
+                .iter()
+                .map(|m| MatchedRuleView {
+                    name: &m.name,
+                    action: m.action.as_str(),
+                    scope: match m.scope {
+                        risk::Scope::Global => "global",
+                        risk::Scope::Merchant => "merchant",
+                    },
+                })
+                .collect(),
+            ruleset_version: d.ruleset_version,
+            merchant_ruleset_version: d.merchant_ruleset_version,
+            model_hash: d.model_hash.as_deref(),
+            review: d.action == risk::Action::Review,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct NextAction {
+    #[serde(rename = "type")]
+    kind: &'static str,
 }
 
 #[derive(Serialize)]
@@ -48,6 +114,11 @@ struct PaymentObject<'a> {
     description: Option<&'a str>,
     metadata: &'a BTreeMap<String, String>,
     customer: &'a Customer,
+    risk: RiskTrace<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_action: Option<NextAction>,
     created: u64,
     livemode: bool,
 }
@@ -64,6 +135,9 @@ struct CreatedRecord<'a> {
     status_code: u16,
     created_ms: u64,
     payment: &'a RawValue,
+    /// The response body when it is not the payment itself (a 402 decline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +151,8 @@ struct RecoveredRecord<'a> {
     created_ms: u64,
     #[serde(borrow)]
     payment: &'a RawValue,
+    #[serde(borrow, default)]
+    response: Option<&'a RawValue>,
 }
 
 struct Completion {
@@ -119,6 +195,8 @@ pub struct Engine {
     wal: WalWriter,
     idempotency: Arc<IdempotencyTable>,
     limiter: RateLimiter,
+    pub risk: Arc<risk::Engine>,
+    geo: parking_lot::RwLock<Arc<GeoTable>>,
     completions: Arc<Mutex<VecDeque<Completion>>>,
     event_fd: i32,
     pub metrics: StageMetrics,
@@ -168,7 +246,7 @@ impl Engine {
                 return;
             }
             if let (Some(key), Some(fp)) = (rec.idempotency_key, rec.fingerprint.and_then(unhex16)) {
-                let body: Arc<[u8]> = Arc::from(rec.payment.get().as_bytes());
+                let body: Arc<[u8]> = Arc::from(rec.response.unwrap_or(rec.payment).get().as_bytes());
                 idempotency.restore(&table_key(rec.merchant_id, key), fp, rec.status_code, body, rec.created_ms, now);
             }
         })?;
@@ -196,6 +274,8 @@ impl Engine {
         }));
         Ok(Self {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
+            risk: Arc::new(risk::Engine::new(risk::EngineConfig::default())),
+            geo: parking_lot::RwLock::new(Arc::new(GeoTable::builtin())),
             cfg,
             wal,
             idempotency,
@@ -238,6 +318,14 @@ impl Engine {
 
     pub fn set_rate_limit(&self, merchant: &str, rate_per_s: f64, burst: f64) {
         self.limiter.set_limit(merchant, rate_per_s, burst);
+    }
+
+    pub fn set_geo_table(&self, table: GeoTable) {
+        *self.geo.write() = Arc::new(table);
+    }
+
+    pub fn ip_country(&self, ip: &str) -> Option<String> {
+        self.geo.read().country(ip).map(str::to_string)
     }
 
     pub fn idempotency_entries(&self) -> usize {
@@ -315,8 +403,32 @@ impl Engine {
         }
         t = self.observe(2, t);
 
-        // The risk stage slots in here; with no engine configured every payment is accepted.
+        let geo = self.geo.read().clone();
+        let ip_country = req.customer.ip.as_deref().and_then(|ip| geo.country(ip));
+        let input = risk::RiskInput {
+            merchant_id: merchant,
+            amount: req.amount,
+            currency: &req.currency,
+            amount_usd: None,
+            card: Some(&req.payment_method),
+            email: req.customer.email.as_deref(),
+            ip: req.customer.ip.as_deref(),
+            ip_country,
+            device_id: req.customer.device_id.as_deref(),
+            customer_id: req.customer.id.as_deref(),
+            customer_country: req.customer.country.as_deref(),
+        };
+        let mut timings = risk::StageTimings::default();
+        let decision = self.risk.decide_timed(&input, now_ms, &mut timings);
+        for (i, ns) in [timings.velocity_ns, timings.model_ns, timings.lists_ns, timings.rules_ns].into_iter().enumerate() {
+            self.metrics.stages[6 + i].observe(ns);
+        }
         t = self.observe(3, t);
+        let (status, failure_code, next_action) = match decision.action {
+            risk::Action::Block => ("failed", Some("card_declined"), None),
+            risk::Action::Challenge => ("requires_action", None, Some(NextAction { kind: "three_d_secure" })),
+            risk::Action::Allow | risk::Action::Review => ("processing", None, None),
+        };
 
         let id = match idem_key {
             Some(k) => ids::derived_payment_id(merchant, k),
@@ -325,7 +437,7 @@ impl Engine {
         let payment = PaymentObject {
             id: &id,
             object: "payment",
-            status: "processing",
+            status,
             amount: req.amount,
             currency: &req.currency,
             payment_method: &req.payment_method,
@@ -337,22 +449,34 @@ impl Engine {
             description: req.description.as_deref(),
             metadata: &req.metadata,
             customer: &req.customer,
+            risk: RiskTrace::from_decision(&decision),
+            failure_code,
+            next_action,
             created: now_ms / 1000,
             livemode: false,
         };
         let payment_json = serde_json::to_string(&payment).expect("payment serializes");
         let raw = RawValue::from_string(payment_json).expect("valid JSON");
+        // A declined payment is recorded too: the trace of why it was declined is part of the log,
+        // and the same key must replay the same 402.
+        let decline = (decision.action == risk::Action::Block).then(|| {
+            let code = decision.decline_code.map(|c| c.as_str()).unwrap_or("fraudulent");
+            let e = ApiError::declined(code, id.clone(), "Your card was declined.");
+            RawValue::from_string(String::from_utf8(e.to_json()).expect("utf-8")).expect("valid JSON")
+        });
+        let status_code = if decline.is_some() { 402 } else { 201 };
         let record = CreatedRecord {
             kind: "payment.created",
             merchant_id: merchant,
             idempotency_key: idem_key,
             fingerprint: fp.map(|f| hex(&f)),
-            status_code: 201,
+            status_code,
             created_ms: now_ms,
             payment: &raw,
+            response: decline.as_deref(),
         };
         let payload = serde_json::to_vec(&record).expect("record serializes");
-        let body: Arc<[u8]> = Arc::from(raw.get().as_bytes());
+        let body: Arc<[u8]> = Arc::from(decline.as_deref().unwrap_or(&raw).get().as_bytes());
 
         // The completion queue lock is held across the append so the commit listener cannot run for
         // this LSN before its completion is queued.
@@ -369,11 +493,11 @@ impl Engine {
             }
         };
         if let Some(tk) = table {
-            q.push_back(Completion { lsn, key: tk, status: 201, body: body.clone() });
+            q.push_back(Completion { lsn, key: tk, status: status_code, body: body.clone() });
         }
         drop(q);
         self.observe(4, t);
-        Outcome::Pending { status: 201, body, lsn, payment_id: id }
+        Outcome::Pending { status: status_code, body, lsn, payment_id: id }
     }
 
     pub fn metrics_text(&self) -> String {
@@ -435,6 +559,37 @@ mod tests {
     }
 
     const BODY: &[u8] = br#"{"amount": 1000, "currency": "USD", "payment_method": "tok_visa"}"#;
+
+    #[test]
+    fn blocked_payment_is_declined_durably_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = br#"{"amount": 900000, "currency": "USD", "payment_method": "tok_visa"}"#;
+        let lsn = {
+            let e = engine(dir.path());
+            let rules = e.risk.compile_rules("big: block if :amount_usd: > 5000\n", 7).unwrap();
+            e.risk.set_global_rules(rules);
+            let out = e.create_payment("m", Some("k"), body, now_ms());
+            let Outcome::Pending { status: 402, body: b, lsn, .. } = out else { panic!("{out:?}") };
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(v["error"]["code"], "card_declined");
+            assert_eq!(v["error"]["decline_code"], "fraudulent");
+            assert!(e.wait_committed(lsn, Duration::from_secs(5)));
+            let ok = e.create_payment("m", None, BODY, now_ms());
+            let Outcome::Pending { status: 201, body: b, .. } = ok else { panic!("{ok:?}") };
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(v["risk"]["ruleset_version"], 7);
+            assert_eq!(v["risk"]["action"], "allow");
+            lsn
+        };
+        let e = engine(dir.path());
+        assert!(e.committed_lsn() > lsn);
+        match e.create_payment("m", Some("k"), body, now_ms()) {
+            Outcome::Immediate { status: 402, replayed: true, body: b, .. } => {
+                assert!(String::from_utf8(b).unwrap().contains("card_declined"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn pending(o: Outcome) -> (u64, Arc<[u8]>) {
         match o {

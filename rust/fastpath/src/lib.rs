@@ -16,3 +16,4 @@ pub mod ratelimit;
 
 #[cfg(feature = "python")]
 mod py;
+pub mod geo;

@@ -12,6 +12,25 @@ use std::path::Path;
 use std::time::Duration;
 
 create_exception!(_fastpath, WalCorruptError, PyOSError, "The WAL holds damage other than a torn tail.");
+create_exception!(_fastpath, RulesError, PyValueError, "A ruleset that does not compile; args[1] lists the errors.");
+create_exception!(_fastpath, RiskListError, PyValueError, "A list operation that was refused.");
+
+fn rules_err(py: Python<'_>, e: risk::RulesError) -> PyErr {
+    let errors: Vec<(usize, usize, String, String)> = e
+        .errors
+        .iter()
+        .map(|r| {
+            let kind = serde_json::to_value(r.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            (r.line, r.column, kind, r.message.clone())
+        })
+        .collect();
+    let _ = py;
+    RulesError::new_err((e.to_string(), errors))
+}
+
+fn list_err(e: risk::ListError) -> PyErr {
+    RiskListError::new_err(e.to_string())
+}
 
 /// Every Rust error reaches Python through this one mapping.
 fn wal_err(e: WalError) -> PyErr {
@@ -107,9 +126,151 @@ impl FastPath {
         self.engine.truncated_bytes
     }
 
+    /// The risk engine this fast path decides with (shared, not a copy).
+    #[getter]
+    fn risk(&self) -> RiskEngine {
+        RiskEngine { inner: self.engine.risk.clone() }
+    }
+
+    /// Replaces the IP-to-country table with the built-in ranges plus `cidr,country` lines.
+    fn set_geo_csv(&self, text: &str) -> PyResult<()> {
+        let table = crate::geo::GeoTable::from_csv(text).map_err(PyValueError::new_err)?;
+        self.engine.set_geo_table(table);
+        Ok(())
+    }
+
+    fn ip_country(&self, ip: &str) -> Option<String> {
+        self.engine.ip_country(ip)
+    }
+
     /// Flushes everything queued to disk and stops the flusher.
     fn close(&self, py: Python<'_>) {
         py.allow_threads(|| self.engine.close())
+    }
+}
+
+/// Lists, velocity, rules and model: the fast path's risk engine, or a standalone one (backtests).
+#[pyclass(module = "gateway._fastpath", frozen)]
+struct RiskEngine {
+    inner: std::sync::Arc<risk::Engine>,
+}
+
+#[pymethods]
+impl RiskEngine {
+    #[new]
+    #[pyo3(signature = (keys_per_dimension_max=16_384, shadow_samples_max=100))]
+    fn new(keys_per_dimension_max: usize, shadow_samples_max: usize) -> PyResult<Self> {
+        if keys_per_dimension_max == 0 || keys_per_dimension_max > 10_000_000 {
+            return Err(PyValueError::new_err("keys_per_dimension_max must be 1 to 10000000"));
+        }
+        let cfg = risk::EngineConfig {
+            velocity: risk::VelocityConfig { keys_per_dimension_max },
+            shadow_samples_max: shadow_samples_max.min(10_000),
+        };
+        Ok(Self { inner: std::sync::Arc::new(risk::Engine::new(cfg)) })
+    }
+
+    /// Compiles without installing; raises RulesError with every located error.
+    fn check_rules(&self, py: Python<'_>, source: &str) -> PyResult<usize> {
+        let rs = self.inner.compile_rules(source, 0).map_err(|e| rules_err(py, e))?;
+        Ok(rs.rules.len())
+    }
+
+    /// Compiles and atomically installs the global ruleset; a source that does not compile changes nothing.
+    fn set_rules(&self, py: Python<'_>, source: &str, version: u64) -> PyResult<()> {
+        let rs = self.inner.compile_rules(source, version).map_err(|e| rules_err(py, e))?;
+        self.inner.set_global_rules(rs);
+        Ok(())
+    }
+
+    #[pyo3(signature = (merchant_id, source, version))]
+    fn set_merchant_rules(&self, py: Python<'_>, merchant_id: &str, source: Option<&str>, version: u64) -> PyResult<()> {
+        let rs = match source {
+            Some(src) => Some(self.inner.compile_rules(src, version).map_err(|e| rules_err(py, e))?),
+            None => None,
+        };
+        self.inner.set_merchant_rules(merchant_id, rs).map_err(PyValueError::new_err)
+    }
+
+    /// Installs (or with None removes) the shadow ruleset, evaluated beside the live one without acting.
+    #[pyo3(signature = (source, version))]
+    fn set_shadow_rules(&self, py: Python<'_>, source: Option<&str>, version: u64) -> PyResult<()> {
+        let rs = match source {
+            Some(src) => Some(self.inner.compile_rules(src, version).map_err(|e| rules_err(py, e))?),
+            None => None,
+        };
+        self.inner.set_shadow_rules(rs);
+        Ok(())
+    }
+
+    fn rules_version(&self) -> u64 {
+        self.inner.global_rules().version
+    }
+
+    #[pyo3(signature = (name, kind, entries_max=None))]
+    fn create_list(&self, name: &str, kind: &str, entries_max: Option<usize>) -> PyResult<()> {
+        let kind = risk::ListKind::parse(kind).map_err(list_err)?;
+        self.inner.lists().create(name, kind, entries_max).map_err(list_err)?;
+        Ok(())
+    }
+
+    /// Adds values; returns how many were new. Stops at the first refused value, naming it.
+    fn list_add(&self, py: Python<'_>, name: &str, values: Vec<String>) -> PyResult<usize> {
+        py.allow_threads(|| {
+            let mut added = 0;
+            for v in &values {
+                if self.inner.lists().add(name, v)? {
+                    added += 1;
+                }
+            }
+            Ok(added)
+        })
+        .map_err(list_err)
+    }
+
+    fn list_remove(&self, py: Python<'_>, name: &str, values: Vec<String>) -> PyResult<usize> {
+        py.allow_threads(|| {
+            let mut removed = 0;
+            for v in &values {
+                if self.inner.lists().remove(name, v)? {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .map_err(list_err)
+    }
+
+    /// JSON array of {name, kind, len, entries_max, ...} for every list.
+    fn lists_json(&self) -> String {
+        serde_json::to_string(&self.inner.lists().info()).unwrap_or_else(|_| "[]".into())
+    }
+
+    /// Loads an XGBoost JSON model; returns its short hash.
+    fn load_model(&self, py: Python<'_>, model_json: &[u8]) -> PyResult<String> {
+        py.allow_threads(|| self.inner.load_model(model_json)).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    fn model_hash(&self) -> Option<String> {
+        self.inner.model().map(|m| m.short_hash().to_string())
+    }
+
+    /// A RiskRequest as JSON to a Decision as JSON, recording the payment in the velocity counters.
+    fn decide_json(&self, py: Python<'_>, request_json: &str, now_ms: u64) -> PyResult<String> {
+        py.allow_threads(|| self.inner.decide_json(request_json, now_ms)).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// What decide_json would answer, changing no state.
+    fn simulate_json(&self, py: Python<'_>, request_json: &str, now_ms: u64) -> PyResult<String> {
+        py.allow_threads(|| {
+            let req: risk::RiskRequest = serde_json::from_str(request_json)?;
+            serde_json::to_string(&self.inner.simulate(&req.as_input(), now_ms))
+        })
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    fn shadow_stats_json(&self) -> String {
+        serde_json::to_string(&self.inner.shadow_stats()).unwrap_or_else(|_| "{}".into())
     }
 }
 
@@ -154,6 +315,9 @@ fn wal_scan(py: Python<'_>, wal_dir: &str) -> PyResult<(u64, u64)> {
 fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
     m.add_class::<WalReader>()?;
+    m.add_class::<RiskEngine>()?;
+    m.add("RulesError", m.py().get_type::<RulesError>())?;
+    m.add("RiskListError", m.py().get_type::<RiskListError>())?;
     m.add_function(wrap_pyfunction!(contains_pan, m)?)?;
     m.add_function(wrap_pyfunction!(currency_exponent, m)?)?;
     m.add_function(wrap_pyfunction!(wal_scan, m)?)?;
