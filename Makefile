@@ -56,5 +56,11 @@ services-up:
 services-down:
 	bash deploy/services.sh down
 
+bench: install
+	python bench/http_bench.py $(BENCH_ARGS)
+
+bench-micro: install
+	python bench/micro.py $(BENCH_ARGS)
+
 clean:
 	rm -rf target $(VENV) data
