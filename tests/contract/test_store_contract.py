@@ -11,7 +11,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from cluster.conftest import run_services_up
 from gateway.store.sqlite import SqliteStore
 

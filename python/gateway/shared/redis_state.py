@@ -13,6 +13,7 @@ accept a keyed request it cannot de-duplicate (see README, "Cluster mode").
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -295,7 +296,7 @@ class RiskSubscriber:
             return
         self.received += 1
         self.last = message
-        log.info("risk update received on %s (%d handlers)", self.channel, len(RISK_HANDLERS))
+        log.info("risk update received on %s by pid %d (%d handlers)", self.channel, os.getpid(), len(RISK_HANDLERS))
         for handler in RISK_HANDLERS:
             try:
                 handler(message)

@@ -1,0 +1,384 @@
+"""Cluster mode against the real Redis, Kafka and PostgreSQL: two gateway processes behind one port
+(`server.workers = 2`), two `gateway worker` processes, and faults in the middle of bursts.
+
+Every test has its own PostgreSQL schema, Kafka topic, consumer group and Redis key prefix, so tests do
+not see each other's data; all of them are dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import httpx
+import psycopg
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient
+from support import GATEWAY, REPO, Gateway, auth
+
+from .conftest import ServiceUrls
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+BODY = {"amount": 1250, "currency": "EUR", "payment_method": "tok_visa"}
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Outcome:
+    """What the clients saw: every 2xx payment id by idempotency key, and the other statuses."""
+
+    acked: dict[str, str] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)
+    ids_by_key: dict[str, set[str]] = field(default_factory=dict)
+    errors: int = 0
+
+    def record(self, key: str, r: httpx.Response) -> None:
+        self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
+        if 200 <= r.status_code < 300:
+            pid = r.json()["id"]
+            self.acked[key] = pid
+            self.ids_by_key.setdefault(key, set()).add(pid)
+
+
+class Cluster:
+    def __init__(self, services: ServiceUrls, tmp: Path, durability: str) -> None:
+        tag = uuid.uuid4().hex[:10]
+        self.services = services
+        self.schema = f"cl_{tag}"
+        self.topic = f"payments-{tag}"
+        self.prefix = f"t{tag}"
+        self.tmp = tmp
+        self.config_text = f"""
+[server]
+mode = "cluster"
+workers = 2
+durable_wait_ms_max = 5000
+[rate_limit]
+per_s = 100000.0
+burst = 100000.0
+[cluster]
+redis_url = "{services.redis_url}"
+database_url = "{services.database_url}"
+database_schema = "{self.schema}"
+kafka_bootstrap = "{services.kafka_bootstrap}"
+topic = "{self.topic}"
+topic_partitions = 4
+consumer_group = "workers-{tag}"
+redis_key_prefix = "{self.prefix}"
+redis_timeout_ms = 300
+durability = "{durability}"
+relay_message_timeout_ms = 120000
+"""
+        self.config_path = tmp / "cluster.toml"
+        self.config_path.write_text(self.config_text)
+        self.gateway = Gateway(tmp / "data", self.config_text)
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def start_gateway(self) -> None:
+        self.gateway.start(timeout_s=90)
+        self.wait_both_processes()
+
+    def wait_both_processes(self, timeout_s: float = 60) -> None:
+        """Both granian workers answer (each reports its WAL slot in /metrics)."""
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, f"only slots {seen} answered:\n{self.gateway.log()[-3000:]}"
+            try:
+                with httpx.Client(timeout=2) as c:  # a new connection each time, so both get a turn
+                    text = c.get(f"{self.gateway.url}/metrics").text
+                seen.update(re.findall(r"^gateway_cluster_slot (\d+)$", text, re.MULTILINE))
+            except httpx.HTTPError:
+                time.sleep(0.05)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"worker-{len(self.workers)}.log").open("ab")
+        proc = subprocess.Popen([GATEWAY, "worker", "--config", str(self.config_path)], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        for w in self.workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+                try:
+                    w.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+                    w.wait()
+
+    def cleanup(self) -> None:
+        with psycopg.connect(self.services.database_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+        admin = AdminClient({"bootstrap.servers": self.services.kafka_bootstrap})
+        with contextlib.suppress(Exception):  # the topic may not exist if the test failed early
+            admin.delete_topics([self.topic])[self.topic].result(timeout=30)
+        r = redis.Redis.from_url(self.services.redis_url)
+        try:
+            keys = list(r.scan_iter(f"{self.prefix}:*", count=1000))
+            if keys:
+                r.delete(*keys)
+        except redis.RedisError:
+            pass
+        finally:
+            r.close()
+
+    # -- PostgreSQL ------------------------------------------------------------------------------
+
+    def query(self, sql: str, *args: object) -> list[tuple]:
+        with psycopg.connect(self.services.database_url, autocommit=True) as conn:
+            conn.execute(f"SET search_path = {self.schema}")
+            return conn.execute(sql, args).fetchall()  # type: ignore[arg-type]
+
+    def wait_in_postgres(self, ids: set[str], timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        missing = set(ids)
+        while missing:
+            rows = self.query("SELECT id FROM payments WHERE id = ANY(%s)", list(missing))
+            missing -= {r[0] for r in rows}
+            if not missing:
+                return
+            assert time.monotonic() < deadline, (
+                f"{len(missing)} acknowledged payments never reached PostgreSQL, e.g. {sorted(missing)[:3]}\n"
+                f"{self.gateway.log()[-3000:]}")
+            time.sleep(0.25)
+
+    def assert_each_key_once(self, outcome: Outcome) -> None:
+        dup = self.query("SELECT idempotency_key, count(*) FROM payments GROUP BY idempotency_key"
+                         " HAVING count(*) > 1")
+        assert dup == [], f"payments written twice: {dup[:5]}"
+        self.wait_in_postgres(set(outcome.acked.values()))
+        for key, pid in outcome.acked.items():
+            rows = self.query("SELECT id FROM payments WHERE idempotency_key = %s", key)
+            assert rows == [(pid,)], (key, pid, rows)
+
+
+@pytest.fixture
+def cluster_factory(services: ServiceUrls, tmp_path: Path) -> Iterator[object]:
+    made: list[Cluster] = []
+
+    def make(durability: str = "wal") -> Cluster:
+        c = Cluster(services, tmp_path / f"c{len(made)}", durability)
+        made.append(c)
+        return c
+
+    for d in ("c0", "c1"):
+        (tmp_path / d).mkdir()
+    yield make
+    for c in made:
+        c.stop()
+        c.cleanup()
+
+
+class Burst:
+    """Open-ended traffic in a background thread: distinct keys (each sent `copies` times at once)
+    until stopped; transport errors (a killed process) are counted, never retried."""
+
+    def __init__(self, url: str, concurrency: int = 8, copies: int = 1) -> None:
+        self.url = url
+        self.concurrency = concurrency
+        self.copies = copies
+        self.outcome = Outcome()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _one(self, client: httpx.AsyncClient, key: str) -> None:
+        try:
+            r = await client.post(f"{self.url}/v1/payments", json=BODY,
+                                  headers={**auth(), "Idempotency-Key": key})
+        except httpx.HTTPError:
+            self.outcome.errors += 1
+            return
+        self.outcome.record(key, r)
+
+    async def _lane(self, client: httpx.AsyncClient) -> None:
+        while not self._stop.is_set():
+            key = uuid.uuid4().hex
+            await asyncio.gather(*[self._one(client, key) for _ in range(self.copies)])
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_connections=self.concurrency * self.copies, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=15, limits=limits) as client:
+            await asyncio.gather(*[self._lane(client) for _ in range(self.concurrency)])
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def wait_acked(self, n: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        start = len(self.outcome.acked)
+        while len(self.outcome.acked) < start + n:
+            assert time.monotonic() < deadline, f"fewer than {n} new 2xx in {timeout_s}s: {self.outcome}"
+            time.sleep(0.05)
+
+
+def post(url: str, key: str, body: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/payments", json=body or BODY, headers={**auth(), "Idempotency-Key": key},
+                      timeout=15)
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+
+def test_fifty_concurrent_same_key_requests_over_two_processes_create_one_payment(cluster_factory) -> None:
+    cl = cluster_factory()
+    cl.start_gateway()
+    cl.start_worker()
+    key = uuid.uuid4().hex
+
+    async def burst() -> list[httpx.Response]:
+        # No keep-alive: every request is a new connection, so the kernel spreads them over both processes.
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=20, limits=limits) as c:
+            return await asyncio.gather(*[
+                c.post(f"{cl.gateway.url}/v1/payments", json=BODY, headers={**auth(), "Idempotency-Key": key})
+                for _ in range(50)])
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {201, 409}, statuses
+    ids = {r.json()["id"] for r in responses if r.status_code == 201}
+    assert len(ids) == 1
+    # Once the first has finished, every retry on any process replays it; other parameters are refused.
+    for _ in range(6):
+        again = post(cl.gateway.url, key)
+        assert again.status_code == 201 and again.json()["id"] in ids
+        assert again.headers["idempotent-replayed"] == "true"
+    assert post(cl.gateway.url, key, {**BODY, "amount": 99}).json()["error"]["type"] == "idempotency_error"
+    cl.wait_in_postgres(ids)
+    assert cl.query("SELECT count(*) FROM payments WHERE idempotency_key = %s", key) == [(1,)]
+
+
+def test_reads_see_writes_across_processes_before_and_after_the_worker(cluster_factory) -> None:
+    cl = cluster_factory()
+    cl.start_gateway()
+    created = [post(cl.gateway.url, uuid.uuid4().hex).json() for _ in range(10)]
+    # No worker yet: the payments are only in the WALs, Kafka and Redis; every GET (new connection,
+    # so either process) finds them.
+    for p in created:
+        r = httpx.get(f"{cl.gateway.url}/v1/payments/{p['id']}", headers=auth(), timeout=5)
+        assert r.status_code == 200 and r.json() == p
+    cl.start_worker()
+    cl.wait_in_postgres({p["id"] for p in created})
+    r = redis.Redis.from_url(cl.services.redis_url)
+    deadline = time.monotonic() + 10
+    while any(r.exists(f"{cl.prefix}:pay:{p['id']}") for p in created):
+        assert time.monotonic() < deadline, "the worker did not drop the read-your-writes copies"
+        time.sleep(0.1)
+    r.close()
+    for p in created:  # now served by PostgreSQL
+        got = httpx.get(f"{cl.gateway.url}/v1/payments/{p['id']}", headers=auth(), timeout=5)
+        assert got.status_code == 200 and got.json() == p
+
+
+def test_acknowledged_payments_reach_postgres_once_after_sigkill_of_the_gateway(cluster_factory) -> None:
+    # durability = "kafka": a 2xx also waits for the broker's ack.
+    cl = cluster_factory("kafka")
+    cl.start_gateway()
+    cl.start_worker()
+    cl.start_worker()
+    with Burst(cl.gateway.url) as burst:
+        burst.wait_acked(100)
+        cl.gateway.kill()  # both gateway processes, mid-burst
+        cl.start_gateway()  # the restarted processes claim the slots again and their relays resume
+        burst.wait_acked(100)
+    assert burst.outcome.acked
+    cl.assert_each_key_once(burst.outcome)
+
+
+def test_acknowledged_payments_reach_postgres_once_after_sigkill_of_a_worker(cluster_factory) -> None:
+    cl = cluster_factory()
+    cl.start_gateway()
+    victim = cl.start_worker()
+    cl.start_worker()
+    with Burst(cl.gateway.url) as burst:
+        burst.wait_acked(150)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=10)
+        burst.wait_acked(150)
+        cl.start_worker()
+        burst.wait_acked(50)
+    cl.assert_each_key_once(burst.outcome)
+
+
+def test_acknowledged_payments_reach_postgres_once_across_a_kafka_broker_restart(cluster_factory) -> None:
+    cl = cluster_factory()
+    cl.start_gateway()
+    cl.start_worker()
+    cl.start_worker()
+    try:
+        with Burst(cl.gateway.url) as burst:
+            burst.wait_acked(100)
+            subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "stop"], check=True, timeout=120)
+            # durability = "wal": creates keep being acknowledged from the local WAL while the broker is away.
+            burst.wait_acked(50)
+            subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "start"], check=True, timeout=180)
+            burst.wait_acked(50)
+    finally:
+        subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "start"], check=False, timeout=180)
+    cl.assert_each_key_once(burst.outcome)
+
+
+def test_redis_stopped_mid_burst_never_produces_a_duplicate(cluster_factory) -> None:
+    cl = cluster_factory()
+    cl.start_gateway()
+    cl.start_worker()
+    try:
+        # Every key is sent three times at once, so the outage hits keys whose copies race each other.
+        with Burst(cl.gateway.url, concurrency=6, copies=3) as burst:
+            burst.wait_acked(60)
+            subprocess.run(["bash", str(REPO / "deploy" / "redis.sh"), "stop"], check=True, timeout=60)
+            time.sleep(2)
+            during = dict(burst.outcome.statuses)
+            time.sleep(1)
+            assert burst.outcome.statuses.get(503, 0) > during.get(503, 0) or during.get(503, 0) > 0, (
+                "no 503 while Redis was down", burst.outcome.statuses)
+            subprocess.run(["bash", str(REPO / "deploy" / "redis.sh"), "start"], check=True, timeout=60)
+            burst.wait_acked(60)
+    finally:
+        subprocess.run(["bash", str(REPO / "deploy" / "redis.sh"), "start"], check=False, timeout=60)
+    out = burst.outcome
+    assert set(out.statuses) <= {201, 409, 503}, out.statuses
+    assert all(len(ids) == 1 for ids in out.ids_by_key.values()), "one key answered with two payment ids"
+    cl.assert_each_key_once(out)
+
+
+def test_risk_channel_delivers_to_every_gateway_process(cluster_factory) -> None:
+    cl = cluster_factory()
+    cl.start_gateway()
+    r = redis.Redis.from_url(cl.services.redis_url)
+    pids: set[str] = set()
+    deadline = time.monotonic() + 20
+    try:
+        # The subscriber threads may still be connecting right after start-up: publish until both
+        # processes (told apart by pid in the log) have received an update.
+        while len(pids) < 2:
+            assert time.monotonic() < deadline, cl.gateway.log()[-2000:]
+            r.publish("gateway:risk", b'{"kind": "blocklist", "version": 7}')
+            time.sleep(0.2)
+            pids = set(re.findall(r"risk update received on gateway:risk by pid (\d+)", cl.gateway.log()))
+    finally:
+        r.close()
