@@ -104,6 +104,23 @@ class ClusterConfig(_Section):
     worker_batch_records_max: Annotated[int, Meta(ge=1, le=100_000)] = 500
 
 
+class RiskConfig(_Section):
+    """The risk control plane: admin API key, model file, GeoIP table (see docs/risk.md)."""
+
+    # The admin key (`Authorization: Bearer ak_...`) is read from this environment variable at start-up,
+    # or configured as the hex SHA-256 of the key; either matches. Neither set: the admin API answers 401.
+    admin_key_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] = "GATEWAY_ADMIN_KEY"
+    admin_key_sha256: Annotated[str, Meta(pattern=r"^([0-9a-f]{64})?$")] = ""
+    # XGBoost model.json loaded at start and by `POST /v1/admin/model/reload`; empty: the shipped model.
+    model_path: str = ""
+    # Extra `cidr,country` lines for :ip_country: beside the built-in documentation ranges; empty: none.
+    geoip_file: str = ""
+    # Velocity keys per dimension of the backtest engine (the live engine's bound is the Rust default).
+    backtest_keys_per_dimension_max: Annotated[int, Meta(ge=1024, le=16_777_216)] = 16_384
+    # WAL records one backtest replays at most (the most recent ones are not cut: the replay stops).
+    backtest_records_max: Annotated[int, Meta(ge=1, le=100_000_000)] = 1_000_000
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
@@ -113,6 +130,7 @@ class Config(_Section):
     tailer: TailerConfig = msgspec.field(default_factory=TailerConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    risk: RiskConfig = msgspec.field(default_factory=RiskConfig)
 
     def fastpath_json(self, data_dir: Path) -> str:
         """The settings the Rust fast path takes, as the JSON its `Config` decodes."""

@@ -12,6 +12,7 @@ import msgspec
 
 from gateway.store.base import Merchant, WalRecord
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING
+from gateway.store.risk_schema import MIGRATION_3_RISK
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -57,6 +58,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     # Payment processing (async path): state, PSP attempts, merchant operations, the ledger, the
     # audit log and the idempotency keys of capture/void/refund. Written by store/processing.py.
     (2, MIGRATION_2_PROCESSING),
+    # Risk control plane: versioned rulesets, persisted lists, audit trail. Written by risk/control.py.
+    (3, MIGRATION_3_RISK),
 ]
 
 _record_decoder = msgspec.json.Decoder(WalRecord)

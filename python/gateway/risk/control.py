@@ -1,0 +1,560 @@
+"""The risk control plane: versioned rulesets, persisted lists, the model, shadow mode and backtests.
+
+The Rust engine (`FastPath.risk`, a `RiskEngine`) holds what is live; SQLite (`risk_rulesets`,
+`risk_lists`, `risk_list_entries`, `risk_audit`, migration 3) holds what must survive a restart and
+the history of who changed what. Every change goes the same way:
+
+1. validate and compile first (`check_rules`): a bad ruleset changes nothing and reports every error;
+2. write the new version in a SQLite transaction;
+3. swap it into the engine (atomic: a request sees the old or the new ruleset, never half of one);
+4. commit. If the swap fails the transaction is rolled back, so the store never names a version the
+   engine refused.
+
+Versions are one sequence over every slot (global, each merchant, shadow) and are never reused or
+rewritten: a rollback is a new version whose source is the old one (`operation = 'rollback'`,
+`rollback_of` = the version restored), so the history reads as what was live when, and by whom.
+Clearing a merchant ruleset or the shadow ruleset is a version with no source (`operation = 'clear'`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from gateway._fastpath import RiskEngine, RiskListError, RulesError
+
+if TYPE_CHECKING:
+    from gateway.store.sqlite import SqliteStore
+
+log = logging.getLogger("gateway.risk")
+
+SHIPPED_MODEL = Path(__file__).with_name("model.json")
+LIST_KINDS = ("card", "bin", "email", "ip", "device", "country", "string")
+VALUE_BYTES_MAX = 256
+# Values an audit row keeps verbatim; its `count` is always exact.
+AUDIT_VALUES_MAX = 1_000
+# Entries handed to the engine per call when lists are restored or loaded.
+CHUNK_VALUES = 10_000
+SOURCE_BYTES_MAX = 8 * 1024 * 1024
+AUTHOR_CHARS_MAX = 200
+COMMENT_CHARS_MAX = 2_000
+
+
+class ControlError(Exception):
+    """A refused control-plane request: HTTP status, error code, message and offending parameter."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+class RulesInvalid(ControlError):
+    """A ruleset that does not compile; `errors` holds every located error."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
+        super().__init__(400, "rules_invalid", message, "source")
+        self.errors = errors
+
+
+def rules_invalid(err: RulesError) -> RulesInvalid:
+    located = [{"line": ln, "column": col, "kind": kind, "message": msg} for ln, col, kind, msg in err.args[1]]
+    return RulesInvalid(str(err.args[0]), located)
+
+
+class RulesetVersion(msgspec.Struct):
+    version: int
+    scope: str  # "global" | "merchant" | "shadow"
+    merchant_id: str | None
+    source: str | None
+    author: str
+    comment: str
+    operation: str  # "push" | "rollback" | "clear"
+    rollback_of: int | None
+    created_ms: int
+
+
+_COLUMNS = "version, scope, merchant_id, source, author, comment, operation, rollback_of, created_ms"
+
+
+def _row(r: tuple[Any, ...]) -> RulesetVersion:
+    return RulesetVersion(r[0], r[1], r[2] or None, r[3], r[4], r[5], r[6], r[7], r[8])
+
+
+def normalize(kind: str, value: str) -> str:
+    """The engine's own normalisation, applied before storing so that add and remove agree."""
+    if kind == "email":
+        return "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in value)
+    if kind == "country":
+        return "".join(chr(ord(c) - 32) if "a" <= c <= "z" else c for c in value)
+    return value
+
+
+def _check_text(value: str, name: str, chars_max: int) -> str:
+    if len(value) > chars_max:
+        raise ControlError(400, "parameter_invalid", f"{name} is longer than {chars_max} characters.", name)
+    return value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RiskControl:
+    """One per gateway process; serialises control-plane changes with a lock of its own."""
+
+    def __init__(self, store: SqliteStore, engine: RiskEngine, model_path: Path) -> None:
+        self.store = store
+        self.engine = engine
+        self.model_path = model_path
+        self.model_bytes: bytes | None = None
+        self._lock = threading.Lock()
+
+    # -- storage helpers ---------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        return self.store._conn()
+
+    def _tx(self) -> _Tx:
+        return _Tx(self._conn(), self.store._write_lock)
+
+    def _audit(self, conn: sqlite3.Connection, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
+        conn.execute("INSERT INTO risk_audit (at_ms, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                     (_now_ms(), actor, action, target, json.dumps(detail, separators=(",", ":"))))
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def restore(self) -> dict[str, Any]:
+        """Loads the model, the lists and the active rulesets into the engine (lists before rules: rules
+        compile against the lists they name)."""
+        with self._lock:
+            model_hash = self._load_model_file()
+            lists = entries = 0
+            conn = self._conn()
+            for name, kind, entries_max in conn.execute("SELECT name, kind, entries_max FROM risk_lists ORDER BY name"):
+                try:
+                    self.engine.create_list(name, kind, entries_max)
+                except RiskListError:
+                    pass  # already in the engine: a hook that runs twice must not fail
+                lists += 1
+                for chunk in _chunks(v for (v,) in self._conn().execute(
+                        "SELECT value FROM risk_list_entries WHERE list_name = ?", (name,))):
+                    entries += self.engine.list_add(name, chunk)
+            active = self.active()
+            for rv in active:
+                self._install(rv)
+        summary = {"model_hash": model_hash, "lists": lists, "entries": entries,
+                   "rulesets": [(rv.scope, rv.merchant_id, rv.version) for rv in active]}
+        log.info("risk control plane restored: %s", summary)
+        return summary
+
+    def _load_model_file(self) -> str:
+        data = self.model_path.read_bytes()
+        model_hash = self.engine.load_model(data)
+        self.model_bytes = data
+        return model_hash
+
+    def reload_model(self, actor: str) -> str:
+        with self._lock:
+            try:
+                model_hash = self._load_model_file()
+            except (OSError, ValueError) as e:
+                raise ControlError(422, "model_invalid", f"The model could not be loaded: {e}") from None
+            with self._tx() as conn:
+                self._audit(conn, actor, "model.reload", "model", {"path": str(self.model_path),
+                                                                   "model_hash": model_hash})
+        return model_hash
+
+    # -- rulesets ----------------------------------------------------------------------------------
+
+    def check(self, source: str) -> int:
+        """Number of rules of a valid ruleset; RulesInvalid with every located error otherwise."""
+        if len(source.encode()) > SOURCE_BYTES_MAX:
+            raise ControlError(400, "parameter_invalid", f"source is larger than {SOURCE_BYTES_MAX} bytes.", "source")
+        try:
+            return self.engine.check_rules(source)
+        except RulesError as e:
+            raise rules_invalid(e) from None
+
+    def _install(self, rv: RulesetVersion) -> None:
+        if rv.scope == "global":
+            self.engine.set_rules(rv.source or "", rv.version)
+        elif rv.scope == "merchant":
+            assert rv.merchant_id is not None
+            self.engine.set_merchant_rules(rv.merchant_id, rv.source, rv.version)
+        else:
+            self.engine.set_shadow_rules(rv.source, rv.version)
+
+    def _record(self, scope: str, merchant_id: str | None, source: str | None, author: str, comment: str,
+                operation: str, rollback_of: int | None = None) -> RulesetVersion:
+        _check_text(author, "author", AUTHOR_CHARS_MAX)
+        _check_text(comment, "comment", COMMENT_CHARS_MAX)
+        if not author:
+            raise ControlError(400, "parameter_missing", "author must not be empty.", "author")
+        with self._lock, self._tx() as conn:
+            version = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM risk_rulesets").fetchone()[0]
+            rv = RulesetVersion(version, scope, merchant_id, source, author, comment, operation, rollback_of,
+                                _now_ms())
+            conn.execute(
+                f"INSERT INTO risk_rulesets ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (rv.version, rv.scope, rv.merchant_id or "", rv.source, rv.author, rv.comment, rv.operation,
+                 rv.rollback_of, rv.created_ms))
+            try:
+                self._install(rv)  # compiles again against the lists of this instant, then swaps
+            except RulesError as e:
+                raise rules_invalid(e) from None
+        log.info("risk rules %s: version %d (%s%s) by %s", operation, version, scope,
+                 f" {merchant_id}" if merchant_id else "", author)
+        return rv
+
+    def push(self, source: str, *, author: str, comment: str = "", merchant_id: str | None = None,
+             shadow: bool = False) -> RulesetVersion:
+        if shadow and merchant_id:
+            raise ControlError(400, "parameter_invalid",
+                               "Shadow mode runs a candidate global ruleset; merchant_id cannot be given.",
+                               "merchant_id")
+        self.check(source)
+        scope = "shadow" if shadow else "merchant" if merchant_id else "global"
+        return self._record(scope, merchant_id, source, author, comment, "push")
+
+    def clear(self, *, author: str, comment: str = "", merchant_id: str | None = None) -> RulesetVersion:
+        """Removes the shadow ruleset (no merchant) or a merchant's ruleset; the global one cannot be
+        cleared (push an empty ruleset instead)."""
+        scope = "merchant" if merchant_id else "shadow"
+        return self._record(scope, merchant_id, None, author, comment, "clear")
+
+    def rollback(self, version: int, *, author: str, comment: str = "") -> RulesetVersion:
+        row = self._conn().execute(f"SELECT {_COLUMNS} FROM risk_rulesets WHERE version = ?", (version,)).fetchone()
+        if row is None:
+            raise ControlError(404, "resource_missing", f"No such ruleset version: {version}", "version")
+        old = _row(row)
+        return self._record(old.scope, old.merchant_id, old.source, author,
+                            comment or f"rollback to version {version}", "rollback", rollback_of=version)
+
+    def history(self, scope: str | None = None, merchant_id: str | None = None, limit: int = 100,
+                before: int | None = None) -> list[dict[str, Any]]:
+        where, args = ["1 = 1"], []
+        if scope:
+            where.append("scope = ?")
+            args.append(scope)
+        if merchant_id:
+            where.append("merchant_id = ?")
+            args.append(merchant_id)
+        if before:
+            where.append("version < ?")
+            args.append(before)
+        active = {rv.version for rv in self.active()}
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM risk_rulesets WHERE {' AND '.join(where)} ORDER BY version DESC LIMIT ?",
+            (*args, limit)).fetchall()
+        return [{**msgspec.structs.asdict(_row(r)), "active": r[0] in active} for r in rows]
+
+    def active(self) -> list[RulesetVersion]:
+        """The newest version of every slot that is not cleared, global first."""
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM risk_rulesets r WHERE version = (SELECT max(version) FROM risk_rulesets "
+            "WHERE scope = r.scope AND merchant_id = r.merchant_id) ORDER BY scope, merchant_id").fetchall()
+        return [rv for rv in map(_row, rows) if rv.source is not None]
+
+    def shadow_stats(self) -> dict[str, Any]:
+        return dict(json.loads(self.engine.shadow_stats_json()))
+
+    # -- lists -------------------------------------------------------------------------------------
+
+    def _list_kind(self, name: str) -> str:
+        row = self._conn().execute("SELECT kind FROM risk_lists WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ControlError(404, "resource_missing", f"No such list: @{name}", "name")
+        return str(row[0])
+
+    def _values(self, kind: str, values: list[str]) -> list[str]:
+        out = []
+        for v in values:
+            if not isinstance(v, str) or not v or len(v.encode()) > VALUE_BYTES_MAX:
+                raise ControlError(400, "parameter_invalid",
+                                   f"List values are strings of 1 to {VALUE_BYTES_MAX} bytes.", "values")
+            out.append(normalize(kind, v))
+        return list(dict.fromkeys(out))
+
+    def create_list(self, name: str, kind: str, entries_max: int | None, actor: str) -> dict[str, Any]:
+        with self._lock, self._tx() as conn:
+            if conn.execute("SELECT 1 FROM risk_lists WHERE name = ?", (name,)).fetchone() is not None:
+                raise ControlError(409, "list_exists", f"List @{name} already exists.", "name")
+            try:
+                self.engine.create_list(name, kind, entries_max)
+            except RiskListError as e:
+                raise ControlError(400, "list_invalid", str(e), "name") from None
+            conn.execute("INSERT INTO risk_lists (name, kind, entries_max, author, created_ms) VALUES (?, ?, ?, ?, ?)",
+                         (name, kind, entries_max, actor, _now_ms()))
+            self._audit(conn, actor, "list.create", f"@{name}", {"kind": kind, "entries_max": entries_max})
+        return self.get_list(name, 0)
+
+    def _change(self, name: str, values: list[str], actor: str, op: str) -> int:
+        """Adds or removes values in SQLite and in the engine, all or nothing."""
+        kind = self._list_kind(name)
+        vals = self._values(kind, values)
+        now = _now_ms()
+        with self._lock, self._tx() as conn:
+            before = _present(conn, name, vals) if op == "add" else set()
+            if op == "add":
+                conn.executemany("INSERT OR IGNORE INTO risk_list_entries (list_name, value, added_ms) VALUES (?, ?, ?)",
+                                 [(name, v, now) for v in vals])
+            else:
+                conn.executemany("DELETE FROM risk_list_entries WHERE list_name = ? AND value = ?",
+                                 [(name, v) for v in vals])
+            done = 0
+            try:
+                for chunk in _chunks(iter(vals)):
+                    done += self.engine.list_add(name, chunk) if op == "add" else self.engine.list_remove(name, chunk)
+            except RiskListError as e:
+                # The engine took part of the batch before refusing (a full list): take back what is new,
+                # so that the engine and the rolled-back store agree.
+                if op == "add":
+                    self.engine.list_remove(name, [v for v in vals if v not in before])
+                code = "list_full" if "full" in str(e) else "list_invalid"
+                raise ControlError(422, code, str(e), "values") from None
+            self._audit(conn, actor, f"list.{op}", f"@{name}",
+                        {"count": len(vals), "changed": done, "values": vals[:AUDIT_VALUES_MAX],
+                         "values_truncated": len(vals) > AUDIT_VALUES_MAX})
+        return done
+
+    def list_add(self, name: str, values: list[str], actor: str) -> int:
+        return self._change(name, values, actor, "add")
+
+    def list_remove(self, name: str, values: list[str], actor: str) -> int:
+        return self._change(name, values, actor, "remove")
+
+    def list_load(self, name: str, values: list[str], actor: str) -> tuple[int, int]:
+        """Makes the list hold exactly `values`: adds the new ones, removes the others."""
+        kind = self._list_kind(name)
+        wanted = set(self._values(kind, values))
+        current = {v for (v,) in self._conn().execute(
+            "SELECT value FROM risk_list_entries WHERE list_name = ?", (name,))}
+        stale = sorted(current - wanted)
+        removed = self.list_remove(name, stale, actor) if stale else 0
+        fresh = sorted(wanted - current)
+        added = self.list_add(name, fresh, actor) if fresh else 0
+        return added, removed
+
+    def get_list(self, name: str, limit: int = 100, after: str = "") -> dict[str, Any]:
+        conn = self._conn()
+        row = conn.execute("SELECT kind, entries_max, author, created_ms FROM risk_lists WHERE name = ?",
+                           (name,)).fetchone()
+        if row is None:
+            raise ControlError(404, "resource_missing", f"No such list: @{name}", "name")
+        count = conn.execute("SELECT count(*) FROM risk_list_entries WHERE list_name = ?", (name,)).fetchone()[0]
+        values = [v for (v,) in conn.execute(
+            "SELECT value FROM risk_list_entries WHERE list_name = ? AND value > ? ORDER BY value LIMIT ?",
+            (name, after, limit))]
+        live = next((x for x in json.loads(self.engine.lists_json()) if x["name"] == name), None)
+        return {"name": name, "kind": row[0], "entries_max": row[1], "author": row[2], "created_ms": row[3],
+                "entries": count, "values": values, "has_more": len(values) == limit and count > len(values),
+                "engine": live}
+
+    def lists(self) -> list[dict[str, Any]]:
+        stored = {name: count for name, count in self._conn().execute(
+            "SELECT l.name, count(e.value) FROM risk_lists l LEFT JOIN risk_list_entries e ON e.list_name = l.name "
+            "GROUP BY l.name")}
+        return [{**x, "stored_entries": stored.get(x["name"])} for x in json.loads(self.engine.lists_json())]
+
+    def audit(self, target: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        q = "SELECT id, at_ms, actor, action, target, detail FROM risk_audit"
+        args: tuple[Any, ...] = ()
+        if target:
+            q += " WHERE target = ?"
+            args = (target,)
+        rows = self._conn().execute(q + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [{"id": r[0], "at_ms": r[1], "actor": r[2], "action": r[3], "target": r[4],
+                 "detail": json.loads(r[5])} for r in rows]
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT under the store's write lock (the tailer writes the same file)."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.conn = conn
+        self.lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.lock.release()
+
+
+def _present(conn: sqlite3.Connection, name: str, values: list[str]) -> set[str]:
+    """Which of `values` the stored list holds (looked up per value batch, never the whole list)."""
+    out: set[str] = set()
+    for i in range(0, len(values), 500):
+        part = values[i:i + 500]
+        marks = ",".join("?" * len(part))
+        out.update(v for (v,) in conn.execute(
+            f"SELECT value FROM risk_list_entries WHERE list_name = ? AND value IN ({marks})", (name, *part)))
+    return out
+
+
+def _chunks(values: Iterator[str] | Iterable[str], size: int = CHUNK_VALUES) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for v in values:
+        chunk.append(v)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# -- backtest --------------------------------------------------------------------------------------
+
+ACTIONS = ("allow", "block", "challenge", "review")
+
+
+def risk_request(record: dict[str, Any], ip_country: Callable[[str], str | None]) -> dict[str, Any] | None:
+    """The RiskRequest the fast path built for a `payment.created` WAL record (None for other records).
+
+    Like the fast path: the card is the payment method, the customer fields come from `customer`,
+    `ip_country` is looked up from the IP, and `amount_usd` is left to the engine's rate table.
+    """
+    if record.get("type") != "payment.created":
+        return None
+    p = record.get("payment") or {}
+    c = p.get("customer") or {}
+    req: dict[str, Any] = {"merchant_id": record["merchant_id"], "amount": p["amount"], "currency": p["currency"],
+                           "card": p.get("payment_method")}
+    for key, field in (("email", "email"), ("ip", "ip"), ("device_id", "device_id"), ("customer_id", "id"),
+                       ("customer_country", "country")):
+        if c.get(field):
+            req[key] = c[field]
+    if c.get("ip"):
+        country = ip_country(c["ip"])
+        if country:
+            req["ip_country"] = country
+    return req
+
+
+def backtest_engine(conn: sqlite3.Connection, source: str, merchant_id: str | None, model_bytes: bytes | None,
+                    keys_per_dimension_max: int) -> RiskEngine:
+    """A standalone engine with the stored lists, the model, the active rulesets and the candidate in
+    place of the global ruleset (or of `merchant_id`'s ruleset). RulesInvalid if the candidate is bad."""
+    engine = RiskEngine(keys_per_dimension_max=keys_per_dimension_max, shadow_samples_max=0)
+    for name, kind, entries_max in conn.execute("SELECT name, kind, entries_max FROM risk_lists ORDER BY name").fetchall():
+        engine.create_list(name, kind, entries_max)
+        for chunk in _chunks(v for (v,) in conn.execute(
+                "SELECT value FROM risk_list_entries WHERE list_name = ?", (name,)).fetchall()):
+            engine.list_add(name, chunk)
+    if model_bytes is not None:
+        engine.load_model(model_bytes)
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM risk_rulesets r WHERE version = (SELECT max(version) FROM risk_rulesets "
+        "WHERE scope = r.scope AND merchant_id = r.merchant_id) AND source IS NOT NULL AND scope != 'shadow'"
+    ).fetchall()
+    for rv in map(_row, rows):
+        if rv.scope == "global" and not merchant_id:
+            continue
+        if rv.scope == "merchant" and rv.merchant_id == merchant_id:
+            continue
+        if rv.scope == "global":
+            engine.set_rules(rv.source or "", rv.version)
+        else:
+            engine.set_merchant_rules(rv.merchant_id or "", rv.source, rv.version)
+    try:
+        if merchant_id:
+            engine.set_merchant_rules(merchant_id, source, 0)
+        else:
+            engine.set_rules(source, 0)
+    except RulesError as e:
+        raise rules_invalid(e) from None
+    return engine
+
+
+def backtest(engine: RiskEngine, records: Iterable[tuple[int, bytes]], ip_country: Callable[[str], str | None],
+             records_max: int) -> dict[str, Any]:
+    """Replays `payment.created` records in WAL order, each at its own `created_ms`, so velocity
+    evolves as it did live, and counts what the candidate would have decided beside what was decided."""
+    started = time.perf_counter()
+    candidate = dict.fromkeys(ACTIONS, 0)
+    live: dict[str, int] = dict.fromkeys(ACTIONS, 0)
+    transitions: dict[tuple[str, str], int] = {}
+    rules: dict[tuple[str, str], dict[str, Any]] = {}
+    changed = n = 0
+    first_lsn = last_lsn = None
+    truncated = False
+    verbs = {"allow": "allowed", "block": "blocked", "challenge": "challenged", "review": "reviewed"}
+    for lsn, payload in records:
+        if n >= records_max:
+            truncated = True
+            break
+        try:
+            record = json.loads(payload)
+        except ValueError:
+            continue
+        req = risk_request(record, ip_country)
+        if req is None:
+            continue
+        n += 1
+        first_lsn = lsn if first_lsn is None else first_lsn
+        last_lsn = lsn
+        d = json.loads(engine.decide_json(json.dumps(req), int(record["created_ms"])))
+        action = d["action"]
+        candidate[action] += 1
+        live_action = ((record["payment"].get("risk") or {}).get("action")) or "unknown"
+        live[live_action] = live.get(live_action, 0) + 1
+        transitions[(live_action, action)] = transitions.get((live_action, action), 0) + 1
+        changed += live_action != action
+        for m in d["matched_rules"]:
+            key = (m["scope"], m["name"])
+            stat = rules.setdefault(key, {"name": m["name"], "scope": m["scope"], "action": m["action"],
+                                          "matched": 0, "allowed": 0, "blocked": 0, "challenged": 0,
+                                          "reviewed": 0})
+            stat["matched"] += 1
+        if d["rule"] is not None:
+            # The deciding rule is the first matched rule with its name and the final action (global first).
+            m = next(m for m in d["matched_rules"] if m["name"] == d["rule"] and m["action"] == action)
+            rules[(m["scope"], m["name"])][verbs[action]] += 1
+    return {
+        "object": "risk_backtest",
+        "records": n,
+        "first_lsn": first_lsn,
+        "last_lsn": last_lsn,
+        "truncated": truncated,
+        "candidate": candidate,
+        "live": live,
+        "changed": changed,
+        "transitions": sorted([a, b, c] for (a, b), c in transitions.items()),
+        "rules": list(rules.values()),
+        "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+    }
+
+
+def wal_records(wal_dir: str, committed_lsn: int, after_lsn: int = 0,
+                batch: int = 10_000) -> Iterator[tuple[int, bytes]]:
+    """Every durable record after `after_lsn` up to `committed_lsn`, in LSN order."""
+    from gateway._fastpath import WalReader
+
+    reader = WalReader(wal_dir, after_lsn)
+    while True:
+        got = reader.read(committed_lsn, batch)
+        if not got:
+            return
+        yield from got
+        if got[-1][0] >= committed_lsn:
+            return
