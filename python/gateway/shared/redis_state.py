@@ -123,7 +123,7 @@ class RedisSharedState:
         self.recent_ttl_s = recent_ttl_s
         timeout_s = timeout_ms / 1000
         # No client-side retries: a failing Redis must turn into a quick 503, not a slow one.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self._pool = pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=pool_size, timeout=timeout_s, socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
@@ -179,6 +179,7 @@ class RedisSharedState:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        await self._pool.disconnect()
 
 
 class InMemorySharedState:
