@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--data-dir")
     lc.add_argument("--config")
     lc.set_defaults(func=cmd_ledger_check)
+
+    from gateway.risk.cli import add_parsers as add_risk_parsers
+
+    add_risk_parsers(sub)  # `gateway rules ...`, `gateway lists ...`: the risk admin API
     return p
 
 

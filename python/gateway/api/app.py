@@ -317,7 +317,9 @@ class GatewayApp:
         status, out, lsn, replayed, retry_after, payment_id = fp.create_payment(auth.id, idem_key, body)
         headers = [JSON]
         if lsn:
-            if payment_id is not None and self.tailer is not None and len(self.recent) < RECENT_MAX:
+            # Only a 2xx body is the payment object; a 402 body is the decline error, and reading the
+            # declined payment back must wait for the store rather than answer 200 with the error.
+            if payment_id is not None and status < 300 and self.tailer is not None and len(self.recent) < RECENT_MAX:
                 self.recent[payment_id] = (auth.id, out)
             if fp.committed_lsn() < lsn:
                 fut: asyncio.Future[None] = self._loop.create_future()

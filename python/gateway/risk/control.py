@@ -426,6 +426,8 @@ def _chunks(values: Iterator[str] | Iterable[str], size: int = CHUNK_VALUES) -> 
 # -- backtest --------------------------------------------------------------------------------------
 
 ACTIONS = ("allow", "block", "challenge", "review")
+# "Everything that is complete": offline readers do not know the committed LSN of a running writer.
+LSN_MAX = 2**63 - 1
 
 
 def risk_request(record: dict[str, Any], ip_country: Callable[[str], str | None]) -> dict[str, Any] | None:
@@ -556,5 +558,5 @@ def wal_records(wal_dir: str, committed_lsn: int, after_lsn: int = 0,
         if not got:
             return
         yield from got
-        if got[-1][0] >= committed_lsn:
+        if got[-1][0] >= committed_lsn or len(got) < batch:
             return
