@@ -68,7 +68,7 @@ def read_back(g: Gateway, payment_id: str) -> dict[str, Any]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([GATEWAY, *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([GATEWAY, *args], capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, **ENV})
 
 

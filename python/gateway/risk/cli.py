@@ -37,7 +37,7 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
     req = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method,
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310 - operator-given URL
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
         raw = e.read()
@@ -132,7 +132,7 @@ def offline_backtest(data_dir: Path, config_path: str | None, source: str, merch
     try:
         store.migrate()
         try:
-            engine = ctl.backtest_engine(store._conn(), source, merchant_id, model,  # noqa: SLF001
+            engine = ctl.backtest_engine(store._conn(), source, merchant_id, model,
                                          cfg.backtest_keys_per_dimension_max)
         except ctl.RulesInvalid as e:
             lines = [f"error: rules_invalid: the ruleset has {len(e.errors)} error(s)"]

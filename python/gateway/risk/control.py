@@ -243,7 +243,8 @@ class RiskControl:
 
     def history(self, scope: str | None = None, merchant_id: str | None = None, limit: int = 100,
                 before: int | None = None) -> list[dict[str, Any]]:
-        where, args = ["1 = 1"], []
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
         if scope:
             where.append("scope = ?")
             args.append(scope)
