@@ -29,6 +29,10 @@ from gateway.store.postgres import PostgresStore
 log = logging.getLogger("gateway.worker")
 
 POLL_TIMEOUT_S = 0.2
+# A worker that dies without leaving the group (SIGKILL, power loss) keeps its partitions until the
+# broker misses its heartbeats for this long; Kafka's 45 s default would stall those partitions that long.
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = 1_000
 STORE_RETRY_S = 1.0
 
 
@@ -71,6 +75,8 @@ class KafkaWorker:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
             "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
+            "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
         })
         self.redis = redis.Redis.from_url(c.redis_url, socket_timeout=c.redis_timeout_ms / 1000,
                                           socket_connect_timeout=c.redis_timeout_ms / 1000)
