@@ -35,7 +35,8 @@ from gateway.api import app as app_mod
 from gateway.api.app import JSON, ON_APPLIED, ON_START, ON_STOP, PAYMENT_ID, GatewayApp, Response, route
 from gateway.api.errors import error_body
 from gateway.pipeline.state_machine import AMOUNT_MINOR_MAX
-from gateway.pipeline.worker import Worker, created_payment_ids
+from gateway.pipeline.worker import created_payment_ids
+from gateway.pipeline.worker_process import WorkerProcess
 from gateway.store.base import Merchant
 from gateway.store.processing import Accepted, ProcessingStore, Refused, Replayed, fingerprint
 
@@ -81,7 +82,7 @@ class _State:
     def __init__(self, app: GatewayApp, loop: asyncio.AbstractEventLoop) -> None:
         assert app.store is not None
         self.pstore = ProcessingStore(app.store)
-        self.worker = Worker(app.store)
+        self.worker = WorkerProcess(app.store.path, loop)
         self.loop = loop
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
         self.worker.on_change.append(self._changed)
