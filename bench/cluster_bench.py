@@ -1,0 +1,294 @@
+"""Cluster-mode benchmark: P50/P99/P99.9 and achieved requests/s at steady offered rates, for both
+durability modes (`wal`: 2xx after the local fsync; `kafka`: also after the broker's ack), side by
+side in one run, on the same machine, against the real Redis, Kafka and PostgreSQL of deploy/.
+
+Per mode: `gateway serve` with two processes behind one port, one `gateway worker`, a PostgreSQL schema,
+Kafka topic and Redis prefix of its own (dropped afterwards). Load comes from bench/loadgen (open loop,
+latency from each request's intended send time); every request has a fresh Idempotency-Key. After the
+run the script checks that every 2xx payment reached PostgreSQL.
+
+    python bench/cluster_bench.py                       # rates 250,500,1000 req/s, 5 s each
+    python bench/cluster_bench.py --rates 500 --step-seconds 10
+
+Results: printed, and bench/results/cluster-<timestamp>.json (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+from confluent_kafka.admin import AdminClient
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+VENV_BIN = Path(sys.executable).parent
+LOADGEN = REPO / ".cache" / "tools" / "bin" / "loadgen"
+
+OK_STATUSES = "200,201"
+DEMO_KEY = "sk_test_demo"
+TARGETS = 20_000
+BODY = json.dumps({"amount": 2599, "currency": "USD", "payment_method": "tok_visa",
+                   "customer": {"email": "buyer@example.com", "country": "US"}})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_loadgen() -> Path | None:
+    """The Go open-loop generator (bench/loadgen, built into .cache/tools/bin), or None: then the
+    script's own asyncio generator (same method, more client CPU) is used."""
+    src = BENCH / "loadgen" / "main.go"
+    if src.exists() and (not LOADGEN.exists() or src.stat().st_mtime > LOADGEN.stat().st_mtime):
+        LOADGEN.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["go", "build", "-o", str(LOADGEN), "."], cwd=src.parent, check=True, timeout=600)
+    return LOADGEN if LOADGEN.exists() else None
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    if not sorted_ms:
+        return 0.0
+    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
+
+
+def run_step_python(port: int, rate: float, seconds: float, run_id: str) -> dict[str, Any]:
+    """Open loop in asyncio: request i is due at start + i/rate whatever the server does, and its
+    latency counts from that due time (coordinated omission corrected)."""
+    import asyncio
+
+    async def go() -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}/v1/payments"
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        lat: list[float] = []
+        statuses: dict[str, int] = {}
+        errors = 0
+        async with httpx.AsyncClient(timeout=5, limits=limits) as client:
+            async def one(i: int, due: float) -> None:
+                nonlocal errors
+                try:
+                    r = await client.post(url, content=BODY, headers={
+                        "Authorization": f"Bearer {DEMO_KEY}", "Content-Type": "application/json",
+                        "Idempotency-Key": f"bench-{run_id}-{i}"})
+                    statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
+                    if r.status_code not in (200, 201):
+                        errors += 1
+                except httpx.HTTPError:
+                    errors += 1
+                lat.append((time.perf_counter() - due) * 1000)
+
+            n = int(rate * seconds)
+            start = time.perf_counter()
+            tasks = []
+            for i in range(n):
+                due = start + i / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i, due)))
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - start
+        lat.sort()
+        pct = {"p50_ms": _percentile(lat, 0.5), "p99_ms": _percentile(lat, 0.99),
+               "p999_ms": _percentile(lat, 0.999), "max_ms": lat[-1] if lat else 0.0}
+        return {"achieved_rate": (n - errors) / elapsed, "error_rate": errors / max(1, n),
+                "status_counts": statuses, "latency_corrected": pct}
+
+    return asyncio.run(go())
+
+
+def services() -> dict[str, str]:
+    out = subprocess.run(["bash", str(REPO / "deploy" / "services.sh"), "up"], capture_output=True, text=True,
+                         check=True, timeout=900).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def write_targets(path: Path) -> None:
+    with path.open("w") as f:
+        for i in range(TARGETS):
+            f.write(json.dumps({"method": "POST", "url": "/v1/payments", "body": BODY, "headers": {
+                "Authorization": f"Bearer {DEMO_KEY}", "Content-Type": "application/json",
+                "Idempotency-Key": f"bench-{{run}}-{{cycle}}-{i}"}}) + "\n")
+
+
+class Deployment:
+    def __init__(self, svc: dict[str, str], durability: str, workdir: Path, workers: int) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.svc = svc
+        self.schema = f"bench_{tag}"
+        self.topic = f"bench-{tag}"
+        self.prefix = f"b{tag}"
+        self.port = free_port()
+        self.dir = workdir / durability
+        self.dir.mkdir(parents=True)
+        self.config = self.dir / "cluster.toml"
+        self.config.write_text(f"""
+[server]
+mode = "cluster"
+workers = {workers}
+[rate_limit]
+per_s = 1000000.0
+burst = 1000000.0
+[log]
+level = "warning"
+[cluster]
+redis_url = "{svc['REDIS_URL']}"
+database_url = "{svc['DATABASE_URL']}"
+database_schema = "{self.schema}"
+kafka_bootstrap = "{svc['KAFKA_BOOTSTRAP']}"
+topic = "{self.topic}"
+consumer_group = "bench-{tag}"
+redis_key_prefix = "{self.prefix}"
+durability = "{durability}"
+""")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workers = workers
+
+    def start(self) -> None:
+        gw = VENV_BIN / "gateway"
+        log = (self.dir / "gateway.log").open("ab")
+        self.procs.append(subprocess.Popen(
+            [str(gw), "serve", "--config", str(self.config), "--data-dir", str(self.dir / "data"),
+             "--port", str(self.port), "--demo"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wlog = (self.dir / "worker.log").open("ab")
+        self.procs.append(subprocess.Popen([str(gw), "worker", "--config", str(self.config)], stdout=wlog,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
+        seen: set[str] = set()
+        deadline = time.monotonic() + 90
+        while len(seen) < self.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not ready: {(self.dir / 'gateway.log').read_text()[-2000:]}")
+            try:
+                with httpx.Client(timeout=2) as c:
+                    seen.update(re.findall(r"^gateway_cluster_slot (\d+)$",
+                                           c.get(f"http://127.0.0.1:{self.port}/metrics").text, re.MULTILINE))
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def payments_in_postgres(self) -> int:
+        with psycopg.connect(self.svc["DATABASE_URL"], autocommit=True) as conn:
+            row = conn.execute(f"SELECT count(*) FROM {self.schema}.payments").fetchone()
+        return int(row[0]) if row else 0
+
+    def cleanup(self) -> None:
+        with psycopg.connect(self.svc["DATABASE_URL"], autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+        admin = AdminClient({"bootstrap.servers": self.svc["KAFKA_BOOTSTRAP"]})
+        try:
+            admin.delete_topics([self.topic])[self.topic].result(timeout=30)
+        except Exception as e:  # noqa: BLE001 - cleanup is best effort
+            print(f"note: topic {self.topic} not deleted: {e}", file=sys.stderr)
+        r = redis.Redis.from_url(self.svc["REDIS_URL"])
+        keys = list(r.scan_iter(f"{self.prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            r.delete(*keys[i:i + 1000])
+        r.close()
+
+
+def run_step(loadgen: Path | None, targets: Path, port: int, rate: float, seconds: float,
+             run_id: str) -> dict[str, Any]:
+    if loadgen is None:
+        return run_step_python(port, rate, seconds, run_id)
+    argv = [str(loadgen), "-targets", str(targets), "-base", f"http://127.0.0.1:{port}", "-rate", str(rate),
+            "-duration", f"{seconds}s", "-run", run_id, "-ok", OK_STATUSES, "-connections", "256",
+            "-timeout", "5s"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return dict(json.loads(proc.stdout))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="250,500,1000", help="offered rates, requests per second")
+    ap.add_argument("--step-seconds", type=float, default=5.0)
+    ap.add_argument("--modes", default="wal,kafka")
+    ap.add_argument("--workers", type=int, default=2, help="gateway processes behind the port")
+    args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    svc = services()
+    loadgen = ensure_loadgen()
+    print(f"load generator: {loadgen or 'asyncio + httpx'}", flush=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    report: dict[str, Any] = {
+        "when": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "gateway_processes": args.workers, "kafka_workers": 1, "step_seconds": args.step_seconds,
+        "load_generator": ("bench/loadgen (Go" if loadgen else "asyncio + httpx (Python")
+        + ", open loop, latency from intended send time)", "modes": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
+        targets = Path(tmp) / "targets.jsonl"
+        write_targets(targets)
+        for mode in args.modes.split(","):
+            d = Deployment(svc, mode, Path(tmp), args.workers)
+            try:
+                d.start()
+                run_step(loadgen, targets, d.port, rates[0], 2.0, f"{mode}-warm")
+                steps = []
+                for rate in rates:
+                    r = run_step(loadgen, targets, d.port, rate, args.step_seconds, f"{mode}-{int(rate)}")
+                    steps.append({
+                        "offered_rate": rate, "achieved_rate": round(r["achieved_rate"], 1),
+                        "error_rate": r["error_rate"], "status_counts": r["status_counts"],
+                        "p50_ms": r["latency_corrected"]["p50_ms"], "p99_ms": r["latency_corrected"]["p99_ms"],
+                        "p999_ms": r["latency_corrected"]["p999_ms"], "max_ms": r["latency_corrected"]["max_ms"],
+                    })
+                    print(f"{mode:6} offered {rate:7.0f}/s achieved {r['achieved_rate']:8.1f}/s "
+                          f"p50 {r['latency_corrected']['p50_ms']:7.2f} ms p99 {r['latency_corrected']['p99_ms']:7.2f}"
+                          f" ms p99.9 {r['latency_corrected']['p999_ms']:7.2f} ms errors {r['error_rate']:.4f}",
+                          flush=True)
+                acked = sum(s["status_counts"].get("201", 0) for s in steps)
+                deadline = time.monotonic() + 60
+                while (in_pg := d.payments_in_postgres()) < acked and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                report["modes"][mode] = {"steps": steps, "acknowledged_in_steps": acked,
+                                         "payments_in_postgres": in_pg}
+            finally:
+                d.stop()
+                d.cleanup()
+    out = BENCH / "results" / f"cluster-{stamp}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwal vs kafka durability, same run ({args.workers} gateway processes, 1 worker):")
+    print(f"{'rate':>8} | {'wal p50/p99 ms':>18} | {'kafka p50/p99 ms':>18}")
+    for i, rate in enumerate(rates):
+        cells = []
+        for mode in ("wal", "kafka"):
+            s = report["modes"].get(mode, {}).get("steps", [])
+            cells.append(f"{s[i]['p50_ms']:7.2f}/{s[i]['p99_ms']:8.2f}" if i < len(s) else "-")
+        print(f"{rate:8.0f} | {cells[0]:>18} | {cells[1]:>18}")
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
