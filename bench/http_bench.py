@@ -1,8 +1,9 @@
 """Open-loop HTTP benchmark: the gateway beside a bare server (floor) and a plain-Python baseline.
 
 Every system gets the same traffic at the same stepped offered rates, on the same machine, in the same
-run. Latency is measured from each request's intended send time (coordinated omission corrected) by
-bench/loadgen; the server and the load generator are pinned to separate cores when the machine has
+run. The load generator is k6 (constant-arrival-rate executor, open loop) driven by bench/k6_open_loop.js;
+latency is measured from each request's intended send time (coordinated omission corrected) and k6's
+dropped iterations count as errors. The server and k6 are pinned to separate cores when the machine has
 more than one. Results land in bench/results/<timestamp>/ as report.json, report.md and PNG plots.
 
     python bench/http_bench.py            # full run, a few minutes
@@ -36,7 +37,9 @@ REPO = BENCH.parent
 VENV_BIN = Path(sys.executable).parent
 TOOLS_BIN = REPO / ".cache" / "tools" / "bin"
 
-DEFAULT_RATES = [10_000, 25_000, 50_000, 75_000, 100_000]
+# Low steps first so a 2-core machine finds the knee; a system's higher steps are skipped once it (or the
+# generator) is clearly saturated, which keeps a run to a few minutes.
+DEFAULT_RATES = [1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 75_000, 100_000]
 QUICK_RATES = [200, 500]
 KNEE_P99_MS = 10.0
 KNEE_ERROR_RATE = 0.001
@@ -60,7 +63,8 @@ class Traffic:
     replay_share: float = 0.03
     replay_min_distance: int = 500
     no_idempotency_key_share: float = 0.10
-    targets_max: int = 120_000
+    # Entries in the targets file; k6 wraps around with fresh idempotency keys (see k6_open_loop.js).
+    targets_max: int = 60_000
     seed: int = 20260101
     blocklisted_cards: list[str] = field(default_factory=lambda: [f"tok_blocked_{i:03d}" for i in range(100)])
     blocklisted_emails: list[str] = field(
@@ -124,29 +128,29 @@ def versions() -> dict[str, str]:
     for pkg in ("granian", "msgspec", "uvloop", "fastapi", "uvicorn", "pydantic", "httptools", "gateway"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-    out["go"] = run_text(["go", "version"]) or "unknown"
+    out["k6"] = run_text([str(TOOLS_BIN / "k6"), "version"]) or "unknown"
     out["git_commit"] = run_text(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     return out
 
 
 def ensure_tools() -> Path:
-    loadgen = TOOLS_BIN / "loadgen"
-    src = BENCH / "loadgen" / "main.go"
-    if not loadgen.exists() or src.stat().st_mtime > loadgen.stat().st_mtime:
+    """k6 from the Go module proxy into .cache/tools/bin (bench/tools.sh), once; oha is left to `--oha`."""
+    k6 = TOOLS_BIN / "k6"
+    if not k6.exists():
         env = {**os.environ, "BENCH_SKIP_OHA": "1"}
         subprocess.run(["bash", str(BENCH / "tools.sh")], check=True, env=env, stdout=subprocess.DEVNULL)
-    return loadgen
+    return k6
 
 
 def cpu_plan(cores: int, no_pin: bool) -> dict[str, Any]:
-    """Server on core 0, load generator on the rest; nothing is pinned on a single core."""
+    """Server on core 0, k6 on the rest (half each from 4 cores); nothing is pinned on a single core."""
     if no_pin or cores < 2 or shutil.which("taskset") is None:
-        return {"pinned": False, "server_cpus": None, "loadgen_cpus": None}
+        return {"pinned": False, "server_cpus": None, "generator_cpus": None}
     server = "0" if cores < 4 else f"0-{cores // 2 - 1}"
-    loadgen = "1" if cores < 4 else f"{cores // 2}-{cores - 1}"
+    generator = "1" if cores < 4 else f"{cores // 2}-{cores - 1}"
     if cores > 2 and cores < 4:
-        loadgen = f"1-{cores - 1}"
-    return {"pinned": True, "server_cpus": server, "loadgen_cpus": loadgen}
+        generator = f"1-{cores - 1}"
+    return {"pinned": True, "server_cpus": server, "generator_cpus": generator}
 
 
 def pinned(argv: list[str], cpus: str | None) -> list[str]:
@@ -157,7 +161,11 @@ def pinned(argv: list[str], cpus: str | None) -> list[str]:
 
 
 def build_targets(path: Path, traffic: Traffic, api_keys: list[str], count: int) -> dict[str, Any]:
-    """Write `count` JSON-lines targets; returns the realised mix for the report."""
+    """Write `count` targets for k6_open_loop.js; returns the realised mix for the report.
+
+    The file is one JSON array of [merchant index, idempotency key id or -1, JSON body]; k6 adds the
+    merchant's API key and turns the key id into a key unique to the step and the wrap-around.
+    """
     import msgspec
 
     rng = np.random.default_rng(traffic.seed)
@@ -178,7 +186,7 @@ def build_targets(path: Path, traffic: Traffic, api_keys: list[str], count: int)
     replay = rng.random(count) < traffic.replay_share
     replay[: traffic.replay_min_distance] = False
     encoder = msgspec.json.Encoder()
-    lines: list[bytes] = []
+    lines: list[list[Any]] = []
     realised = {"blocklisted_card": 0, "blocklisted_email": 0, "hot_device": 0, "replay": 0, "no_key": 0}
     b1 = traffic.blocklisted_card_share
     b2 = b1 + traffic.blocklisted_email_share
@@ -217,22 +225,10 @@ def build_targets(path: Path, traffic: Traffic, api_keys: list[str], count: int)
                 "country": str(countries[i]),
             },
         }
-        headers = {
-            "Authorization": f"Bearer {api_keys[int(merchants[i])]}",
-            "Content-Type": "application/json",
-        }
         if no_key[i]:
             realised["no_key"] += 1
-        else:
-            headers["Idempotency-Key"] = f"{{run}}-{{cycle}}-{i}"
-        target = {
-            "method": "POST",
-            "url": "/v1/payments",
-            "headers": headers,
-            "body": encoder.encode(body).decode(),
-        }
-        lines.append(encoder.encode(target))
-    path.write_bytes(b"\n".join(lines) + b"\n")
+        lines.append([int(merchants[i]), -1 if no_key[i] else i, encoder.encode(body).decode()])
+    path.write_bytes(encoder.encode(lines))
     return {k: round(v / count, 4) for k, v in realised.items()} | {"targets": count}
 
 
@@ -274,6 +270,40 @@ def create_gateway_merchants(exe: Path, data_dir: Path, n: int, config: Path) ->
         ).stdout
         keys.append(json.loads(out.strip().splitlines()[-1])["api_key"])
     return keys
+
+
+BENCH_ADMIN_KEY = "ak_bench_only_for_this_run"
+DEVICE_VELOCITY_MAX = 100
+# The same risk policy the baseline applies (baseline_app.py): blocklisted cards and e-mails, and more
+# than `device_velocity_max` payments from one device in a minute.
+GATEWAY_RULES = """\
+blocklisted_card: block if :card: in @bench_blocked_cards
+blocklisted_email: block if :email: in @bench_blocked_emails
+hot_device: block if :device_count_1m: > {device_velocity_max}
+"""
+
+
+def load_gateway_risk(port: int, traffic: Traffic, device_velocity_max: int) -> dict[str, Any]:
+    """Push the bench's lists and rules through the admin API; returns what was loaded or the error."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}/v1/admin"
+    auth = {"Authorization": f"Bearer {BENCH_ADMIN_KEY}"}
+    try:
+        with httpx.Client(headers=auth, timeout=10) as c:
+            for name, kind, values in (
+                ("bench_blocked_cards", "card", traffic.blocklisted_cards),
+                ("bench_blocked_emails", "email", traffic.blocklisted_emails),
+            ):
+                c.post(f"{base}/lists", json={"name": name, "kind": kind}).raise_for_status()
+                c.post(f"{base}/lists/{name}/load", json={"values": values}).raise_for_status()
+            source = GATEWAY_RULES.format(device_velocity_max=device_velocity_max)
+            r = c.post(f"{base}/rules", json={"source": source, "comment": "bench policy"})
+            r.raise_for_status()
+            return {"loaded": True, "rules": source.splitlines(), "version": r.json().get("version")}
+    except httpx.HTTPError as exc:
+        detail = exc.response.text[:300] if isinstance(exc, httpx.HTTPStatusError) else str(exc)
+        return {"loaded": False, "error": f"{exc.__class__.__name__}: {detail}"}
 
 
 def start_server(server: Server, cpus: str | None, out_dir: Path, timeout_s: float = 60) -> None:
@@ -368,7 +398,7 @@ def make_servers(
                 },
                 "velocity_window_s": 60,
                 "velocity_max": 1_000_000,
-                "device_velocity_max": 100,
+                "device_velocity_max": DEVICE_VELOCITY_MAX,
                 "wal_path": str(work / "baseline-wal.log"),
                 "rate_limit_per_s": 10_000_000,
             }
@@ -405,57 +435,266 @@ def make_servers(
                 "--port",
                 str(port),
             ]
-            servers.append(Server(name, argv, port, env, REPO))
+            servers.append(Server(name, argv, port, {**env, "GATEWAY_ADMIN_KEY": BENCH_ADMIN_KEY}, REPO))
     return servers
 
 
 # --------------------------------------------------------------------------------------------- load
 
 
+K6_SCRIPT = BENCH / "k6_open_loop.js"
+# Mirrors k6_open_loop.js: log-spaced latency buckets, 10 per decade from 0.01 ms to 10 s.
+HIST_MIN_MS = 0.01
+HIST_PER_DECADE = 10
+HIST_BUCKETS = 60
+# k6 waits this long for in-flight requests after the step (request timeout 2 s plus a margin).
+K6_GRACEFUL_STOP_S = 3.0
+# A generator using this share of its cores' time was the bottleneck of the step, not the server.
+GEN_SATURATED_CPU_SHARE = 0.9
+
+
+def vus_for(rate: float, vus_max: int) -> int:
+    """Pre-allocated VUs: enough for 100 ms of answers in flight at `rate`, at least 64, at most `vus_max`.
+
+    Every VU is allocated before the step starts, so no VU is initialised while the step runs; a server
+    that keeps `rate` x 100 ms requests in flight is far past a 10 ms P99 and its drops are its own.
+    """
+    return int(min(vus_max, max(64, rate * 0.1)))
+
+
 def run_step(
-    loadgen: Path,
+    k6: Path,
     targets: Path,
     port: int,
     rate: float,
     seconds: float,
     run_id: str,
     cpus: str | None,
-    connections: int,
+    server_cpus: str | None,
+    vus_max: int,
+    api_keys: list[str],
+    work: Path,
 ) -> dict[str, Any]:
-    argv = [
-        str(loadgen),
-        "-targets",
-        str(targets),
-        "-base",
-        f"http://127.0.0.1:{port}",
-        "-rate",
-        str(rate),
-        "-duration",
-        f"{seconds}s",
-        "-run",
-        run_id,
-        "-ok",
-        OK_STATUSES,
-        "-connections",
-        str(connections),
-        "-timeout",
-        "2s",
-    ]
-    proc = subprocess.run(
-        pinned(argv, cpus), capture_output=True, text=True, timeout=seconds + 60, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return dict(json.loads(proc.stdout))
+    """One offered rate with k6; returns the step's figures in the report's shape."""
+    summary_path = work / f"k6-{run_id}.json"
+    vus = vus_for(rate, vus_max)
+    env = {
+        **os.environ,
+        "TARGETS": str(targets),
+        "BASE": f"http://127.0.0.1:{port}",
+        "RATE": str(int(rate)),
+        "DURATION_S": f"{seconds:g}",
+        "VUS": str(vus),
+        "RUN": run_id,
+        "TIMEOUT": "2s",
+        "OK": OK_STATUSES,
+        "API_KEYS": ",".join(api_keys),
+        "SUMMARY": str(summary_path),
+        # Fewer garbage collections: k6 allocates per request and memory is not the constraint here.
+        "GOGC": "400",
+        "K6_NO_USAGE_REPORT": "true",
+    }
+    argv = [str(k6), "run", "--quiet", "--no-usage-report", str(K6_SCRIPT)]
+    log_path = work / f"k6-{run_id}.log"
+    wall0 = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(pinned(argv, cpus), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        # k6 stops by itself (duration + graceful stop); this bound only guards against a hung process.
+        deadline = wall0 + seconds + K6_GRACEFUL_STOP_S + 60
+        # The generator's CPU time, sampled while it runs: its saturation during the step is a result.
+        # So are the busy shares of the generator's and the server's cores (other processes included):
+        # k6 can be starved on a shared core without using all of it itself.
+        cpu_samples: list[tuple[float, float, dict[int, float]]] = []
+        while proc.poll() is None:
+            cpu = proc_cpu_s(proc.pid)
+            if cpu is not None:
+                cpu_samples.append((time.monotonic(), cpu, cores_busy_s()))
+            if time.monotonic() > deadline:
+                proc.kill()
+            time.sleep(0.05)
+    exited = time.monotonic()
+    stderr = log_path.read_text(errors="replace")
+    if not summary_path.exists():
+        raise RuntimeError(f"k6 wrote no summary (exit {proc.returncode}): {stderr.strip()[-500:]}")
+    data = json.loads(summary_path.read_text())
+    summary_path.unlink()
+    # The step runs from (exit - test run duration) for `seconds`; k6's start-up (VUs, targets) is before.
+    run_s = float(data.get("state", {}).get("testRunDurationMs", seconds * 1000)) / 1000
+    step_cpu = cpu_between(cpu_samples, exited - run_s, exited - run_s + seconds)
+    return step_from_k6(data, rate, seconds, vus, cpus, server_cpus, step_cpu)
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process and its threads, from /proc (None once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cores_busy_s() -> dict[int, float]:
+    """Busy (non-idle, non-iowait) seconds of every core since boot, from /proc/stat."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *vals = line.split()
+                ticks = [int(v) for v in vals[:8]]
+                out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / tick
+    return out
+
+
+@dataclass
+class StepCpu:
+    wall_s: float
+    k6_cpu_s: float
+    cores_busy_s: dict[int, float]
+
+
+def cpu_between(samples: list[tuple[float, float, dict[int, float]]], t0: float, t1: float) -> StepCpu | None:
+    """CPU used between the samples nearest to t0 and t1: by k6, and by each core as a whole."""
+    if len(samples) < 2:
+        return None
+    a = min(samples, key=lambda s: abs(s[0] - t0))
+    b = min(samples, key=lambda s: abs(s[0] - t1))
+    if b[0] - a[0] < 0.2:
+        return None
+    busy = {c: b[2][c] - a[2].get(c, 0.0) for c in b[2]}
+    return StepCpu(b[0] - a[0], b[1] - a[1], busy)
+
+
+def step_from_k6(
+    data: dict[str, Any],
+    rate: float,
+    seconds: float,
+    vus: int,
+    cpus: str | None,
+    server_cpus: str | None,
+    step_cpu: StepCpu | None,
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = data["metrics"]
+
+    def values(name: str) -> dict[str, Any]:
+        return dict(metrics.get(name, {}).get("values", {}))
+
+    def count(name: str) -> int:
+        return int(values(name).get("count", 0))
+
+    def trend(name: str) -> dict[str, Any]:
+        v = values(name)
+        return {
+            "p50_ms": round(v.get("p(50)", 0.0), 3),
+            "p90_ms": round(v.get("p(90)", 0.0), 3),
+            "p99_ms": round(v.get("p(99)", 0.0), 3),
+            "p999_ms": round(v.get("p(99.9)", 0.0), 3),
+            "max_ms": round(v.get("max", 0.0), 3),
+            "mean_ms": round(v.get("avg", 0.0), 3),
+            "count": int(v.get("count", 0)),
+        }
+
+    statuses: dict[str, int] = {}
+    for name in metrics:
+        if name.startswith("answers{s:"):
+            n = count(name)
+            if n:
+                statuses[name[len("answers{s:") : -1]] = n
+    sent = count("http_reqs")
+    dropped = count("dropped_iterations")
+    not_ok = count("not_ok")
+    timeouts = count("timeouts")
+    transport = count("transport_errors")
+    answered = sent - timeouts - transport
+    ok = sent - not_ok
+    planned = int(rate * seconds)
+    # Every scheduled iteration either was sent or was dropped; k6 schedules one at t = 0 too.
+    scheduled = sent + dropped
+    errors = not_ok + dropped
+    run_s = max(float(data.get("state", {}).get("testRunDurationMs", seconds * 1000)) / 1000, seconds)
+    # Answers arrive until the last in-flight request completes, at most the graceful stop after the step.
+    answer_window_s = min(run_s, seconds + K6_GRACEFUL_STOP_S)
+    hist_counts = [count(f"hist{{b:{b}}}") for b in range(HIST_BUCKETS + 2)]
+    edges = [round(HIST_MIN_MS * 10 ** (b / HIST_PER_DECADE), 6) for b in range(HIST_BUCKETS + 1)]
+    gen_cores = expand_cpus(cpus) if cpus else list(range(os.cpu_count() or 1))
+    server_cores = expand_cpus(server_cpus) if server_cpus else list(range(os.cpu_count() or 1))
+    gen_cpu_share = core_busy = server_busy = None
+    if step_cpu:
+        gen_cpu_share = round(step_cpu.k6_cpu_s / (step_cpu.wall_s * len(gen_cores)), 3)
+
+        def busy(cores: list[int]) -> float:
+            used = sum(step_cpu.cores_busy_s.get(c, 0.0) for c in cores)
+            return round(min(used / (step_cpu.wall_s * len(cores)), 1.0), 3)
+
+        core_busy = busy(gen_cores)
+        server_busy = busy(server_cores)
+    send_rate = sent / seconds
+    fell_behind = send_rate < 0.95 * rate or dropped > KNEE_ERROR_RATE * max(scheduled, 1)
+    return {
+        "offered_rate": rate,
+        "duration_s": seconds,
+        "planned": planned,
+        "scheduled": scheduled,
+        "sent": sent,
+        "dropped": dropped,
+        "completed": answered,
+        "send_rate": round(send_rate, 1),
+        "achieved_rate": round(ok / answer_window_s, 1),
+        "errors": errors,
+        "error_rate": round(errors / max(scheduled, 1), 6),
+        "status_counts": statuses,
+        "error_kinds": {
+            k: v
+            for k, v in {
+                "dropped_iterations": dropped,
+                "timeout": timeouts,
+                "transport": transport,
+                "status": not_ok - timeouts - transport,
+            }.items()
+            if v
+        },
+        "latency_corrected": trend("latency_corrected"),
+        "latency_uncorrected": trend("http_req_duration"),
+        "send_lag": trend("gen_lag"),
+        "histogram_edges_ms": edges,
+        "histogram_counts": hist_counts,
+        "generator": {
+            "vus": vus,
+            "cores": gen_cores,
+            # Share of the generator's cores' time k6 used during the step (start-up excluded), and
+            # how busy those cores were with everything (k6 and any other process on them).
+            "cpu_share": gen_cpu_share,
+            "cores_busy_share": core_busy,
+            # k6 fell behind its schedule (sent < 95% of the rate, or dropped iterations) while its
+            # cores were full: the step measures the generator, the rate was not actually offered.
+            "saturated": bool(fell_behind and core_busy is not None and core_busy >= GEN_SATURATED_CPU_SHARE),
+        },
+        "server_cores_busy_share": server_busy,
+    }
+
+
+def expand_cpus(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def run_oha_step(
-    oha: Path, targets: Path, port: int, rate: float, seconds: float, cpus: str | None, connections: int
+    oha: Path,
+    targets: Path,
+    port: int,
+    rate: float,
+    seconds: float,
+    cpus: str | None,
+    connections: int,
+    api_keys: list[str],
 ) -> dict[str, Any]:
     """The same offered rate with oha (static body and headers: the first target's), for a cross-check."""
-    first = json.loads(targets.read_text().split("\n", 1)[0])
+    merchant, _, body = json.loads(targets.read_text())[0]
     body_file = targets.with_name("oha-body.json")
-    body_file.write_text(first["body"])
+    body_file.write_text(body)
     argv = [
         str(oha),
         "-q",
@@ -475,10 +714,10 @@ def run_oha_step(
         "-T",
         "application/json",
         "-H",
-        f"Authorization: {first['headers']['Authorization']}",
+        f"Authorization: Bearer {api_keys[merchant]}",
         "-t",
         "2s",
-        f"http://127.0.0.1:{port}{first['url']}",
+        f"http://127.0.0.1:{port}/v1/payments",
     ]
     proc = subprocess.run(
         pinned(argv, cpus), capture_output=True, text=True, timeout=seconds + 60, check=False
@@ -603,6 +842,15 @@ def summarise_profile(raw: Path, top: int = 12) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- report
 
 
+def fmt_share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def versions_k6(k6: Path) -> str:
+    out = run_text([str(k6), "version"]).split()
+    return out[1] if len(out) > 1 else "unknown"
+
+
 def fmt_rate(x: float | None) -> str:
     if x is None:
         return "none"
@@ -624,24 +872,35 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"errors < {KNEE_ERROR_RATE:.1%}."
         ),
         "",
-        "| system | knee | capacity | offered | achieved | P50 ms | P99 ms | P99.9 ms | errors | gen lag P99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| system | knee | capacity | offered | sent | achieved | P50 ms | P99 ms | P99.9 ms | errors "
+            "| dropped | gen lag P99 ms | k6 CPU / its core busy | server core busy |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in report["systems"].items():
         if "error" in res:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | {res['error']} | - |")
+            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {res['error']} | - | - | - | - |")
             continue
         for i, s in enumerate(res["steps"]):
             lat = s["latency_corrected"]
             lines.append(
                 f"| {name if i == 0 else ''} | {fmt_rate(res['knee']) if i == 0 else ''} | "
                 f"{fmt_rate(res['capacity']) if i == 0 else ''} | "
-                f"{fmt_rate(s['offered_rate'])} | {fmt_rate(s['achieved_rate'])} | {lat['p50_ms']:.2f} | "
-                f"{lat['p99_ms']:.2f} | {lat['p999_ms']:.2f} | {s['error_rate']:.2%} | "
-                f"{s['send_lag']['p99_ms']:.2f} |"
+                f"{fmt_rate(s['offered_rate'])} | {fmt_rate(s['send_rate'])} | {fmt_rate(s['achieved_rate'])} | "
+                f"{lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | {lat['p999_ms']:.2f} | {s['error_rate']:.2%} | "
+                f"{s['dropped']} | {s['send_lag']['p99_ms']:.2f} | {fmt_share(s['generator']['cpu_share'])} / "
+                f"{fmt_share(s['generator']['cores_busy_share'])}"
+                f"{' (k6 saturated)' if s['generator']['saturated'] else ''} | "
+                f"{fmt_share(s['server_cores_busy_share'])} |"
             )
+        why = (
+            "k6 could not offer a lower rate"
+            if res.get("saturated_by") == "generator"
+            else "server saturated"
+        )
         for skipped in res.get("skipped_rates", []):
-            lines.append(f"| | | | {fmt_rate(skipped)} | skipped: saturated at a lower rate | | | | | |")
+            lines.append(f"| | | | {fmt_rate(skipped)} | skipped: {why} | | | | | | | | | |")
     ratios = report["ratios"]
     lines += [
         "",
@@ -653,10 +912,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         ),
         "",
         (
-            "Errors count transport failures, timeouts (2 s) and statuses outside "
-            f"{{{OK_STATUSES}}}; 402 (risk decline), 409 (retry while in flight) and replays are correct "
-            "answers to the planned traffic. `gen lag` is how late the load generator sent; above ~1 ms the "
-            "generator, not the server, limits the step."
+            "Errors count k6's dropped iterations (no free VU at the scheduled start), transport failures, "
+            f"timeouts (2 s) and statuses outside {{{OK_STATUSES}}}; 402 (risk decline), 409 (retry while "
+            "in flight) and replays are correct answers to the planned traffic. `sent` is the rate k6 "
+            "actually sent, `gen lag` how late it started iterations, `k6 CPU` the share of its "
+            "core(s) it used during the step and `its core busy` how busy those core(s) were with "
+            "everything (other processes on a shared machine included). A step where k6 fell behind "
+            "(sent < 95% or dropped iterations) while its core was 90%+ busy measures the generator: "
+            "that offered rate was not actually offered (marked `k6 saturated`)."
         ),
     ]
     oha_steps = report["systems"].get("floor", {}).get("oha_steps")
@@ -764,7 +1027,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step-seconds", type=float, help="seconds per offered rate")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of floor,gateway,baseline")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<timestamp>)")
-    p.add_argument("--connections", type=int, default=256, help="load generator connection cap")
+    p.add_argument(
+        "--vus",
+        type=int,
+        default=512,
+        help="k6 VUs (= concurrent requests and connections) at most; a step pre-allocates min(this, rate x 0.1 s)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--keep-going", action="store_true", help="run every rate even after saturation")
@@ -793,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or BENCH / "results" / started.strftime("%Y%m%dT%H%M%SZ")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=str(out_dir)))
-    loadgen = ensure_tools()
+    k6 = ensure_tools()
     machine = machine_info()
     plan = cpu_plan(machine["cores"] or 1, args.no_pin)
     traffic = Traffic()
@@ -825,7 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
         api_keys = [f"sk_bench_{i}" for i in range(traffic.merchants)]
 
     count = int(min(traffic.targets_max, max(rates) * step_seconds))
-    targets = work / "targets.jsonl"
+    targets = work / "targets.json"
     t0 = time.monotonic()
     mix = build_targets(targets, traffic, api_keys, max(count, 1000))
     print(
@@ -848,17 +1116,27 @@ def main(argv: list[str] | None = None) -> int:
                 results[server.name] = {"error": str(exc)}
                 done += len(rates)
                 continue
+            if server.name == "gateway":
+                res["risk"] = load_gateway_risk(server.port, traffic, DEVICE_VELOCITY_MAX)
+                if not res["risk"]["loaded"]:
+                    notes.append(
+                        f"gateway ran with no risk rules: loading them failed ({res['risk']['error']})"
+                    )
+                print(f"bench: gateway risk policy: {res['risk']}", flush=True)
             try:
                 # Warm-up: connections, caches and JIT-free but lazy imports, at the lowest rate.
                 run_step(
-                    loadgen,
+                    k6,
                     targets,
                     server.port,
                     min(rates[0], 1000),
                     1.0,
                     f"warm-{server.name}",
-                    plan["loadgen_cpus"],
-                    args.connections,
+                    plan["generator_cpus"],
+                    plan["server_cpus"],
+                    args.vus,
+                    api_keys,
+                    work,
                 )
                 saturated = False
                 for rate in rates:
@@ -881,14 +1159,17 @@ def main(argv: list[str] | None = None) -> int:
                         # The whole process tree: HTTP workers, pipeline workers and helpers alike.
                         profile = py_spy_profile(server.proc.pid, step_seconds, out_dir, server.name)
                     step = run_step(
-                        loadgen,
+                        k6,
                         targets,
                         server.port,
                         rate,
                         step_seconds,
                         f"{server.name}-{int(rate)}",
-                        plan["loadgen_cpus"],
-                        args.connections,
+                        plan["generator_cpus"],
+                        plan["server_cpus"],
+                        args.vus,
+                        api_keys,
+                        work,
                     )
                     if profile is not None:
                         for p in profile.pop("_procs"):
@@ -907,23 +1188,32 @@ def main(argv: list[str] | None = None) -> int:
                                 server.port,
                                 rate,
                                 step_seconds,
-                                plan["loadgen_cpus"],
-                                args.connections,
+                                plan["generator_cpus"],
+                                vus_for(rate, args.vus),
+                                api_keys,
                             )
                         )
                     lat = step["latency_corrected"]
+                    gen = step["generator"]
                     print(
-                        f"      achieved {fmt_rate(step['achieved_rate'])}/s  P50 {lat['p50_ms']:.2f}  "
-                        f"P99 {lat['p99_ms']:.2f}  P99.9 {lat['p999_ms']:.2f} ms  errors "
-                        f"{step['error_rate']:.2%}  statuses {step['status_counts']}",
+                        f"      sent {fmt_rate(step['send_rate'])}/s  achieved {fmt_rate(step['achieved_rate'])}/s  "
+                        f"P50 {lat['p50_ms']:.2f}  P99 {lat['p99_ms']:.2f}  P99.9 {lat['p999_ms']:.2f} ms  "
+                        f"errors {step['error_rate']:.2%} (dropped {step['dropped']})  k6 CPU "
+                        f"{fmt_share(gen['cpu_share'])} (core busy {fmt_share(gen['cores_busy_share'])})"
+                        f"{' K6 SATURATED' if gen['saturated'] else ''}  server core busy "
+                        f"{fmt_share(step['server_cores_busy_share'])}  "
+                        f"statuses {step['status_counts']}",
                         flush=True,
                     )
-                    if (
-                        not args.keep_going
-                        and step["error_rate"] > 0.2
-                        or (not args.keep_going and lat["p50_ms"] > 1000)
+                    # Clearly saturated: a fifth of the requests failed, half waited over a second, or
+                    # k6 on its full core sent under 90% of the rate (a higher rate would not be
+                    # offered either).
+                    generator_capped = gen["saturated"] and step["send_rate"] < 0.9 * rate
+                    if not args.keep_going and (
+                        step["error_rate"] > 0.2 or lat["p50_ms"] > 1000 or generator_capped
                     ):
                         saturated = True
+                        res["saturated_by"] = "generator" if generator_capped else "server"
                     time.sleep(0.5)
                 res["knee"] = knee(res["steps"])
                 res["capacity"] = capacity(res["steps"])
@@ -946,10 +1236,29 @@ def main(argv: list[str] | None = None) -> int:
         return round(ka / kb, 3) if ka and kb else None
 
     for name, res in results.items():
-        if "steps" in res and any(s["send_lag"]["p99_ms"] > 1.0 for s in res["steps"]):
+        if "steps" not in res:
+            continue
+        not_offered = [s["offered_rate"] for s in res["steps"] if s["generator"]["saturated"]]
+        if not_offered:
             notes.append(
-                f"{name}: the load generator sent late (P99 lag > 1 ms) at some rates; those steps "
-                "are bounded by the generator's core, not only by the server"
+                f"{name}: k6 could not offer {', '.join(fmt_rate(r) for r in not_offered)} req/s on its "
+                f"core(s) {plan['generator_cpus'] or 'all'} (it used its whole CPU share and sent less than "
+                "95% of the rate); those rows measure the generator, not the server"
+                + (
+                    f"; {', '.join(fmt_rate(r) for r in res['skipped_rates'])} were not run"
+                    if res.get("skipped_rates")
+                    else ""
+                )
+            )
+        late = [
+            s["offered_rate"]
+            for s in res["steps"]
+            if s["send_lag"]["p99_ms"] > 1.0 and not s["generator"]["saturated"] and not s["dropped"]
+        ]
+        if late:
+            notes.append(
+                f"{name}: k6 started iterations late (P99 lag > 1 ms) at {', '.join(fmt_rate(r) for r in late)} "
+                "req/s; the corrected latency includes that lag, so those rows are pessimistic"
             )
     report = {
         "started_at": started.isoformat(timespec="seconds"),
@@ -962,7 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_seconds": step_seconds,
             "quick": args.quick,
             "systems": systems,
-            "connections_max": args.connections,
+            "vus_max": args.vus,
             "ok_statuses": OK_STATUSES,
             "knee_p99_ms": KNEE_P99_MS,
             "knee_error_rate": KNEE_ERROR_RATE,
@@ -972,7 +1281,10 @@ def main(argv: list[str] | None = None) -> int:
             else str(args.gateway_config),
             "traffic": {k: v for k, v in traffic.__dict__.items() if not isinstance(v, list)}
             | {"realised": mix},
-            "load_generator": "bench/loadgen (Go, open loop, latency from intended send time)",
+            "load_generator": (
+                f"k6 {versions_k6(k6)} constant-arrival-rate (open loop) via bench/k6_open_loop.js; latency "
+                "from intended send time; dropped iterations count as errors"
+            ),
             "baseline_durability": "group commit: append + fsync per batch (<= 1 ms or 256 records)",
         },
         "systems": results,
@@ -989,9 +1301,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         report["plots"] = write_plots(report, out_dir)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(work / "targets.jsonl", ignore_errors=True)
     with contextlib.suppress(OSError):
-        (work / "targets.jsonl").unlink()
+        (work / "targets.json").unlink()
     print((out_dir / "report.md").read_text())
     print(f"bench: report in {out_dir}", flush=True)
     return 0

@@ -1,3 +1,0 @@
-module gateway.bench/loadgen
-
-go 1.22
