@@ -1,0 +1,103 @@
+"""Cluster-mode create decisions (api/cluster.py) with the in-memory SharedState fake and a stub fast
+path: what reaches the fast path, and what is answered without it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from gateway.api.cluster import Cluster, fingerprint
+from gateway.config import Config, parse
+from gateway.shared.redis_state import InMemorySharedState
+from gateway.store.base import Merchant
+
+MERCHANT = Merchant("acct_a", "Shop")
+BODY = b'{"amount": 100, "currency": "USD", "payment_method": "tok_visa"}'
+
+
+class StubApp:
+    """Stands in for GatewayApp: `accept_payment` records the call and answers like the fast path."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ready = True
+        self.accepted: list[tuple[str | None, bytes]] = []
+
+    async def accept_payment(self, auth: Merchant, idem_key: str | None, body: bytes) -> tuple[Any, ...]:
+        self.accepted.append((idem_key, body))
+        out = json.dumps({"id": f"pay_{len(self.accepted):024d}"}).encode()
+        return 201, [("content-type", "application/json")], out, len(self.accepted), f"pay_{len(self.accepted):024d}", False
+
+
+def make(rate_per_s: float = 1000.0) -> tuple[Cluster, StubApp, InMemorySharedState]:
+    app = StubApp(parse(f"[server]\nmode = 'cluster'\n[rate_limit]\nper_s = {rate_per_s}\nburst = {rate_per_s}\n"))
+    cluster = Cluster(app)  # type: ignore[arg-type]
+    shared = InMemorySharedState()
+    cluster.shared = shared
+    return cluster, app, shared
+
+
+def test_shared_state_down_answers_503_without_touching_the_fast_path() -> None:
+    cluster, app, shared = make()
+    shared.down = True
+    status, headers, body = asyncio.run(cluster.create_payment(MERCHANT, "k1", BODY))
+    assert status == 503 and ("retry-after", "1") in headers
+    assert json.loads(body)["error"]["code"] == "shared_state_unavailable"
+    assert app.accepted == []
+
+
+def test_replay_with_reordered_json_is_served_from_shared_state() -> None:
+    cluster, app, _ = make()
+
+    async def go() -> tuple[Any, Any]:
+        first = await cluster.create_payment(MERCHANT, "k1", BODY)
+        again = await cluster.create_payment(
+            MERCHANT, "k1", b'{"payment_method":"tok_visa","currency":"USD","amount":100}')
+        return first, again
+
+    first, again = asyncio.run(go())
+    assert first[0] == 201 and again[0] == 201 and again[2] == first[2]
+    assert ("idempotent-replayed", "true") in again[1]
+    assert len(app.accepted) == 1
+
+
+def test_same_key_other_parameters_is_an_idempotency_error() -> None:
+    cluster, app, _ = make()
+
+    async def go() -> Any:
+        await cluster.create_payment(MERCHANT, "k1", BODY)
+        return await cluster.create_payment(MERCHANT, "k1", BODY.replace(b"100", b"101"))
+
+    status, _, body = asyncio.run(go())
+    assert status == 400 and json.loads(body)["error"]["type"] == "idempotency_error"
+    assert len(app.accepted) == 1
+
+
+def test_key_held_by_another_process_answers_409() -> None:
+    cluster, app, shared = make()
+
+    async def go() -> Any:
+        await shared.admit(MERCHANT.id, "k1", fingerprint(BODY), 10.0, 10.0, 5_000)  # the other process
+        return await cluster.create_payment(MERCHANT, "k1", BODY)
+
+    status, _, body = asyncio.run(go())
+    assert status == 409 and json.loads(body)["error"]["type"] == "idempotency_error"
+    assert app.accepted == []
+
+
+def test_shared_rate_limit_answers_429_with_retry_after() -> None:
+    cluster, app, _ = make(rate_per_s=2.0)
+
+    async def go() -> list[Any]:
+        return [await cluster.create_payment(MERCHANT, None, BODY) for _ in range(3)]
+
+    out = asyncio.run(go())
+    assert [r[0] for r in out] == [201, 201, 429]
+    assert any(h[0] == "retry-after" for h in out[2][1])
+    assert len(app.accepted) == 2
+
+
+def test_fingerprint_ignores_key_order_and_whitespace() -> None:
+    assert fingerprint(b'{"a": 1, "b": [1, 2]}') == fingerprint(b'{"b":[1,2],"a":1}')
+    assert fingerprint(b'{"a": 1}') != fingerprint(b'{"a": 2}')
