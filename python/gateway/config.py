@@ -115,7 +115,10 @@ class RiskConfig(_Section):
     model_path: str = ""
     # Extra `cidr,country` lines for :ip_country: beside the built-in documentation ranges; empty: none.
     geoip_file: str = ""
-    # Velocity keys per dimension of the backtest engine (the live engine's bound is the Rust default).
+    # Velocity keys tracked per dimension (card, email, ip, device, customer, merchant) by the live
+    # engine, about 2.4 KB each; past it the least recently seen keys are dropped.
+    velocity_keys_per_dimension_max: Annotated[int, Meta(ge=1024, le=16_777_216)] = 16_384
+    # Velocity keys per dimension of the backtest engine.
     backtest_keys_per_dimension_max: Annotated[int, Meta(ge=1024, le=16_777_216)] = 16_384
     # WAL records one backtest replays at most (the most recent ones are not cut: the replay stops).
     backtest_records_max: Annotated[int, Meta(ge=1, le=100_000_000)] = 1_000_000
@@ -152,6 +155,7 @@ class Config(_Section):
                 "idempotency_entries_max": self.idempotency.entries_max,
                 "rate_limit_per_s": self.rate_limit.per_s,
                 "rate_limit_burst": self.rate_limit.burst,
+                "risk_velocity_keys_per_dimension_max": self.risk.velocity_keys_per_dimension_max,
             }
         ).decode()
 

@@ -33,6 +33,8 @@ pub struct Config {
     pub rate_limit_per_s: f64,
     /// Default token-bucket size per merchant.
     pub rate_limit_burst: f64,
+    /// Velocity keys the risk engine tracks per dimension.
+    pub risk_velocity_keys_per_dimension_max: usize,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             idempotency_entries_max: 1_000_000,
             rate_limit_per_s: 1000.0,
             rate_limit_burst: 2000.0,
+            risk_velocity_keys_per_dimension_max: 16_384,
         }
     }
 }
@@ -74,6 +77,7 @@ impl Config {
             ("body_bytes_max", self.body_bytes_max as u64),
             ("idempotency_entries_max", self.idempotency_entries_max as u64),
             ("idempotency_key_chars_max", self.idempotency_key_chars_max as u64),
+            ("risk_velocity_keys_per_dimension_max", self.risk_velocity_keys_per_dimension_max as u64),
         ];
         for (name, v) in positive {
             if v == 0 {

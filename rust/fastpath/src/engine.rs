@@ -274,7 +274,10 @@ impl Engine {
         }));
         Ok(Self {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
-            risk: Arc::new(risk::Engine::new(risk::EngineConfig::default())),
+            risk: Arc::new(risk::Engine::new(risk::EngineConfig {
+                velocity: risk::VelocityConfig { keys_per_dimension_max: cfg.risk_velocity_keys_per_dimension_max },
+                ..risk::EngineConfig::default()
+            })),
             geo: parking_lot::RwLock::new(Arc::new(GeoTable::builtin())),
             cfg,
             wal,

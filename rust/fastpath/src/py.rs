@@ -304,10 +304,10 @@ fn currency_exponent(code: &str) -> Option<u8> {
     crate::currency::exponent(code)
 }
 
-/// Recovers a WAL folder (truncating a torn tail, as start-up would) and returns (records, next_lsn).
+/// Reads a WAL folder without changing it, even beside a running gateway: (records, next_lsn).
 #[pyfunction]
 fn wal_scan(py: Python<'_>, wal_dir: &str) -> PyResult<(u64, u64)> {
-    let r = py.allow_threads(|| wal::recover(Path::new(wal_dir), |_, _| {})).map_err(wal_err)?;
+    let r = py.allow_threads(|| wal::scan_read_only(Path::new(wal_dir), |_, _| {})).map_err(wal_err)?;
     Ok((r.records, r.next_lsn))
 }
 

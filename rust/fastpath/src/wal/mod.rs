@@ -11,7 +11,7 @@ mod recovery;
 mod writer;
 
 pub use reader::WalReader;
-pub use recovery::{recover, Recovered};
+pub use recovery::{recover, scan_read_only, Recovered};
 pub use writer::{AppendError, CommitListener, WalStats, WalWriter, WriterConfig};
 
 use std::fs;

@@ -17,8 +17,18 @@ pub struct Recovered {
 
 /// Scans all segments of `dir` (created if missing), calling `visit(lsn, payload)` for every complete
 /// record in order.
-pub fn recover(dir: &Path, mut visit: impl FnMut(u64, &[u8])) -> Result<Recovered, WalError> {
+pub fn recover(dir: &Path, visit: impl FnMut(u64, &[u8])) -> Result<Recovered, WalError> {
     fs::create_dir_all(dir)?;
+    scan(dir, visit, true)
+}
+
+/// Reads every complete record without changing any file: safe beside a running writer, whose
+/// unfinished batch it reports as a torn tail (`truncated_bytes`) but leaves alone.
+pub fn scan_read_only(dir: &Path, visit: impl FnMut(u64, &[u8])) -> Result<Recovered, WalError> {
+    scan(dir, visit, false)
+}
+
+fn scan(dir: &Path, mut visit: impl FnMut(u64, &[u8]), repair: bool) -> Result<Recovered, WalError> {
     let segments = list_segments(dir)?;
     let mut next_lsn = 1u64;
     let mut truncated_bytes = 0;
@@ -37,7 +47,9 @@ pub fn recover(dir: &Path, mut visit: impl FnMut(u64, &[u8])) -> Result<Recovere
         if data.len() < SEGMENT_MAGIC.len() || &data[..8] != SEGMENT_MAGIC {
             if last && data.len() <= SEGMENT_MAGIC.len() && SEGMENT_MAGIC.starts_with(&data) {
                 // A crash while creating the segment: rewrite its magic and carry on.
-                fs::write(path, SEGMENT_MAGIC)?;
+                if repair {
+                    fs::write(path, SEGMENT_MAGIC)?;
+                }
                 truncated_bytes += data.len() as u64;
                 continue;
             }
@@ -68,12 +80,15 @@ pub fn recover(dir: &Path, mut visit: impl FnMut(u64, &[u8])) -> Result<Recovere
         }
         if offset < data.len() {
             truncated_bytes += (data.len() - offset) as u64;
+            if !repair {
+                continue;
+            }
             let f = OpenOptions::new().write(true).open(path)?;
             f.set_len(offset as u64)?;
             f.sync_all()?;
         }
     }
-    if truncated_bytes > 0 {
+    if truncated_bytes > 0 && repair {
         fsync_dir(dir)?;
     }
     Ok(Recovered { next_lsn, tail_segment: segments.last().cloned(), truncated_bytes, records })

@@ -66,6 +66,20 @@ fn torn_tail_is_truncated_and_appends_resume_after_it() {
 }
 
 #[test]
+fn read_only_scan_leaves_a_torn_tail_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    write_records(dir.path(), 4);
+    let (_, last) = list_segments(dir.path()).unwrap().pop().unwrap();
+    let mut f = OpenOptions::new().append(true).open(&last).unwrap();
+    f.write_all(&[9, 9, 9]).unwrap();
+    drop(f);
+    let len = std::fs::metadata(&last).unwrap().len();
+    let r = scan_read_only(dir.path(), |_, _| {}).unwrap();
+    assert_eq!((r.records, r.next_lsn, r.truncated_bytes), (4, 5, 3));
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), len);
+}
+
+#[test]
 fn partially_written_last_record_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     write_records(dir.path(), 3);
