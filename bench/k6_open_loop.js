@@ -49,7 +49,6 @@ const targets = new SharedArray('targets', () => JSON.parse(open(__ENV.TARGETS))
 
 const latencyCorrected = new Trend('latency_corrected', true);
 const genLag = new Trend('gen_lag', true);
-const lastAnswer = new Trend('last_answer_at', true);
 const hist = new Counter('hist');
 const answers = new Counter('answers');
 const notOk = new Counter('not_ok');
@@ -110,7 +109,6 @@ export default function () {
   const ms = done - intended;
   latencyCorrected.add(ms);
   hist.add(1, { b: String(bucket(ms)) });
-  lastAnswer.add(done);
 }
 
 export function handleSummary(data) {
