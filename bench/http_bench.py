@@ -37,9 +37,9 @@ REPO = BENCH.parent
 VENV_BIN = Path(sys.executable).parent
 TOOLS_BIN = REPO / ".cache" / "tools" / "bin"
 
-# Low steps first so a 2-core machine finds the knee; a system's higher steps are skipped once it (or the
+# The 10K-100K series with low steps first so a 2-core machine finds the knee; a system's higher steps are skipped once it (or the
 # generator) is clearly saturated, which keeps a run to a few minutes.
-DEFAULT_RATES = [1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 75_000, 100_000]
+DEFAULT_RATES = [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 75_000, 100_000]
 QUICK_RATES = [200, 500]
 KNEE_P99_MS = 10.0
 KNEE_ERROR_RATE = 0.001
@@ -895,9 +895,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                 f"{fmt_share(s['server_cores_busy_share'])} |"
             )
         why = (
-            "k6 could not offer a lower rate"
+            f"k6 could not offer {fmt_rate(res.get('saturated_at'))}"
             if res.get("saturated_by") == "generator"
-            else "server saturated"
+            else f"server saturated at {fmt_rate(res.get('saturated_at'))}"
         )
         for skipped in res.get("skipped_rates", []):
             lines.append(f"| | | | {fmt_rate(skipped)} | skipped: {why} | | | | | | | | | |")
@@ -1214,6 +1214,7 @@ def main(argv: list[str] | None = None) -> int:
                     ):
                         saturated = True
                         res["saturated_by"] = "generator" if generator_capped else "server"
+                        res["saturated_at"] = rate
                     time.sleep(0.5)
                 res["knee"] = knee(res["steps"])
                 res["capacity"] = capacity(res["steps"])
@@ -1241,9 +1242,10 @@ def main(argv: list[str] | None = None) -> int:
         not_offered = [s["offered_rate"] for s in res["steps"] if s["generator"]["saturated"]]
         if not_offered:
             notes.append(
-                f"{name}: k6 could not offer {', '.join(fmt_rate(r) for r in not_offered)} req/s on its "
-                f"core(s) {plan['generator_cpus'] or 'all'} (it used its whole CPU share and sent less than "
-                "95% of the rate); those rows measure the generator, not the server"
+                f"{name}: k6 did not actually offer {', '.join(fmt_rate(r) for r in not_offered)} req/s: it "
+                "fell behind its schedule (sent < 95% of the rate or dropped iterations) while its core(s) "
+                f"{plan['generator_cpus'] or 'all'} were 90%+ busy, so the generator limited those rows "
+                "(the server may have been saturated too: see its core busy share)"
                 + (
                     f"; {', '.join(fmt_rate(r) for r in res['skipped_rates'])} were not run"
                     if res.get("skipped_rates")
