@@ -382,3 +382,20 @@ def test_risk_channel_delivers_to_every_gateway_process(cluster_factory) -> None
             pids = set(re.findall(r"risk update received on gateway:risk by pid (\d+)", cl.gateway.log()))
     finally:
         r.close()
+
+
+def test_db_migrate_creates_the_schema_once_and_reports_its_version(cluster_factory) -> None:
+    cl = cluster_factory()
+    first = subprocess.run([GATEWAY, "db", "migrate", "--config", str(cl.config_path)], capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    again = subprocess.run([GATEWAY, "db", "migrate", "--config", str(cl.config_path)], capture_output=True,
+                           text=True, timeout=60, check=True).stdout
+    version = int(re.search(r"schema version (\d+)", first).group(1))  # type: ignore[union-attr]
+    assert version >= 2 and again == first
+    assert cl.query("SELECT max(version) FROM schema_version") == [(version,)]
+    # The constraints that back the API's promises are in place.
+    cons = {r[0] for r in cl.query(
+        "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid"
+        " JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = %s AND t.relname = 'payments'",
+        cl.schema)}
+    assert "UNIQUE (merchant_id, idempotency_key)" in cons and "CHECK ((amount > 0))" in cons

@@ -226,6 +226,7 @@ class GatewayApp:
             elif path == "/readyz":
                 route = "readyz"
                 ok = self.ready and self.fastpath is not None and self.fastpath.wal_error() is None
+                ok = ok and (self.cluster is None or self.cluster.healthy())
                 status, headers, body = (200, [JSON], b'{"status":"ready"}') if ok else (
                     503, [JSON], b'{"status":"starting"}')
             elif path == "/metrics":

@@ -228,6 +228,11 @@ class Cluster:
                 429, "rate_limit_exceeded", "Too many requests for this merchant; slow down.",
                 kind="rate_limit_error")
         status, headers, out, lsn, payment_id, replayed = await app.accept_payment(merchant, idem_key, body)
+        if replayed and not lsn and status < 500 and self.cfg.durability == "kafka" and app.fastpath is not None:
+            # A replay from this process's own table: its original record may be one that got 503
+            # because the broker had not acknowledged it. Everything committed now includes it.
+            # (Never below the last waiter's LSN, so the waiters stay in LSN order.)
+            lsn = max(app.fastpath.committed_lsn(), self._ack_waiters[-1][0] if self._ack_waiters else 0)
         if lsn and status < 500 and self.cfg.durability == "kafka" and not await self._wait_acked(lsn):
             log.error("payment %s not acknowledged by the broker in time", payment_id)
             status, headers, out = 503, [JSON, ("retry-after", "1")], error_body(
@@ -263,6 +268,11 @@ class Cluster:
                 return 200, [JSON], body
         return 404, [JSON], error_body(404, "resource_missing", f"No such payment: '{payment_id[:64]}'",
                                        param="id")
+
+    def healthy(self) -> bool:
+        """Ready only while the relay runs: without it nothing reaches Kafka (and `kafka` durability
+        would answer 503 to every create)."""
+        return self.relay is not None and self.relay.error is None
 
     def metrics_text(self) -> str:
         relay = self.relay
