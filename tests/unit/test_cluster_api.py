@@ -101,3 +101,31 @@ def test_shared_rate_limit_answers_429_with_retry_after() -> None:
 def test_fingerprint_ignores_key_order_and_whitespace() -> None:
     assert fingerprint(b'{"a": 1, "b": [1, 2]}') == fingerprint(b'{"b":[1,2],"a":1}')
     assert fingerprint(b'{"a": 1}') != fingerprint(b'{"a": 2}')
+
+
+class StubStore:
+    def __init__(self, rows: dict[tuple[str, str], bytes]) -> None:
+        self.rows = rows
+
+    def get_payment(self, merchant_id: str, payment_id: str) -> bytes | None:
+        return self.rows.get((merchant_id, payment_id))
+
+
+def test_reads_fall_back_to_the_store_when_shared_state_is_down() -> None:
+    cluster, app, shared = make()
+    pid = "pay_" + "a" * 24
+    cluster.store = StubStore({(MERCHANT.id, pid): b'{"id":"from-store"}'})  # type: ignore[assignment]
+    app.authenticate = lambda scope: MERCHANT  # type: ignore[attr-defined]
+
+    async def go() -> list[Any]:
+        await shared.finish(MERCHANT.id, None, "", 201, b'{"id":"from-shared"}', pid, cache=False)
+        up = await cluster.get_payment(None, pid)
+        shared.down = True
+        down = await cluster.get_payment(None, pid)
+        other = await cluster.get_payment(None, "pay_" + "b" * 24)
+        return [up, down, other]
+
+    up, down, other = asyncio.run(go())
+    assert (up[0], up[2]) == (200, b'{"id":"from-shared"}')
+    assert (down[0], down[2]) == (200, b'{"id":"from-store"}')
+    assert other[0] == 404
