@@ -533,6 +533,9 @@ def proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+IOWAIT_KEY = -1
+
+
 def cores_busy_s() -> dict[int, float]:
     """Busy (non-idle, non-iowait) seconds of every core since boot, from /proc/stat."""
     out: dict[int, float] = {}
@@ -543,6 +546,9 @@ def cores_busy_s() -> dict[int, float]:
                 name, *vals = line.split()
                 ticks = [int(v) for v in vals[:8]]
                 out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4]) / tick
+                # Key -1 sums every core's iowait: a server that waits on a disk shared with other
+                # work (fsync) is slow with an idle core.
+                out[IOWAIT_KEY] = out.get(IOWAIT_KEY, 0.0) + ticks[4] / tick
     return out
 
 
@@ -618,7 +624,7 @@ def step_from_k6(
     edges = [round(HIST_MIN_MS * 10 ** (b / HIST_PER_DECADE), 6) for b in range(HIST_BUCKETS + 1)]
     gen_cores = expand_cpus(cpus) if cpus else list(range(os.cpu_count() or 1))
     server_cores = expand_cpus(server_cpus) if server_cpus else list(range(os.cpu_count() or 1))
-    gen_cpu_share = core_busy = server_busy = None
+    gen_cpu_share = core_busy = server_busy = iowait = None
     if step_cpu:
         gen_cpu_share = round(step_cpu.k6_cpu_s / (step_cpu.wall_s * len(gen_cores)), 3)
 
@@ -628,6 +634,9 @@ def step_from_k6(
 
         core_busy = busy(gen_cores)
         server_busy = busy(server_cores)
+        iowait = round(
+            step_cpu.cores_busy_s.get(IOWAIT_KEY, 0.0) / (step_cpu.wall_s * (os.cpu_count() or 1)), 3
+        )
     send_rate = sent / seconds
     fell_behind = send_rate < 0.95 * rate or dropped > KNEE_ERROR_RATE * max(scheduled, 1)
     return {
@@ -670,6 +679,9 @@ def step_from_k6(
             "saturated": bool(fell_behind and core_busy is not None and core_busy >= GEN_SATURATED_CPU_SHARE),
         },
         "server_cores_busy_share": server_busy,
+        # Share of all cores' time spent waiting for I/O during the step (every process's, not only
+        # the server's): high values mean fsync latency from a disk shared with other work.
+        "machine_iowait_share": iowait,
     }
 
 
@@ -1251,6 +1263,13 @@ def main(argv: list[str] | None = None) -> int:
                     if res.get("skipped_rates")
                     else ""
                 )
+            )
+        io_bound = [s["offered_rate"] for s in res["steps"] if (s["machine_iowait_share"] or 0) > 0.1]
+        if io_bound:
+            notes.append(
+                f"{name}: the machine spent over 10% of its time in iowait at "
+                f"{', '.join(fmt_rate(r) for r in io_bound)} req/s (machine_iowait_share): fsync latency "
+                "from a shared disk, not CPU, may have limited those rows"
             )
         late = [
             s["offered_rate"]

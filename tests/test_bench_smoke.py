@@ -64,6 +64,9 @@ def test_quick_k6_bench_against_floor_writes_report_with_every_figure(tmp_path: 
         assert lat["p50_ms"] >= step["latency_uncorrected"]["p50_ms"]
         gen = step["generator"]
         assert gen["vus"] >= 1 and gen["saturated"] is False
+        for share in (gen["cpu_share"], gen["cores_busy_share"], step["server_cores_busy_share"]):
+            assert share is None or 0.0 <= share <= 1.0
+        assert step["machine_iowait_share"] is None or 0.0 <= step["machine_iowait_share"] <= 1.0
     assert report["config"]["load_generator"].startswith("k6 v")
     assert "knee" in floor
     assert {"gateway_over_floor", "gateway_over_baseline"} <= set(report["ratios"])
