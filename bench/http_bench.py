@@ -435,7 +435,10 @@ def make_servers(
                 "--port",
                 str(port),
             ]
-            servers.append(Server(name, argv, port, {**env, "GATEWAY_ADMIN_KEY": BENCH_ADMIN_KEY}, REPO))
+            # The payment worker (PSP calls, state machine, ledger) is the async path, not the fast path,
+            # and the baseline has none: it is switched off so both measure the same request path.
+            gw_env = {**env, "GATEWAY_ADMIN_KEY": BENCH_ADMIN_KEY, "GATEWAY_WORKER": "off"}
+            servers.append(Server(name, argv, port, gw_env, REPO))
     return servers
 
 

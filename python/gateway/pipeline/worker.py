@@ -27,6 +27,7 @@ Configuration (environment variables, since the PSP section of the config file d
 | `GATEWAY_PSP_SEED` | 0 | simulator seed |
 | `GATEWAY_PSP_TIMEOUT_MS` | 10000 | how long a PSP call may take before it counts as a timeout |
 | `GATEWAY_WORKER_INFLIGHT_MAX` | 256 | payments/operations processed concurrently |
+| `GATEWAY_WORKER` | on | `off` starts no worker process (request-path benchmarks only; payments stay `processing`) |
 | `GATEWAY_RECONCILE_INTERVAL_MS` | 1000 | period of the reconciler scan |
 """
 

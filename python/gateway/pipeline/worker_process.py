@@ -44,6 +44,10 @@ class WorkerProcess:
         self._buf = b""
 
     def start(self) -> None:
+        if os.environ.get("GATEWAY_WORKER", "on") == "off":
+            # Benchmarks of the request path alone; payments stay `processing`.
+            log.warning("GATEWAY_WORKER=off: the payment worker is not started")
+            return
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.pipeline.worker_process", self.db_path],
             stdin=subprocess.PIPE,
