@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([GATEWAY, *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([GATEWAY, *args], capture_output=True, text=True, timeout=60, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"gateway {' '.join(args)} failed: {proc.stderr}")
     return proc

@@ -15,8 +15,8 @@ import os
 import re
 import time
 from collections import deque
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -60,13 +60,13 @@ class Route(msgspec.Struct):
 # core create and read routes are matched first, without a regex, because they are the hot path.
 EXTRA_ROUTES: list[Route] = []
 # Called with the app after the fast path, the store and the tailer are up, and before they stop.
-ON_START: list[Callable[["GatewayApp"], None]] = []
-ON_STOP: list[Callable[["GatewayApp"], None]] = []
+ON_START: list[Callable[[GatewayApp], None]] = []
+ON_STOP: list[Callable[[GatewayApp], None]] = []
 # Called on the tailer thread with every batch of WAL records it has applied to the store.
-ON_APPLIED: list[Callable[["GatewayApp", list[tuple[int, bytes]]], None]] = []
+ON_APPLIED: list[Callable[[GatewayApp, list[tuple[int, bytes]]], None]] = []
 # Called after a successful `GET /v1/payments/{id}` that carries a `Prefer` header (e.g. `wait=MS`),
 # with the id and the response so far; returns the response to send.
-GET_PAYMENT_WAIT: list[Callable[["GatewayApp", Any, str, "Response"], Awaitable["Response"]]] = []
+GET_PAYMENT_WAIT: list[Callable[[GatewayApp, Any, str, Response], Awaitable[Response]]] = []
 
 
 def route(method: str, pattern: str, name: str) -> Callable[[Handler], Handler]:
@@ -245,7 +245,7 @@ class GatewayApp:
                     route = r.name
                     status, headers, body = await r.handler(self, scope, proto, m)
                     break
-        except Exception:  # noqa: BLE001 - a bug must answer 500, never drop the connection silently
+        except Exception:
             log.exception("unhandled error on %s %s", method, path)
             status, headers, body = 500, [JSON], error_body(500, "internal_error", "Internal error.", kind="api_error")
         proto.response_bytes(status, headers, body)

@@ -62,7 +62,7 @@ class Tailer:
             try:
                 if self.step() == 0:
                     self.source.wait_committed(self.applied_lsn + 1, 50)
-            except BaseException as e:  # noqa: BLE001 - the thread must report, not die silently
+            except BaseException as e:
                 self.error = e
                 log.exception("tailer stopped")
                 return

@@ -63,7 +63,8 @@ impl Default for Config {
 
 impl Config {
     pub fn from_json(text: &str) -> Result<Self, String> {
-        let cfg: Config = serde_json::from_str(text).map_err(|e| format!("invalid fast-path config: {e}"))?;
+        let cfg: Config =
+            serde_json::from_str(text).map_err(|e| format!("invalid fast-path config: {e}"))?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -75,9 +76,18 @@ impl Config {
             ("segment_bytes_max", self.segment_bytes_max),
             ("pending_records_max", self.pending_records_max as u64),
             ("body_bytes_max", self.body_bytes_max as u64),
-            ("idempotency_entries_max", self.idempotency_entries_max as u64),
-            ("idempotency_key_chars_max", self.idempotency_key_chars_max as u64),
-            ("risk_velocity_keys_per_dimension_max", self.risk_velocity_keys_per_dimension_max as u64),
+            (
+                "idempotency_entries_max",
+                self.idempotency_entries_max as u64,
+            ),
+            (
+                "idempotency_key_chars_max",
+                self.idempotency_key_chars_max as u64,
+            ),
+            (
+                "risk_velocity_keys_per_dimension_max",
+                self.risk_velocity_keys_per_dimension_max as u64,
+            ),
         ];
         for (name, v) in positive {
             if v == 0 {

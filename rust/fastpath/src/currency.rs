@@ -173,7 +173,10 @@ pub static CURRENCIES: [(&str, u8); 166] = [
 
 /// The exponent of an upper-case ISO 4217 code, or `None` when the code is not a currency.
 pub fn exponent(code: &str) -> Option<u8> {
-    CURRENCIES.binary_search_by(|(c, _)| (*c).cmp(code)).ok().map(|i| CURRENCIES[i].1)
+    CURRENCIES
+        .binary_search_by(|(c, _)| (*c).cmp(code))
+        .ok()
+        .map(|i| CURRENCIES[i].1)
 }
 
 #[cfg(test)]

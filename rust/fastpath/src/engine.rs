@@ -39,9 +39,19 @@ pub const STAGES: [&str; 10] = [
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// Answer now: an error, a replay or anything that needs no durability.
-    Immediate { status: u16, body: Vec<u8>, replayed: bool, retry_after_s: Option<u32> },
+    Immediate {
+        status: u16,
+        body: Vec<u8>,
+        replayed: bool,
+        retry_after_s: Option<u32>,
+    },
     /// Answer once `lsn` is committed.
-    Pending { status: u16, body: Arc<[u8]>, lsn: u64, payment_id: String },
+    Pending {
+        status: u16,
+        body: Arc<[u8]>,
+        lsn: u64,
+        payment_id: String,
+    },
 }
 
 /// The decision trace shown to the merchant (`risk` on the payment) and kept in the WAL.
@@ -205,7 +215,10 @@ pub struct Engine {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 fn fingerprint(req: &PaymentRequest) -> Fingerprint {
@@ -238,16 +251,30 @@ impl Engine {
     /// Recovers the WAL (rebuilding the idempotency table from it) and starts the flusher.
     pub fn open(cfg: Config) -> Result<Self, WalError> {
         let dir = PathBuf::from(&cfg.wal_dir);
-        let idempotency = Arc::new(IdempotencyTable::new(cfg.idempotency_ttl_s, cfg.idempotency_entries_max));
+        let idempotency = Arc::new(IdempotencyTable::new(
+            cfg.idempotency_ttl_s,
+            cfg.idempotency_entries_max,
+        ));
         let now = now_ms();
         let recovered = wal::recover(&dir, |_, payload| {
-            let Ok(rec) = serde_json::from_slice::<RecoveredRecord>(payload) else { return };
+            let Ok(rec) = serde_json::from_slice::<RecoveredRecord>(payload) else {
+                return;
+            };
             if rec.kind != "payment.created" {
                 return;
             }
-            if let (Some(key), Some(fp)) = (rec.idempotency_key, rec.fingerprint.and_then(unhex16)) {
-                let body: Arc<[u8]> = Arc::from(rec.response.unwrap_or(rec.payment).get().as_bytes());
-                idempotency.restore(&table_key(rec.merchant_id, key), fp, rec.status_code, body, rec.created_ms, now);
+            if let (Some(key), Some(fp)) = (rec.idempotency_key, rec.fingerprint.and_then(unhex16))
+            {
+                let body: Arc<[u8]> =
+                    Arc::from(rec.response.unwrap_or(rec.payment).get().as_bytes());
+                idempotency.restore(
+                    &table_key(rec.merchant_id, key),
+                    fp,
+                    rec.status_code,
+                    body,
+                    rec.created_ms,
+                    now,
+                );
             }
         })?;
         let wal = WalWriter::open(
@@ -275,7 +302,9 @@ impl Engine {
         Ok(Self {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
             risk: Arc::new(risk::Engine::new(risk::EngineConfig {
-                velocity: risk::VelocityConfig { keys_per_dimension_max: cfg.risk_velocity_keys_per_dimension_max },
+                velocity: risk::VelocityConfig {
+                    keys_per_dimension_max: cfg.risk_velocity_keys_per_dimension_max,
+                },
                 ..risk::EngineConfig::default()
             })),
             geo: parking_lot::RwLock::new(Arc::new(GeoTable::builtin())),
@@ -284,7 +313,9 @@ impl Engine {
             idempotency,
             completions,
             event_fd,
-            metrics: StageMetrics { stages: STAGES.iter().map(|_| Histogram::latency()).collect() },
+            metrics: StageMetrics {
+                stages: STAGES.iter().map(|_| Histogram::latency()).collect(),
+            },
             recovered_records: recovered.records,
             truncated_bytes: recovered.truncated_bytes,
         })
@@ -342,11 +373,22 @@ impl Engine {
     }
 
     fn error(e: ApiError) -> Outcome {
-        Outcome::Immediate { status: e.status, body: e.to_json(), replayed: false, retry_after_s: e.retry_after_s }
+        Outcome::Immediate {
+            status: e.status,
+            body: e.to_json(),
+            replayed: false,
+            retry_after_s: e.retry_after_s,
+        }
     }
 
     /// `POST /v1/payments` for an authenticated merchant.
-    pub fn create_payment(&self, merchant: &str, idem_key: Option<&str>, body: &[u8], now_ms: u64) -> Outcome {
+    pub fn create_payment(
+        &self,
+        merchant: &str,
+        idem_key: Option<&str>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Outcome {
         let start = Instant::now();
         let out = self.create_payment_inner(merchant, idem_key, body, now_ms, start);
         self.observe(5, start);
@@ -366,7 +408,10 @@ impl Engine {
             Err(e) => return Self::error(e),
         };
         if let Some(k) = idem_key {
-            if k.is_empty() || k.chars().count() > self.cfg.idempotency_key_chars_max || k.chars().any(|c| c.is_control()) {
+            if k.is_empty()
+                || k.chars().count() > self.cfg.idempotency_key_chars_max
+                || k.chars().any(|c| c.is_control())
+            {
                 return Self::error(ApiError::invalid(
                     "idempotency_key_invalid",
                     "Idempotency-Key",
@@ -387,7 +432,12 @@ impl Engine {
             match looked {
                 Lookup::New => {}
                 Lookup::Replay { status, body } => {
-                    return Outcome::Immediate { status, body: body.to_vec(), replayed: true, retry_after_s: None }
+                    return Outcome::Immediate {
+                        status,
+                        body: body.to_vec(),
+                        replayed: true,
+                        retry_after_s: None,
+                    }
                 }
                 Lookup::Mismatch => return Self::error(ApiError::idempotency_mismatch()),
                 Lookup::InFlight => return Self::error(ApiError::idempotency_in_flight()),
@@ -423,13 +473,27 @@ impl Engine {
         };
         let mut timings = risk::StageTimings::default();
         let decision = self.risk.decide_timed(&input, now_ms, &mut timings);
-        for (i, ns) in [timings.velocity_ns, timings.model_ns, timings.lists_ns, timings.rules_ns].into_iter().enumerate() {
+        for (i, ns) in [
+            timings.velocity_ns,
+            timings.model_ns,
+            timings.lists_ns,
+            timings.rules_ns,
+        ]
+        .into_iter()
+        .enumerate()
+        {
             self.metrics.stages[6 + i].observe(ns);
         }
         t = self.observe(3, t);
         let (status, failure_code, next_action) = match decision.action {
             risk::Action::Block => ("failed", Some("card_declined"), None),
-            risk::Action::Challenge => ("requires_action", None, Some(NextAction { kind: "three_d_secure" })),
+            risk::Action::Challenge => (
+                "requires_action",
+                None,
+                Some(NextAction {
+                    kind: "three_d_secure",
+                }),
+            ),
             risk::Action::Allow | risk::Action::Review => ("processing", None, None),
         };
 
@@ -463,9 +527,13 @@ impl Engine {
         // A declined payment is recorded too: the trace of why it was declined is part of the log,
         // and the same key must replay the same 402.
         let decline = (decision.action == risk::Action::Block).then(|| {
-            let code = decision.decline_code.map(|c| c.as_str()).unwrap_or("fraudulent");
+            let code = decision
+                .decline_code
+                .map(|c| c.as_str())
+                .unwrap_or("fraudulent");
             let e = ApiError::declined(code, id.clone(), "Your card was declined.");
-            RawValue::from_string(String::from_utf8(e.to_json()).expect("utf-8")).expect("valid JSON")
+            RawValue::from_string(String::from_utf8(e.to_json()).expect("utf-8"))
+                .expect("valid JSON")
         });
         let status_code = if decline.is_some() { 402 } else { 201 };
         let record = CreatedRecord {
@@ -488,19 +556,33 @@ impl Engine {
             Ok(lsn) => lsn,
             Err(AppendError::Full) => {
                 drop(q);
-                return release(ApiError::overloaded("The write-ahead log is saturated; retry shortly."));
+                return release(ApiError::overloaded(
+                    "The write-ahead log is saturated; retry shortly.",
+                ));
             }
             Err(e) => {
                 drop(q);
-                return release(ApiError::overloaded(format!("Payments cannot be stored right now ({e}).")));
+                return release(ApiError::overloaded(format!(
+                    "Payments cannot be stored right now ({e})."
+                )));
             }
         };
         if let Some(tk) = table {
-            q.push_back(Completion { lsn, key: tk, status: status_code, body: body.clone() });
+            q.push_back(Completion {
+                lsn,
+                key: tk,
+                status: status_code,
+                body: body.clone(),
+            });
         }
         drop(q);
         self.observe(4, t);
-        Outcome::Pending { status: status_code, body, lsn, payment_id: id }
+        Outcome::Pending {
+            status: status_code,
+            body,
+            lsn,
+            payment_id: id,
+        }
     }
 
     pub fn metrics_text(&self) -> String {
@@ -508,17 +590,31 @@ impl Engine {
         out.push_str("# HELP gateway_fastpath_stage_seconds Time spent in each fast-path stage.\n");
         out.push_str("# TYPE gateway_fastpath_stage_seconds histogram\n");
         for (i, name) in STAGES.iter().enumerate() {
-            self.metrics.stages[i].render(&mut out, "gateway_fastpath_stage_seconds", &format!("stage=\"{name}\""), 1e9);
+            self.metrics.stages[i].render(
+                &mut out,
+                "gateway_fastpath_stage_seconds",
+                &format!("stage=\"{name}\""),
+                1e9,
+            );
         }
         let stats = self.wal.stats();
         out.push_str("# HELP gateway_wal_fsync_seconds Duration of each WAL fdatasync.\n");
         out.push_str("# TYPE gateway_wal_fsync_seconds histogram\n");
-        stats.fsync_ns.render(&mut out, "gateway_wal_fsync_seconds", "", 1e9);
+        stats
+            .fsync_ns
+            .render(&mut out, "gateway_wal_fsync_seconds", "", 1e9);
         out.push_str("# HELP gateway_wal_batch_records Records per group commit.\n");
         out.push_str("# TYPE gateway_wal_batch_records histogram\n");
-        stats.batch_records.render(&mut out, "gateway_wal_batch_records", "", 1.0);
-        let _ = writeln!(out, "# TYPE gateway_wal_committed_lsn gauge\ngateway_wal_committed_lsn {}", self.committed_lsn());
+        stats
+            .batch_records
+            .render(&mut out, "gateway_wal_batch_records", "", 1.0);
         let _ = writeln!(
+            out,
+            "# TYPE gateway_wal_committed_lsn gauge\ngateway_wal_committed_lsn {}",
+            self.committed_lsn()
+        );
+        let _ =
+            writeln!(
             out,
             "# TYPE gateway_wal_bytes_written_total counter\ngateway_wal_bytes_written_total {}",
             stats.bytes_written.load(std::sync::atomic::Ordering::Relaxed)
@@ -557,7 +653,10 @@ mod tests {
     use super::*;
 
     fn engine(dir: &std::path::Path) -> Engine {
-        let cfg = Config { wal_dir: dir.to_string_lossy().into(), ..Config::default() };
+        let cfg = Config {
+            wal_dir: dir.to_string_lossy().into(),
+            ..Config::default()
+        };
         Engine::open(cfg).unwrap()
     }
 
@@ -569,16 +668,34 @@ mod tests {
         let body = br#"{"amount": 900000, "currency": "USD", "payment_method": "tok_visa"}"#;
         let lsn = {
             let e = engine(dir.path());
-            let rules = e.risk.compile_rules("big: block if :amount_usd: > 5000\n", 7).unwrap();
+            let rules = e
+                .risk
+                .compile_rules("big: block if :amount_usd: > 5000\n", 7)
+                .unwrap();
             e.risk.set_global_rules(rules);
             let out = e.create_payment("m", Some("k"), body, now_ms());
-            let Outcome::Pending { status: 402, body: b, lsn, .. } = out else { panic!("{out:?}") };
+            let Outcome::Pending {
+                status: 402,
+                body: b,
+                lsn,
+                ..
+            } = out
+            else {
+                panic!("{out:?}")
+            };
             let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
             assert_eq!(v["error"]["code"], "card_declined");
             assert_eq!(v["error"]["decline_code"], "fraudulent");
             assert!(e.wait_committed(lsn, Duration::from_secs(5)));
             let ok = e.create_payment("m", None, BODY, now_ms());
-            let Outcome::Pending { status: 201, body: b, .. } = ok else { panic!("{ok:?}") };
+            let Outcome::Pending {
+                status: 201,
+                body: b,
+                ..
+            } = ok
+            else {
+                panic!("{ok:?}")
+            };
             let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
             assert_eq!(v["risk"]["ruleset_version"], 7);
             assert_eq!(v["risk"]["action"], "allow");
@@ -587,7 +704,12 @@ mod tests {
         let e = engine(dir.path());
         assert!(e.committed_lsn() > lsn);
         match e.create_payment("m", Some("k"), body, now_ms()) {
-            Outcome::Immediate { status: 402, replayed: true, body: b, .. } => {
+            Outcome::Immediate {
+                status: 402,
+                replayed: true,
+                body: b,
+                ..
+            } => {
                 assert!(String::from_utf8(b).unwrap().contains("card_declined"))
             }
             other => panic!("{other:?}"),
@@ -608,22 +730,43 @@ mod tests {
             let e = engine(dir.path());
             let (lsn, body) = pending(e.create_payment("m1", Some("k1"), BODY, now_ms()));
             let again = e.create_payment("m1", Some("k1"), BODY, now_ms());
-            assert!(matches!(again, Outcome::Immediate { status: 409, .. }), "in flight until durable");
+            assert!(
+                matches!(again, Outcome::Immediate { status: 409, .. }),
+                "in flight until durable"
+            );
             assert!(e.wait_committed(lsn, Duration::from_secs(5)));
             match e.create_payment("m1", Some("k1"), BODY, now_ms()) {
-                Outcome::Immediate { status: 201, body: b, replayed: true, .. } => assert_eq!(&b[..], &body[..]),
+                Outcome::Immediate {
+                    status: 201,
+                    body: b,
+                    replayed: true,
+                    ..
+                } => assert_eq!(&b[..], &body[..]),
                 other => panic!("{other:?}"),
             }
             (lsn, body)
         };
         let e = engine(dir.path());
         assert_eq!(e.committed_lsn(), lsn);
-        match e.create_payment("m1", Some("k1"), br#"{"currency":"USD","amount":1000,"payment_method":"tok_visa"}"#, now_ms()) {
-            Outcome::Immediate { status: 201, body: b, replayed: true, .. } => assert_eq!(&b[..], &body[..]),
+        match e.create_payment(
+            "m1",
+            Some("k1"),
+            br#"{"currency":"USD","amount":1000,"payment_method":"tok_visa"}"#,
+            now_ms(),
+        ) {
+            Outcome::Immediate {
+                status: 201,
+                body: b,
+                replayed: true,
+                ..
+            } => assert_eq!(&b[..], &body[..]),
             other => panic!("{other:?}"),
         }
         let other = br#"{"amount": 1001, "currency": "USD", "payment_method": "tok_visa"}"#;
-        assert!(matches!(e.create_payment("m1", Some("k1"), other, now_ms()), Outcome::Immediate { status: 400, .. }));
+        assert!(matches!(
+            e.create_payment("m1", Some("k1"), other, now_ms()),
+            Outcome::Immediate { status: 400, .. }
+        ));
     }
 
     #[test]
@@ -638,7 +781,11 @@ mod tests {
         let e = Engine::open(cfg).unwrap();
         pending(e.create_payment("m", None, BODY, now_ms()));
         match e.create_payment("m", Some("k"), BODY, now_ms()) {
-            Outcome::Immediate { status: 429, retry_after_s: Some(s), .. } => assert!(s >= 1),
+            Outcome::Immediate {
+                status: 429,
+                retry_after_s: Some(s),
+                ..
+            } => assert!(s >= 1),
             other => panic!("{other:?}"),
         }
         e.set_rate_limit("m", 1000.0, 10.0);
@@ -650,7 +797,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
         let bad = br#"{"amount": 1, "currency": "USD", "payment_method": "tok_visa", "description": "4242424242424242"}"#;
-        assert!(matches!(e.create_payment("m", None, bad, now_ms()), Outcome::Immediate { status: 400, .. }));
+        assert!(matches!(
+            e.create_payment("m", None, bad, now_ms()),
+            Outcome::Immediate { status: 400, .. }
+        ));
         let (lsn, _) = pending(e.create_payment("m", None, BODY, now_ms()));
         assert!(e.wait_committed(lsn, Duration::from_secs(5)));
         e.close();

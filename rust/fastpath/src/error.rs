@@ -26,7 +26,12 @@ struct Envelope<'a> {
 }
 
 impl ApiError {
-    fn new(status: u16, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             kind,
@@ -40,7 +45,11 @@ impl ApiError {
     }
 
     /// 400 for a bad parameter; `param` names it the way a merchant wrote it (`customer[email]`).
-    pub fn invalid(code: &'static str, param: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn invalid(
+        code: &'static str,
+        param: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         let mut e = Self::new(400, "invalid_request_error", code, message);
         e.param = Some(param.into());
         e
@@ -79,7 +88,12 @@ impl ApiError {
     }
 
     pub fn rate_limited(retry_after_s: u32) -> Self {
-        let mut e = Self::new(429, "rate_limit_error", "rate_limit", "Too many requests for this merchant.");
+        let mut e = Self::new(
+            429,
+            "rate_limit_error",
+            "rate_limit",
+            "Too many requests for this merchant.",
+        );
         e.retry_after_s = Some(retry_after_s);
         e
     }
@@ -90,7 +104,11 @@ impl ApiError {
         e
     }
 
-    pub fn declined(decline_code: impl Into<String>, payment_id: String, message: impl Into<String>) -> Self {
+    pub fn declined(
+        decline_code: impl Into<String>,
+        payment_id: String,
+        message: impl Into<String>,
+    ) -> Self {
         let mut e = Self::new(402, "card_error", "card_declined", message);
         e.decline_code = Some(decline_code.into());
         e.payment_id = Some(payment_id);

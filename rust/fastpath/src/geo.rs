@@ -30,31 +30,47 @@ fn to_u128(ip: IpAddr) -> u128 {
 }
 
 fn parse_cidr(s: &str) -> Result<(u128, u128), String> {
-    let (addr, len) = s.split_once('/').ok_or_else(|| format!("'{s}' is not CIDR notation"))?;
-    let ip: IpAddr = addr.parse().map_err(|_| format!("'{addr}' is not an IP address"))?;
-    let len: u32 = len.parse().map_err(|_| format!("'{len}' is not a prefix length"))?;
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("'{s}' is not CIDR notation"))?;
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("'{addr}' is not an IP address"))?;
+    let len: u32 = len
+        .parse()
+        .map_err(|_| format!("'{len}' is not a prefix length"))?;
     // IPv4 lives in the IPv4-mapped part of the IPv6 space, behind a fixed 96-bit prefix.
     let (bits, mapped_prefix) = if ip.is_ipv4() { (32, 96) } else { (128, 0) };
     if len > bits {
         return Err(format!("prefix /{len} is longer than the address"));
     }
     let host_bits = 128 - (len + mapped_prefix);
-    let host_mask = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+    let host_mask = if host_bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << host_bits) - 1
+    };
     let first = to_u128(ip) & !host_mask;
     Ok((first, first | host_mask))
 }
 
 impl GeoTable {
-    pub fn from_entries<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, String> {
+    pub fn from_entries<'a>(
+        entries: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, String> {
         let mut ranges = Vec::new();
         for (i, (cidr, country)) in entries.into_iter().enumerate() {
             if ranges.len() >= RANGES_MAX {
                 return Err(format!("more than {RANGES_MAX} ranges"));
             }
-            let (first, last) = parse_cidr(cidr.trim()).map_err(|e| format!("entry {}: {e}", i + 1))?;
+            let (first, last) =
+                parse_cidr(cidr.trim()).map_err(|e| format!("entry {}: {e}", i + 1))?;
             let c = country.trim().to_ascii_uppercase();
             if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(format!("entry {}: '{country}' is not a two-letter country code", i + 1));
+                return Err(format!(
+                    "entry {}: '{country}' is not a two-letter country code",
+                    i + 1
+                ));
             }
             let cb = c.as_bytes();
             ranges.push((first, last, [cb[0], cb[1]]));
@@ -80,7 +96,9 @@ impl GeoTable {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (cidr, country) = line.split_once(',').ok_or_else(|| format!("line {}: expected cidr,country", n + 1))?;
+            let (cidr, country) = line
+                .split_once(',')
+                .ok_or_else(|| format!("line {}: expected cidr,country", n + 1))?;
             entries.push((cidr, country));
         }
         Self::from_entries(entries)
@@ -117,8 +135,12 @@ mod tests {
     fn csv_adds_ranges_and_reports_bad_lines() {
         let g = GeoTable::from_csv("# export\n10.0.0.0/8,fr\n").unwrap();
         assert_eq!(g.country("10.1.2.3"), Some("FR"));
-        assert!(GeoTable::from_csv("10.0.0.0/8\n").unwrap_err().contains("line 1"));
+        assert!(GeoTable::from_csv("10.0.0.0/8\n")
+            .unwrap_err()
+            .contains("line 1"));
         assert!(GeoTable::from_csv("10.0.0.0/8,FRA\n").is_err());
-        assert!(GeoTable::from_csv("10.0.0.0/8,FR\n10.1.0.0/16,DE\n").unwrap_err().contains("overlap"));
+        assert!(GeoTable::from_csv("10.0.0.0/8,FR\n10.1.0.0/16,DE\n")
+            .unwrap_err()
+            .contains("overlap"));
     }
 }

@@ -16,7 +16,10 @@ pub type Fingerprint = [u8; 16];
 pub enum Lookup {
     /// First use of the key: the caller owns it until `complete` or `abandon`.
     New,
-    Replay { status: u16, body: Arc<[u8]> },
+    Replay {
+        status: u16,
+        body: Arc<[u8]>,
+    },
     Mismatch,
     InFlight,
 }
@@ -58,7 +61,12 @@ impl IdempotencyTable {
         let state = RandomState::with_seeds(1, 2, 3, 4);
         Self {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard { map: HashMap::with_hasher(state.clone()), order: VecDeque::new() }))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::with_hasher(state.clone()),
+                        order: VecDeque::new(),
+                    })
+                })
                 .collect(),
             hasher: state,
             ttl_ms: ttl_s * 1000,
@@ -79,11 +87,23 @@ impl IdempotencyTable {
                 }
                 return match &e.state {
                     State::InFlight => Lookup::InFlight,
-                    State::Done { status, body } => Lookup::Replay { status: *status, body: body.clone() },
+                    State::Done { status, body } => Lookup::Replay {
+                        status: *status,
+                        body: body.clone(),
+                    },
                 };
             }
         }
-        self.insert(&mut shard, k, Entry { fingerprint, state: State::InFlight, created_ms: now_ms }, now_ms);
+        self.insert(
+            &mut shard,
+            k,
+            Entry {
+                fingerprint,
+                state: State::InFlight,
+                created_ms: now_ms,
+            },
+            now_ms,
+        );
         Lookup::New
     }
 
@@ -96,18 +116,41 @@ impl IdempotencyTable {
     /// Releases an in-flight key whose request failed before it was accepted (rate limit, full WAL).
     pub fn abandon(&self, k: &str) {
         let mut shard = self.shard(k).lock();
-        if matches!(shard.map.get(k), Some(Entry { state: State::InFlight, .. })) {
+        if matches!(
+            shard.map.get(k),
+            Some(Entry {
+                state: State::InFlight,
+                ..
+            })
+        ) {
             shard.map.remove(k);
         }
     }
 
     /// Re-creates a completed entry during recovery.
-    pub fn restore(&self, k: &str, fingerprint: Fingerprint, status: u16, body: Arc<[u8]>, created_ms: u64, now_ms: u64) {
+    pub fn restore(
+        &self,
+        k: &str,
+        fingerprint: Fingerprint,
+        status: u16,
+        body: Arc<[u8]>,
+        created_ms: u64,
+        now_ms: u64,
+    ) {
         if created_ms + self.ttl_ms <= now_ms {
             return;
         }
         let mut shard = self.shard(k).lock();
-        self.insert(&mut shard, k, Entry { fingerprint, state: State::Done { status, body }, created_ms }, now_ms);
+        self.insert(
+            &mut shard,
+            k,
+            Entry {
+                fingerprint,
+                state: State::Done { status, body },
+                created_ms,
+            },
+            now_ms,
+        );
     }
 
     pub fn len(&self) -> usize {
@@ -124,7 +167,9 @@ impl IdempotencyTable {
         let mut budget = shard.order.len();
         while budget > 0 {
             budget -= 1;
-            let Some((front, created)) = shard.order.front().cloned() else { break };
+            let Some((front, created)) = shard.order.front().cloned() else {
+                break;
+            };
             let live = shard.map.get(&front).filter(|e| e.created_ms == created);
             let Some(e) = live else {
                 shard.order.pop_front();
@@ -160,7 +205,13 @@ mod tests {
         assert_eq!(t.begin(&k, FP, 0), Lookup::New);
         assert_eq!(t.begin(&k, FP, 1), Lookup::InFlight);
         t.complete(&k, 201, Arc::from(&b"body"[..]));
-        assert_eq!(t.begin(&k, FP, 2), Lookup::Replay { status: 201, body: Arc::from(&b"body"[..]) });
+        assert_eq!(
+            t.begin(&k, FP, 2),
+            Lookup::Replay {
+                status: 201,
+                body: Arc::from(&b"body"[..])
+            }
+        );
         assert_eq!(t.begin(&k, [2; 16], 3), Lookup::Mismatch);
     }
 

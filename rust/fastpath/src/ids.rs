@@ -42,14 +42,19 @@ fn rng_state() -> &'static AtomicU64 {
             let h = Sha256::digest(&bytes);
             seed.copy_from_slice(&h[..8]);
         }
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         AtomicU64::new(u64::from_le_bytes(seed) ^ t as u64 ^ ((std::process::id() as u64) << 32))
     })
 }
 
 /// splitmix64 over a shared counter: unique per call, uniformly spread.
 pub fn random_u64() -> u64 {
-    let mut z = rng_state().fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = rng_state()
+        .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

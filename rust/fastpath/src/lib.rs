@@ -5,15 +5,15 @@
 
 pub mod config;
 pub mod currency;
-pub mod error;
-pub mod metrics;
-pub mod validate;
-pub mod wal;
 pub mod engine;
+pub mod error;
 pub mod idempotency;
 pub mod ids;
+pub mod metrics;
 pub mod ratelimit;
+pub mod validate;
+pub mod wal;
 
+pub mod geo;
 #[cfg(feature = "python")]
 mod py;
-pub mod geo;

@@ -11,16 +11,34 @@ use pyo3::types::PyBytes;
 use std::path::Path;
 use std::time::Duration;
 
-create_exception!(_fastpath, WalCorruptError, PyOSError, "The WAL holds damage other than a torn tail.");
-create_exception!(_fastpath, RulesError, PyValueError, "A ruleset that does not compile; args[1] lists the errors.");
-create_exception!(_fastpath, RiskListError, PyValueError, "A list operation that was refused.");
+create_exception!(
+    _fastpath,
+    WalCorruptError,
+    PyOSError,
+    "The WAL holds damage other than a torn tail."
+);
+create_exception!(
+    _fastpath,
+    RulesError,
+    PyValueError,
+    "A ruleset that does not compile; args[1] lists the errors."
+);
+create_exception!(
+    _fastpath,
+    RiskListError,
+    PyValueError,
+    "A list operation that was refused."
+);
 
 fn rules_err(py: Python<'_>, e: risk::RulesError) -> PyErr {
     let errors: Vec<(usize, usize, String, String)> = e
         .errors
         .iter()
         .map(|r| {
-            let kind = serde_json::to_value(r.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let kind = serde_json::to_value(r.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
             (r.line, r.column, kind, r.message.clone())
         })
         .collect();
@@ -40,7 +58,14 @@ fn wal_err(e: WalError) -> PyErr {
     }
 }
 
-type Response<'py> = (u16, Bound<'py, PyBytes>, u64, bool, Option<u32>, Option<String>);
+type Response<'py> = (
+    u16,
+    Bound<'py, PyBytes>,
+    u64,
+    bool,
+    Option<u32>,
+    Option<String>,
+);
 
 #[pyclass(module = "gateway._fastpath", frozen)]
 struct FastPath {
@@ -68,14 +93,37 @@ impl FastPath {
         now_ms: Option<u64>,
     ) -> Response<'py> {
         let now = now_ms.unwrap_or_else(crate::engine::now_ms);
-        let out = py.allow_threads(|| self.engine.create_payment(merchant_id, idempotency_key, body, now));
+        let out = py.allow_threads(|| {
+            self.engine
+                .create_payment(merchant_id, idempotency_key, body, now)
+        });
         match out {
-            Outcome::Immediate { status, body, replayed, retry_after_s } => {
-                (status, PyBytes::new(py, &body), 0, replayed, retry_after_s, None)
-            }
-            Outcome::Pending { status, body, lsn, payment_id } => {
-                (status, PyBytes::new(py, &body), lsn, false, None, Some(payment_id))
-            }
+            Outcome::Immediate {
+                status,
+                body,
+                replayed,
+                retry_after_s,
+            } => (
+                status,
+                PyBytes::new(py, &body),
+                0,
+                replayed,
+                retry_after_s,
+                None,
+            ),
+            Outcome::Pending {
+                status,
+                body,
+                lsn,
+                payment_id,
+            } => (
+                status,
+                PyBytes::new(py, &body),
+                lsn,
+                false,
+                None,
+                Some(payment_id),
+            ),
         }
     }
 
@@ -93,7 +141,10 @@ impl FastPath {
     }
 
     fn wait_committed(&self, py: Python<'_>, lsn: u64, timeout_ms: u64) -> bool {
-        py.allow_threads(|| self.engine.wait_committed(lsn, Duration::from_millis(timeout_ms)))
+        py.allow_threads(|| {
+            self.engine
+                .wait_committed(lsn, Duration::from_millis(timeout_ms))
+        })
     }
 
     fn wal_error(&self) -> Option<String> {
@@ -102,7 +153,9 @@ impl FastPath {
 
     fn set_rate_limit(&self, merchant_id: &str, rate_per_s: f64, burst: f64) -> PyResult<()> {
         if rate_per_s <= 0.0 || burst < 1.0 {
-            return Err(PyValueError::new_err("rate_per_s must be > 0 and burst >= 1"));
+            return Err(PyValueError::new_err(
+                "rate_per_s must be > 0 and burst >= 1",
+            ));
         }
         self.engine.set_rate_limit(merchant_id, rate_per_s, burst);
         Ok(())
@@ -129,7 +182,9 @@ impl FastPath {
     /// The risk engine this fast path decides with (shared, not a copy).
     #[getter]
     fn risk(&self) -> RiskEngine {
-        RiskEngine { inner: self.engine.risk.clone() }
+        RiskEngine {
+            inner: self.engine.risk.clone(),
+        }
     }
 
     /// Replaces the IP-to-country table with the built-in ranges plus `cidr,country` lines.
@@ -161,42 +216,70 @@ impl RiskEngine {
     #[pyo3(signature = (keys_per_dimension_max=16_384, shadow_samples_max=100))]
     fn new(keys_per_dimension_max: usize, shadow_samples_max: usize) -> PyResult<Self> {
         if keys_per_dimension_max == 0 || keys_per_dimension_max > 10_000_000 {
-            return Err(PyValueError::new_err("keys_per_dimension_max must be 1 to 10000000"));
+            return Err(PyValueError::new_err(
+                "keys_per_dimension_max must be 1 to 10000000",
+            ));
         }
         let cfg = risk::EngineConfig {
-            velocity: risk::VelocityConfig { keys_per_dimension_max },
+            velocity: risk::VelocityConfig {
+                keys_per_dimension_max,
+            },
             shadow_samples_max: shadow_samples_max.min(10_000),
         };
-        Ok(Self { inner: std::sync::Arc::new(risk::Engine::new(cfg)) })
+        Ok(Self {
+            inner: std::sync::Arc::new(risk::Engine::new(cfg)),
+        })
     }
 
     /// Compiles without installing; raises RulesError with every located error.
     fn check_rules(&self, py: Python<'_>, source: &str) -> PyResult<usize> {
-        let rs = self.inner.compile_rules(source, 0).map_err(|e| rules_err(py, e))?;
+        let rs = self
+            .inner
+            .compile_rules(source, 0)
+            .map_err(|e| rules_err(py, e))?;
         Ok(rs.rules.len())
     }
 
     /// Compiles and atomically installs the global ruleset; a source that does not compile changes nothing.
     fn set_rules(&self, py: Python<'_>, source: &str, version: u64) -> PyResult<()> {
-        let rs = self.inner.compile_rules(source, version).map_err(|e| rules_err(py, e))?;
+        let rs = self
+            .inner
+            .compile_rules(source, version)
+            .map_err(|e| rules_err(py, e))?;
         self.inner.set_global_rules(rs);
         Ok(())
     }
 
     #[pyo3(signature = (merchant_id, source, version))]
-    fn set_merchant_rules(&self, py: Python<'_>, merchant_id: &str, source: Option<&str>, version: u64) -> PyResult<()> {
+    fn set_merchant_rules(
+        &self,
+        py: Python<'_>,
+        merchant_id: &str,
+        source: Option<&str>,
+        version: u64,
+    ) -> PyResult<()> {
         let rs = match source {
-            Some(src) => Some(self.inner.compile_rules(src, version).map_err(|e| rules_err(py, e))?),
+            Some(src) => Some(
+                self.inner
+                    .compile_rules(src, version)
+                    .map_err(|e| rules_err(py, e))?,
+            ),
             None => None,
         };
-        self.inner.set_merchant_rules(merchant_id, rs).map_err(PyValueError::new_err)
+        self.inner
+            .set_merchant_rules(merchant_id, rs)
+            .map_err(PyValueError::new_err)
     }
 
     /// Installs (or with None removes) the shadow ruleset, evaluated beside the live one without acting.
     #[pyo3(signature = (source, version))]
     fn set_shadow_rules(&self, py: Python<'_>, source: Option<&str>, version: u64) -> PyResult<()> {
         let rs = match source {
-            Some(src) => Some(self.inner.compile_rules(src, version).map_err(|e| rules_err(py, e))?),
+            Some(src) => Some(
+                self.inner
+                    .compile_rules(src, version)
+                    .map_err(|e| rules_err(py, e))?,
+            ),
             None => None,
         };
         self.inner.set_shadow_rules(rs);
@@ -210,7 +293,10 @@ impl RiskEngine {
     #[pyo3(signature = (name, kind, entries_max=None))]
     fn create_list(&self, name: &str, kind: &str, entries_max: Option<usize>) -> PyResult<()> {
         let kind = risk::ListKind::parse(kind).map_err(list_err)?;
-        self.inner.lists().create(name, kind, entries_max).map_err(list_err)?;
+        self.inner
+            .lists()
+            .create(name, kind, entries_max)
+            .map_err(list_err)?;
         Ok(())
     }
 
@@ -248,7 +334,8 @@ impl RiskEngine {
 
     /// Loads an XGBoost JSON model; returns its short hash.
     fn load_model(&self, py: Python<'_>, model_json: &[u8]) -> PyResult<String> {
-        py.allow_threads(|| self.inner.load_model(model_json)).map_err(|e| PyValueError::new_err(e.to_string()))
+        py.allow_threads(|| self.inner.load_model(model_json))
+            .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     fn model_hash(&self) -> Option<String> {
@@ -257,7 +344,8 @@ impl RiskEngine {
 
     /// A RiskRequest as JSON to a Decision as JSON, recording the payment in the velocity counters.
     fn decide_json(&self, py: Python<'_>, request_json: &str, now_ms: u64) -> PyResult<String> {
-        py.allow_threads(|| self.inner.decide_json(request_json, now_ms)).map_err(|e| PyValueError::new_err(e.to_string()))
+        py.allow_threads(|| self.inner.decide_json(request_json, now_ms))
+            .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     /// What decide_json would answer, changing no state.
@@ -283,13 +371,25 @@ struct WalReader {
 impl WalReader {
     #[new]
     fn new(wal_dir: &str, after_lsn: u64) -> Self {
-        Self { inner: Mutex::new(wal::WalReader::new(Path::new(wal_dir), after_lsn)) }
+        Self {
+            inner: Mutex::new(wal::WalReader::new(Path::new(wal_dir), after_lsn)),
+        }
     }
 
     /// Up to `max_records` (lsn, payload) pairs with lsn ≤ committed_lsn.
-    fn read<'py>(&self, py: Python<'py>, committed_lsn: u64, max_records: usize) -> PyResult<Vec<(u64, Bound<'py, PyBytes>)>> {
-        let records = py.allow_threads(|| self.inner.lock().read(committed_lsn, max_records)).map_err(wal_err)?;
-        Ok(records.into_iter().map(|(lsn, p)| (lsn, PyBytes::new(py, &p))).collect())
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        committed_lsn: u64,
+        max_records: usize,
+    ) -> PyResult<Vec<(u64, Bound<'py, PyBytes>)>> {
+        let records = py
+            .allow_threads(|| self.inner.lock().read(committed_lsn, max_records))
+            .map_err(wal_err)?;
+        Ok(records
+            .into_iter()
+            .map(|(lsn, p)| (lsn, PyBytes::new(py, &p)))
+            .collect())
     }
 }
 
@@ -307,7 +407,9 @@ fn currency_exponent(code: &str) -> Option<u8> {
 /// Reads a WAL folder without changing it, even beside a running gateway: (records, next_lsn).
 #[pyfunction]
 fn wal_scan(py: Python<'_>, wal_dir: &str) -> PyResult<(u64, u64)> {
-    let r = py.allow_threads(|| wal::scan_read_only(Path::new(wal_dir), |_, _| {})).map_err(wal_err)?;
+    let r = py
+        .allow_threads(|| wal::scan_read_only(Path::new(wal_dir), |_, _| {}))
+        .map_err(wal_err)?;
     Ok((r.records, r.next_lsn))
 }
 

@@ -3,6 +3,10 @@
 //! Order matters for card data: the whole body is scanned for anything that looks like a card number
 //! before any field is checked, so that no later error message can echo one.
 
+// Errors are the cold path and each is built once per refused request; boxing them would only move
+// the cost, so the large `Err` variant is accepted here.
+#![allow(clippy::result_large_err)]
+
 use crate::config::Config;
 use crate::currency;
 use crate::error::ApiError;
@@ -49,7 +53,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
     let mut sum = 0u32;
     for (i, d) in digits.iter().rev().enumerate() {
         let mut v = (d - b'0') as u32;
-        if i % 2 == 1 {
+        if !i.is_multiple_of(2) {
             v *= 2;
             if v > 9 {
                 v -= 9;
@@ -57,7 +61,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
         }
         sum += v;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Finds a Luhn-valid run of 12 to 19 digits, allowing single spaces or dashes between digits
@@ -87,7 +91,9 @@ pub fn contains_pan(text: &str) -> bool {
 
 fn scan_value_for_pan(v: &Value, depth: usize) -> Result<(), ApiError> {
     if depth > JSON_DEPTH_MAX {
-        return Err(ApiError::malformed(format!("The body is nested deeper than {JSON_DEPTH_MAX} levels.")));
+        return Err(ApiError::malformed(format!(
+            "The body is nested deeper than {JSON_DEPTH_MAX} levels."
+        )));
     }
     let found = match v {
         Value::String(s) => contains_pan(s),
@@ -131,17 +137,30 @@ fn chars(s: &str) -> usize {
     s.chars().count()
 }
 
-fn take_string(obj: &mut Map<String, Value>, key: &str, param: &str, max: usize) -> Result<Option<String>, ApiError> {
+fn take_string(
+    obj: &mut Map<String, Value>,
+    key: &str,
+    param: &str,
+    max: usize,
+) -> Result<Option<String>, ApiError> {
     match obj.remove(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {
             if chars(&s) > max {
-                Err(ApiError::invalid("parameter_too_long", param, format!("{param} must be at most {max} characters.")))
+                Err(ApiError::invalid(
+                    "parameter_too_long",
+                    param,
+                    format!("{param} must be at most {max} characters."),
+                ))
             } else {
                 Ok(Some(s))
             }
         }
-        Some(_) => Err(ApiError::invalid("parameter_invalid_type", param, format!("{param} must be a string."))),
+        Some(_) => Err(ApiError::invalid(
+            "parameter_invalid_type",
+            param,
+            format!("{param} must be a string."),
+        )),
     }
 }
 
@@ -151,7 +170,11 @@ fn reject_unknown(obj: &Map<String, Value>, prefix: Option<&str>) -> Result<(), 
             Some(p) => format!("{p}[{k}]"),
             None => k.clone(),
         };
-        return Err(ApiError::invalid("parameter_unknown", param.clone(), format!("Received unknown parameter: {param}")));
+        return Err(ApiError::invalid(
+            "parameter_unknown",
+            param.clone(),
+            format!("Received unknown parameter: {param}"),
+        ));
     }
     Ok(())
 }
@@ -162,33 +185,48 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
         return Err(ApiError::body_too_large(cfg.body_bytes_max));
     }
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::malformed(format!("The body is not valid JSON (line {}, column {}).", e.line(), e.column()))
+        ApiError::malformed(format!(
+            "The body is not valid JSON (line {}, column {}).",
+            e.line(),
+            e.column()
+        ))
     })?;
     scan_value_for_pan(&value, 0)?;
     let Value::Object(mut obj) = value else {
         return Err(ApiError::malformed("The body must be a JSON object."));
     };
 
-    let amount = match obj.remove("amount") {
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid("parameter_missing", "amount", "Missing required param: amount."))
-        }
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(v) => v,
-            None => {
+    let amount =
+        match obj.remove("amount") {
+            None | Some(Value::Null) => {
                 return Err(ApiError::invalid(
+                    "parameter_missing",
+                    "amount",
+                    "Missing required param: amount.",
+                ))
+            }
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(v) => v,
+                None => return Err(ApiError::invalid(
                     "parameter_invalid_integer",
                     "amount",
                     "amount must be an integer number of minor units (e.g. 1000 for 10.00 USD).",
+                )),
+            },
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "parameter_invalid_integer",
+                    "amount",
+                    "amount must be an integer.",
                 ))
             }
-        },
-        Some(_) => {
-            return Err(ApiError::invalid("parameter_invalid_integer", "amount", "amount must be an integer."))
-        }
-    };
+        };
     if amount <= 0 {
-        return Err(ApiError::invalid("amount_too_small", "amount", "amount must be greater than 0."));
+        return Err(ApiError::invalid(
+            "amount_too_small",
+            "amount",
+            "amount must be greater than 0.",
+        ));
     }
     if amount > cfg.amount_max {
         return Err(ApiError::invalid(
@@ -199,7 +237,13 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
     }
 
     let currency = match take_string(&mut obj, "currency", "currency", 3)? {
-        None => return Err(ApiError::invalid("parameter_missing", "currency", "Missing required param: currency.")),
+        None => {
+            return Err(ApiError::invalid(
+                "parameter_missing",
+                "currency",
+                "Missing required param: currency.",
+            ))
+        }
         Some(c) => c.to_ascii_uppercase(),
     };
     if currency.len() != 3 || currency::exponent(&currency).is_none() {
@@ -210,7 +254,12 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
         ));
     }
 
-    let payment_method = match take_string(&mut obj, "payment_method", "payment_method", PAYMENT_METHOD_CHARS_MAX)? {
+    let payment_method = match take_string(
+        &mut obj,
+        "payment_method",
+        "payment_method",
+        PAYMENT_METHOD_CHARS_MAX,
+    )? {
         None => {
             return Err(ApiError::invalid(
                 "parameter_missing",
@@ -222,7 +271,9 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
     };
     let well_formed = (payment_method.starts_with("tok_") || payment_method.starts_with("pm_"))
         && payment_method.len() > 4
-        && payment_method.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        && payment_method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !well_formed {
         return Err(ApiError::invalid(
             "invalid_payment_method",
@@ -235,16 +286,33 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => b,
         Some(_) => {
-            return Err(ApiError::invalid("parameter_invalid_type", "capture", "capture must be a boolean."))
+            return Err(ApiError::invalid(
+                "parameter_invalid_type",
+                "capture",
+                "capture must be a boolean.",
+            ))
         }
     };
 
-    let description = take_string(&mut obj, "description", "description", cfg.description_chars_max)?;
+    let description = take_string(
+        &mut obj,
+        "description",
+        "description",
+        cfg.description_chars_max,
+    )?;
     let metadata = parse_metadata(obj.remove("metadata"), cfg)?;
     let customer = parse_customer(obj.remove("customer"))?;
     reject_unknown(&obj, None)?;
 
-    Ok(PaymentRequest { amount, currency, payment_method, capture, description, metadata, customer })
+    Ok(PaymentRequest {
+        amount,
+        currency,
+        payment_method,
+        capture,
+        description,
+        metadata,
+        customer,
+    })
 }
 
 fn parse_metadata(v: Option<Value>, cfg: &Config) -> Result<BTreeMap<String, String>, ApiError> {
@@ -252,7 +320,11 @@ fn parse_metadata(v: Option<Value>, cfg: &Config) -> Result<BTreeMap<String, Str
         None | Some(Value::Null) => return Ok(BTreeMap::new()),
         Some(Value::Object(m)) => m,
         Some(_) => {
-            return Err(ApiError::invalid("parameter_invalid_type", "metadata", "metadata must be an object."))
+            return Err(ApiError::invalid(
+                "parameter_invalid_type",
+                "metadata",
+                "metadata must be an object.",
+            ))
         }
     };
     if map.len() > cfg.metadata_keys_max {
@@ -268,7 +340,10 @@ fn parse_metadata(v: Option<Value>, cfg: &Config) -> Result<BTreeMap<String, Str
             return Err(ApiError::invalid(
                 "metadata_key_invalid",
                 "metadata",
-                format!("metadata keys must be 1 to {} characters.", cfg.metadata_key_chars_max),
+                format!(
+                    "metadata keys must be 1 to {} characters.",
+                    cfg.metadata_key_chars_max
+                ),
             ));
         }
         let param = format!("metadata[{k}]");
@@ -288,7 +363,10 @@ fn parse_metadata(v: Option<Value>, cfg: &Config) -> Result<BTreeMap<String, Str
             return Err(ApiError::invalid(
                 "metadata_value_too_long",
                 param.clone(),
-                format!("{param} must be at most {} characters.", cfg.metadata_value_chars_max),
+                format!(
+                    "{param} must be at most {} characters.",
+                    cfg.metadata_value_chars_max
+                ),
             ));
         }
         out.insert(k, s);
@@ -301,27 +379,49 @@ fn parse_customer(v: Option<Value>) -> Result<Customer, ApiError> {
         None | Some(Value::Null) => return Ok(Customer::default()),
         Some(Value::Object(m)) => m,
         Some(_) => {
-            return Err(ApiError::invalid("parameter_invalid_type", "customer", "customer must be an object."))
+            return Err(ApiError::invalid(
+                "parameter_invalid_type",
+                "customer",
+                "customer must be an object.",
+            ))
         }
     };
     let id = take_string(&mut obj, "id", "customer[id]", CUSTOMER_ID_CHARS_MAX)?;
-    let email = take_string(&mut obj, "email", "customer[email]", EMAIL_CHARS_MAX)?.map(|e| e.to_ascii_lowercase());
+    let email = take_string(&mut obj, "email", "customer[email]", EMAIL_CHARS_MAX)?
+        .map(|e| e.to_ascii_lowercase());
     if let Some(e) = &email {
         let ok = e.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !e.contains(char::is_whitespace)
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !e.contains(char::is_whitespace)
         });
         if !ok {
-            return Err(ApiError::invalid("email_invalid", "customer[email]", "customer[email] is not a valid email address."));
+            return Err(ApiError::invalid(
+                "email_invalid",
+                "customer[email]",
+                "customer[email] is not a valid email address.",
+            ));
         }
     }
     let ip = take_string(&mut obj, "ip", "customer[ip]", 45)?;
     if let Some(ip) = &ip {
         if ip.parse::<IpAddr>().is_err() {
-            return Err(ApiError::invalid("ip_invalid", "customer[ip]", "customer[ip] must be an IPv4 or IPv6 address."));
+            return Err(ApiError::invalid(
+                "ip_invalid",
+                "customer[ip]",
+                "customer[ip] must be an IPv4 or IPv6 address.",
+            ));
         }
     }
-    let device_id = take_string(&mut obj, "device_id", "customer[device_id]", DEVICE_ID_CHARS_MAX)?;
-    let country = take_string(&mut obj, "country", "customer[country]", 2)?.map(|c| c.to_ascii_uppercase());
+    let device_id = take_string(
+        &mut obj,
+        "device_id",
+        "customer[device_id]",
+        DEVICE_ID_CHARS_MAX,
+    )?;
+    let country =
+        take_string(&mut obj, "country", "customer[country]", 2)?.map(|c| c.to_ascii_uppercase());
     if let Some(c) = &country {
         if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(ApiError::invalid(
@@ -332,7 +432,13 @@ fn parse_customer(v: Option<Value>) -> Result<Customer, ApiError> {
         }
     }
     reject_unknown(&obj, Some("customer"))?;
-    Ok(Customer { id, email, ip, device_id, country })
+    Ok(Customer {
+        id,
+        email,
+        ip,
+        device_id,
+        country,
+    })
 }
 
 #[cfg(test)]
@@ -349,7 +455,11 @@ mod tests {
 
     #[test]
     fn minimal_body_is_accepted_with_defaults() {
-        let p = parse_payment(br#"{"amount": 1000, "currency": "usd", "payment_method": "tok_visa"}"#, &cfg()).unwrap();
+        let p = parse_payment(
+            br#"{"amount": 1000, "currency": "usd", "payment_method": "tok_visa"}"#,
+            &cfg(),
+        )
+        .unwrap();
         assert_eq!(p.amount, 1000);
         assert_eq!(p.currency, "USD");
         assert!(p.capture);
@@ -358,14 +468,42 @@ mod tests {
 
     #[test]
     fn errors_name_the_parameter() {
-        assert_eq!(err(r#"{"currency":"USD","payment_method":"tok_x"}"#).param.as_deref(), Some("amount"));
-        assert_eq!(err(r#"{"amount":1.5,"currency":"USD","payment_method":"tok_x"}"#).code, "parameter_invalid_integer");
-        assert_eq!(err(r#"{"amount":0,"currency":"USD","payment_method":"tok_x"}"#).code, "amount_too_small");
-        assert_eq!(err(r#"{"amount":100000000,"currency":"USD","payment_method":"tok_x"}"#).code, "amount_too_large");
-        assert_eq!(err(r#"{"amount":1,"currency":"XYZ","payment_method":"tok_x"}"#).param.as_deref(), Some("currency"));
-        assert_eq!(err(r#"{"amount":1,"currency":"USD","payment_method":"tok_x","foo":1}"#).param.as_deref(), Some("foo"));
         assert_eq!(
-            err(r#"{"amount":1,"currency":"USD","payment_method":"tok_x","customer":{"emali":"a"}}"#).param.as_deref(),
+            err(r#"{"currency":"USD","payment_method":"tok_x"}"#)
+                .param
+                .as_deref(),
+            Some("amount")
+        );
+        assert_eq!(
+            err(r#"{"amount":1.5,"currency":"USD","payment_method":"tok_x"}"#).code,
+            "parameter_invalid_integer"
+        );
+        assert_eq!(
+            err(r#"{"amount":0,"currency":"USD","payment_method":"tok_x"}"#).code,
+            "amount_too_small"
+        );
+        assert_eq!(
+            err(r#"{"amount":100000000,"currency":"USD","payment_method":"tok_x"}"#).code,
+            "amount_too_large"
+        );
+        assert_eq!(
+            err(r#"{"amount":1,"currency":"XYZ","payment_method":"tok_x"}"#)
+                .param
+                .as_deref(),
+            Some("currency")
+        );
+        assert_eq!(
+            err(r#"{"amount":1,"currency":"USD","payment_method":"tok_x","foo":1}"#)
+                .param
+                .as_deref(),
+            Some("foo")
+        );
+        assert_eq!(
+            err(
+                r#"{"amount":1,"currency":"USD","payment_method":"tok_x","customer":{"emali":"a"}}"#
+            )
+            .param
+            .as_deref(),
             Some("customer[emali]")
         );
         assert_eq!(
@@ -379,10 +517,15 @@ mod tests {
     #[test]
     fn metadata_limits_are_enforced() {
         let many: Vec<String> = (0..51).map(|i| format!("\"k{i}\":\"v\"")).collect();
-        let body = format!(r#"{{"amount":1,"currency":"USD","payment_method":"tok_x","metadata":{{{}}}}}"#, many.join(","));
+        let body = format!(
+            r#"{{"amount":1,"currency":"USD","payment_method":"tok_x","metadata":{{{}}}}}"#,
+            many.join(",")
+        );
         assert_eq!(err(&body).code, "metadata_too_many_keys");
         let long = "v".repeat(501);
-        let body = format!(r#"{{"amount":1,"currency":"USD","payment_method":"tok_x","metadata":{{"k":"{long}"}}}}"#);
+        let body = format!(
+            r#"{{"amount":1,"currency":"USD","payment_method":"tok_x","metadata":{{"k":"{long}"}}}}"#
+        );
         assert_eq!(err(&body).param.as_deref(), Some("metadata[k]"));
     }
 

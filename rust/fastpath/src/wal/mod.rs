@@ -27,7 +27,11 @@ pub const RECORD_BYTES_MAX: usize = 1 << 20;
 pub enum WalError {
     Io(io::Error),
     /// Damage that is not a torn tail: a bad record followed by more data, or in a sealed segment.
-    Corrupt { segment: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        reason: String,
+    },
     RecordTooLarge(usize),
     Closed,
 }
@@ -36,10 +40,20 @@ impl std::fmt::Display for WalError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WalError::Io(e) => write!(f, "WAL I/O error: {e}"),
-            WalError::Corrupt { segment, offset, reason } => {
-                write!(f, "WAL segment {} is corrupt at byte {offset}: {reason}", segment.display())
+            WalError::Corrupt {
+                segment,
+                offset,
+                reason,
+            } => {
+                write!(
+                    f,
+                    "WAL segment {} is corrupt at byte {offset}: {reason}",
+                    segment.display()
+                )
             }
-            WalError::RecordTooLarge(n) => write!(f, "WAL record of {n} bytes exceeds {RECORD_BYTES_MAX}"),
+            WalError::RecordTooLarge(n) => {
+                write!(f, "WAL record of {n} bytes exceeds {RECORD_BYTES_MAX}")
+            }
             WalError::Closed => write!(f, "WAL is closed"),
         }
     }
@@ -90,7 +104,11 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// Outcome of decoding one record at the front of `buf`.
 pub enum Decoded<'a> {
-    Record { lsn: u64, payload: &'a [u8], len: usize },
+    Record {
+        lsn: u64,
+        payload: &'a [u8],
+        len: usize,
+    },
     /// Not enough bytes for a whole record: a torn tail if nothing follows.
     Incomplete,
     Bad(String),
@@ -116,7 +134,11 @@ pub fn decode_record(buf: &[u8]) -> Decoded<'_> {
     if hasher.finalize() != crc {
         return Decoded::Bad("checksum mismatch".into());
     }
-    Decoded::Record { lsn, payload, len: HEADER_BYTES + len }
+    Decoded::Record {
+        lsn,
+        payload,
+        len: HEADER_BYTES + len,
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,12 @@ struct Cursor {
 impl WalReader {
     /// A reader that returns records with LSN greater than `after_lsn`.
     pub fn new(dir: &Path, after_lsn: u64) -> Self {
-        Self { dir: dir.to_path_buf(), next_lsn: after_lsn + 1, current: None, buf: Vec::new() }
+        Self {
+            dir: dir.to_path_buf(),
+            next_lsn: after_lsn + 1,
+            current: None,
+            buf: Vec::new(),
+        }
     }
 
     pub fn next_lsn(&self) -> u64 {
@@ -31,7 +36,11 @@ impl WalReader {
     }
 
     /// Up to `max` records with LSN ≤ `committed_lsn`, in order.
-    pub fn read(&mut self, committed_lsn: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
+    pub fn read(
+        &mut self,
+        committed_lsn: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
         let mut out = Vec::new();
         while out.len() < max && self.next_lsn <= committed_lsn {
             if self.current.is_none() && !self.open_segment()? {
@@ -47,7 +56,9 @@ impl WalReader {
                 None => {
                     // End of this segment: move on only if a later segment exists.
                     let first = self.current.as_ref().map(|c| c.first_lsn).unwrap_or(0);
-                    let later = list_segments(&self.dir)?.into_iter().any(|(l, _)| l > first && l <= self.next_lsn);
+                    let later = list_segments(&self.dir)?
+                        .into_iter()
+                        .any(|(l, _)| l > first && l <= self.next_lsn);
                     if later {
                         self.current = None;
                         self.buf.clear();
@@ -62,12 +73,21 @@ impl WalReader {
 
     fn open_segment(&mut self) -> Result<bool, WalError> {
         let segments = list_segments(&self.dir)?;
-        let Some((first_lsn, path)) = segments.iter().rev().find(|(l, _)| *l <= self.next_lsn).cloned() else {
+        let Some((first_lsn, path)) = segments
+            .iter()
+            .rev()
+            .find(|(l, _)| *l <= self.next_lsn)
+            .cloned()
+        else {
             return Ok(false);
         };
         let mut file = File::open(&path)?;
         file.seek(SeekFrom::Start(SEGMENT_MAGIC.len() as u64))?;
-        self.current = Some(Cursor { first_lsn, file, offset: SEGMENT_MAGIC.len() as u64 });
+        self.current = Some(Cursor {
+            first_lsn,
+            file,
+            offset: SEGMENT_MAGIC.len() as u64,
+        });
         self.buf.clear();
         let _: &Path = &path;
         Ok(true)

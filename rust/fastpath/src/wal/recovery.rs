@@ -28,7 +28,11 @@ pub fn scan_read_only(dir: &Path, visit: impl FnMut(u64, &[u8])) -> Result<Recov
     scan(dir, visit, false)
 }
 
-fn scan(dir: &Path, mut visit: impl FnMut(u64, &[u8]), repair: bool) -> Result<Recovered, WalError> {
+fn scan(
+    dir: &Path,
+    mut visit: impl FnMut(u64, &[u8]),
+    repair: bool,
+) -> Result<Recovered, WalError> {
     let segments = list_segments(dir)?;
     let mut next_lsn = 1u64;
     let mut truncated_bytes = 0;
@@ -37,9 +41,16 @@ fn scan(dir: &Path, mut visit: impl FnMut(u64, &[u8]), repair: bool) -> Result<R
     for (idx, (first_lsn, path)) in segments.iter().enumerate() {
         let last = idx + 1 == count;
         let data = fs::read(path)?;
-        let corrupt = |offset: u64, reason: String| WalError::Corrupt { segment: path.clone(), offset, reason };
+        let corrupt = |offset: u64, reason: String| WalError::Corrupt {
+            segment: path.clone(),
+            offset,
+            reason,
+        };
         if idx > 0 && *first_lsn != next_lsn {
-            return Err(corrupt(0, format!("segment starts at LSN {first_lsn}, expected {next_lsn}")));
+            return Err(corrupt(
+                0,
+                format!("segment starts at LSN {first_lsn}, expected {next_lsn}"),
+            ));
         }
         if idx == 0 {
             next_lsn = *first_lsn;
@@ -60,7 +71,10 @@ fn scan(dir: &Path, mut visit: impl FnMut(u64, &[u8]), repair: bool) -> Result<R
             match decode_record(&data[offset..]) {
                 Decoded::Record { lsn, payload, len } => {
                     if lsn != next_lsn {
-                        return Err(corrupt(offset as u64, format!("record has LSN {lsn}, expected {next_lsn}")));
+                        return Err(corrupt(
+                            offset as u64,
+                            format!("record has LSN {lsn}, expected {next_lsn}"),
+                        ));
                     }
                     visit(lsn, payload);
                     records += 1;
@@ -74,7 +88,12 @@ fn scan(dir: &Path, mut visit: impl FnMut(u64, &[u8]), repair: bool) -> Result<R
                     let _ = reason;
                     break;
                 }
-                Decoded::Incomplete => return Err(corrupt(offset as u64, "sealed segment ends mid-record".into())),
+                Decoded::Incomplete => {
+                    return Err(corrupt(
+                        offset as u64,
+                        "sealed segment ends mid-record".into(),
+                    ))
+                }
                 Decoded::Bad(reason) => return Err(corrupt(offset as u64, reason)),
             }
         }
@@ -91,7 +110,12 @@ fn scan(dir: &Path, mut visit: impl FnMut(u64, &[u8]), repair: bool) -> Result<R
     if truncated_bytes > 0 && repair {
         fsync_dir(dir)?;
     }
-    Ok(Recovered { next_lsn, tail_segment: segments.last().cloned(), truncated_bytes, records })
+    Ok(Recovered {
+        next_lsn,
+        tail_segment: segments.last().cloned(),
+        truncated_bytes,
+        records,
+    })
 }
 
 /// A bad record is a torn tail when no valid record can be found after it: group commit writes

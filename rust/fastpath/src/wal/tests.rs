@@ -39,11 +39,17 @@ fn read_all(dir: &Path) -> Vec<(u64, Vec<u8>)> {
 fn appended_records_survive_reopen_in_order_across_segments() {
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(write_records(dir.path(), 500), 500);
-    assert!(list_segments(dir.path()).unwrap().len() > 1, "segment_bytes_max forces rotation");
+    assert!(
+        list_segments(dir.path()).unwrap().len() > 1,
+        "segment_bytes_max forces rotation"
+    );
     assert_eq!(write_records(dir.path(), 10), 510);
     let all = read_all(dir.path());
     assert_eq!(all.len(), 510);
-    assert!(all.iter().enumerate().all(|(i, (lsn, _))| *lsn == i as u64 + 1));
+    assert!(all
+        .iter()
+        .enumerate()
+        .all(|(i, (lsn, _))| *lsn == i as u64 + 1));
     assert_eq!(all[0].1, b"record-00000");
 }
 
@@ -117,7 +123,10 @@ fn corruption_in_a_sealed_segment_is_refused() {
     let n = data.len();
     data[n - 2] ^= 0x01;
     std::fs::write(first, &data).unwrap();
-    assert!(matches!(recover(dir.path(), |_, _| {}), Err(WalError::Corrupt { .. })));
+    assert!(matches!(
+        recover(dir.path(), |_, _| {}),
+        Err(WalError::Corrupt { .. })
+    ));
 }
 
 #[test]
@@ -142,7 +151,10 @@ fn reader_follows_commits_and_segments() {
         }
     }
     assert_eq!(seen.len(), 500);
-    assert!(seen.iter().enumerate().all(|(i, (lsn, _))| *lsn == i as u64 + 1));
+    assert!(seen
+        .iter()
+        .enumerate()
+        .all(|(i, (lsn, _))| *lsn == i as u64 + 1));
     let mut from_middle = WalReader::new(dir.path(), 250);
     let batch = from_middle.read(w.committed_lsn(), 10).unwrap();
     assert_eq!(batch[0].0, 251);
@@ -173,7 +185,11 @@ fn group_commit_batches_concurrent_appends() {
     }
     let stats = w.stats();
     assert_eq!(w.committed_lsn(), 400);
-    assert!(stats.fsync_ns.count() < 400, "{} fsyncs for 400 records", stats.fsync_ns.count());
+    assert!(
+        stats.fsync_ns.count() < 400,
+        "{} fsyncs for 400 records",
+        stats.fsync_ns.count()
+    );
 }
 
 #[test]

@@ -107,7 +107,10 @@ impl WalWriter {
         let thread = std::thread::Builder::new()
             .name("wal-flusher".into())
             .spawn(move || flusher(s, segment))?;
-        Ok(Self { shared, thread: Mutex::new(Some(thread)) })
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     pub fn set_listener(&self, listener: Arc<dyn CommitListener>) {
@@ -161,7 +164,12 @@ impl WalWriter {
             if st.error.is_some() || (st.closed && st.pending_records == 0) {
                 return false;
             }
-            if self.shared.committed_cv.wait_until(&mut st, deadline).timed_out() {
+            if self
+                .shared
+                .committed_cv
+                .wait_until(&mut st, deadline)
+                .timed_out()
+            {
                 return self.committed_lsn() >= lsn;
             }
         }
@@ -215,7 +223,10 @@ fn create_segment(dir: &std::path::Path, first_lsn: u64) -> Result<Segment, WalE
     file.write_all(SEGMENT_MAGIC)?;
     file.sync_all()?;
     fsync_dir(dir)?;
-    Ok(Segment { file, bytes: SEGMENT_MAGIC.len() as u64 })
+    Ok(Segment {
+        file,
+        bytes: SEGMENT_MAGIC.len() as u64,
+    })
 }
 
 fn flusher(shared: Arc<Shared>, mut segment: Segment) {
@@ -252,7 +263,10 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
             Ok(fsync_ns) => {
                 shared.stats.fsync_ns.observe(fsync_ns);
                 shared.stats.batch_records.observe(records as u64);
-                shared.stats.bytes_written.fetch_add(spare.len() as u64, Ordering::Relaxed);
+                shared
+                    .stats
+                    .bytes_written
+                    .fetch_add(spare.len() as u64, Ordering::Relaxed);
                 let listener = shared.listener.lock().clone();
                 if let Some(l) = &listener {
                     l.before_publish(last_lsn);
@@ -281,7 +295,12 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
     let _ = segment.file.sync_all();
 }
 
-fn write_batch(cfg: &WriterConfig, segment: &mut Segment, batch: &[u8], first_lsn: u64) -> Result<u64, WalError> {
+fn write_batch(
+    cfg: &WriterConfig,
+    segment: &mut Segment,
+    batch: &[u8],
+    first_lsn: u64,
+) -> Result<u64, WalError> {
     if segment.bytes >= cfg.segment_bytes_max {
         segment.file.sync_all()?;
         *segment = create_segment(&cfg.dir, first_lsn)?;
