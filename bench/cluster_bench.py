@@ -3,8 +3,9 @@ durability modes (`wal`: 2xx after the local fsync; `kafka`: also after the brok
 side in one run, on the same machine, against the real Redis, Kafka and PostgreSQL of deploy/.
 
 Per mode: `gateway serve` with two processes behind one port, one `gateway worker`, a PostgreSQL schema,
-Kafka topic and Redis prefix of its own (dropped afterwards). Load comes from bench/loadgen (open loop,
-latency from each request's intended send time); every request has a fresh Idempotency-Key. After the
+Kafka topic and Redis prefix of its own (dropped afterwards). Load comes from an open-loop asyncio +
+httpx client in this script (latency from each request's intended send time; it costs more client CPU
+than k6, so keep rates modest); every request has a fresh Idempotency-Key. After the
 run the script checks that every 2xx payment reached PostgreSQL.
 
     python bench/cluster_bench.py                       # rates 250,500,1000 req/s, 5 s each
@@ -39,11 +40,9 @@ from confluent_kafka.admin import AdminClient
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV_BIN = Path(sys.executable).parent
-LOADGEN = REPO / ".cache" / "tools" / "bin" / "loadgen"
 
 OK_STATUSES = "200,201"
 DEMO_KEY = "sk_test_demo"
-TARGETS = 20_000
 BODY = json.dumps({"amount": 2599, "currency": "USD", "payment_method": "tok_visa",
                    "customer": {"email": "buyer@example.com", "country": "US"}})
 
@@ -52,16 +51,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def ensure_loadgen() -> Path | None:
-    """The Go open-loop generator (bench/loadgen, built into .cache/tools/bin), or None: then the
-    script's own asyncio generator (same method, more client CPU) is used."""
-    src = BENCH / "loadgen" / "main.go"
-    if src.exists() and (not LOADGEN.exists() or src.stat().st_mtime > LOADGEN.stat().st_mtime):
-        LOADGEN.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["go", "build", "-o", str(LOADGEN), "."], cwd=src.parent, check=True, timeout=600)
-    return LOADGEN if LOADGEN.exists() else None
 
 
 def _percentile(sorted_ms: list[float], q: float) -> float:
@@ -119,14 +108,6 @@ def services() -> dict[str, str]:
     out = subprocess.run(["bash", str(REPO / "deploy" / "services.sh"), "up"], capture_output=True, text=True,
                          check=True, timeout=900).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def write_targets(path: Path) -> None:
-    with path.open("w") as f:
-        for i in range(TARGETS):
-            f.write(json.dumps({"method": "POST", "url": "/v1/payments", "body": BODY, "headers": {
-                "Authorization": f"Bearer {DEMO_KEY}", "Content-Type": "application/json",
-                "Idempotency-Key": f"bench-{{run}}-{{cycle}}-{i}"}}) + "\n")
 
 
 class Deployment:
@@ -214,19 +195,6 @@ durability = "{durability}"
         r.close()
 
 
-def run_step(loadgen: Path | None, targets: Path, port: int, rate: float, seconds: float,
-             run_id: str) -> dict[str, Any]:
-    if loadgen is None:
-        return run_step_python(port, rate, seconds, run_id)
-    argv = [str(loadgen), "-targets", str(targets), "-base", f"http://127.0.0.1:{port}", "-rate", str(rate),
-            "-duration", f"{seconds}s", "-run", run_id, "-ok", OK_STATUSES, "-connections", "256",
-            "-timeout", "5s"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return dict(json.loads(proc.stdout))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="250,500,1000", help="offered rates, requests per second")
@@ -236,26 +204,22 @@ def main() -> int:
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     svc = services()
-    loadgen = ensure_loadgen()
-    print(f"load generator: {loadgen or 'asyncio + httpx'}", flush=True)
+    print("load generator: asyncio + httpx (open loop)", flush=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     report: dict[str, Any] = {
         "when": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "gateway_processes": args.workers, "kafka_workers": 1, "step_seconds": args.step_seconds,
-        "load_generator": ("bench/loadgen (Go" if loadgen else "asyncio + httpx (Python")
-        + ", open loop, latency from intended send time)", "modes": {},
+        "load_generator": "asyncio + httpx (Python, open loop, latency from intended send time)", "modes": {},
     }
     with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
-        targets = Path(tmp) / "targets.jsonl"
-        write_targets(targets)
         for mode in args.modes.split(","):
             d = Deployment(svc, mode, Path(tmp), args.workers)
             try:
                 d.start()
-                run_step(loadgen, targets, d.port, rates[0], 2.0, f"{mode}-warm")
+                run_step_python(d.port, rates[0], 2.0, f"{mode}-warm")
                 steps = []
                 for rate in rates:
-                    r = run_step(loadgen, targets, d.port, rate, args.step_seconds, f"{mode}-{int(rate)}")
+                    r = run_step_python(d.port, rate, args.step_seconds, f"{mode}-{int(rate)}")
                     steps.append({
                         "offered_rate": rate, "achieved_rate": round(r["achieved_rate"], 1),
                         "error_rate": r["error_rate"], "status_counts": r["status_counts"],
