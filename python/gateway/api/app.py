@@ -138,6 +138,8 @@ class GatewayApp:
         if self.cluster is None:
             for hook in ON_START:
                 hook(self)
+        else:
+            self.cluster.start_risk()  # the risk control plane on PostgreSQL
         self.ready = True
         log.info(
             "gateway ready: %d WAL records recovered (%d torn bytes cut), %d applied on start",

@@ -18,7 +18,9 @@
 - **Durability**: `wal` answers after the local fsync; `kafka` after the fsync *and* the broker's
   acknowledgement of that record (the relay's contiguously acked LSN).
 - **Risk updates**: a subscriber thread on the `cluster.risk_channel` pub/sub channel calls the
-  handlers registered in `gateway.shared.redis_state.RISK_HANDLERS`.
+  handlers registered in `gateway.shared.redis_state.RISK_HANDLERS`. The risk control plane
+  (`RiskControl` on PostgreSQL, `start_risk`) publishes every committed change there and registers
+  `apply_update`; it also compares the stored ruleset version every `RISK_POLL_S` seconds.
 """
 
 from __future__ import annotations
@@ -34,22 +36,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import redis
 
 from gateway._fastpath import FastPath
 from gateway.api.errors import error_body
 from gateway.pipeline.relay import Relay, ensure_topic
-from gateway.shared.redis_state import RedisSharedState, RiskSubscriber, SharedState, SharedStateUnavailable
+from gateway.shared.redis_state import (
+    RISK_HANDLERS,
+    RedisSharedState,
+    RiskSubscriber,
+    SharedState,
+    SharedStateUnavailable,
+)
 from gateway.store.base import Merchant
 from gateway.store.postgres import PostgresStore
 
 if TYPE_CHECKING:
     from gateway.api.app import GatewayApp, Response
+    from gateway.risk.control import RiskControl
 
 log = logging.getLogger("gateway.cluster")
 
 JSON = ("content-type", "application/json")
 SLOTS_MAX = 256
 EXPIRE_TICK_S = 0.1
+# How often each process compares the stored ruleset version with its own (a missed risk message).
+RISK_POLL_S = 2.0
 
 
 def claim_slot(data_dir: Path) -> tuple[int, int]:
@@ -97,6 +109,9 @@ class Cluster:
         self._ack_waiters: deque[tuple[int, asyncio.Future[None], float]] = deque()
         self._ack_scheduled = False
         self.shared_unavailable = 0
+        self.risk_control: RiskControl | None = None
+        self._risk_poll_stop: Any = None
+        self._risk_publisher: redis.Redis | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -131,8 +146,31 @@ class Cluster:
                  os.getpid(), self.slot, self.relay.acked_lsn, c.durability)
         return self.store, fastpath
 
+    def start_risk(self) -> None:
+        """The risk control plane on PostgreSQL: restore this engine from the store, then follow the
+        changes of every process (pub/sub, plus the periodic version check)."""
+        from gateway.api import risk_admin
+
+        c = self.cfg
+        timeout_s = c.redis_timeout_ms / 1000
+        publisher = redis.Redis.from_url(c.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._risk_publisher = publisher
+
+        def publish(message: dict[str, Any]) -> None:
+            publisher.publish(c.risk_channel, msgspec.json.encode(message))
+
+        self.risk_control = risk_admin._start(self.app, publish)
+        RISK_HANDLERS.append(self.risk_control.apply_update)
+        self._risk_poll_stop = self.risk_control.start_polling(RISK_POLL_S)
+
     def stop(self) -> None:
         """After the fast path is closed (WAL flushed): ship what is left, then close the clients."""
+        if self._risk_poll_stop is not None:
+            self._risk_poll_stop.set()
+        if self.risk_control is not None and self.risk_control.apply_update in RISK_HANDLERS:
+            RISK_HANDLERS.remove(self.risk_control.apply_update)
+        if self._risk_publisher is not None:
+            self._risk_publisher.close()
         if self.risk is not None:
             self.risk.stop()
         if self.relay is not None:
@@ -277,6 +315,7 @@ class Cluster:
     def metrics_text(self) -> str:
         relay = self.relay
         risk = self.risk
+        fp = self.app.fastpath
         return (
             "# TYPE gateway_cluster_slot gauge\n"
             f"gateway_cluster_slot {self.slot}\n"
@@ -290,4 +329,6 @@ class Cluster:
             f"gateway_shared_state_unavailable_total {self.shared_unavailable}\n"
             "# TYPE gateway_risk_updates_received_total counter\n"
             f"gateway_risk_updates_received_total {risk.received if risk else 0}\n"
+            "# TYPE gateway_risk_rules_version gauge\n"
+            f"gateway_risk_rules_version {fp.risk.rules_version() if fp else 0}\n"
         )

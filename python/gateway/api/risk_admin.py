@@ -43,13 +43,16 @@ class _Plane:
 _PLANES: dict[int, _Plane] = {}
 
 
-def _start(app: GatewayApp) -> None:
+def _start(app: GatewayApp, publish: Any = None) -> RiskControl:
+    """Embedded mode: an ON_START hook (SQLite). Cluster mode: called by `Cluster.start_risk` with the
+    PostgreSQL store and the function that publishes a committed change on the risk channel."""
     assert app.fastpath is not None and app.store is not None
     cfg = app.config.risk
     if cfg.geoip_file:
         app.fastpath.set_geo_csv(Path(cfg.geoip_file).read_text())
     model_path = Path(cfg.model_path) if cfg.model_path else ctl.SHIPPED_MODEL
-    control = RiskControl(app.store, app.fastpath.risk, model_path)
+    pool = getattr(app.store, "pool", None) if app.cluster is not None else None
+    control = RiskControl(app.store, app.fastpath.risk, model_path, pg_pool=pool, publish=publish)
     control.restore()
     digests = [cfg.admin_key_sha256] if cfg.admin_key_sha256 else []
     key = os.environ.get(cfg.admin_key_env, "")
@@ -58,9 +61,14 @@ def _start(app: GatewayApp) -> None:
     if not digests:
         log.warning("no admin key configured ([risk] admin_key_env or admin_key_sha256): the admin API refuses all")
     _PLANES[id(app)] = _Plane(control, digests)
+    return control
 
 
-ON_START.append(_start)
+def _start_embedded(app: GatewayApp) -> None:
+    _start(app)
+
+
+ON_START.append(_start_embedded)
 
 
 # -- request plumbing ------------------------------------------------------------------------------
@@ -86,8 +94,7 @@ def _ok(obj: Any, status: int = 200) -> Response:
 def _plane(app: GatewayApp, scope: Any) -> RiskControl:
     plane = _PLANES.get(id(app))
     if plane is None:
-        raise _Refused(_error(503, "risk_control_unavailable",
-                              "The risk control plane runs in embedded mode only (and after start-up)."))
+        raise _Refused(_error(503, "risk_control_unavailable", "The risk control plane is not started yet."))
     header = scope.headers.get("authorization") or ""
     key = header[7:].strip() if header.startswith("Bearer ") else ""
     if not key or len(key) > ADMIN_KEY_CHARS_MAX:
@@ -275,6 +282,9 @@ async def merchant_clear(app: GatewayApp, scope: Any, proto: Any, match: re.Matc
 @_handler
 async def rules_backtest(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
+    if control.clustered:
+        raise ControlError(501, "not_supported_in_cluster_mode",
+                           "Backtests replay one WAL: they run in embedded mode only.")
     b = await _body(scope, proto, SourceBody)
     control.check(b.source)
     fp = app.fastpath

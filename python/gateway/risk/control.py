@@ -14,12 +14,22 @@ Versions are one sequence over every slot (global, each merchant, shadow) and ar
 rewritten: a rollback is a new version whose source is the old one (`operation = 'rollback'`,
 `rollback_of` = the version restored), so the history reads as what was live when, and by whom.
 Clearing a merchant ruleset or the shadow ruleset is a version with no source (`operation = 'clear'`).
+
+Cluster mode: the same tables live in PostgreSQL (`_PgDb` translates the statements below; one
+advisory lock serialises changes across processes). After each commit the change is published on the
+risk channel and every process, the author included, applies it to its own engine (`apply_update`):
+rulesets are re-read from PostgreSQL and swapped (compiled before the swap), list changes are applied
+as far as PostgreSQL still agrees with them. `sync_rules` also runs every few seconds, so a lost message
+cannot leave a process on an old ruleset; a restart restores everything from PostgreSQL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -32,6 +42,8 @@ import msgspec
 from gateway._fastpath import RiskEngine, RiskListError, RulesError
 
 if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
+
     from gateway.store.sqlite import SqliteStore
 
 log = logging.getLogger("gateway.risk")
@@ -46,6 +58,8 @@ CHUNK_VALUES = 10_000
 SOURCE_BYTES_MAX = 8 * 1024 * 1024
 AUTHOR_CHARS_MAX = 200
 COMMENT_CHARS_MAX = 2_000
+# Cluster mode: every control-plane change takes this PostgreSQL advisory lock ("risk").
+PG_LOCK_ID = 0x7269_736B
 
 
 class ControlError(Exception):
@@ -113,20 +127,44 @@ def _now_ms() -> int:
 class RiskControl:
     """One per gateway process; serialises control-plane changes with a lock of its own."""
 
-    def __init__(self, store: SqliteStore, engine: RiskEngine, model_path: Path) -> None:
+    def __init__(self, store: SqliteStore, engine: RiskEngine, model_path: Path,
+                 pg_pool: ConnectionPool | None = None,
+                 publish: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Embedded mode: `store` is the SQLite store. Cluster mode: `pg_pool` is the PostgreSQL pool
+        (then `store` is unused) and `publish` sends a committed change to every process."""
         self.store = store
         self.engine = engine
         self.model_path = model_path
         self.model_bytes: bytes | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._db = _PgDb(pg_pool) if pg_pool is not None else None
+        self._publish_fn = publish
+        # The version installed in the engine per slot (scope, merchant_id).
+        self._installed: dict[tuple[str, str], int] = {}
+
+    @property
+    def clustered(self) -> bool:
+        return self._db is not None
 
     # -- storage helpers ---------------------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        return self.store._conn()
+    def _conn(self) -> Any:
+        return self._db if self._db is not None else self.store._conn()
 
-    def _tx(self) -> _Tx:
-        return _Tx(self._conn(), self.store._write_lock)
+    def _tx(self) -> Any:
+        if self._db is not None:
+            return self._db.tx()
+        return _Tx(self.store._conn(), self.store._write_lock)
+
+    def _publish(self, message: dict[str, Any]) -> None:
+        """After a commit: tell every process (cluster mode). A lost message is repaired by the
+        periodic `sync_rules` (rulesets) and by the restore at start."""
+        if self._publish_fn is None:
+            return
+        try:
+            self._publish_fn({**message, "origin": os.getpid()})
+        except Exception as e:  # noqa: BLE001 - committed anyway; the other processes catch up by polling
+            log.warning("risk update not published (%s): %s", message.get("kind"), e)
 
     def _audit(self, conn: sqlite3.Connection, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
         conn.execute("INSERT INTO risk_audit (at_ms, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
@@ -153,6 +191,8 @@ class RiskControl:
             active = self.active()
             for rv in active:
                 self._install(rv)
+            for rv in self._latest():
+                self._installed.setdefault((rv.scope, rv.merchant_id or ""), rv.version)
         summary = {"model_hash": model_hash, "lists": lists, "entries": entries,
                    "rulesets": [(rv.scope, rv.merchant_id, rv.version) for rv in active]}
         log.info("risk control plane restored: %s", summary)
@@ -173,6 +213,7 @@ class RiskControl:
             with self._tx() as conn:
                 self._audit(conn, actor, "model.reload", "model", {"path": str(self.model_path),
                                                                    "model_hash": model_hash})
+        self._publish({"kind": "model"})
         return model_hash
 
     # -- rulesets ----------------------------------------------------------------------------------
@@ -194,6 +235,94 @@ class RiskControl:
             self.engine.set_merchant_rules(rv.merchant_id, rv.source, rv.version)
         else:
             self.engine.set_shadow_rules(rv.source, rv.version)
+        self._installed[(rv.scope, rv.merchant_id or "")] = rv.version
+
+    def _latest(self) -> list[RulesetVersion]:
+        """The newest version of every slot, cleared ones included."""
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM risk_rulesets r WHERE version = (SELECT max(version) FROM risk_rulesets "
+            "WHERE scope = r.scope AND merchant_id = r.merchant_id) ORDER BY scope, merchant_id").fetchall()
+        return list(map(_row, rows))
+
+    def sync_rules(self) -> list[int]:
+        """Installs every slot whose newest stored version is not the one in the engine (lists first, so
+        the rules compile); returns the versions installed. Each swap is atomic, compiled before it."""
+        with self._lock:
+            self._sync_list_names()
+            done = []
+            for rv in self._latest():
+                if self._installed.get((rv.scope, rv.merchant_id or ""), 0) >= rv.version:
+                    continue
+                try:
+                    self._install(rv)
+                except RulesError as e:
+                    log.error("risk ruleset version %d does not compile here: %s", rv.version, e)
+                    continue
+                done.append(rv.version)
+        if done:
+            log.info("risk rules synced from the store by pid %d: versions %s", os.getpid(), done)
+        return done
+
+    def poll(self) -> None:
+        """The periodic check of cluster mode: a newer stored version than any installed one means a
+        missed message."""
+        row = self._conn().execute("SELECT max(version) FROM risk_rulesets").fetchone()
+        if row and row[0] and row[0] > max(self._installed.values(), default=0):
+            self.sync_rules()
+
+    def start_polling(self, interval_s: float) -> threading.Event:
+        """A daemon thread that calls `poll` every `interval_s`; set the returned event to stop it."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    self.poll()
+                except Exception as e:  # noqa: BLE001 - a store or pool error; tried again next tick
+                    if not stop.is_set():
+                        log.warning("risk version check failed: %s", e)
+
+        threading.Thread(target=run, name="risk-poll", daemon=True).start()
+        return stop
+
+    def _sync_list_names(self) -> None:
+        """Creates (with their entries) the stored lists the engine does not have yet."""
+        have = {x["name"] for x in json.loads(self.engine.lists_json())}
+        for name, kind, entries_max in self._conn().execute(
+                "SELECT name, kind, entries_max FROM risk_lists ORDER BY name").fetchall():
+            if name in have:
+                continue
+            try:
+                self.engine.create_list(name, kind, entries_max)
+            except RiskListError:
+                continue
+            for chunk in _chunks(v for (v,) in self._conn().execute(
+                    "SELECT value FROM risk_list_entries WHERE list_name = ?", (name,)).fetchall()):
+                self.engine.list_add(name, chunk)
+
+    def apply_update(self, message: object) -> None:
+        """A change published by some process (this one included): apply it to this engine."""
+        if not isinstance(message, dict):
+            return
+        kind = message.get("kind")
+        with self._lock:
+            if kind == "list":
+                name = str(message.get("name", ""))
+                values = [v for v in message.get("values") or () if isinstance(v, str)]
+                self._sync_list_names()
+                if values and message.get("op") in ("add", "remove"):
+                    stored = _present(self._conn(), name, values)
+                    if message["op"] == "add":  # only what the store still holds (messages may cross)
+                        todo = [v for v in values if v in stored]
+                        for chunk in _chunks(todo):
+                            self.engine.list_add(name, chunk)
+                    else:
+                        todo = [v for v in values if v not in stored]
+                        for chunk in _chunks(todo):
+                            self.engine.list_remove(name, chunk)
+            elif kind == "model":
+                self._load_model_file()
+            self.sync_rules()
 
     def _record(self, scope: str, merchant_id: str | None, source: str | None, author: str, comment: str,
                 operation: str, rollback_of: int | None = None) -> RulesetVersion:
@@ -202,6 +331,8 @@ class RiskControl:
         if not author:
             raise ControlError(400, "parameter_missing", "author must not be empty.", "author")
         with self._lock, self._tx() as conn:
+            if self._db is not None:
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_LOCK_ID,))
             version = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM risk_rulesets").fetchone()[0]
             rv = RulesetVersion(version, scope, merchant_id, source, author, comment, operation, rollback_of,
                                 _now_ms())
@@ -215,6 +346,7 @@ class RiskControl:
                 raise rules_invalid(e) from None
         log.info("risk rules %s: version %d (%s%s) by %s", operation, version, scope,
                  f" {merchant_id}" if merchant_id else "", author)
+        self._publish({"kind": "rules", "version": version})
         return rv
 
     def push(self, source: str, *, author: str, comment: str = "", merchant_id: str | None = None,
@@ -289,6 +421,8 @@ class RiskControl:
 
     def create_list(self, name: str, kind: str, entries_max: int | None, actor: str) -> dict[str, Any]:
         with self._lock, self._tx() as conn:
+            if self._db is not None:
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_LOCK_ID,))
             if conn.execute("SELECT 1 FROM risk_lists WHERE name = ?", (name,)).fetchone() is not None:
                 raise ControlError(409, "list_exists", f"List @{name} already exists.", "name")
             try:
@@ -298,6 +432,7 @@ class RiskControl:
             conn.execute("INSERT INTO risk_lists (name, kind, entries_max, author, created_ms) VALUES (?, ?, ?, ?, ?)",
                          (name, kind, entries_max, actor, _now_ms()))
             self._audit(conn, actor, "list.create", f"@{name}", {"kind": kind, "entries_max": entries_max})
+        self._publish({"kind": "list", "op": "create", "name": name})
         return self.get_list(name, 0)
 
     def _change(self, name: str, values: list[str], actor: str, op: str) -> int:
@@ -306,6 +441,8 @@ class RiskControl:
         vals = self._values(kind, values)
         now = _now_ms()
         with self._lock, self._tx() as conn:
+            if self._db is not None:
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (PG_LOCK_ID,))
             before = _present(conn, name, vals) if op == "add" else set()
             if op == "add":
                 conn.executemany("INSERT OR IGNORE INTO risk_list_entries (list_name, value, added_ms) VALUES (?, ?, ?)",
@@ -327,6 +464,8 @@ class RiskControl:
             self._audit(conn, actor, f"list.{op}", f"@{name}",
                         {"count": len(vals), "changed": done, "values": vals[:AUDIT_VALUES_MAX],
                          "values_truncated": len(vals) > AUDIT_VALUES_MAX})
+        for i in range(0, len(vals), CHUNK_VALUES):
+            self._publish({"kind": "list", "op": op, "name": name, "values": vals[i:i + CHUNK_VALUES]})
         return done
 
     def list_add(self, name: str, values: list[str], actor: str) -> int:
@@ -402,7 +541,68 @@ class _Tx:
             self.lock.release()
 
 
-def _present(conn: sqlite3.Connection, name: str, values: list[str]) -> set[str]:
+_INSERT_OR_IGNORE = re.compile(r"^\s*INSERT OR IGNORE INTO\b", re.IGNORECASE)
+
+
+def _pg_sql(query: str) -> str:
+    """The SQLite statements of this module in PostgreSQL's dialect: `%s` placeholders and
+    `INSERT OR IGNORE` as `ON CONFLICT DO NOTHING`."""
+    if _INSERT_OR_IGNORE.match(query):
+        query = _INSERT_OR_IGNORE.sub("INSERT INTO", query) + " ON CONFLICT DO NOTHING"
+    return query.replace("%", "%%").replace("?", "%s")
+
+
+class _Rows:
+    """What a sqlite3 cursor gives this module: fetchone, fetchall, iteration."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self.rows = rows
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.rows)
+
+
+class _PgConn:
+    """A psycopg connection that speaks like the sqlite3 one this module uses."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, query: str, args: Iterable[Any] = ()) -> _Rows:
+        cur = self.conn.execute(_pg_sql(query), tuple(args))
+        return _Rows(cur.fetchall() if cur.description is not None else [])
+
+    def executemany(self, query: str, rows: Iterable[Iterable[Any]]) -> None:
+        rows = [tuple(r) for r in rows]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(_pg_sql(query), rows)
+
+
+class _PgDb:
+    """Cluster mode's store of the control plane: reads on any pooled (autocommit) connection, changes in
+    one transaction (`tx`)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def execute(self, query: str, args: Iterable[Any] = ()) -> _Rows:
+        with self.pool.connection() as conn:
+            return _PgConn(conn).execute(query, args)
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[_PgConn]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield _PgConn(conn)
+
+
+def _present(conn: Any, name: str, values: list[str]) -> set[str]:
     """Which of `values` the stored list holds (looked up per value batch, never the whole list)."""
     out: set[str] = set()
     for i in range(0, len(values), 500):

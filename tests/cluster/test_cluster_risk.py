@@ -1,0 +1,127 @@
+"""The risk control plane in cluster mode against the real services: changes made through the admin API
+of the port (served by either of two gateway processes) are stored in PostgreSQL, published on the risk
+channel and applied by both processes."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from support import auth
+
+from .test_cluster_mode import Cluster, cluster_factory  # noqa: F401 - the fixture, shared
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+ADMIN_KEY = "ak_test_" + "k" * 24
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+PAYMENTS = 40
+
+
+def admin(cl: Cluster, method: str, path: str, body: Any = None) -> httpx.Response:
+    return httpx.request(method, f"{cl.gateway.url}{path}", json=body, headers=ADMIN, timeout=30)
+
+
+def rules_version_by_slot(cl: Cluster, version: int, timeout_s: float = 20) -> dict[str, int]:
+    """Polls /metrics on new connections until both processes (slots) report `version` as the version
+    of the ruleset in their own engine."""
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while not (len(seen) == 2 and set(seen.values()) == {version}):
+        assert time.monotonic() < deadline, f"rules version by slot {seen}, want {version}"
+        with httpx.Client(timeout=5) as c:
+            text = c.get(f"{cl.gateway.url}/metrics").text
+        slot = re.search(r"^gateway_cluster_slot (\d+)$", text, re.MULTILINE)
+        got = re.search(r"^gateway_risk_rules_version (\d+)$", text, re.MULTILINE)
+        assert slot and got, text[-2000:]
+        seen[slot.group(1)] = int(got.group(1))
+    return seen
+
+
+def pay_fresh(cl: Cluster, token: str, n: int = PAYMENTS) -> list[httpx.Response]:
+    """`n` payments, each on a new connection so that the kernel spreads them over both processes."""
+    out = []
+    for _ in range(n):
+        with httpx.Client(timeout=15) as c:
+            out.append(c.post(f"{cl.gateway.url}/v1/payments", headers=auth(),
+                              json={"amount": 1000, "currency": "USD", "payment_method": token}))
+    return out
+
+
+def decline_codes(responses: list[httpx.Response]) -> list[str | int]:
+    return [r.json()["error"].get("decline_code") if r.status_code == 402 else r.status_code for r in responses]
+
+
+def test_list_add_rule_push_and_rollback_through_one_port_reach_both_processes(cluster_factory, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    cl = cluster_factory()
+    cl.start_gateway()
+    tables = {r[0] for r in cl.query(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", cl.schema)}
+    assert {"risk_rulesets", "risk_lists", "risk_list_entries", "risk_audit"} <= tables
+
+    stolen = f"tok_s{uuid.uuid4().hex[:12]}"
+    clean = f"tok_c{uuid.uuid4().hex[:12]}"
+    r = admin(cl, "POST", "/v1/admin/lists", {"name": "stolen_cards", "kind": "card"})
+    assert r.status_code == 201, r.text
+    r = admin(cl, "POST", "/v1/admin/lists/stolen_cards/add", {"values": [stolen]})
+    assert r.status_code == 200 and r.json()["added"] == 1, r.text
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": "stolen: block if :card: in @stolen_cards\n",
+                                              "author": "tests"})
+    assert r.status_code == 201, r.text
+    v_block = r.json()["version"]
+
+    rules_version_by_slot(cl, v_block)
+    assert decline_codes(pay_fresh(cl, stolen)) == ["blocklisted"] * PAYMENTS
+    assert {r.status_code for r in pay_fresh(cl, clean, 10)} == {201}
+
+    # A ruleset that blocks nothing, then a rollback to the blocking one: both processes follow.
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": "huge: block if :amount: > 99999999\n", "author": "tests"})
+    assert r.status_code == 201, r.text
+    rules_version_by_slot(cl, r.json()["version"])
+    assert {r.status_code for r in pay_fresh(cl, stolen, 20)} == {201}
+
+    r = admin(cl, "POST", "/v1/admin/rules/rollback", {"version": v_block, "author": "tests"})
+    assert r.status_code == 201, r.text
+    v_back = r.json()["version"]
+    assert r.json()["rollback_of"] == v_block and v_back > v_block
+    rules_version_by_slot(cl, v_back)
+    assert decline_codes(pay_fresh(cl, stolen)) == ["blocklisted"] * PAYMENTS
+
+    # A removal from the list reaches both processes too; everything is in PostgreSQL.
+    r = admin(cl, "POST", "/v1/admin/lists/stolen_cards/remove", {"values": [stolen]})
+    assert r.status_code == 200 and r.json()["removed"] == 1, r.text
+    deadline = time.monotonic() + 20
+    while True:
+        codes = {r.status_code for r in pay_fresh(cl, stolen, 20)}
+        if codes == {201}:
+            break
+        assert time.monotonic() < deadline, codes
+        time.sleep(0.2)
+    assert cl.query("SELECT count(*) FROM risk_list_entries") == [(0,)]
+    ops = [r[0] for r in cl.query("SELECT operation FROM risk_rulesets ORDER BY version")]
+    assert ops == ["push", "push", "rollback"]
+    pids = set(re.findall(r"risk update received on gateway:risk by pid (\d+)", cl.gateway.log()))
+    assert len(pids) == 2, cl.gateway.log()[-3000:]
+
+
+def test_a_restarted_process_restores_the_control_plane_from_postgres(cluster_factory, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    cl = cluster_factory()
+    cl.start_gateway()
+    stolen = f"tok_s{uuid.uuid4().hex[:12]}"
+    assert admin(cl, "POST", "/v1/admin/lists", {"name": "bad", "kind": "card"}).status_code == 201
+    assert admin(cl, "POST", "/v1/admin/lists/bad/add", {"values": [stolen]}).status_code == 200
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": "bad: block if :card: in @bad\n", "author": "tests"})
+    assert r.status_code == 201, r.text
+    cl.gateway.stop()
+    cl.start_gateway()
+    rules_version_by_slot(cl, r.json()["version"])
+    assert decline_codes(pay_fresh(cl, stolen, 20)) == ["blocklisted"] * 20
+    got = admin(cl, "GET", "/v1/admin/rules/history").json()["data"]
+    assert [v["version"] for v in got] == [r.json()["version"]] and got[0]["active"]
+    assert admin(cl, "POST", "/v1/admin/rules/backtest", {"source": "x: block if :amount: > 1\n"}).status_code == 501
