@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import msgspec
@@ -24,6 +25,41 @@ class WalRecord(msgspec.Struct, frozen=True):
     payment: msgspec.Raw
     idempotency_key: str | None = None
     fingerprint: str | None = None
+
+
+class _PaymentHead(msgspec.Struct):
+    id: str
+    status: str
+    amount: int
+    currency: str
+    created: int
+
+
+_record_decoder = msgspec.json.Decoder(WalRecord)
+_head_decoder = msgspec.json.Decoder(_PaymentHead)
+
+Row = tuple[object, ...]
+
+
+def wal_rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[Row], list[Row]]:
+    """The `payments` rows (id, merchant_id, status, amount, currency, idempotency_key, created, lsn,
+    body) and `idempotency_keys` rows (merchant_id, key, fingerprint, status_code, response,
+    created_ms) of the `payment.created` records among `records`; every store writes these."""
+    payments: list[Row] = []
+    keys: list[Row] = []
+    for lsn, payload in records:
+        rec = _record_decoder.decode(payload)
+        if rec.type != "payment.created":
+            continue
+        body = bytes(rec.payment)
+        head = _head_decoder.decode(body)
+        text = body.decode()
+        payments.append((head.id, rec.merchant_id, head.status, head.amount, head.currency,
+                         rec.idempotency_key, head.created, lsn, text))
+        if rec.idempotency_key is not None and rec.fingerprint is not None:
+            keys.append((rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, text,
+                         rec.created_ms))
+    return payments, keys
 
 
 class PaymentRow(msgspec.Struct, frozen=True):

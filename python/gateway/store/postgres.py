@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
 
 import msgspec
 import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from gateway.store.base import Merchant, WalRecord
+from gateway.store.base import Merchant, wal_rows
 from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 
 log = logging.getLogger("gateway.store.postgres")
@@ -39,19 +38,6 @@ def _to_postgres(ddl: str) -> str:
 
 
 MIGRATIONS: list[tuple[int, str]] = [(version, _to_postgres(ddl)) for version, ddl in SQLITE_MIGRATIONS]
-
-_record_decoder = msgspec.json.Decoder(WalRecord)
-
-
-class _PaymentHead(msgspec.Struct):
-    id: str
-    status: str
-    amount: int
-    currency: str
-    created: int
-
-
-_head_decoder = msgspec.json.Decoder(_PaymentHead)
 
 _INSERT_PAYMENT = (
     "INSERT INTO payments (id, merchant_id, status, amount, currency, idempotency_key, created, lsn, body)"
@@ -153,24 +139,6 @@ class PostgresStore:
 
     # -- payments --------------------------------------------------------------------------------
 
-    @staticmethod
-    def _rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
-        payments: list[tuple[object, ...]] = []
-        keys: list[tuple[object, ...]] = []
-        for lsn, payload in records:
-            rec = _record_decoder.decode(payload)
-            if rec.type != "payment.created":
-                continue
-            body = bytes(rec.payment)
-            head = _head_decoder.decode(body)
-            text = body.decode()
-            payments.append((head.id, rec.merchant_id, head.status, head.amount, head.currency,
-                             rec.idempotency_key, head.created, lsn, text))
-            if rec.idempotency_key is not None and rec.fingerprint is not None:
-                keys.append((rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, text,
-                             rec.created_ms))
-        return payments, keys
-
     def _insert(self, conn: psycopg.Connection, payments: list[tuple[object, ...]],
                 keys: list[tuple[object, ...]]) -> int:
         inserted = 0
@@ -186,7 +154,7 @@ class PostgresStore:
     def apply_wal_records(self, records: list[tuple[int, bytes]]) -> int:
         if not records:
             return 0
-        payments, keys = self._rows(records)
+        payments, keys = wal_rows(records)
         last = records[-1][0]
         with self.pool.connection() as conn, conn.transaction():
             inserted = self._insert(conn, payments, keys)
@@ -207,7 +175,7 @@ class PostgresStore:
         rows: list[tuple[bytes, tuple[list[tuple[object, ...]], list[tuple[object, ...]]] | None]] = []
         for lsn, payload in records:
             try:
-                rows.append((payload, self._rows([(lsn, payload)])))
+                rows.append((payload, wal_rows([(lsn, payload)])))
             except (msgspec.DecodeError, UnicodeDecodeError):
                 rows.append((payload, None))
         good = [r for _, r in rows if r is not None]

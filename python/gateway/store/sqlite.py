@@ -8,9 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-import msgspec
-
-from gateway.store.base import Merchant, WalRecord
+from gateway.store.base import Merchant, wal_rows
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING
 from gateway.store.risk_schema import MIGRATION_3_RISK
 
@@ -61,20 +59,6 @@ MIGRATIONS: list[tuple[int, str]] = [
     # Risk control plane: versioned rulesets, persisted lists, audit trail. Written by risk/control.py.
     (3, MIGRATION_3_RISK),
 ]
-
-_record_decoder = msgspec.json.Decoder(WalRecord)
-
-
-class _PaymentHead(msgspec.Struct):
-    id: str
-    status: str
-    amount: int
-    currency: str
-    created: int
-
-
-_head_decoder = msgspec.json.Decoder(_PaymentHead)
-
 
 class SqliteStore:
     def __init__(self, path: str | Path) -> None:
@@ -152,23 +136,7 @@ class SqliteStore:
     def apply_wal_records(self, records: list[tuple[int, bytes]]) -> int:
         if not records:
             return 0
-        payments = []
-        keys = []
-        for lsn, payload in records:
-            rec = _record_decoder.decode(payload)
-            if rec.type != "payment.created":
-                continue
-            body = bytes(rec.payment)
-            head = _head_decoder.decode(body)
-            payments.append(
-                (head.id, rec.merchant_id, head.status, head.amount, head.currency, rec.idempotency_key,
-                 head.created, lsn, body.decode())
-            )
-            if rec.idempotency_key is not None and rec.fingerprint is not None:
-                keys.append(
-                    (rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, body.decode(),
-                     rec.created_ms)
-                )
+        payments, keys = wal_rows(records)
         conn = self._conn()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
