@@ -27,7 +27,7 @@ from gateway.api.errors import error_body
 from gateway.api.metrics import HttpMetrics
 from gateway.pipeline.tailer import Tailer
 from gateway.secrets import hash_api_key
-from gateway.store.base import Merchant
+from gateway.store.base import Merchant, created_payment_ids
 from gateway.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -195,11 +195,7 @@ class GatewayApp:
         for hook in ON_APPLIED:
             hook(self, records)
         # Runs on the tailer thread; dict.pop is atomic under the GIL.
-        for _, payload in records:
-            try:
-                pid = msgspec.json.decode(payload, type=_PaymentRef).payment.id
-            except msgspec.DecodeError:
-                continue
+        for pid in created_payment_ids(records):
             self.recent.pop(pid, None)
 
     # -- request handling ------------------------------------------------------------------------
@@ -372,14 +368,6 @@ class GatewayApp:
         if self.cluster is not None:
             parts.append(self.cluster.metrics_text())
         return "".join(parts).encode()
-
-
-class _PaymentRefInner(msgspec.Struct):
-    id: str
-
-
-class _PaymentRef(msgspec.Struct):
-    payment: _PaymentRefInner
 
 
 def create_app() -> GatewayApp:

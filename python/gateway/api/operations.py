@@ -35,9 +35,8 @@ from gateway.api import app as app_mod
 from gateway.api.app import JSON, ON_APPLIED, ON_START, ON_STOP, PAYMENT_ID, GatewayApp, Response, route
 from gateway.api.errors import error_body
 from gateway.pipeline.state_machine import AMOUNT_MINOR_MAX
-from gateway.pipeline.worker import created_payment_ids
 from gateway.pipeline.worker_process import WorkerProcess
-from gateway.store.base import Merchant
+from gateway.store.base import Merchant, created_payment_ids
 from gateway.store.processing import Accepted, ProcessingStore, Refused, Replayed, fingerprint
 
 log = logging.getLogger("gateway.api.operations")

@@ -41,8 +41,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
-
 from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
 
 from . import router as rt
@@ -97,30 +95,6 @@ class WorkerSettings:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class _Created(msgspec.Struct):
-    id: str
-
-
-class _CreatedRecord(msgspec.Struct):
-    type: str
-    payment: _Created
-
-
-_created_decoder = msgspec.json.Decoder(_CreatedRecord)
-
-
-def created_payment_ids(records: list[tuple[int, bytes]]) -> list[str]:
-    out = []
-    for _, payload in records:
-        try:
-            rec = _created_decoder.decode(payload)
-        except msgspec.DecodeError:
-            continue
-        if rec.type == "payment.created":
-            out.append(rec.payment.id)
-    return out
 
 
 class Worker:

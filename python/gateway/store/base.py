@@ -62,6 +62,31 @@ def wal_rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[Row], list[Row]
     return payments, keys
 
 
+class _Created(msgspec.Struct):
+    id: str
+
+
+class _CreatedRecord(msgspec.Struct):
+    type: str
+    payment: _Created
+
+
+_created_decoder = msgspec.json.Decoder(_CreatedRecord)
+
+
+def created_payment_ids(records: Iterable[tuple[int, bytes]]) -> list[str]:
+    """Ids of the payments the `payment.created` records among `records` accepted."""
+    out = []
+    for _, payload in records:
+        try:
+            rec = _created_decoder.decode(payload)
+        except msgspec.DecodeError:
+            continue
+        if rec.type == "payment.created":
+            out.append(rec.payment.id)
+    return out
+
+
 class PaymentRow(msgspec.Struct, frozen=True):
     id: str
     merchant_id: str
