@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from gateway import config as config_mod
 from gateway._fastpath import FastPath
 from gateway.api.errors import error_body
 from gateway.api.metrics import HttpMetrics
+from gateway.api.waiters import LsnWaiters
 from gateway.pipeline.tailer import Tailer
 from gateway.secrets import hash_api_key
 from gateway.store.base import Merchant, created_payment_ids
@@ -100,7 +100,7 @@ class GatewayApp:
         self._merchants: dict[str, Merchant] = {}
         self._unknown_keys: dict[str, float] = {}
         # (lsn, future, deadline) in LSN order, which is also arrival order: one event loop appends.
-        self._waiters: deque[tuple[int, asyncio.Future[None], float]] = deque()
+        self._waiters = LsnWaiters("WAL commit took longer than durable_wait_ms_max")
         # Payments acknowledged but not yet in the store: read-your-writes until the tailer applies them.
         self.recent: dict[str, tuple[str, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -167,27 +167,13 @@ class GatewayApp:
         fp = self.fastpath
         assert fp is not None
         fp.drain_notify()
-        committed = fp.committed_lsn()
-        waiters = self._waiters
-        while waiters and waiters[0][0] <= committed:
-            fut = waiters.popleft()[1]
-            if not fut.done():
-                fut.set_result(None)
-        if waiters and fp.wal_error() is not None:
-            err = OSError(fp.wal_error())
-            while waiters:
-                fut = waiters.popleft()[1]
-                if not fut.done():
-                    fut.set_exception(err)
+        self._waiters.release(fp.committed_lsn())
+        if len(self._waiters) and fp.wal_error() is not None:
+            self._waiters.fail_all(OSError(fp.wal_error()))
 
     def _expire_waiters(self) -> None:
         """Fails requests whose record is not durable in time: one timer for all, not one per request."""
-        now = time.monotonic()
-        waiters = self._waiters
-        while waiters and waiters[0][2] <= now:
-            fut = waiters.popleft()[1]
-            if not fut.done():
-                fut.set_exception(TimeoutError("WAL commit took longer than durable_wait_ms_max"))
+        self._waiters.expire()
         if self.ready and self._loop is not None:
             self._loop.call_later(0.1, self._expire_waiters)
 
@@ -321,9 +307,7 @@ class GatewayApp:
             if payment_id is not None and status < 300 and self.tailer is not None and len(self.recent) < RECENT_MAX:
                 self.recent[payment_id] = (auth.id, out)
             if fp.committed_lsn() < lsn:
-                fut: asyncio.Future[None] = self._loop.create_future()
-                deadline = time.monotonic() + self.config.server.durable_wait_ms_max / 1000
-                self._waiters.append((lsn, fut, deadline))
+                fut = self._waiters.add(self._loop, lsn, self.config.server.durable_wait_ms_max / 1000)
                 try:
                     await fut
                 except OSError as e:

@@ -30,8 +30,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import time
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +38,7 @@ import redis
 
 from gateway._fastpath import FastPath
 from gateway.api.errors import error_body
+from gateway.api.waiters import LsnWaiters
 from gateway.pipeline.relay import Relay, ensure_topic
 from gateway.shared.redis_state import (
     RISK_HANDLERS,
@@ -106,7 +105,7 @@ class Cluster:
         self.store: PostgresStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Requests waiting for the broker's ack of their LSN (durability = "kafka"), in LSN order.
-        self._ack_waiters: deque[tuple[int, asyncio.Future[None], float]] = deque()
+        self._ack_waiters = LsnWaiters("the broker did not acknowledge in durable_wait_ms_max")
         self._ack_scheduled = False
         self.shared_unavailable = 0
         self.risk_control: RiskControl | None = None
@@ -196,20 +195,10 @@ class Cluster:
     def _drain_acks(self) -> None:
         self._ack_scheduled = False
         assert self.relay is not None
-        acked = self.relay.acked_lsn
-        waiters = self._ack_waiters
-        while waiters and waiters[0][0] <= acked:
-            fut = waiters.popleft()[1]
-            if not fut.done():
-                fut.set_result(None)
+        self._ack_waiters.release(self.relay.acked_lsn)
 
     def _expire_ack_waiters(self) -> None:
-        now = time.monotonic()
-        waiters = self._ack_waiters
-        while waiters and waiters[0][2] <= now:
-            fut = waiters.popleft()[1]
-            if not fut.done():
-                fut.set_exception(TimeoutError("the broker did not acknowledge in durable_wait_ms_max"))
+        self._ack_waiters.expire()
         if self._loop is not None and self.app.ready:
             self._loop.call_later(EXPIRE_TICK_S, self._expire_ack_waiters)
 
@@ -217,10 +206,7 @@ class Cluster:
         assert self.relay is not None and self._loop is not None
         if self.relay.acked_lsn >= lsn:
             return True
-        fut: asyncio.Future[None] = self._loop.create_future()
-        # LSNs arrive in order from one event loop, so the deque stays sorted.
-        self._ack_waiters.append(
-            (lsn, fut, time.monotonic() + self.app.config.server.durable_wait_ms_max / 1000))
+        fut = self._ack_waiters.add(self._loop, lsn, self.app.config.server.durable_wait_ms_max / 1000)
         if self.relay.acked_lsn >= lsn:  # acked between the check and the append
             self._drain_acks()
         try:
@@ -270,7 +256,7 @@ class Cluster:
             # A replay from this process's own table: its original record may be one that got 503
             # because the broker had not acknowledged it. Everything committed now includes it.
             # (Never below the last waiter's LSN, so the waiters stay in LSN order.)
-            lsn = max(app.fastpath.committed_lsn(), self._ack_waiters[-1][0] if self._ack_waiters else 0)
+            lsn = max(app.fastpath.committed_lsn(), self._ack_waiters.last_lsn())
         if lsn and status < 500 and self.cfg.durability == "kafka" and not await self._wait_acked(lsn):
             log.error("payment %s not acknowledged by the broker in time", payment_id)
             status, headers, out = 503, [JSON, ("retry-after", "1")], error_body(
