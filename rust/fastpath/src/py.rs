@@ -302,29 +302,14 @@ impl RiskEngine {
 
     /// Adds values; returns how many were new. Stops at the first refused value, naming it.
     fn list_add(&self, py: Python<'_>, name: &str, values: Vec<String>) -> PyResult<usize> {
-        py.allow_threads(|| {
-            let mut added = 0;
-            for v in &values {
-                if self.inner.lists().add(name, v)? {
-                    added += 1;
-                }
-            }
-            Ok(added)
-        })
-        .map_err(list_err)
+        py.allow_threads(|| count_changed(&values, |v| self.inner.lists().add(name, v)))
+            .map_err(list_err)
     }
 
+    /// Removes values; returns how many were present.
     fn list_remove(&self, py: Python<'_>, name: &str, values: Vec<String>) -> PyResult<usize> {
-        py.allow_threads(|| {
-            let mut removed = 0;
-            for v in &values {
-                if self.inner.lists().remove(name, v)? {
-                    removed += 1;
-                }
-            }
-            Ok(removed)
-        })
-        .map_err(list_err)
+        py.allow_threads(|| count_changed(&values, |v| self.inner.lists().remove(name, v)))
+            .map_err(list_err)
     }
 
     /// JSON array of {name, kind, len, entries_max, ...} for every list.
@@ -360,6 +345,20 @@ impl RiskEngine {
     fn shadow_stats_json(&self) -> String {
         serde_json::to_string(&self.inner.shadow_stats()).unwrap_or_else(|_| "{}".into())
     }
+}
+
+/// Applies `op` to each value in order, counting the values it changed; stops at the first error.
+fn count_changed(
+    values: &[String],
+    mut op: impl FnMut(&str) -> Result<bool, risk::ListError>,
+) -> Result<usize, risk::ListError> {
+    let mut changed = 0;
+    for v in values {
+        if op(v)? {
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 #[pyclass(module = "gateway._fastpath", frozen)]
