@@ -176,11 +176,15 @@ def cmd_ledger_check(args: argparse.Namespace) -> int:
     from gateway.store.processing import ProcessingStore
 
     cfg = config_mod.load(args.config)
-    db = _data_dir(args, cfg) / "gateway.db"
-    if not db.exists():
-        print(f"error: no store at {db}", file=sys.stderr)
-        return 2
-    store = _open_store(db.parent)
+    store: SqliteStore | PostgresStore
+    if cfg.server.mode == "cluster":
+        store = open_postgres(cfg)  # the cluster's source of truth, written by every worker
+    else:
+        db = _data_dir(args, cfg) / "gateway.db"
+        if not db.exists():
+            print(f"error: no store at {db}", file=sys.stderr)
+            return 2
+        store = _open_store(db.parent)
     try:
         postings, violations = ProcessingStore(store).all_postings()
     finally:
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lg = sub.add_parser("ledger", help="ledger tools")
     lgsub = lg.add_subparsers(dest="ledger_command", required=True)
-    lc = lgsub.add_parser("check", help="check every stored posting; exit 1 on any violation")
+    lc = lgsub.add_parser("check", help="check every stored posting (SQLite, or PostgreSQL in cluster mode); "
+                          "exit 1 on any violation")
     lc.add_argument("--data-dir")
     lc.add_argument("--config")
     lc.set_defaults(func=cmd_ledger_check)

@@ -3,20 +3,28 @@
 A hypothesis property drives random sequences of capture/void/refund requests (accepted or refused
 by the store, then succeeded or failed at the "PSP") and checks the stored payment, the refusal
 codes, the audit log and the ledger against an independent model after every step.
+
+Every test runs on both backends: SQLite (embedded mode) and PostgreSQL (cluster mode, the real
+server of `deploy/services.sh`, one throw-away schema per module, emptied before each example).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import psycopg
 import pytest
 from gateway.pipeline import ledger
 from gateway.pipeline import state_machine as sm
 from gateway.pipeline.psp_client import Outcome
 from gateway.pipeline.router import ProcessingResult
+from gateway.store.postgres import PostgresStore
 from gateway.store.processing import Accepted, OperationFinish, ProcessingStore, Refused, StaleVersion
 from gateway.store.sqlite import SqliteStore
 from hypothesis import HealthCheck, given, settings
@@ -27,9 +35,55 @@ MERCHANT = "acct_model"
 AUTHORIZED = 10_000
 
 
-def _store(folder: str) -> tuple[SqliteStore, ProcessingStore]:
-    store = SqliteStore(Path(folder) / "gateway.db")
+DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://gateway:gateway@127.0.0.1:15432/gateway")
+# Every table the processing path writes, emptied between examples (TRUNCATE skips the append-only triggers).
+PG_TABLES = ("ledger_entries, audit_log, payment_attempts, payment_operations, operation_idempotency_keys,"
+             " payment_state, idempotency_keys, payments, merchants")
+
+Store = SqliteStore | PostgresStore
+# Makes a fresh store with the model's merchant and payment; the argument is a scratch folder.
+Factory = Callable[[str], Store]
+
+
+@pytest.fixture(scope="module")
+def pg_store() -> Iterator[PostgresStore]:
+    try:
+        psycopg.connect(DATABASE_URL, connect_timeout=3).close()
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL not reachable at {DATABASE_URL} (bash deploy/services.sh up): {e}")
+    store = PostgresStore(DATABASE_URL, f"ut_{uuid.uuid4().hex[:10]}")
     store.migrate()
+    yield store
+    store.drop_schema()
+    store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def factory(request: pytest.FixtureRequest) -> Factory:
+    if request.param == "sqlite":
+        def make_sqlite(folder: str) -> Store:
+            store = SqliteStore(Path(folder) / "gateway.db")
+            store.migrate()
+            return store
+
+        return make_sqlite
+    pg: PostgresStore = request.getfixturevalue("pg_store")
+
+    def make_pg(_folder: str) -> Store:
+        with pg.pool.connection() as conn:
+            conn.execute(f"TRUNCATE {PG_TABLES}")  # type: ignore[call-overload]
+        return pg
+
+    return make_pg
+
+
+def _close(store: Store) -> None:
+    if isinstance(store, SqliteStore):
+        store.close()
+
+
+def _store(folder: str, make: Factory) -> tuple[Store, ProcessingStore]:
+    store = make(folder)
     store.create_merchant("Model Shop", "0" * 64, merchant_id=MERCHANT)
     payment = {"id": PID, "object": "payment", "status": "processing", "amount": AUTHORIZED, "currency": "EUR",
                "payment_method": "tok_visa", "capture": False, "created": 1}
@@ -102,11 +156,15 @@ requests = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The factory fixture makes a fresh store for every example, so sharing it across examples is safe.
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(requests)
-def test_random_operation_sequences_never_diverge_from_the_model(ops: list[tuple[str, int | None, bool, bool]]) -> None:
+def test_random_operation_sequences_never_diverge_from_the_model(
+    factory: Factory, ops: list[tuple[str, int | None, bool, bool]]
+) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        store, pstore = _store(folder)
+        store, pstore = _store(folder, factory)
         model = Model()
         successes = 0
         try:
@@ -150,11 +208,11 @@ def test_random_operation_sequences_never_diverge_from_the_model(ops: list[tuple
                 model.status, model.captured, model.refunded)
             assert body["pending_operation"] is None
         finally:
-            store.close()
+            _close(store)
 
 
-def test_two_writers_cannot_both_apply_a_transition(tmp_path: Path) -> None:
-    store, pstore = _store(str(tmp_path))
+def test_two_writers_cannot_both_apply_a_transition(tmp_path: Path, factory: Factory) -> None:
+    store, pstore = _store(str(tmp_path), factory)
     rec = pstore.load(PID)
     assert rec is not None
     first = sm.capture(rec.payment, amount=100, final_capture=False, actor="a", at_ms=3)
@@ -171,13 +229,43 @@ def test_two_writers_cannot_both_apply_a_transition(tmp_path: Path) -> None:
     postings, _ = pstore.all_postings()
     assert not any(p.posting_id.startswith("k2") for p in postings), "the losing write left nothing behind"
     assert len(pstore.audit_trail(PID)) == 2
-    store.close()
+    _close(store)
 
 
-def test_one_operation_at_a_time_per_payment(tmp_path: Path) -> None:
-    store, pstore = _store(str(tmp_path))
+def test_one_operation_at_a_time_per_payment(tmp_path: Path, factory: Factory) -> None:
+    store, pstore = _store(str(tmp_path), factory)
     assert isinstance(pstore.accept_operation(MERCHANT, PID, "capture", 100, False, None, None, "a"), Accepted)
     busy = pstore.accept_operation(MERCHANT, PID, "capture", 100, False, None, None, "b")
     assert isinstance(busy, Refused) and (busy.status_code, busy.code) == (409, "payment_operation_in_progress")
     assert pstore.accept_operation("acct_other", PID, "void", None, False, None, None, "c") is None
-    store.close()
+    _close(store)
+
+
+def test_postgres_ledger_and_audit_log_refuse_updates_and_deletes(tmp_path: Path, pg_store: PostgresStore) -> None:
+    def make(_folder: str) -> Store:
+        with pg_store.pool.connection() as conn:
+            conn.execute(f"TRUNCATE {PG_TABLES}")  # type: ignore[call-overload]
+        return pg_store
+
+    _, pstore = _store(str(tmp_path), make)
+    for statement in ("UPDATE ledger_entries SET debit = debit + 1", "DELETE FROM ledger_entries",
+                      "UPDATE audit_log SET reason = 'rewritten'", "DELETE FROM audit_log"):
+        with pytest.raises(psycopg.errors.RestrictViolation), pg_store.pool.connection() as conn:
+            conn.execute(statement)  # type: ignore[call-overload]
+    postings, bad_rows = pstore.all_postings()
+    assert bad_rows == [] and len(postings) == 1 and ledger.check(postings) == []
+    assert len(pstore.audit_trail(PID)) == 1
+
+
+def test_postgres_claims_let_one_process_drive_a_payment_at_a_time(pg_store: PostgresStore) -> None:
+    first, second = ProcessingStore(pg_store), ProcessingStore(pg_store)  # two sessions, as two workers
+    try:
+        assert first.claim(PID)
+        assert not second.claim(PID), "a payment claimed by one worker is not free for another"
+        first.release(PID)
+        assert second.claim(PID)
+        second.close()  # a worker that dies: its connection closes and the server drops its claims
+        assert first.claim(PID)
+    finally:
+        first.close()
+        second.close()

@@ -164,6 +164,9 @@ class Cluster:
 
     def stop(self) -> None:
         """After the fast path is closed (WAL flushed): ship what is left, then close the clients."""
+        from gateway.api import operations
+
+        operations.stop_cluster(self.app)  # its NOTIFY listener (payment operations, `Prefer: wait`)
         if self._risk_poll_stop is not None:
             self._risk_poll_stop.set()
         if self.risk_control is not None and self.risk_control.apply_update in RISK_HANDLERS:

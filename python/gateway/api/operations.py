@@ -12,7 +12,14 @@ first is open is `409 payment_operation_in_progress`.
 `GET /v1/payments/{id}` with `Prefer: wait=MS` waits until the payment is neither `processing`
 nor `pending_verification` and has no open operation.
 
-Idempotency of operations (`Idempotency-Key`, per merchant, stored in SQLite): the same key and
+Cluster mode (`server.mode = "cluster"`): every gateway process accepts operations against
+PostgreSQL (same store code, `ProcessingStore` on the `PostgresStore`, called off the event loop);
+the operation's intent, its `Idempotency-Key` and a NOTIFY to the workers (`gateway worker`) commit
+in one transaction. `Prefer: wait` learns of a worker's change in another process from the NOTIFY on
+`CHANGES_CHANNEL` that every committed change sends, with a re-check every `CLUSTER_RECHECK_S` in
+case a notification is missed.
+
+Idempotency of operations (`Idempotency-Key`, per merchant, stored in SQLite or PostgreSQL): the same key and
 the same request replay the stored status and body (`Idempotent-Replayed: true`), the same key with
 another request is `400 idempotency_error`, and the same key while the first is still being
 answered is `409`. Business-rule refusals (`422`) are stored and replayed too; requests refused
@@ -24,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -37,7 +44,15 @@ from gateway.api.errors import error_body
 from gateway.pipeline.state_machine import AMOUNT_MINOR_MAX
 from gateway.pipeline.worker_process import WorkerProcess
 from gateway.store.base import Merchant, created_payment_ids
-from gateway.store.processing import Accepted, ProcessingStore, Refused, Replayed, fingerprint
+from gateway.store.postgres import Listener, PostgresStore
+from gateway.store.processing import (
+    CHANGES_CHANNEL,
+    Accepted,
+    ProcessingStore,
+    Refused,
+    Replayed,
+    fingerprint,
+)
 
 log = logging.getLogger("gateway.api.operations")
 
@@ -47,6 +62,10 @@ REASON_CHARS_MAX = 255
 PREFER_WAIT_MS_MAX = 10_000
 LIST_LIMIT_DEFAULT = 10
 LIST_LIMIT_MAX = 100
+# Cluster mode: a waiting request re-reads PostgreSQL this often even without a notification.
+CLUSTER_RECHECK_S = 0.25
+
+T = TypeVar("T")
 
 Amount = Annotated[int, msgspec.Meta(ge=1, le=AMOUNT_MINOR_MAX)]
 Reason = Annotated[str, msgspec.Meta(max_length=REASON_CHARS_MAX)]
@@ -76,18 +95,46 @@ _AT_PATH = re.compile(r" - at `\$\.(\w+)`$")
 
 
 class _State:
-    """Per-app processing state: the worker, the store view, and the merchants' waiters."""
+    """Per-app processing state: the worker (embedded mode), the store view, and the merchants' waiters."""
 
     def __init__(self, app: GatewayApp, loop: asyncio.AbstractEventLoop) -> None:
         assert app.store is not None
+        self.cluster = app.cluster is not None
         self.pstore = ProcessingStore(app.store)
-        self.worker = WorkerProcess(app.store.path, loop)
+        # Embedded mode: this gateway's own worker process. Cluster mode: the `gateway worker`
+        # processes, told by NOTIFY from the store; their changes come back the same way.
+        self.worker: WorkerProcess | None = None
+        self.listener: Listener | None = None
+        if self.cluster:
+            assert isinstance(app.store, PostgresStore)
+            self.listener = Listener(app.store, [CHANGES_CHANNEL], lambda _c, pid: self._changed(pid))
+        else:
+            self.worker = WorkerProcess(str(getattr(app.store, "path", "")), loop)
+            self.worker.on_change.append(self._changed)
         self.loop = loop
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self.worker.on_change.append(self._changed)
+
+    def start(self) -> None:
+        if self.worker is not None:
+            self.worker.start()
+        if self.listener is not None:
+            self.listener.start()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        if self.listener is not None:
+            self.listener.stop()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call: inline on SQLite (local, sub-millisecond), on a thread on PostgreSQL (a
+        network round trip must not stall the event loop)."""
+        if self.cluster:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     def _changed(self, payment_id: str) -> None:
-        # Worker thread: only bother the HTTP loop when someone waits for this payment.
+        # Worker or listener thread: only bother the HTTP loop when someone waits for this payment.
         if payment_id in self.waiters and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._wake, payment_id)
 
@@ -96,7 +143,7 @@ class _State:
             if not fut.done():
                 fut.set_result(None)
 
-    async def wait(self, payment_id: str, done: Callable[[], bool], wait_ms: int) -> None:
+    async def wait(self, payment_id: str, done: Callable[[], Awaitable[bool]], wait_ms: int) -> None:
         deadline = self.loop.time() + wait_ms / 1000
         while True:
             remaining = deadline - self.loop.time()
@@ -105,11 +152,12 @@ class _State:
             fut: asyncio.Future[None] = self.loop.create_future()
             self.waiters.setdefault(payment_id, set()).add(fut)
             try:
-                if done():
+                if await done():
                     return
-                await asyncio.wait_for(fut, remaining)
+                await asyncio.wait_for(fut, min(remaining, CLUSTER_RECHECK_S) if self.cluster else remaining)
             except TimeoutError:
-                return
+                if not self.cluster:
+                    return
             finally:
                 waiting = self.waiters.get(payment_id)
                 if waiting is not None:
@@ -121,8 +169,14 @@ class _State:
 _STATES: dict[int, _State] = {}
 
 
-def _state(app: GatewayApp) -> _State:
-    return _STATES[id(app)]
+def _state(app: GatewayApp) -> _State | None:
+    """The app's processing state; in cluster mode made on first use (the embedded start hooks do not
+    run there), None while the app is not ready."""
+    st = _STATES.get(id(app))
+    if st is None and app.cluster is not None and app.ready and app._loop is not None:
+        st = _STATES[id(app)] = _State(app, app._loop)
+        st.start()
+    return st
 
 
 # -- lifecycle hooks -----------------------------------------------------------------------------
@@ -132,18 +186,23 @@ def _start(app: GatewayApp) -> None:
     assert app._loop is not None
     st = _State(app, app._loop)
     _STATES[id(app)] = st
-    st.worker.start()
+    st.start()
 
 
 def _stop(app: GatewayApp) -> None:
     st = _STATES.pop(id(app), None)
     if st is not None:
-        st.worker.stop()
+        st.stop()
+
+
+def stop_cluster(app: GatewayApp) -> None:
+    """Cluster mode's stop (called by api/cluster.py, since the embedded hooks do not run there)."""
+    _stop(app)
 
 
 def _applied(app: GatewayApp, records: list[tuple[int, bytes]]) -> None:
     st = _STATES.get(id(app))
-    if st is not None:  # records applied during start-up are found by the worker's first scan
+    if st is not None and st.worker is not None:  # records applied during start-up: the worker's first scan
         st.worker.submit_payments(created_payment_ids(records))
 
 
@@ -216,7 +275,8 @@ async def _operation(app: GatewayApp, scope: Any, proto: Any, payment_id: str, k
     auth = app.authenticate(scope)
     if not isinstance(auth, Merchant):
         return auth
-    if not app.ready or id(app) not in _STATES:
+    st = _state(app) if app.ready else None
+    if st is None:
         return 503, [JSON, ("retry-after", "1")], error_body(503, "starting", "The gateway is starting.")
     raw = await _read_body(scope, proto)
     if not isinstance(raw, bytes):
@@ -234,12 +294,12 @@ async def _operation(app: GatewayApp, scope: Any, proto: Any, payment_id: str, k
         return _invalid("parameter_too_long",
                         f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_CHARS_MAX} characters.", "Idempotency-Key")
     wait_ms = prefer_wait_ms(scope)
-    st = _state(app)
     amount = getattr(req, "amount", None)
     final_capture = bool(getattr(req, "final_capture", False))
     reason = getattr(req, "reason", None)
     fp = fingerprint(kind, payment_id, msgspec.json.encode(req))
-    outcome = st.pstore.accept_operation(auth.id, payment_id, kind, amount, final_capture, reason, key, fp)
+    outcome = await st.run(st.pstore.accept_operation, auth.id, payment_id, kind, amount, final_capture, reason,
+                           key, fp)
     if outcome is None:
         return _invalid("resource_missing", f"No such payment: '{payment_id}'", "id", status=404)
     if isinstance(outcome, Replayed):
@@ -252,17 +312,19 @@ async def _operation(app: GatewayApp, scope: Any, proto: Any, payment_id: str, k
     op = outcome.operation
     status, headers, body = 202, [JSON], outcome.body
     try:
-        st.worker.submit_operation(op.id)
+        if st.worker is not None:
+            st.worker.submit_operation(op.id)  # (cluster mode: the NOTIFY of the accepting transaction)
         if wait_ms:
             headers.append(("preference-applied", f"wait={wait_ms}"))
 
-            def finished() -> bool:
-                cur = st.pstore.operation(op.id)
+            async def finished() -> bool:
+                cur = await st.run(st.pstore.operation, op.id)
                 return cur is not None and cur.status in ("succeeded", "failed")
 
             await st.wait(payment_id, finished, wait_ms)
-            cur = st.pstore.operation(op.id)
-            body = st.pstore.payment_body(auth.id, payment_id) or body
+            cur = await st.run(st.pstore.operation, op.id)
+            latest = await st.run(st.pstore.payment_body, auth.id, payment_id)
+            body = latest or body
             if cur is not None and cur.status == "succeeded":
                 status = 200
             elif cur is not None and cur.status == "failed":
@@ -271,7 +333,7 @@ async def _operation(app: GatewayApp, scope: Any, proto: Any, payment_id: str, k
                                   f"The PSP refused the {kind} {op.id}.", kind="card_error")
     finally:
         if key is not None:
-            st.pstore.finish_idempotency(auth.id, key, status, body)
+            await st.run(st.pstore.finish_idempotency, auth.id, key, status, body)
     if key is not None:
         headers.append(("idempotency-key", key))
     return status, headers, body
@@ -315,8 +377,10 @@ async def list_payments(app: GatewayApp, scope: Any, proto: Any, match: re.Match
             starting_after = value
         else:
             return _invalid("parameter_unknown", f"Received unknown parameter: {name[:64]}", name[:64])
-    assert app.store is not None
-    page = ProcessingStore(app.store).list_payments(auth.id, limit, starting_after)
+    st = _state(app)
+    if st is None:
+        return 503, [JSON, ("retry-after", "1")], error_body(503, "starting", "The gateway is starting.")
+    page = await st.run(st.pstore.list_payments, auth.id, limit, starting_after)
     if page is None:
         return _invalid("resource_missing", f"No such payment: '{starting_after}'", "starting_after")
     bodies, has_more = page
@@ -332,22 +396,22 @@ async def list_payments(app: GatewayApp, scope: Any, proto: Any, match: re.Match
 
 async def get_payment_wait(app: GatewayApp, scope: Any, payment_id: str, first: Response) -> Response:
     wait_ms = prefer_wait_ms(scope)
-    st = _STATES.get(id(app))
+    st = _state(app)
     if not wait_ms or st is None:
         return first
-    conn_store = st.pstore
 
-    def settled() -> bool:
-        row = conn_store._conn().execute(
-            "SELECT status, (SELECT count(*) FROM payment_operations o WHERE o.payment_id = p.id"
-            " AND o.status IN ('pending', 'pending_verification')) FROM payments p WHERE id = ?",
-            (payment_id,),
-        ).fetchone()
-        return row is not None and row[0] not in ("processing", "pending_verification") and row[1] == 0
+    async def settled() -> bool:
+        return await st.run(st.pstore.settled, payment_id)
 
     await st.wait(payment_id, settled, wait_ms)
-    status, headers, body = app._get_payment(scope, payment_id)
-    return status, [*headers, ("preference-applied", f"wait={wait_ms}")], body
+    if st.cluster:
+        # PostgreSQL directly: the read-your-writes copy in Redis may still show the payment as accepted.
+        auth = app.authenticate(scope)
+        body = await st.run(st.pstore.payment_body, auth.id, payment_id) if isinstance(auth, Merchant) else None
+        status, headers, out = (200, [JSON], body) if body is not None else first
+    else:
+        status, headers, out = app._get_payment(scope, payment_id)
+    return status, [*headers, ("preference-applied", f"wait={wait_ms}")], out
 
 
 app_mod.GET_PAYMENT_WAIT.append(get_payment_wait)

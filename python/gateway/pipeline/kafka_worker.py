@@ -5,13 +5,25 @@ killed at any point leaves its records to be consumed again; the store applies t
 so a record seen twice is written once. After the write the read-your-writes copies in Redis are
 dropped, and GETs read PostgreSQL from then on.
 
+Then the payments of the batch go to the payment worker of this process (pipeline/worker.py: state
+machine, router, PSP calls, ledger), which runs on its own thread and event loop, exactly as in
+embedded mode but on PostgreSQL. The topic is keyed by payment id, so a new payment reaches the one
+worker that owns its partition; whatever else could drive the same payment (a redelivery after a
+rebalance, the periodic scan of every worker, a merchant operation announced to all) goes through the
+store's claim first (a PostgreSQL advisory lock per payment, freed by the server if its holder dies),
+and the optimistic version check refuses any write computed from a stale state. Merchant operations
+accepted by any gateway process are announced with NOTIFY (`OPERATIONS_CHANNEL`, sent at the commit
+of the operation's intent) and found by the periodic scan if a notification is missed.
+
 SIGTERM and SIGINT stop the loop after the batch in hand: it is written and committed, the consumer
-leaves the group (a quick rebalance for the others), and the process exits 0.
+leaves the group (a quick rebalance for the others), the payment worker finishes (or leaves to the
+others' scans) what it has in flight, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -23,8 +35,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from gateway.config import Config
 from gateway.pipeline.relay import ensure_topic
+from gateway.pipeline.worker import Worker
 from gateway.shared.redis_state import forget_recent
-from gateway.store.postgres import PostgresStore
+from gateway.store.postgres import Listener, PostgresStore
+from gateway.store.processing import OPERATIONS_CHANNEL
 
 log = logging.getLogger("gateway.worker")
 
@@ -63,7 +77,7 @@ def _lsn(message: Message) -> int:
 
 
 class KafkaWorker:
-    def __init__(self, cfg: Config, store: PostgresStore) -> None:
+    def __init__(self, cfg: Config, store: PostgresStore, processing: bool = True) -> None:
         c = cfg.cluster
         self.cfg = cfg
         self.store = store
@@ -85,6 +99,9 @@ class KafkaWorker:
         self.stopping = threading.Event()
         self.applied_records = 0
         self.inserted_payments = 0
+        # The async payment path of this process (None: materialise only, e.g. a benchmark of that).
+        self.processor: Worker | None = Worker(store, shared=True) if processing else None
+        self.listener: Listener | None = None
 
     def step(self) -> int:
         """Consumes one batch, writes it, then commits its offsets; returns the records consumed."""
@@ -118,11 +135,22 @@ class KafkaWorker:
             log.warning("offset commit failed: %s", e)
         ids = [pid for _, p in payloads if (pid := _payment_id(p)) is not None]
         forget_recent(self.redis, self.prefix, ids)
+        if self.processor is not None:
+            # Every id, new or not: a record delivered again after a crash may be a payment that is
+            # still `processing`; one already settled is skipped at its first read.
+            self.processor.submit_payments(ids)
         self.applied_records += len(payloads)
         self.inserted_payments += inserted
         return len(payloads)
 
+    def _on_operation(self, _channel: str, operation_id: str) -> None:
+        if self.processor is not None:
+            self.processor.submit_operation(operation_id)
+
     def run(self) -> None:
+        if self.processor is not None:
+            self.processor.start()
+            self.listener = Listener(self.store, [OPERATIONS_CHANNEL], self._on_operation).start()
         self.consumer.subscribe([self.topic])
         log.info("worker consuming %s as %s", self.topic, self.cfg.cluster.consumer_group)
         try:
@@ -130,9 +158,14 @@ class KafkaWorker:
                 self.step()
         finally:
             self.consumer.close()
+            if self.listener is not None:
+                self.listener.stop()
+            if self.processor is not None:
+                self.processor.stop()
             self.redis.close()
-            log.info("worker stopped: %d records applied, %d new payments",
-                     self.applied_records, self.inserted_payments)
+            log.info("worker stopped: %d records applied, %d new payments, %d payments settled here",
+                     self.applied_records, self.inserted_payments,
+                     self.processor.settled if self.processor is not None else 0)
 
 
 def run_worker(cfg: Config) -> int:
@@ -142,7 +175,8 @@ def run_worker(cfg: Config) -> int:
     ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
     store = open_postgres(cfg)
     store.migrate()
-    worker = KafkaWorker(cfg, store)
+    # GATEWAY_WORKER=off: materialise only (benchmarks of the Kafka -> PostgreSQL path alone).
+    worker = KafkaWorker(cfg, store, processing=os.environ.get("GATEWAY_WORKER", "on") != "off")
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping after the current batch", signum)

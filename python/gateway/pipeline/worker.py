@@ -14,6 +14,13 @@ Merchant operations are *accepted* by the API (intent recorded, 202) and execute
 who wants the final answer sends `Prefer: wait=MS`. Work on one payment is serialised by a
 per-payment lock, and the store's version check refuses any write computed from a stale state.
 
+In cluster mode several workers (`gateway worker`, pipeline/kafka_worker.py) share one PostgreSQL
+store (`shared=True`): each payment is driven by one of them at a time through the store's claim (a
+session advisory lock; `claim` fails while another worker holds it, and the server releases it if
+that worker dies), the periodic scan also takes over payments left `processing` for longer than
+`SHARED_PROCESSING_STALE_S` (a worker killed in the middle), and operation idempotency keys are only
+finished once they are older than any request can wait.
+
 Every PSP call of a payment uses a key derived from the payment id (`P:auth:n`, `P:capture:k`, ...),
 recorded in `payment_attempts` *before* the call; after a crash the same key is resolved or
 replayed, never replaced by a new one, so a PSP never charges twice.
@@ -56,6 +63,12 @@ WORKER_QUEUE_MAX = 100_000
 RECONCILE_INTERVAL_MS_DEFAULT = 1000
 RECONCILE_BATCH_MAX = 1000
 STOP_WAIT_S = 5.0
+# Shared store: a payment still `processing` this long after its creation is taken over by any worker
+# (its own worker died, or its queue overflowed); a live owner keeps it through its claim.
+SHARED_PROCESSING_STALE_S = 2
+# Shared store: an operation's Idempotency-Key still in flight after this long belongs to a gateway
+# process that died (requests wait at most 10 s, operations.PREFER_WAIT_MS_MAX).
+SHARED_KEY_ABANDONED_MS = 60_000
 
 UNRESOLVED = (AttemptStatus.STARTED, AttemptStatus.TIMEOUT)
 
@@ -98,13 +111,16 @@ def now_ms() -> int:
 
 
 class Worker:
-    def __init__(self, store: object, settings: WorkerSettings | None = None) -> None:
+    def __init__(self, store: object, settings: WorkerSettings | None = None, *, shared: bool = False) -> None:
+        from gateway.store.postgres import PostgresStore
         from gateway.store.processing import ProcessingStore
         from gateway.store.sqlite import SqliteStore
 
-        assert isinstance(store, SqliteStore)
+        assert isinstance(store, SqliteStore | PostgresStore)
         self.settings = settings or WorkerSettings.from_env()
         self.pstore = ProcessingStore(store)
+        # Other workers write the same store (cluster mode): claims, stale-payment takeover.
+        self.shared = shared
         s = self.settings
         self.sims = {
             name: SimulatedPSP(DEFAULT_PROFILES[name], seed=s.psp_seed, time_scale=s.psp_time_scale)
@@ -172,9 +188,7 @@ class Worker:
     async def _main(self) -> None:
         self._queue = asyncio.Queue(WORKER_QUEUE_MAX)
         self._stopping = asyncio.Event()
-        abandoned = self.pstore.finish_abandoned_keys()
-        if abandoned:
-            log.info("%d operation idempotency keys left in flight by a restart now replay 202", abandoned)
+        self._finish_abandoned_keys()
         self._scan(include_processing=True)
         self._ready.set()
         dispatcher = asyncio.ensure_future(self._dispatch())
@@ -190,6 +204,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(dispatcher, reconciler, return_exceptions=True)
+        self.pstore.close()  # drops this worker's claims at once instead of at process exit
 
     def _enqueue_many(self, items: list[tuple[str, str]]) -> None:
         assert self._queue is not None
@@ -204,11 +219,22 @@ class Worker:
                 return
             self._queued.add(item)
 
+    def _finish_abandoned_keys(self) -> None:
+        before = now_ms() - SHARED_KEY_ABANDONED_MS if self.shared else None
+        abandoned = self.pstore.finish_abandoned_keys(before)
+        if abandoned:
+            log.info("%d operation idempotency keys left in flight by a stopped gateway now replay 202", abandoned)
+
     def _scan(self, include_processing: bool) -> None:
         items: list[tuple[str, str]] = []
         if include_processing:
             # All of them (up to the queue bound): after a crash every accepted payment must be found.
             items += [("payment", pid) for pid in self.pstore.payment_ids_with_status("processing", WORKER_QUEUE_MAX)]
+        elif self.shared:
+            # Another worker's payments, if it died in the middle (or ours that the queue dropped).
+            stale = int(time.time()) - SHARED_PROCESSING_STALE_S
+            items += [("payment", pid)
+                      for pid in self.pstore.payment_ids_with_status("processing", RECONCILE_BATCH_MAX, stale)]
         items += [
             ("payment", pid)
             for pid in self.pstore.payment_ids_with_status("pending_verification", RECONCILE_BATCH_MAX)
@@ -223,6 +249,8 @@ class Worker:
             try:
                 rescan, self._rescan = self._rescan, False
                 self._scan(include_processing=rescan)
+                if self.shared:
+                    self._finish_abandoned_keys()
             except Exception:
                 log.exception("reconciler scan failed")
 
@@ -269,7 +297,12 @@ class Worker:
         lock = self._lock(payment_id)
         async with lock:
             try:
-                await self._process_payment(payment_id)
+                if not self.pstore.claim(payment_id):
+                    return  # another worker drives it now; the scan comes back if it is left unfinished
+                try:
+                    await self._process_payment(payment_id)
+                finally:
+                    self.pstore.release(payment_id)
             finally:
                 if not lock._waiters:
                     self._locks.pop(payment_id, None)
@@ -325,7 +358,12 @@ class Worker:
         lock = self._lock(op.payment_id)
         async with lock:
             try:
-                await self._process_operation(operation_id)
+                if not self.pstore.claim(op.payment_id):
+                    return  # another worker drives the payment now; the scan comes back to the operation
+                try:
+                    await self._process_operation(operation_id)
+                finally:
+                    self.pstore.release(op.payment_id)
             finally:
                 if not lock._waiters:
                     self._locks.pop(op.payment_id, None)

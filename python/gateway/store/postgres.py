@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import psycopg
@@ -37,7 +39,36 @@ def _to_postgres(ddl: str) -> str:
     return re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl)
 
 
-MIGRATIONS: list[tuple[int, str]] = [(version, _to_postgres(ddl)) for version, ddl in SQLITE_MIGRATIONS]
+# PostgreSQL-only migrations, as lists of statements (function bodies contain semicolons). Their
+# versions follow the SQLite ones; a new SQLite migration must take the next number after these.
+PG_ONLY_MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        4,
+        [
+            # The ledger and the audit log are append-only: an UPDATE or DELETE is an error, whoever sends it.
+            ("CREATE OR REPLACE FUNCTION refuse_change() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME"
+            " USING ERRCODE = 'restrict_violation'; END$$"),
+            ("CREATE TRIGGER ledger_entries_append_only BEFORE UPDATE OR DELETE ON ledger_entries"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_change()"),
+            ("CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_change()"),
+            # Amounts of PSP attempts are never negative, and a payment is authorized by one attempt only.
+            "ALTER TABLE payment_attempts ADD CONSTRAINT payment_attempts_amount_check CHECK (amount >= 0)",
+            ("CREATE UNIQUE INDEX payment_attempts_one_approved_authorization ON payment_attempts (payment_id)"
+            " WHERE operation = 'authorize' AND status = 'approved'"),
+            "CREATE INDEX payments_by_merchant_created ON payments (merchant_id, created DESC, id DESC)",
+            ("CREATE INDEX payment_operations_idem_in_flight ON operation_idempotency_keys (created_ms)"
+            " WHERE state = 'in_flight'"),
+        ],
+    ),
+]
+
+MIGRATIONS: list[tuple[int, list[str]]] = sorted(
+    [(version, [s for s in _to_postgres(ddl).split(";") if s.strip()]) for version, ddl in SQLITE_MIGRATIONS]
+    + PG_ONLY_MIGRATIONS
+)
+assert len({v for v, _ in MIGRATIONS}) == len(MIGRATIONS), "two migrations share a version"
 
 _INSERT_PAYMENT = (
     "INSERT INTO payments (id, merchant_id, status, amount, currency, idempotency_key, created, lsn, body)"
@@ -65,16 +96,24 @@ class PostgresStore:
         assert 1 <= pool_min <= pool_max <= 100
         self.schema = schema
         self.timeout_ms = timeout_ms
+        self.dsn = dsn
+        self._kwargs: dict[str, object] = {
+            "autocommit": True, "connect_timeout": max(1, timeout_ms // 1000),
+            "options": f"-c search_path={schema} -c statement_timeout={timeout_ms}",
+        }
         self.pool = ConnectionPool(
             dsn,
             min_size=pool_min,
             max_size=pool_max,
             timeout=timeout_ms / 1000,
-            kwargs={"autocommit": True, "connect_timeout": max(1, timeout_ms // 1000),
-                    "options": f"-c search_path={schema} -c statement_timeout={timeout_ms}"},
+            kwargs=self._kwargs,
             open=True,
             name=f"gateway-{schema}",
         )
+
+    def connect(self) -> psycopg.Connection:
+        """A connection of its own, outside the pool (session state such as advisory locks or LISTEN)."""
+        return psycopg.connect(self.dsn, **self._kwargs)  # type: ignore[arg-type]
 
     # -- schema ----------------------------------------------------------------------------------
 
@@ -85,12 +124,11 @@ class PostgresStore:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
             current = int(row[0] or 0) if row else 0
-            for version, ddl in MIGRATIONS:
+            for version, statements in MIGRATIONS:
                 if version <= current:
                     continue
-                for stmt in ddl.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)  # type: ignore[call-overload]  # DDL from this module only
+                for stmt in statements:
+                    conn.execute(stmt)  # type: ignore[call-overload]  # DDL from this module only
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
                 current = version
         return current
@@ -246,3 +284,48 @@ class PostgresStore:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class Listener:
+    """LISTENs on PostgreSQL notification channels in a daemon thread and calls `callback(channel,
+    payload)` for each notification whose payload starts with this schema's name (the channels are
+    database-wide). Reconnects after an error; what it misses meanwhile, its user's periodic check finds."""
+
+    RECONNECT_S = 1.0
+    POLL_S = 0.5
+
+    def __init__(self, store: PostgresStore, channels: list[str], callback: Callable[[str, str], None]) -> None:
+        assert channels and all(SCHEMA_NAME.match(c) for c in channels)
+        self.store = store
+        self.channels = channels
+        self.callback = callback
+        self.received = 0
+        self._prefix = f"{store.schema} "
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
+
+    def start(self) -> Listener:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.POLL_S + 2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.store.connect() as conn:
+                    for channel in self.channels:
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    while not self._stop.is_set():
+                        for n in conn.notifies(timeout=self.POLL_S):
+                            if n.payload.startswith(self._prefix):
+                                self.received += 1
+                                try:
+                                    self.callback(n.channel, n.payload[len(self._prefix):])
+                                except Exception:
+                                    log.exception("notification handler failed")
+            except psycopg.Error as e:
+                log.warning("LISTEN connection failed (%s); reconnecting in %.1fs", e, self.RECONNECT_S)
+                self._stop.wait(self.RECONNECT_S)

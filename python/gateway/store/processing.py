@@ -1,4 +1,4 @@
-"""Persistence of the async payment path (embedded mode, SQLite).
+"""Persistence of the async payment path: SQLite in embedded mode, PostgreSQL in cluster mode.
 
 Every state change is written in ONE transaction together with its audit rows, its ledger postings,
 its attempt rows, the operation it finishes and the recomposed payment body (so that
@@ -6,16 +6,28 @@ its attempt rows, the operation it finishes and the recomposed payment body (so 
 must still be the version the change was computed from, or the transaction is rolled back with
 `StaleVersion` and nothing is written; two writers can therefore never both apply a transition.
 
-The ledger is append-only: this module only ever INSERTs into `ledger_entries` and `audit_log`.
+The ledger is append-only: this module only ever INSERTs into `ledger_entries` and `audit_log`
+(PostgreSQL also refuses any UPDATE or DELETE of them with a trigger, migration 4).
+
+One code path serves both backends; what differs sits in `_Dialect`: placeholders (`?` here,
+rewritten to `%s` for psycopg), JSON extraction, how a transaction begins (SQLite: `BEGIN
+IMMEDIATE` under the store's write lock, which serialises all writers; PostgreSQL: a pooled
+connection's transaction plus `SELECT ... FOR UPDATE` of the payment's state row where a check and a
+write must not interleave), and notifications. On PostgreSQL, several worker processes share the
+store: a payment is driven by one of them at a time through `claim`/`release` (session advisory
+locks, released by the server if the worker dies), and every committed change is announced with
+`pg_notify` (channel `CHANGES_CHANNEL`, new merchant operations on `OPERATIONS_CHANNEL`) so that
+gateway processes wake their `Prefer: wait` requests and workers pick up operations at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
-import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +40,14 @@ from gateway.pipeline.router import AttemptRow, AttemptStatus, ProcessingResult
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING
 
 if TYPE_CHECKING:
+    from gateway.store.postgres import PostgresStore
     from gateway.store.sqlite import SqliteStore
+
+log = logging.getLogger("gateway.store.processing")
+
+# PostgreSQL notification channels (database-wide, so the payload starts with the schema name).
+CHANGES_CHANNEL = "gateway_payment_changes"
+OPERATIONS_CHANNEL = "gateway_operations"
 
 OPEN_OPERATION_STATUSES = ("pending", "pending_verification")
 OPERATION_ID_PREFIX = {"capture": "cap", "void": "void", "refund": "re"}
@@ -143,40 +162,218 @@ def _record(row: tuple[Any, ...]) -> PaymentRecord:
     return PaymentRecord(payment=p, token=row[13], auto_capture=bool(row[14]))
 
 
-class ProcessingStore:
-    """Processing persistence on top of a `SqliteStore` (its per-thread connections and write lock)."""
+class _Db:
+    """One connection inside a read or a transaction, with the SQL written once for both backends
+    (`?` placeholders; for psycopg they become `%s`, so no statement here may contain a `%`)."""
 
+    __slots__ = ("pg", "raw")
+
+    def __init__(self, raw: Any, pg: bool) -> None:
+        self.raw = raw
+        self.pg = pg
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        if self.pg:
+            return self.raw.execute(_pg_sql(sql), args)
+        return self.raw.execute(sql, args)
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        if self.pg:
+            with self.raw.cursor() as cur:
+                cur.executemany(_pg_sql(sql), rows)
+        else:
+            self.raw.executemany(sql, rows)
+
+
+_PG_SQL: dict[str, str] = {}
+
+
+def _pg_sql(sql: str) -> str:
+    out = _PG_SQL.get(sql)
+    if out is None:
+        assert "%" not in sql, sql
+        out = _PG_SQL[sql] = sql.replace("?", "%s")
+    return out
+
+
+class _Dialect:
+    """What differs between SQLite and PostgreSQL; everything else is shared SQL."""
+
+    pg = False
+
+    def json_text(self, column: str, field: str) -> str:
+        return f"json_extract({column}, '$.{field}')"
+
+    def json_bool(self, column: str, field: str) -> str:
+        return f"json_extract({column}, '$.{field}')"
+
+    @contextmanager
+    def read(self) -> Iterator[_Db]:
+        raise NotImplementedError
+        yield
+
+    @contextmanager
+    def tx(self) -> Iterator[_Db]:
+        raise NotImplementedError
+        yield
+
+    def lock_payment(self, db: _Db, payment_id: str) -> None:
+        """Holds the payment's state row until the transaction ends (no-op where writers are serialised)."""
+
+    def notify(self, db: _Db, channel: str, ident: str) -> None:
+        """Announces a committed change to other processes (no-op where there are none)."""
+
+    def claim(self, payment_id: str) -> bool:
+        return True
+
+    def release(self, payment_id: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class _SqliteDialect(_Dialect):
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
 
-    def _conn(self) -> sqlite3.Connection:
-        return self.store._conn()
+    @contextmanager
+    def read(self) -> Iterator[_Db]:
+        yield _Db(self.store._conn(), False)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
+    def tx(self) -> Iterator[_Db]:
+        conn = self.store._conn()
         with self.store._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
+                yield _Db(conn, False)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
+
+class _PostgresDialect(_Dialect):
+    pg = True
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.schema = store.schema
+        # Session advisory locks of the payments this process drives, all on one connection: the
+        # server drops them when the connection dies, so a killed worker's payments are free again.
+        self._claims: Any = None
+        self._claims_lock = threading.Lock()
+
+    def json_text(self, column: str, field: str) -> str:
+        return f"({column}::jsonb ->> '{field}')"
+
+    def json_bool(self, column: str, field: str) -> str:
+        return f"({column}::jsonb ->> '{field}')::boolean::int"
+
+    @contextmanager
+    def read(self) -> Iterator[_Db]:
+        with self.store.pool.connection() as conn:
+            yield _Db(conn, True)
+
+    @contextmanager
+    def tx(self) -> Iterator[_Db]:
+        with self.store.pool.connection() as conn, conn.transaction():
+            yield _Db(conn, True)
+
+    def lock_payment(self, db: _Db, payment_id: str) -> None:
+        db.execute("SELECT 1 FROM payment_state WHERE payment_id = ? FOR UPDATE", (payment_id,))
+
+    def notify(self, db: _Db, channel: str, ident: str) -> None:
+        # Delivered at commit, and only if the transaction commits.
+        db.execute("SELECT pg_notify(?, ?)", (channel, f"{self.schema} {ident}"))
+
+    def _claim_key(self, payment_id: str) -> str:
+        return f"{self.schema}:{payment_id}"
+
+    def claim(self, payment_id: str) -> bool:
+        import psycopg
+
+        with self._claims_lock:
+            try:
+                if self._claims is None or self._claims.closed:
+                    self._claims = self.store.connect()
+                row = self._claims.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                           (self._claim_key(payment_id),)).fetchone()
+                return bool(row and row[0])
+            except psycopg.Error as e:
+                # Whatever this connection held is gone with it; the version check still guards writes.
+                log.warning("claim of %s failed (%s); the reconciler will retry", payment_id, e)
+                if self._claims is not None:
+                    self._claims.close()
+                self._claims = None
+                return False
+
+    def release(self, payment_id: str) -> None:
+        import psycopg
+
+        with self._claims_lock:
+            if self._claims is None or self._claims.closed:
+                return
+            try:
+                self._claims.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
+                                     (self._claim_key(payment_id),))
+            except psycopg.Error as e:
+                log.warning("release of %s failed (%s); reconnecting drops every claim", payment_id, e)
+                self._claims.close()
+                self._claims = None
+
+    def close(self) -> None:
+        with self._claims_lock:
+            if self._claims is not None:
+                self._claims.close()
+                self._claims = None
+
+
+class ProcessingStore:
+    """Processing persistence on top of a `SqliteStore` (its per-thread connections and write lock) or
+    a `PostgresStore` (its connection pool)."""
+
+    def __init__(self, store: SqliteStore | PostgresStore) -> None:
+        from gateway.store.sqlite import SqliteStore
+
+        self.store = store
+        self._d: _Dialect = _SqliteDialect(store) if isinstance(store, SqliteStore) else _PostgresDialect(store)
+        self.pg = self._d.pg
+
+    def _read(self) -> Any:
+        return self._d.read()
+
+    def _tx(self) -> Any:
+        return self._d.tx()
+
+    def claim(self, payment_id: str) -> bool:
+        """True if this process may drive the payment now (always, with one worker on SQLite)."""
+        return self._d.claim(payment_id)
+
+    def release(self, payment_id: str) -> None:
+        self._d.release(payment_id)
+
+    def close(self) -> None:
+        self._d.close()
+
     # -- reads -----------------------------------------------------------------------------------
 
-    def _ensure_state(self, conn: sqlite3.Connection, payment_id: str) -> None:
+    def _ensure_state(self, conn: _Db, payment_id: str) -> None:
+        d = self._d
         conn.execute(
-            "INSERT OR IGNORE INTO payment_state (payment_id, merchant_id, status, amount, currency,"
+            "INSERT INTO payment_state (payment_id, merchant_id, status, amount, currency,"
             " payment_method, auto_capture, updated_ms)"
             " SELECT id, merchant_id, status, amount, currency,"
-            " coalesce(json_extract(body, '$.payment_method'), ''),"
-            " coalesce(json_extract(body, '$.capture'), 1), ? FROM payments WHERE id = ?",
+            f" coalesce({d.json_text('body', 'payment_method')}, ''),"
+            f" coalesce({d.json_bool('body', 'capture')}, 1), ? FROM payments WHERE id = ?"
+            " ON CONFLICT DO NOTHING",
             (now_ms(), payment_id),
         )
 
-    def _load(self, conn: sqlite3.Connection, payment_id: str) -> PaymentRecord | None:
+    def _load(self, conn: _Db, payment_id: str) -> PaymentRecord | None:
         row = conn.execute(
             f"SELECT {_STATE_COLUMNS} FROM payment_state WHERE payment_id = ?", (payment_id,)
         ).fetchone()
@@ -184,33 +381,53 @@ class ProcessingStore:
 
     def load(self, payment_id: str) -> PaymentRecord | None:
         """The payment's processing state, creating it from the accepted payment on first use."""
-        conn = self._conn()
-        rec = self._load(conn, payment_id)
+        with self._read() as conn:
+            rec = self._load(conn, payment_id)
         if rec is not None:
             return rec
         with self._tx() as conn:
             self._ensure_state(conn, payment_id)
             return self._load(conn, payment_id)
 
-    def payment_ids_with_status(self, status: str, limit: int = 10_000) -> list[str]:
-        rows = self._conn().execute(
-            "SELECT id FROM payments WHERE status = ? ORDER BY lsn LIMIT ?", (status, limit)
-        ).fetchall()
+    def payment_ids_with_status(self, status: str, limit: int = 10_000, created_before_s: int | None = None) -> list[str]:
+        """Payments in `status`, oldest first; with `created_before_s` only those created before then."""
+        with self._read() as conn:
+            if created_before_s is None:
+                rows = conn.execute(
+                    "SELECT id FROM payments WHERE status = ? ORDER BY lsn LIMIT ?", (status, limit)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT id FROM payments WHERE status = ? AND created < ? ORDER BY created LIMIT ?",
+                    (status, created_before_s, limit),
+                ).fetchall()
         return [r[0] for r in rows]
 
     def open_operations(self, limit: int = 10_000) -> list[Operation]:
-        rows = self._conn().execute(
-            f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE status IN ('pending', 'pending_verification')"
-            " ORDER BY created_ms LIMIT ?",
-            (limit,),
-        ).fetchall()
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE status IN ('pending', 'pending_verification')"
+                " ORDER BY created_ms LIMIT ?",
+                (limit,),
+            ).fetchall()
         return [_op(r) for r in rows]
 
     def operation(self, operation_id: str) -> Operation | None:
-        row = self._conn().execute(
-            f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE id = ?", (operation_id,)
-        ).fetchone()
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE id = ?", (operation_id,)
+            ).fetchone()
         return _op(row) if row else None
+
+    def settled(self, payment_id: str) -> bool:
+        """Neither `processing` nor `pending_verification`, and no operation open."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT status, (SELECT count(*) FROM payment_operations o WHERE o.payment_id = p.id"
+                " AND o.status IN ('pending', 'pending_verification')) FROM payments p WHERE id = ?",
+                (payment_id,),
+            ).fetchone()
+        return row is not None and row[0] not in ("processing", "pending_verification") and row[1] == 0
 
     def attempts(self, payment_id: str, operation_id: str | None = None) -> list[AttemptRow]:
         sql = (
@@ -222,7 +439,8 @@ class ProcessingStore:
         if operation_id is not None:
             sql += " AND operation_id = ?"
             args += (operation_id,)
-        rows = self._conn().execute(sql + " ORDER BY started_at_ms, attempt_id", args).fetchall()
+        with self._read() as conn:
+            rows = conn.execute(sql + " ORDER BY started_at_ms, attempt_id", args).fetchall()
         return [
             AttemptRow(
                 attempt_id=r[0], payment_id=r[1], attempt_no=r[2], operation=r[3], psp=r[4],
@@ -235,39 +453,47 @@ class ProcessingStore:
 
     def audit_trail(self, payment_id: str) -> list[tuple[str, str, str, str]]:
         """(old_status, new_status, actor, reason) in the order they happened."""
-        return [
-            (r[0], r[1], r[2], r[3])
-            for r in self._conn().execute(
+        with self._read() as conn:
+            rows = conn.execute(
                 "SELECT old_status, new_status, actor, reason FROM audit_log WHERE payment_id = ? ORDER BY id",
                 (payment_id,),
-            )
-        ]
+            ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def all_postings(self) -> tuple[list[ledger.Posting], list[ledger.Violation]]:
         """Every stored posting, rebuilt from its rows; rows that cannot form a posting are violations."""
-        rows = self._conn().execute(
-            "SELECT posting_id, line_no, payment_id, kind, account, currency, debit, credit, at_ms, reverses"
-            " FROM ledger_entries ORDER BY posting_id, line_no"
-        ).fetchall()
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT posting_id, line_no, payment_id, kind, account, currency, debit, credit, at_ms, reverses"
+                " FROM ledger_entries ORDER BY posting_id, line_no"
+            ).fetchall()
         return postings_from_rows(rows)
 
     def list_payments(self, merchant_id: str, limit: int, starting_after: str | None) -> tuple[list[str], bool] | None:
-        """Bodies newest first; None when `starting_after` is not one of the merchant's payments."""
-        conn = self._conn()
-        if starting_after is None:
-            rows = conn.execute(
-                "SELECT body FROM payments WHERE merchant_id = ? ORDER BY lsn DESC LIMIT ?", (merchant_id, limit + 1)
-            ).fetchall()
-        else:
-            cursor = conn.execute(
-                "SELECT lsn FROM payments WHERE id = ? AND merchant_id = ?", (starting_after, merchant_id)
-            ).fetchone()
-            if cursor is None:
-                return None
-            rows = conn.execute(
-                "SELECT body FROM payments WHERE merchant_id = ? AND lsn < ? ORDER BY lsn DESC LIMIT ?",
-                (merchant_id, cursor[0], limit + 1),
-            ).fetchall()
+        """Bodies newest first; None when `starting_after` is not one of the merchant's payments.
+
+        SQLite orders by the one WAL's LSN; PostgreSQL holds the records of many WALs (one per
+        gateway process), whose LSNs are not comparable, so there the order is (created, id)."""
+        order = "created DESC, id DESC" if self.pg else "lsn DESC"
+        after = "(created, id) < (?, ?)" if self.pg else "lsn < ?"
+        with self._read() as conn:
+            if starting_after is None:
+                rows = conn.execute(
+                    f"SELECT body FROM payments WHERE merchant_id = ? ORDER BY {order} LIMIT ?",
+                    (merchant_id, limit + 1),
+                ).fetchall()
+            else:
+                cursor = conn.execute(
+                    "SELECT created, id, lsn FROM payments WHERE id = ? AND merchant_id = ?",
+                    (starting_after, merchant_id),
+                ).fetchone()
+                if cursor is None:
+                    return None
+                key = (cursor[0], cursor[1]) if self.pg else (cursor[2],)
+                rows = conn.execute(
+                    f"SELECT body FROM payments WHERE merchant_id = ? AND {after} ORDER BY {order} LIMIT ?",
+                    (merchant_id, *key, limit + 1),
+                ).fetchall()
         return [r[0] for r in rows[:limit]], len(rows) > limit
 
     def payment_body(self, merchant_id: str, payment_id: str) -> bytes | None:
@@ -282,14 +508,14 @@ class ProcessingStore:
         with self._tx() as conn:
             self._upsert_attempt(conn, row, operation_id)
 
-    def _upsert_attempt(self, conn: sqlite3.Connection, a: AttemptRow, operation_id: str | None) -> None:
+    def _upsert_attempt(self, conn: _Db, a: AttemptRow, operation_id: str | None) -> None:
         conn.execute(
             "INSERT INTO payment_attempts (attempt_id, payment_id, operation_id, attempt_no, operation, psp,"
             " idempotency_key, amount, currency, status, final_capture, psp_reference, code, fee_minor,"
             " latency_ms, started_at_ms, finished_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (attempt_id) DO UPDATE SET status = excluded.status,"
-            " psp_reference = coalesce(excluded.psp_reference, psp_reference), code = excluded.code,"
-            " fee_minor = excluded.fee_minor, latency_ms = excluded.latency_ms,"
+            " psp_reference = coalesce(excluded.psp_reference, payment_attempts.psp_reference),"
+            " code = excluded.code, fee_minor = excluded.fee_minor, latency_ms = excluded.latency_ms,"
             " finished_at_ms = excluded.finished_at_ms",
             (
                 a.attempt_id, a.payment_id, operation_id, a.attempt_no, a.operation, a.psp, a.idempotency_key,
@@ -362,11 +588,12 @@ class ProcessingStore:
                 p = result.payment
                 created = self._insert_operation(conn, p.id, p.merchant_id, kind, amount, final, None, actor)
             self._compose_body(conn, result.payment.id)
+            self._d.notify(conn, CHANGES_CHANNEL, result.payment.id)
         return created
 
     def _insert_operation(
         self,
-        conn: sqlite3.Connection,
+        conn: _Db,
         payment_id: str,
         merchant_id: str,
         kind: str,
@@ -405,7 +632,8 @@ class ProcessingStore:
         )
         return op
 
-    def finish_operation(self, finish: OperationFinish, payment_id: str, attempts: list[AttemptRow] = ()) -> None:  # type: ignore[assignment]
+    def finish_operation(self, finish: OperationFinish, payment_id: str,
+                         attempts: Sequence[AttemptRow] = ()) -> None:
         with self._tx() as conn:
             for a in attempts:
                 self._upsert_attempt(conn, a, finish.operation_id)
@@ -414,6 +642,7 @@ class ProcessingStore:
                 (finish.status, finish.failure_code, now_ms(), finish.operation_id),
             )
             self._compose_body(conn, payment_id)
+            self._d.notify(conn, CHANGES_CHANNEL, payment_id)
 
     # -- merchant operations ---------------------------------------------------------------------
 
@@ -428,8 +657,39 @@ class ProcessingStore:
         idempotency_key: str | None,
         request_fingerprint: str,
     ) -> Accepted | Replayed | Refused | None:
-        """Check and record a capture/void/refund in one transaction. None: no such payment."""
+        """Check and record a capture/void/refund in one transaction. None: no such payment.
+
+        The payment's state row is locked first (PostgreSQL; SQLite serialises every writer), so two
+        gateway processes cannot both pass the one-operation-at-a-time check, and a second request
+        with the same key waits for the first to commit and then sees it in flight (409)."""
+        try:
+            return self._accept_operation(merchant_id, payment_id, kind, amount, final_capture, reason,
+                                          idempotency_key, request_fingerprint)
+        except Exception as e:
+            if self.pg and type(e).__name__ == "UniqueViolation":
+                # The same key for another payment at the same instant, or a racing follow-up operation.
+                return Refused(409, "idempotency_key_in_use",
+                               "A request with this Idempotency-Key is still being processed.",
+                               store_for_replay=False)
+            raise
+
+    def _accept_operation(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        kind: str,
+        amount: int | None,
+        final_capture: bool,
+        reason: str | None,
+        idempotency_key: str | None,
+        request_fingerprint: str,
+    ) -> Accepted | Replayed | Refused | None:
         with self._tx() as conn:
+            owner = conn.execute("SELECT merchant_id FROM payments WHERE id = ?", (payment_id,)).fetchone()
+            mine = owner is not None and owner[0] == merchant_id
+            if mine:
+                self._ensure_state(conn, payment_id)
+                self._d.lock_payment(conn, payment_id)
             if idempotency_key is not None:
                 row = conn.execute(
                     "SELECT fingerprint, state, status_code, response FROM operation_idempotency_keys"
@@ -446,10 +706,8 @@ class ProcessingStore:
                                        "A request with this Idempotency-Key is still being processed.",
                                        store_for_replay=False)
                     return Replayed(int(row[2]), row[3].encode())
-            owner = conn.execute("SELECT merchant_id FROM payments WHERE id = ?", (payment_id,)).fetchone()
-            if owner is None or owner[0] != merchant_id:
+            if not mine:
                 return None
-            self._ensure_state(conn, payment_id)
             rec = self._load(conn, payment_id)
             assert rec is not None
             p = rec.payment
@@ -498,6 +756,8 @@ class ProcessingStore:
                     (merchant_id, idempotency_key, request_fingerprint, payment_id, now_ms()),
                 )
             body = self._compose_body(conn, payment_id)
+            self._d.notify(conn, OPERATIONS_CHANNEL, op.id)
+            self._d.notify(conn, CHANGES_CHANNEL, payment_id)
         return Accepted(op, body)
 
     def finish_idempotency(self, merchant_id: str, key: str, status_code: int, body: bytes) -> None:
@@ -508,19 +768,25 @@ class ProcessingStore:
                 (status_code, body.decode(), merchant_id, key),
             )
 
-    def finish_abandoned_keys(self) -> int:
-        """After a restart, keys left in flight get the payment as it is now, with 202 (accepted)."""
+    def finish_abandoned_keys(self, created_before_ms: int | None = None) -> int:
+        """Keys left in flight by a gateway that stopped answering get the payment as it is now, with 202
+        (accepted). Embedded mode calls it at start (no request can be in flight then); where other
+        gateway processes share the store, only keys older than any request can live are touched."""
+        sql = (
+            "UPDATE operation_idempotency_keys SET state = 'done', status_code = 202,"
+            " response = (SELECT body FROM payments WHERE payments.id = operation_idempotency_keys.payment_id)"
+            " WHERE state = 'in_flight'"
+        )
         with self._tx() as conn:
-            cur = conn.execute(
-                "UPDATE operation_idempotency_keys SET state = 'done', status_code = 202,"
-                " response = (SELECT body FROM payments WHERE payments.id = operation_idempotency_keys.payment_id)"
-                " WHERE state = 'in_flight'"
-            )
-            return cur.rowcount
+            if created_before_ms is None:
+                cur = conn.execute(sql)
+            else:
+                cur = conn.execute(sql + " AND created_ms < ?", (created_before_ms,))
+            return int(cur.rowcount)
 
     # -- the payment body ------------------------------------------------------------------------
 
-    def _compose_body(self, conn: sqlite3.Connection, payment_id: str) -> bytes:
+    def _compose_body(self, conn: _Db, payment_id: str) -> bytes:
         """Rewrite `payments.body` from the processing state: status, amounts, attempts, refunds and
         the operation in progress. Done at write time so reads stay one indexed row."""
         row = conn.execute("SELECT body FROM payments WHERE id = ?", (payment_id,)).fetchone()
