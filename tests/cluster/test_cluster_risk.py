@@ -124,4 +124,84 @@ def test_a_restarted_process_restores_the_control_plane_from_postgres(cluster_fa
     assert decline_codes(pay_fresh(cl, stolen, 20)) == ["blocklisted"] * 20
     got = admin(cl, "GET", "/v1/admin/rules/history").json()["data"]
     assert [v["version"] for v in got] == [r.json()["version"]] and got[0]["active"]
-    assert admin(cl, "POST", "/v1/admin/rules/backtest", {"source": "x: block if :amount: > 1\n"}).status_code == 501
+    report = admin(cl, "POST", "/v1/admin/rules/backtest", {"source": "x: block if :amount: > 1\n"})
+    assert report.status_code == 200 and report.json()["source"] == "kafka", report.text
+
+
+def pay_mix(cl: Cluster, watched: str, n: int) -> list[httpx.Response]:
+    """`n` payments on new connections (spread over both processes): every third with the watched card,
+    the others with fresh cards, amounts cycling through 1000, 6000 and 20000."""
+    out = []
+    for i in range(n):
+        token = watched if i % 3 == 0 else f"tok_m{uuid.uuid4().hex[:12]}"
+        with httpx.Client(timeout=15) as c:
+            out.append(c.post(f"{cl.gateway.url}/v1/payments", headers=auth(),
+                              json={"amount": (1000, 6000, 20000)[(i // 3) % 3],
+                                    "currency": "USD", "payment_method": token}))
+    return out
+
+
+def live_actions(responses: list[httpx.Response]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in responses:
+        assert r.status_code in (201, 202, 402), r.text
+        action = "block" if r.status_code == 402 else r.json()["risk"]["action"]
+        out[action] = out.get(action, 0) + 1
+    return out
+
+
+def test_backtest_in_cluster_mode_replays_every_process_from_kafka_like_the_live_engine(cluster_factory, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    # Kafka durability: a 2xx means the record is in the topic, so the replay sees every acknowledged one.
+    cl = cluster_factory(durability="kafka")
+    assert cl.gateway.config_path is not None
+    cl.gateway.config_path.write_text(cl.config_text + "\n[risk]\nbacktest_records_max = 50\n")
+    cl.start_gateway()
+    watched = f"tok_w{uuid.uuid4().hex[:12]}"
+    assert admin(cl, "POST", "/v1/admin/lists", {"name": "watch", "kind": "card"}).status_code == 201
+    assert admin(cl, "POST", "/v1/admin/lists/watch/add", {"values": [watched]}).status_code == 200
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": "huge: block if :amount: > 99999999\n", "author": "tests"})
+    assert r.status_code == 201, r.text
+    rules_version_by_slot(cl, r.json()["version"])
+
+    first = pay_mix(cl, watched, 30)
+    assert live_actions(first) == {"allow": 30}
+    time.sleep(0.05)
+    middle_ms = int(time.time() * 1000)
+    time.sleep(0.05)
+    second = pay_mix(cl, watched, 15)
+    assert live_actions(second) == {"allow": 15}
+    time.sleep(0.05)
+    end_ms = int(time.time() * 1000)
+
+    candidate = ("watched: block if :card: in @watch\n"
+                 "big: review if :amount: > 10000\n")
+    report = admin(cl, "POST", "/v1/admin/rules/backtest", {"source": candidate})
+    assert report.status_code == 200, report.text
+    got = report.json()
+    assert got["source"] == "kafka" and got["records"] == 45 and not got["truncated"]
+    assert len(got["sources"]) == 2 and sum(got["sources"].values()) == 45, got["sources"]
+    assert got["live"]["allow"] == 45
+
+    # What the live engine decides for the same traffic once the candidate is live.
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": candidate, "author": "tests"})
+    assert r.status_code == 201, r.text
+    rules_version_by_slot(cl, r.json()["version"])
+    live = live_actions(pay_mix(cl, watched, 30))
+    live_second = live_actions(pay_mix(cl, watched, 15))
+    for action in set(live) | set(live_second):
+        live[action] = live.get(action, 0) + live_second.get(action, 0)
+    assert {k: v for k, v in got["candidate"].items() if v} == live
+    assert live["block"] == 15 and got["changed"] == 45 - live.get("allow", 0)
+    by_rule = {x["name"]: x for x in got["rules"]}
+    assert by_rule["watched"]["blocked"] == 15
+
+    # A time bound: only the second burst. A record bound: the oldest 50 of the 90 now recorded.
+    bounded = admin(cl, "POST", "/v1/admin/rules/backtest", {"source": candidate, "since_ms": middle_ms,
+                                                              "until_ms": end_ms}).json()
+    assert bounded["records"] == 15 and not bounded["truncated"], bounded
+    assert bounded["candidate"]["block"] == 5 and bounded["first_created_ms"] >= middle_ms
+    cut = admin(cl, "POST", "/v1/admin/rules/backtest", {"source": candidate}).json()
+    assert cut["records"] == 50 and cut["truncated"] and cut["first_created_ms"] < middle_ms
+    bad = admin(cl, "POST", "/v1/admin/rules/backtest", {"source": candidate, "after_lsn": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after_lsn"

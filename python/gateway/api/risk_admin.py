@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -21,10 +22,11 @@ import msgspec
 
 from gateway.api.app import JSON, ON_START, GatewayApp, Response, route
 from gateway.api.errors import error_body
+from gateway.pipeline.eventlog import TIME_MS_MAX, EventLog, EventLogError, KafkaEventLog, WalEventLog
 from gateway.risk import control as ctl
 from gateway.risk.control import ControlError, RiskControl, RulesInvalid
 
-log = logging.getLogger("gateway.risk.admin")
+log_ = logging.getLogger("gateway.risk.admin")
 
 # List loads carry whole lists; everything else is small.
 ADMIN_BODY_BYTES_MAX = 64 * 1024 * 1024
@@ -59,7 +61,7 @@ def _start(app: GatewayApp, publish: Any = None) -> RiskControl:
     if key:
         digests.append(hashlib.sha256(key.encode()).hexdigest())
     if not digests:
-        log.warning("no admin key configured ([risk] admin_key_env or admin_key_sha256): the admin API refuses all")
+        log_.warning("no admin key configured ([risk] admin_key_env or admin_key_sha256): the admin API refuses all")
     _PLANES[id(app)] = _Plane(control, digests)
     return control
 
@@ -169,6 +171,15 @@ class PushBody(_Strict):
 class SourceBody(_Strict):
     source: str
     merchant_id: str | None = None
+
+
+class BacktestBody(_Strict):
+    source: str
+    merchant_id: str | None = None
+    # Records accepted in [since_ms, until_ms) (until_ms: the time of the request when not given).
+    since_ms: int = 0
+    until_ms: int | None = None
+    # Embedded mode only: replay the records after this LSN of the WAL.
     after_lsn: int = 0
 
 
@@ -281,24 +292,43 @@ async def merchant_clear(app: GatewayApp, scope: Any, proto: Any, match: re.Matc
 @route("POST", r"/v1/admin/rules/backtest", "admin_rules_backtest")
 @_handler
 async def rules_backtest(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+    """Replays the recorded payments through a candidate ruleset. Embedded mode reads this process's
+    WAL; cluster mode reads the Kafka topic (every process's records) and the control plane's
+    PostgreSQL. Both stop at `[risk] backtest_records_max` payments and at `until_ms` (default: now)."""
     control = _plane(app, scope)
-    if control.clustered:
-        raise ControlError(501, "not_supported_in_cluster_mode",
-                           "Backtests replay one WAL: they run in embedded mode only.")
-    b = await _body(scope, proto, SourceBody)
+    b = await _body(scope, proto, BacktestBody)
+    until_ms = b.until_ms if b.until_ms is not None else int(time.time() * 1000)
+    if not 0 <= b.since_ms <= until_ms <= TIME_MS_MAX:
+        raise ControlError(400, "parameter_invalid", "since_ms and until_ms must satisfy 0 <= since_ms <= until_ms.",
+                           "since_ms")
+    if b.after_lsn < 0:
+        raise ControlError(400, "parameter_invalid", "after_lsn must be >= 0.", "after_lsn")
+    if control.clustered and b.after_lsn:
+        raise ControlError(400, "parameter_invalid",
+                           "after_lsn names a position in one WAL; in cluster mode bound the replay with since_ms.",
+                           "after_lsn")
     control.check(b.source)
     fp = app.fastpath
     assert fp is not None
-    committed = fp.committed_lsn()
     cfg = app.config.risk
+    log: EventLog
+    if control.clustered:
+        c = app.config.cluster
+        log, conn, kind = KafkaEventLog(c.kafka_bootstrap, c.topic), control.db, "kafka"
+    else:
+        log, conn, kind = WalEventLog(str(app.data_dir / "wal"), fp.committed_lsn()), None, "wal"
 
     def run() -> dict[str, Any]:
-        engine = ctl.backtest_engine(control.store._conn(), b.source, b.merchant_id,
+        engine = ctl.backtest_engine(conn if conn is not None else control.store._conn(), b.source, b.merchant_id,
                                      control.model_bytes, cfg.backtest_keys_per_dimension_max)
-        records = ctl.wal_records(str(app.data_dir / "wal"), committed, b.after_lsn)
-        return ctl.backtest(engine, records, fp.ip_country, cfg.backtest_records_max)
+        return ctl.backtest_log(engine, log, fp.ip_country, cfg.backtest_records_max, since_ms=b.since_ms,
+                                until_ms=until_ms, after_lsn=b.after_lsn, source=kind)
 
-    return _ok(await asyncio.to_thread(run))
+    try:
+        return _ok(await asyncio.to_thread(run))
+    except EventLogError as e:
+        log_.warning("backtest could not read the event log: %s", e)
+        return _error(503, "event_log_unavailable", f"The event log could not be read: {e}")
 
 
 # -- lists -----------------------------------------------------------------------------------------

@@ -25,13 +25,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gateway._fastpath import WalReader
+from gateway.pipeline.eventlog import HEADER_LSN, HEADER_SOURCE, producer_config
 
 log = logging.getLogger("gateway.relay")
 
@@ -131,15 +132,8 @@ class Relay:
         self.checkpoint_interval_s = checkpoint_interval_ms / 1000
         self.on_acked = on_acked
         self.source_name = source_name.encode()
-        self._producer_conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": linger_ms,
-            "message.timeout.ms": message_timeout_ms,
-            "queue.buffering.max.messages": max(inflight_records_max * 2, 1000),
-            "compression.type": "lz4",
-        }
+        self._producer_conf = producer_config(bootstrap, linger_ms=linger_ms, message_timeout_ms=message_timeout_ms,
+                                              inflight_records_max=inflight_records_max)
         self._checkpoint = Checkpoint(checkpoint_path)
         # Everything at or below acked_lsn is in Kafka; it only moves forward.
         self.acked_lsn = self._checkpoint.load()
@@ -263,7 +257,7 @@ class Relay:
                         try:
                             producer.produce(
                                 self.topic, value=payload, key=record_key(payload),
-                                headers=[("lsn", str(lsn).encode()), ("source", self.source_name)],
+                                headers=[(HEADER_LSN, str(lsn).encode()), (HEADER_SOURCE, self.source_name)],
                                 on_delivery=functools.partial(self._on_delivery, generation, lsn),
                             )
                             break

@@ -106,18 +106,23 @@ def rules_shadow(args: argparse.Namespace) -> None:
 def rules_backtest(args: argparse.Namespace) -> None:
     source = _read(args.file)
     if args.data_dir:
-        _print(offline_backtest(Path(args.data_dir), args.config, source, args.merchant))
+        _print(offline_backtest(Path(args.data_dir), args.config, source, args.merchant, args.since_ms,
+                                args.until_ms))
         return
-    body: dict[str, Any] = {"source": source}
+    body: dict[str, Any] = {"source": source, "since_ms": args.since_ms}
+    if args.until_ms is not None:
+        body["until_ms"] = args.until_ms
     if args.merchant:
         body["merchant_id"] = args.merchant
     _print(_call(args, "POST", "/v1/admin/rules/backtest", body))
 
 
-def offline_backtest(data_dir: Path, config_path: str | None, source: str, merchant_id: str | None) -> Any:
-    """The backtest without a server: the WAL and the store of `data_dir`, the configured model and
-    GeoIP table (the Python port of the fast path's IP table, `gateway.risk.geo`)."""
+def offline_backtest(data_dir: Path, config_path: str | None, source: str, merchant_id: str | None,
+                     since_ms: int = 0, until_ms: int | None = None) -> Any:
+    """The backtest without a server (embedded mode's data folder): the WAL and the store of `data_dir`,
+    the configured model and GeoIP table (the Python port of the fast path's IP table, `gateway.risk.geo`)."""
     from gateway import config as config_mod
+    from gateway.pipeline.eventlog import TIME_MS_MAX, EventLogError, WalEventLog
     from gateway.risk import control as ctl
     from gateway.risk.geo import GeoTable
     from gateway.store.sqlite import SqliteStore
@@ -140,8 +145,14 @@ def offline_backtest(data_dir: Path, config_path: str | None, source: str, merch
             raise _CliError("\n".join(lines)) from None
         # Every complete record, read-only. Not `wal_scan`: it is crash recovery and cuts a torn tail, which
         # against the WAL of a running gateway could cut a batch that is being written.
-        records = ctl.wal_records(str(data_dir / "wal"), ctl.LSN_MAX)
-        return ctl.backtest(engine, records, geo.country, cfg.backtest_records_max)
+        until = until_ms if until_ms is not None else TIME_MS_MAX
+        if not 0 <= since_ms <= until:
+            raise _CliError("--since-ms and --until-ms must satisfy 0 <= since <= until", 2)
+        try:
+            return ctl.backtest_log(engine, WalEventLog(str(data_dir / "wal")), geo.country,
+                                    cfg.backtest_records_max, since_ms=since_ms, until_ms=until)
+        except EventLogError as e:
+            raise _CliError(f"error: {e}") from None
     finally:
         store.close()
 
@@ -215,6 +226,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--merchant", help="the candidate replaces this merchant's ruleset")
     p.add_argument("--data-dir", help="run offline on this data folder (WAL + store) instead of the server")
     p.add_argument("--config", help="with --data-dir: the config whose [risk] model and GeoIP file to use")
+    p.add_argument("--since-ms", type=int, default=0, help="replay payments accepted at or after this time (ms)")
+    p.add_argument("--until-ms", type=int, help="... and before this time (ms; default: now, or the end of the WAL)")
     p.set_defaults(func=_run(rules_backtest))
 
     lst = sub.add_parser("lists", help="risk lists: create, add, remove, load, get (admin API)")

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway._fastpath import RiskEngine, RiskListError, RulesError
+from gateway.pipeline.eventlog import READ_RECORDS_MAX, TIME_MS_MAX, EventLog, EventRecord, ReadStats
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
@@ -145,6 +146,11 @@ class RiskControl:
     @property
     def clustered(self) -> bool:
         return self._db is not None
+
+    @property
+    def db(self) -> _PgDb | None:
+        """Cluster mode's PostgreSQL (None in embedded mode)."""
+        return self._db
 
     # -- storage helpers ---------------------------------------------------------------------------
 
@@ -627,8 +633,6 @@ def _chunks(values: Iterator[str] | Iterable[str], size: int = CHUNK_VALUES) -> 
 # -- backtest --------------------------------------------------------------------------------------
 
 ACTIONS = ("allow", "block", "challenge", "review")
-# "Everything that is complete": offline readers do not know the committed LSN of a running writer.
-LSN_MAX = 2**63 - 1
 
 
 def risk_request(record: dict[str, Any], ip_country: Callable[[str], str | None]) -> dict[str, Any] | None:
@@ -654,10 +658,12 @@ def risk_request(record: dict[str, Any], ip_country: Callable[[str], str | None]
     return req
 
 
-def backtest_engine(conn: sqlite3.Connection, source: str, merchant_id: str | None, model_bytes: bytes | None,
+def backtest_engine(conn: sqlite3.Connection | _PgDb, source: str, merchant_id: str | None, model_bytes: bytes | None,
                     keys_per_dimension_max: int) -> RiskEngine:
     """A standalone engine with the stored lists, the model, the active rulesets and the candidate in
-    place of the global ruleset (or of `merchant_id`'s ruleset). RulesInvalid if the candidate is bad."""
+    place of the global ruleset (or of `merchant_id`'s ruleset). RulesInvalid if the candidate is bad.
+    `conn` is the SQLite store's connection (embedded mode) or the control plane's PostgreSQL (cluster
+    mode, `RiskControl.db`)."""
     engine = RiskEngine(keys_per_dimension_max=keys_per_dimension_max, shadow_samples_max=0)
     for name, kind, entries_max in conn.execute("SELECT name, kind, entries_max FROM risk_lists ORDER BY name").fetchall():
         engine.create_list(name, kind, entries_max)
@@ -689,33 +695,41 @@ def backtest_engine(conn: sqlite3.Connection, source: str, merchant_id: str | No
     return engine
 
 
-def backtest(engine: RiskEngine, records: Iterable[tuple[int, bytes]], ip_country: Callable[[str], str | None],
-             records_max: int) -> dict[str, Any]:
-    """Replays `payment.created` records in WAL order, each at its own `created_ms`, so velocity
-    evolves as it did live, and counts what the candidate would have decided beside what was decided."""
+def backtest(engine: RiskEngine, records: Iterable[EventRecord], ip_country: Callable[[str], str | None],
+             records_max: int, stats: ReadStats | None = None, source: str = "wal") -> dict[str, Any]:
+    """Replays `payment.created` records in the event log's order, each at its own `created_ms`, so
+    velocity evolves as it did live, and counts what the candidate would have decided beside what was
+    decided. At most `records_max` payments are replayed (`truncated` says there were more); `stats`
+    is the read's own account (records scanned, duplicates dropped)."""
     started = time.perf_counter()
     candidate = dict.fromkeys(ACTIONS, 0)
     live: dict[str, int] = dict.fromkeys(ACTIONS, 0)
     transitions: dict[tuple[str, str], int] = {}
     rules: dict[tuple[str, str], dict[str, Any]] = {}
     changed = n = 0
-    first_lsn = last_lsn = None
+    # Payments replayed per source (per WAL: one per gateway process); bounded by the processes.
+    sources: dict[str, int] = {}
+    first: EventRecord | None = None
+    last: EventRecord | None = None
     truncated = False
     verbs = {"allow": "allowed", "block": "blocked", "challenge": "challenged", "review": "reviewed"}
-    for lsn, payload in records:
+    for rec in records:
+        if rec.type != "payment.created":
+            continue
         if n >= records_max:
             truncated = True
             break
         try:
-            record = json.loads(payload)
+            record = json.loads(rec.payload)
         except ValueError:
             continue
         req = risk_request(record, ip_country)
         if req is None:
             continue
         n += 1
-        first_lsn = lsn if first_lsn is None else first_lsn
-        last_lsn = lsn
+        sources[rec.source] = sources.get(rec.source, 0) + 1
+        first = rec if first is None else first
+        last = rec
         d = json.loads(engine.decide_json(json.dumps(req), int(record["created_ms"])))
         action = d["action"]
         candidate[action] += 1
@@ -733,31 +747,39 @@ def backtest(engine: RiskEngine, records: Iterable[tuple[int, bytes]], ip_countr
             # The deciding rule is the first matched rule with its name and the final action (global first).
             m = next(m for m in d["matched_rules"] if m["name"] == d["rule"] and m["action"] == action)
             rules[(m["scope"], m["name"])][verbs[action]] += 1
+    elapsed_s = time.perf_counter() - started
     return {
         "object": "risk_backtest",
+        "source": source,
         "records": n,
-        "first_lsn": first_lsn,
-        "last_lsn": last_lsn,
-        "truncated": truncated,
+        "records_scanned": stats.scanned if stats is not None else n,
+        "duplicates": stats.duplicates if stats is not None else 0,
+        "records_per_s": round(n / elapsed_s) if elapsed_s > 0 else None,
+        "sources": sources,
+        # LSNs name positions in one WAL: with records of several processes they are per source.
+        "first_lsn": first.lsn if first is not None else None,
+        "last_lsn": last.lsn if last is not None else None,
+        "first_created_ms": first.created_ms if first is not None else None,
+        "last_created_ms": last.created_ms if last is not None else None,
+        "truncated": truncated or (stats is not None and stats.truncated),
         "candidate": candidate,
         "live": live,
         "changed": changed,
         "transitions": sorted([a, b, c] for (a, b), c in transitions.items()),
         "rules": list(rules.values()),
-        "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+        "elapsed_ms": round(elapsed_s * 1000, 1),
     }
 
 
-def wal_records(wal_dir: str, committed_lsn: int, after_lsn: int = 0,
-                batch: int = 10_000) -> Iterator[tuple[int, bytes]]:
-    """Every durable record after `after_lsn` up to `committed_lsn`, in LSN order."""
-    from gateway._fastpath import WalReader
-
-    reader = WalReader(wal_dir, after_lsn)
-    while True:
-        got = reader.read(committed_lsn, batch)
-        if not got:
-            return
-        yield from got
-        if got[-1][0] >= committed_lsn or len(got) < batch:
-            return
+def backtest_log(engine: RiskEngine, log: EventLog, ip_country: Callable[[str], str | None], records_max: int, *,
+                 since_ms: int = 0, until_ms: int = TIME_MS_MAX, after_lsn: int = 0,
+                 source: str = "wal") -> dict[str, Any]:
+    """`backtest` over the records of an event log in `[since_ms, until_ms)` (and after `after_lsn` in
+    its own WAL). The read stops one record past `records_max`, so `truncated` is exact."""
+    stats = ReadStats()
+    records = log.read(since_ms=since_ms, until_ms=until_ms, after_lsn=after_lsn,
+                       limit=min(records_max + 1, READ_RECORDS_MAX), stats=stats)
+    out = backtest(engine, records, ip_country, records_max, stats, source)
+    out["since_ms"] = since_ms
+    out["until_ms"] = until_ms if until_ms != TIME_MS_MAX else None
+    return out
