@@ -389,10 +389,34 @@ impl Engine {
         body: &[u8],
         now_ms: u64,
     ) -> Outcome {
+        self.create_payment_with(merchant, idem_key, body, now_ms, None)
+    }
+
+    /// `create_payment` whose risk stage reads `velocity` (features from the store shared by the
+    /// processes of a cluster) instead of this process's velocity store, when given.
+    pub fn create_payment_with(
+        &self,
+        merchant: &str,
+        idem_key: Option<&str>,
+        body: &[u8],
+        now_ms: u64,
+        velocity: Option<&risk::SharedFeatures>,
+    ) -> Outcome {
         let start = Instant::now();
-        let out = self.create_payment_inner(merchant, idem_key, body, now_ms, start);
+        let out = self.create_payment_inner(merchant, idem_key, body, now_ms, velocity, start);
         self.observe(5, start);
         out
+    }
+
+    /// The velocity event of a create request, for the shared store, without deciding or recording
+    /// anything; `None` for a body the create would refuse as invalid.
+    pub fn velocity_event(&self, merchant: &str, body: &[u8]) -> Option<risk::SharedEvent> {
+        let req = parse_payment(body, &self.cfg).ok()?;
+        let input = risk_input(merchant, &req, None);
+        let ctx = risk::Context::new(&input);
+        Some(risk::SharedEvent::from_event(
+            &risk::velocity::Event::from_context(&ctx),
+        ))
     }
 
     fn create_payment_inner(
@@ -401,6 +425,7 @@ impl Engine {
         idem_key: Option<&str>,
         body: &[u8],
         now_ms: u64,
+        velocity: Option<&risk::SharedFeatures>,
         start: Instant,
     ) -> Outcome {
         let req = match parse_payment(body, &self.cfg) {
@@ -458,21 +483,12 @@ impl Engine {
 
         let geo = self.geo.read().clone();
         let ip_country = req.customer.ip.as_deref().and_then(|ip| geo.country(ip));
-        let input = risk::RiskInput {
-            merchant_id: merchant,
-            amount: req.amount,
-            currency: &req.currency,
-            amount_usd: None,
-            card: Some(&req.payment_method),
-            email: req.customer.email.as_deref(),
-            ip: req.customer.ip.as_deref(),
-            ip_country,
-            device_id: req.customer.device_id.as_deref(),
-            customer_id: req.customer.id.as_deref(),
-            customer_country: req.customer.country.as_deref(),
-        };
+        let input = risk_input(merchant, &req, ip_country);
         let mut timings = risk::StageTimings::default();
-        let decision = self.risk.decide_timed(&input, now_ms, &mut timings);
+        let decision = match velocity {
+            Some(v) => self.risk.decide_shared(&input, now_ms, v, &mut timings),
+            None => self.risk.decide_timed(&input, now_ms, &mut timings),
+        };
         for (i, ns) in [
             timings.velocity_ns,
             timings.model_ns,
@@ -643,6 +659,27 @@ impl Drop for Engine {
     }
 }
 
+/// What the risk engine sees of a validated request.
+fn risk_input<'a>(
+    merchant: &'a str,
+    req: &'a PaymentRequest,
+    ip_country: Option<&'a str>,
+) -> risk::RiskInput<'a> {
+    risk::RiskInput {
+        merchant_id: merchant,
+        amount: req.amount,
+        currency: &req.currency,
+        amount_usd: None,
+        card: Some(&req.payment_method),
+        email: req.customer.email.as_deref(),
+        ip: req.customer.ip.as_deref(),
+        ip_country,
+        device_id: req.customer.device_id.as_deref(),
+        customer_id: req.customer.id.as_deref(),
+        customer_country: req.customer.country.as_deref(),
+    }
+}
+
 fn process_epoch() -> &'static Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     EPOCH.get_or_init(Instant::now)
@@ -790,6 +827,36 @@ mod tests {
         }
         e.set_rate_limit("m", 1000.0, 10.0);
         pending(e.create_payment("m", Some("k"), BODY, now_ms()));
+    }
+
+    #[test]
+    fn shared_velocity_decides_and_leaves_the_local_store_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let rules = e
+            .risk
+            .compile_rules("block if :card_count_1h: > 3\n", 2)
+            .unwrap();
+        e.risk.set_global_rules(rules);
+        let event = e.velocity_event("m", BODY).unwrap();
+        assert_eq!(event.cents, 1000);
+        assert!(event.keys[0]
+            .as_deref()
+            .is_some_and(|k| !k.contains("visa")));
+        assert!(e.velocity_event("m", b"{}").is_none());
+        let mut raw = vec![-1i64; risk::VELOCITY_FEATURES];
+        raw[2] = 4; // card_count_1h
+        let shared = risk::SharedFeatures::from_counters(&raw).unwrap();
+        match e.create_payment_with("m", None, BODY, now_ms(), Some(&shared)) {
+            Outcome::Pending { status: 402, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        pending(e.create_payment("m", None, BODY, now_ms()));
+        assert_eq!(
+            e.risk.velocity().keys()[0],
+            1,
+            "only the local create was counted"
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ fn wal_err(e: WalError) -> PyErr {
     }
 }
 
+type SharedEventTuple = (i64, Vec<Option<String>>);
+
 type Response<'py> = (
     u16,
     Bound<'py, PyBytes>,
@@ -67,7 +69,7 @@ type Response<'py> = (
     Option<String>,
 );
 
-#[pyclass(module = "gateway._fastpath", frozen)]
+#[pyclass(module = "gateway._fastpath", frozen, subclass)]
 struct FastPath {
     engine: Engine,
 }
@@ -82,8 +84,9 @@ impl FastPath {
     }
 
     /// Returns (status, body, lsn, replayed, retry_after_s, payment_id); lsn > 0 means "answer once
-    /// committed", and payment_id is set for a payment accepted by this call.
-    #[pyo3(signature = (merchant_id, idempotency_key, body, now_ms=None))]
+    /// committed", and payment_id is set for a payment accepted by this call. `velocity`: the counters
+    /// of the shared store (see `velocity_event`), used instead of this process's velocity store.
+    #[pyo3(signature = (merchant_id, idempotency_key, body, now_ms=None, *, velocity=None))]
     fn create_payment<'py>(
         &self,
         py: Python<'py>,
@@ -91,11 +94,21 @@ impl FastPath {
         idempotency_key: Option<&str>,
         body: &[u8],
         now_ms: Option<u64>,
-    ) -> Response<'py> {
+        velocity: Option<Vec<i64>>,
+    ) -> PyResult<Response<'py>> {
         let now = now_ms.unwrap_or_else(crate::engine::now_ms);
+        let shared = velocity
+            .map(|v| risk::SharedFeatures::from_counters(&v))
+            .transpose()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let out = py.allow_threads(|| {
-            self.engine
-                .create_payment(merchant_id, idempotency_key, body, now)
+            self.engine.create_payment_with(
+                merchant_id,
+                idempotency_key,
+                body,
+                now,
+                shared.as_ref(),
+            )
         });
         match out {
             Outcome::Immediate {
@@ -103,28 +116,36 @@ impl FastPath {
                 body,
                 replayed,
                 retry_after_s,
-            } => (
+            } => Ok((
                 status,
                 PyBytes::new(py, &body),
                 0,
                 replayed,
                 retry_after_s,
                 None,
-            ),
+            )),
             Outcome::Pending {
                 status,
                 body,
                 lsn,
                 payment_id,
-            } => (
+            } => Ok((
                 status,
                 PyBytes::new(py, &body),
                 lsn,
                 false,
                 None,
                 Some(payment_id),
-            ),
+            )),
         }
+    }
+
+    /// (usd_cents, [key hash or None per dimension]) of a create request, deciding and recording
+    /// nothing; None for a body the create would refuse.
+    fn velocity_event(&self, merchant_id: &str, body: &[u8]) -> Option<SharedEventTuple> {
+        self.engine
+            .velocity_event(merchant_id, body)
+            .map(|e| (e.cents, e.keys.to_vec()))
     }
 
     fn committed_lsn(&self) -> u64 {
@@ -342,6 +363,28 @@ impl RiskEngine {
         .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
+    /// The velocity event of a RiskRequest (JSON), as `FastPath.velocity_event` gives it.
+    fn velocity_event_json(&self, request_json: &str) -> PyResult<SharedEventTuple> {
+        let req: risk::RiskRequest =
+            serde_json::from_str(request_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let input = req.as_input();
+        let ctx = risk::Context::new(&input);
+        let e = risk::SharedEvent::from_event(&risk::velocity::Event::from_context(&ctx));
+        Ok((e.cents, e.keys.to_vec()))
+    }
+
+    /// Records a RiskRequest (JSON) in this engine's velocity store and returns its velocity
+    /// features, in `Features` order (NaN: missing).
+    fn observe_velocity_json(&self, request_json: &str, now_ms: u64) -> PyResult<Vec<f64>> {
+        let req: risk::RiskRequest =
+            serde_json::from_str(request_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let input = req.as_input();
+        let f = self
+            .inner
+            .features(&risk::Context::new(&input), now_ms, true);
+        Ok(risk::SharedFeatures::from_features(&f).values.to_vec())
+    }
+
     fn shadow_stats_json(&self) -> String {
         serde_json::to_string(&self.inner.shadow_stats()).unwrap_or_else(|_| "{}".into())
     }
@@ -398,6 +441,14 @@ fn contains_pan(text: &str) -> bool {
     crate::validate::contains_pan(text)
 }
 
+/// The shared store's counters as velocity features (the mapping `create_payment(velocity=...)` uses).
+#[pyfunction]
+fn velocity_features(counters: Vec<i64>) -> PyResult<Vec<f64>> {
+    risk::SharedFeatures::from_counters(&counters)
+        .map(|f| f.values.to_vec())
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 #[pyfunction]
 fn currency_exponent(code: &str) -> Option<u8> {
     crate::currency::exponent(code)
@@ -421,6 +472,8 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RiskListError", m.py().get_type::<RiskListError>())?;
     m.add_function(wrap_pyfunction!(contains_pan, m)?)?;
     m.add_function(wrap_pyfunction!(currency_exponent, m)?)?;
+    m.add_function(wrap_pyfunction!(velocity_features, m)?)?;
+    m.add("VELOCITY_FEATURES", risk::VELOCITY_FEATURES)?;
     m.add_function(wrap_pyfunction!(wal_scan, m)?)?;
     m.add("WalCorruptError", m.py().get_type::<WalCorruptError>())?;
     m.add("STAGES", crate::engine::STAGES.to_vec())?;

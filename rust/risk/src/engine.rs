@@ -21,6 +21,7 @@ use crate::input::{Action, Context, Decision, MatchedRule, RiskInput, RiskReques
 use crate::lists::Lists;
 use crate::model::Model;
 use crate::rules::{Rule, Ruleset};
+use crate::shared_velocity::SharedFeatures;
 use crate::velocity::{Event, VelocityConfig, VelocityStore};
 
 pub const MERCHANT_RULESETS_MAX: usize = 100_000;
@@ -242,7 +243,7 @@ impl Engine {
 
     /// Decides one payment and records it in the velocity counters.
     pub fn decide(&self, input: &RiskInput<'_>, now_ms: u64) -> Decision {
-        self.run::<false>(input, now_ms, true, &mut StageTimings::default())
+        self.run::<false>(input, now_ms, true, None, &mut StageTimings::default())
     }
 
     /// `decide` with per-stage timings, for the fast path's histograms and benchmarks.
@@ -252,12 +253,24 @@ impl Engine {
         now_ms: u64,
         timings: &mut StageTimings,
     ) -> Decision {
-        self.run::<true>(input, now_ms, true, timings)
+        self.run::<true>(input, now_ms, true, None, timings)
+    }
+
+    /// `decide_timed` with velocity features computed elsewhere (the store shared by the processes of a
+    /// cluster): this engine's own velocity store is neither read nor updated.
+    pub fn decide_shared(
+        &self,
+        input: &RiskInput<'_>,
+        now_ms: u64,
+        velocity: &SharedFeatures,
+        timings: &mut StageTimings,
+    ) -> Decision {
+        self.run::<true>(input, now_ms, true, Some(velocity), timings)
     }
 
     /// What `decide` would answer, without recording the payment or counting shadow differences.
     pub fn simulate(&self, input: &RiskInput<'_>, now_ms: u64) -> Decision {
-        self.run::<false>(input, now_ms, false, &mut StageTimings::default())
+        self.run::<false>(input, now_ms, false, None, &mut StageTimings::default())
     }
 
     /// JSON in, JSON out: a `RiskRequest` to a `Decision` (for tests across languages, not the hot path).
@@ -288,6 +301,7 @@ impl Engine {
         input: &RiskInput<'_>,
         now_ms: u64,
         record: bool,
+        shared: Option<&SharedFeatures>,
         timings: &mut StageTimings,
     ) -> Decision {
         let mut clock = if TIMED { Some(Instant::now()) } else { None };
@@ -300,7 +314,14 @@ impl Engine {
         };
 
         let ctx = Context::new(input);
-        let mut features = self.features(&ctx, now_ms, record);
+        let mut features = match shared {
+            Some(velocity) => {
+                let mut f = Features::from_context(&ctx);
+                velocity.apply(&mut f);
+                f
+            }
+            None => self.features(&ctx, now_ms, record),
+        };
         lap(&mut timings.velocity_ns);
 
         let model = self.model.read().clone();

@@ -11,6 +11,7 @@ pub mod input;
 pub mod lists;
 pub mod model;
 pub mod rules;
+pub mod shared_velocity;
 pub mod velocity;
 
 pub use card::{card_attributes, CardAttributes, Country};
@@ -22,4 +23,5 @@ pub use input::{
 pub use lists::{List, ListInfo, ListKind, Lists};
 pub use model::Model;
 pub use rules::{Rule, Ruleset};
+pub use shared_velocity::{SharedEvent, SharedFeatures, SharedVelocityError, VELOCITY_FEATURES};
 pub use velocity::{VelocityConfig, VelocityStore};

@@ -300,3 +300,33 @@ fn decide_json_round_trip_and_timings() {
     assert_eq!(d.action, Action::Allow);
     assert!(t.velocity_ns > 0 || t.rules_ns > 0);
 }
+
+#[test]
+fn shared_velocity_replaces_the_local_store() {
+    use crate::attrs::{velocity_index, DIM_CARD, VELOCITY_BASE};
+    use crate::shared_velocity::{SharedFeatures, VELOCITY_FEATURES};
+    let e = engine();
+    install(&e, "block if :card_count_1h: > 3", 1);
+    let p = pay("m1", "tok_visa");
+    let mut raw = vec![-1i64; VELOCITY_FEATURES];
+    let card_1h = velocity_index(DIM_CARD, 1) - VELOCITY_BASE;
+    let mut t = StageTimings::default();
+    raw[card_1h] = 4;
+    let shared = SharedFeatures::from_counters(&raw).unwrap();
+    let d = e.decide_shared(&p, 0, &shared, &mut t);
+    assert_eq!(
+        (d.action, d.decline_code),
+        (Action::Block, Some(DeclineCode::VelocityExceeded))
+    );
+    raw[card_1h] = 3;
+    let shared = SharedFeatures::from_counters(&raw).unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            e.decide_shared(&p, 0, &shared, &mut t).action,
+            Action::Allow
+        );
+    }
+    // The local store saw none of those payments.
+    assert_eq!(e.velocity().keys(), [0; 6]);
+    assert_eq!(e.decide(&p, 0).action, Action::Allow);
+}

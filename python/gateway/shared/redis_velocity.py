@@ -1,0 +1,231 @@
+"""Velocity counters shared by the gateway processes of a cluster, on Redis (`cluster.velocity = "shared"`).
+
+In embedded mode (and with `velocity = "local"`) the risk engine counts velocity in the Rust extension's
+memory (rust/risk/src/velocity.rs), so with several processes a card's payments are split between
+them. Here one Lua function applies a payment to the windows of all its dimensions at once and returns
+the features after the update; the fast path then decides with those features instead of its own store
+(`FastPath.create_payment(..., velocity=counters)`).
+
+- **One round trip.** `VELOCITY_LUA` defines `velocity(k, a)`; the admission script of
+  shared/redis_state.py calls it once the request is admitted (cached response? token bucket, `SET NX`
+  lock), so a create still costs one script before the Rust call, and a refused request (replay,
+  conflict, rate limit) counts nothing, as in embedded mode where those checks precede the risk stage.
+- **Same semantics as velocity.rs** (proved by tests/contract/test_velocity_contract.py): per key and
+  window a ring of buckets (`bucket_ms` x `buckets`) with running totals; an event counts while it is
+  younger than `window - bucket_ms` and never once it is `window` old; late events go to the newest
+  bucket. Distinct members (cards per device, ...) keep the 64 most recently seen, each counted while
+  `now - last_seen < window`.
+- **No raw values in Redis.** The fast path hands out each key as a 64-bit SHA-256 prefix, domain
+  separated per dimension (`FastPath.velocity_event`); amounts are USD cents.
+- **Bounded memory.** Every key expires `KEY_TTL_MS` (25 h) after its last event, past the longest
+  window; a key holds at most 2 x 138 bucket fields, a distinct set at most 64 members.
+- **One clock.** The script reads Redis `TIME`, so processes on several hosts share the windows' clock
+  (tests pass `now_ms` explicitly to replay sequences).
+
+Hash of a dimension `d`, key `h`: `{prefix}:vel:{d}:{h}`; its distinct set of pair `p`: that key plus
+`:d{p}`. The keys of one payment do not share a hash tag: on a Redis Cluster the script would need one
+call per shard (not done; see README, "Cluster mode").
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from gateway._fastpath import VELOCITY_FEATURES, FastPath
+
+if TYPE_CHECKING:
+    import redis
+
+# Same order as DIMS and DISTINCT in rust/risk/src/attrs.rs.
+DIMS = ("card", "email", "ip", "device", "customer", "merchant")
+DISTINCT_PAIRS = ((3, 0), (1, 0), (2, 0), (4, 0), (0, 1), (0, 3))  # (owner dimension, member dimension)
+KEY_HASH_HEX_LEN = 16
+# Longest window (24 h) plus an hour: an expired key could only have held events out of every window.
+KEY_TTL_MS = 25 * 3_600_000
+CENTS_MAX = 1 << 53
+_HEX_DIGITS = "0123456789abcdef"
+
+# `velocity(k, a)`: KEYS[k+1..k+6] the hash of each dimension ('' when the payment has none),
+# KEYS[k+7..k+12] the distinct set of each pair ('' when its owner dimension is absent); ARGV[a+1] now
+# in ms ('' for Redis TIME), ARGV[a+2] USD cents, ARGV[a+3] key TTL in ms, ARGV[a+4..a+9] the member
+# hash of each dimension ('' when absent). Returns 54 integers: per dimension and window the count and
+# the cents, then per pair and window the distinct count; -1 where the dimension is absent.
+VELOCITY_LUA = """
+local VEL_WINDOWS = {{2000, 30}, {60000, 60}, {1800000, 48}}
+local VEL_WINDOW_MS = {60000, 3600000, 86400000}
+local VEL_DISTINCT = {{4, 1}, {2, 1}, {3, 1}, {5, 1}, {1, 2}, {1, 4}}
+local VEL_MEMBERS_MAX = 64
+
+local function velocity(k, a)
+    local now = tonumber(ARGV[a + 1])
+    if not now then
+        local t = redis.call('TIME')
+        now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    local cents = tonumber(ARGV[a + 2])
+    local ttl = ARGV[a + 3]
+    local out = {}
+    for d = 1, 6 do
+        local key = KEYS[k + d]
+        if key == '' then
+            for _ = 1, 6 do out[#out + 1] = -1 end
+        else
+            local st = redis.call('HMGET', key, 'b1', 'n1', 'a1', 'b2', 'n2', 'a2', 'b3', 'n3', 'a3')
+            local state = {}
+            for w = 1, 3 do
+                local width, n = VEL_WINDOWS[w][1], VEL_WINDOWS[w][2]
+                local newest = tonumber(st[3 * w - 2]) or 0
+                local count = tonumber(st[3 * w - 1]) or 0
+                local total = tonumber(st[3 * w]) or 0
+                local bucket = math.floor(now / width)
+                if bucket > newest then
+                    -- Move the window forward, dropping the buckets that left it from the totals.
+                    if bucket - newest >= n or count == 0 then
+                        if count ~= 0 then
+                            local f = {}
+                            for i = 0, n - 1 do
+                                f[#f + 1] = 'c' .. w .. ':' .. i
+                                f[#f + 1] = 'm' .. w .. ':' .. i
+                            end
+                            redis.call('HDEL', key, unpack(f))
+                        end
+                        count = 0
+                        total = 0
+                    else
+                        local f = {}
+                        for b = newest + 1, bucket do
+                            f[#f + 1] = 'c' .. w .. ':' .. (b % n)
+                            f[#f + 1] = 'm' .. w .. ':' .. (b % n)
+                        end
+                        local v = redis.call('HMGET', key, unpack(f))
+                        for i = 1, #v, 2 do
+                            count = count - (tonumber(v[i]) or 0)
+                            total = total - (tonumber(v[i + 1]) or 0)
+                        end
+                        redis.call('HDEL', key, unpack(f))
+                    end
+                    newest = bucket
+                end
+                -- Late events (time going backwards) go to the newest bucket.
+                local slot = newest % n
+                redis.call('HINCRBY', key, 'c' .. w .. ':' .. slot, 1)
+                redis.call('HINCRBY', key, 'm' .. w .. ':' .. slot, cents)
+                count = count + 1
+                total = total + cents
+                state[#state + 1] = 'b' .. w
+                state[#state + 1] = string.format('%d', newest)
+                state[#state + 1] = 'n' .. w
+                state[#state + 1] = string.format('%d', count)
+                state[#state + 1] = 'a' .. w
+                state[#state + 1] = string.format('%d', total)
+                out[#out + 1] = count
+                out[#out + 1] = total
+            end
+            redis.call('HSET', key, unpack(state))
+            redis.call('PEXPIRE', key, ttl)
+        end
+    end
+    for p = 1, 6 do
+        local key = KEYS[k + 6 + p]
+        if key == '' then
+            for _ = 1, 3 do out[#out + 1] = -1 end
+        else
+            local member = ARGV[a + 3 + VEL_DISTINCT[p][2]]
+            if member ~= '' then
+                local seen = redis.call('ZSCORE', key, member)
+                if seen then
+                    if tonumber(seen) < now then redis.call('ZADD', key, now, member) end
+                elseif redis.call('ZCARD', key) < VEL_MEMBERS_MAX then
+                    redis.call('ZADD', key, now, member)
+                else
+                    -- Keep the most recent members: replace the least recently seen one.
+                    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+                    if tonumber(oldest[2]) <= now then
+                        redis.call('ZREM', key, oldest[1])
+                        redis.call('ZADD', key, now, member)
+                    end
+                end
+                redis.call('PEXPIRE', key, ttl)
+            end
+            for w = 1, 3 do
+                local since = string.format('%d', now - VEL_WINDOW_MS[w])
+                out[#out + 1] = redis.call('ZCOUNT', key, '(' .. since, '+inf')
+            end
+        end
+    end
+    return out
+end
+"""
+
+# The script on its own, for tests and benchmarks: the gateway calls `velocity` from the admission script.
+STANDALONE_LUA = VELOCITY_LUA + "return velocity(0, 0)\n"
+
+
+class VelocityEvent(msgspec.Struct, frozen=True):
+    """What one payment contributes: USD cents and the key hash per dimension of `DIMS` (None: absent)."""
+
+    cents: int
+    keys: tuple[str | None, ...]
+
+    @classmethod
+    def from_fastpath(cls, raw: tuple[int, list[str | None]]) -> VelocityEvent:
+        cents, keys = raw
+        if not 0 <= cents <= CENTS_MAX:
+            raise ValueError(f"velocity event cents {cents} outside 0..{CENTS_MAX}")
+        if len(keys) != len(DIMS):
+            raise ValueError(f"velocity event needs {len(DIMS)} keys, got {len(keys)}")
+        for k in keys:
+            if k is not None and (len(k) != KEY_HASH_HEX_LEN or k.strip(_HEX_DIGITS)):
+                raise ValueError("velocity key hashes are 16 hex digits")
+        return cls(cents, tuple(keys))
+
+
+def script_keys(prefix: str, event: VelocityEvent) -> list[str]:
+    """The 12 KEYS of `velocity`: the hash of each dimension, then the distinct set of each pair."""
+    dims = [f"{prefix}:vel:{DIMS[d]}:{h}" if h is not None else "" for d, h in enumerate(event.keys)]
+    pairs = [f"{dims[owner]}:d{p}" if dims[owner] else "" for p, (owner, _) in enumerate(DISTINCT_PAIRS)]
+    return dims + pairs
+
+
+def script_args(event: VelocityEvent, now_ms: int | None = None) -> list[str | int]:
+    """The 9 ARGV of `velocity` (`now_ms` None: the script reads Redis TIME)."""
+    return ["" if now_ms is None else now_ms, event.cents, KEY_TTL_MS, *(k or "" for k in event.keys)]
+
+
+def check_counters(out: object) -> list[int]:
+    """The script's answer, checked before it reaches the fast path."""
+    if not isinstance(out, list) or len(out) != VELOCITY_FEATURES or not all(isinstance(v, int) for v in out):
+        raise ValueError(f"the velocity script must return {VELOCITY_FEATURES} integers")
+    return out
+
+
+def apply_sync(client: redis.Redis, prefix: str, event: VelocityEvent, now_ms: int | None = None) -> list[int]:
+    """Applies one event with a blocking client (tests, benchmarks); the counters after the update."""
+    script = client.register_script(STANDALONE_LUA)
+    return check_counters(script(keys=script_keys(prefix, event), args=script_args(event, now_ms)))
+
+
+# The counters of the request being handled, read by `SharedVelocityFastPath.create_payment`: the API
+# layer calls the fast path itself, so the cluster passes them along the request's context.
+SHARED_VELOCITY: ContextVar[list[int] | None] = ContextVar("shared_velocity", default=None)
+
+
+class SharedVelocityFastPath(FastPath):
+    """The fast path of a cluster process with `velocity = "shared"`: a create decides with the counters
+    that the admission script returned for it (see `Cluster.create_payment`), not the local store."""
+
+    def create_payment(
+        self,
+        merchant_id: str,
+        idempotency_key: str | None,
+        body: bytes,
+        now_ms: int | None = None,
+        *,
+        velocity: list[int] | None = None,
+    ) -> tuple[int, bytes, int, bool, int | None, str | None]:
+        if velocity is None:
+            velocity = SHARED_VELOCITY.get()
+        return super().create_payment(merchant_id, idempotency_key, body, now_ms, velocity=velocity)
