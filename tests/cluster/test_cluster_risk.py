@@ -4,12 +4,14 @@ channel and applied by both processes."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from support import auth
 
@@ -205,3 +207,53 @@ def test_backtest_in_cluster_mode_replays_every_process_from_kafka_like_the_live
     assert cut["records"] == 50 and cut["truncated"] and cut["first_created_ms"] < middle_ms
     bad = admin(cl, "POST", "/v1/admin/rules/backtest", {"source": candidate, "after_lsn": 3})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "after_lsn"
+
+
+def wait_codes(cl: Cluster, token: str, want: set[int | str], timeout_s: float) -> float:
+    """Seconds until `PAYMENTS` payments in a row (spread over both processes) all answer `want`."""
+    started = time.monotonic()
+    while True:
+        got = set(decline_codes(pay_fresh(cl, token, PAYMENTS)))
+        if got == want:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout_s, f"still {got} after {timeout_s}s\n{cl.gateway.log()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_list_changes_whose_message_was_never_published_reach_both_processes_by_the_version_check(cluster_factory, monkeypatch) -> None:  # noqa: F811
+    from gateway._fastpath import RiskEngine
+    from gateway.risk import control as ctl
+    from gateway.store.postgres import PostgresStore
+
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    cl = cluster_factory()
+    cl.start_gateway()
+    token = f"tok_q{uuid.uuid4().hex[:12]}"
+    assert admin(cl, "POST", "/v1/admin/lists", {"name": "quiet", "kind": "card"}).status_code == 201
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": "q: block if :card: in @quiet\n", "author": "tests"})
+    assert r.status_code == 201, r.text
+    rules_version_by_slot(cl, r.json()["version"])
+    assert {r.status_code for r in pay_fresh(cl, token, 10)} == {201}
+
+    # A process whose publish was lost: it commits the change to PostgreSQL and tells nobody.
+    store = PostgresStore(cl.services.database_url, cl.schema)
+    try:
+        silent = ctl.RiskControl(store, RiskEngine(), ctl.SHIPPED_MODEL, pg_pool=store.pool, publish=None)  # type: ignore[arg-type]
+        silent.restore()
+        assert silent.list_add("quiet", [token], "tests") == 1
+    finally:
+        store.pool.close()
+    # Both processes block it within a few version checks (every 2 s).
+    assert wait_codes(cl, token, {"blocklisted"}, timeout_s=10) < 10
+
+    # A removal written straight into PostgreSQL, with its audit row, in one transaction.
+    with psycopg.connect(cl.services.database_url) as conn, conn.transaction():
+        conn.execute(f"SET LOCAL search_path = {cl.schema}")
+        conn.execute("DELETE FROM risk_list_entries WHERE list_name = 'quiet' AND value = %s", (token,))
+        conn.execute("INSERT INTO risk_audit (at_ms, actor, action, target, detail) VALUES (%s, 'dba', "
+                     "'list.remove', '@quiet', %s)",
+                     (int(time.time() * 1000), json.dumps({"count": 1, "changed": 1, "values": [token],
+                                                           "values_truncated": False})))
+    wait_codes(cl, token, {201}, timeout_s=10)
+    pids = set(re.findall(r"risk list @quiet repaired from the store by pid (\d+)", cl.gateway.log()))
+    assert len(pids) == 2, cl.gateway.log()[-3000:]

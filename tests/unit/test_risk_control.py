@@ -83,6 +83,56 @@ def test_a_full_list_refuses_the_whole_batch(store: SqliteStore) -> None:
     assert json.loads(c.engine.lists_json())[0]["entries"] == 0
 
 
+def listed(c: ctl.RiskControl, email: str) -> bool:
+    req = {"merchant_id": "m1", "amount": 1, "currency": "USD", "email": email}
+    return json.loads(c.engine.simulate_json(json.dumps(req), 0))["decline_code"] == "blocklisted"
+
+
+def test_a_missed_list_change_is_repaired_by_the_version_check(store: SqliteStore) -> None:
+    # Two control planes over one store stand for two processes; `b` never hears of `a`'s changes.
+    a, b = plane(store), plane(store)
+    a.create_list("bad", "email", None, "ana")
+    a.list_add("bad", ["keep.com", "gone.com"], "ana")
+    a.push("block if :email: in @bad\n", author="ana")
+    b.poll()
+    assert listed(b, "x@keep.com") and listed(b, "x@gone.com")
+    assert b.sync_lists() == []  # nothing changed since: nothing is replayed
+    a.list_remove("bad", ["gone.com"], "ana")
+    a.list_add("bad", ["new.com"], "ana")
+    a.list_add("bad", ["brief.com"], "ana")
+    a.list_remove("bad", ["brief.com"], "ana")
+    assert listed(b, "x@gone.com") and not listed(b, "x@new.com")
+    assert b.sync_lists() == ["bad"]
+    assert [listed(b, f"x@{d}") for d in ("keep.com", "gone.com", "new.com", "brief.com")] == [
+        True, False, True, False]
+    assert json.loads(b.engine.lists_json())[0]["entries"] == 2 and b.list_drift == {}
+
+
+def test_a_missed_add_larger_than_its_audit_row_reloads_the_whole_list(store: SqliteStore) -> None:
+    a, b = plane(store), plane(store)
+    a.create_list("many", "card", None, "ana")
+    b.poll()
+    values = [f"tok_{i:05d}" for i in range(ctl.AUDIT_VALUES_MAX + 500)]
+    a.list_add("many", values, "ana")
+    assert a.audit("@many")[0]["detail"]["values_truncated"]
+    assert b.sync_lists() == ["many"]
+    assert json.loads(b.engine.lists_json())[0]["entries"] == len(values)
+
+
+def test_a_missed_removal_larger_than_its_audit_row_is_reported_as_drift(store: SqliteStore) -> None:
+    # The audit row names AUDIT_VALUES_MAX of the removed values: the others cannot be found here, so
+    # the repair removes those it knows and reports the rest for a restart to reload.
+    a, b = plane(store), plane(store)
+    a.create_list("many", "card", None, "ana")
+    values = [f"tok_{i:05d}" for i in range(ctl.AUDIT_VALUES_MAX + 500)]
+    a.list_add("many", values, "ana")
+    b.poll()
+    a.list_remove("many", values, "ana")
+    assert b.sync_lists() == ["many"]
+    assert b.list_drift == {"many": 500}
+    assert plane(store).engine.lists_json().count('"entries":0') == 1
+
+
 def test_backtest_request_is_built_like_the_fast_path_builds_it() -> None:
     record = {"type": "payment.created", "merchant_id": "acct_1", "created_ms": 5,
               "payment": {"amount": 700, "currency": "EUR", "payment_method": "tok_visa_gb",

@@ -59,6 +59,9 @@ CHUNK_VALUES = 10_000
 SOURCE_BYTES_MAX = 8 * 1024 * 1024
 AUTHOR_CHARS_MAX = 200
 COMMENT_CHARS_MAX = 2_000
+# Audit rows one list repair reads per query, and values it diffs one by one before it reloads the list.
+LIST_REPAIR_ROWS_MAX = 1_000
+LIST_REPAIR_VALUES_MAX = 100_000
 # Cluster mode: every control-plane change takes this PostgreSQL advisory lock ("risk").
 PG_LOCK_ID = 0x7269_736B
 
@@ -142,6 +145,10 @@ class RiskControl:
         self._publish_fn = publish
         # The version installed in the engine per slot (scope, merchant_id).
         self._installed: dict[tuple[str, str], int] = {}
+        # The list version (`_list_versions`) each engine list is reconciled up to.
+        self._lists_synced: dict[str, int] = {}
+        # Lists found holding more entries than the store after a repair (see `sync_lists`).
+        self.list_drift: dict[str, int] = {}
 
     @property
     def clustered(self) -> bool:
@@ -185,6 +192,8 @@ class RiskControl:
             model_hash = self._load_model_file()
             lists = entries = 0
             conn = self._conn()
+            # Versions before entries: entries read later can only be newer than the version noted.
+            versions = self._list_versions()
             for name, kind, entries_max in conn.execute("SELECT name, kind, entries_max FROM risk_lists ORDER BY name"):
                 try:
                     self.engine.create_list(name, kind, entries_max)
@@ -194,6 +203,7 @@ class RiskControl:
                 for chunk in _chunks(v for (v,) in self._conn().execute(
                         "SELECT value FROM risk_list_entries WHERE list_name = ?", (name,))):
                     entries += self.engine.list_add(name, chunk)
+                self._lists_synced[name] = versions.get(name, 0)
             active = self.active()
             for rv in active:
                 self._install(rv)
@@ -270,11 +280,92 @@ class RiskControl:
         return done
 
     def poll(self) -> None:
-        """The periodic check of cluster mode: a newer stored version than any installed one means a
-        missed message."""
+        """The periodic check of cluster mode: a newer stored ruleset version than any installed one, or
+        a list whose stored version is not the one this engine is reconciled to, means a missed message."""
         row = self._conn().execute("SELECT max(version) FROM risk_rulesets").fetchone()
         if row and row[0] and row[0] > max(self._installed.values(), default=0):
             self.sync_rules()
+        self.sync_lists()
+
+    # -- list versions -----------------------------------------------------------------------------
+    #
+    # A list's version is the id of its newest audit row (`risk_audit.target = '@name'`). Every list
+    # change writes that row in the transaction of the change, under the control plane's lock (the
+    # advisory lock in cluster mode), so the ids of one list's changes grow in commit order: a durable
+    # change counter that needs no table of its own. The audit rows also say what changed (the values,
+    # verbatim up to AUDIT_VALUES_MAX per row), so a missed change is repaired by replaying the rows
+    # after the version the engine holds, against what the store holds now.
+
+    def _list_versions(self) -> dict[str, int]:
+        """The stored version of every list (one index probe per list: `risk_audit_by_target`)."""
+        rows = self._conn().execute(
+            "SELECT l.name, (SELECT max(a.id) FROM risk_audit a WHERE a.target = '@' || l.name) FROM risk_lists l"
+        ).fetchall()
+        return {name: int(v or 0) for name, v in rows}
+
+    def sync_lists(self) -> list[str]:
+        """Repairs every list whose stored version differs from the one this engine holds; returns their
+        names. Values are added before stale ones are removed, so a value that stays listed is listed
+        at every instant (a blocklist never opens while it is repaired)."""
+        with self._lock:
+            self._sync_list_names()
+            repaired = []
+            for name, version in self._list_versions().items():
+                if self._lists_synced.get(name, 0) != version:
+                    self._repair_list(name, self._lists_synced.get(name, 0), version)
+                    repaired.append(name)
+        return repaired
+
+    def _repair_list(self, name: str, synced: int, version: int) -> None:
+        conn = self._conn()
+        added: set[str] = set()
+        removed: set[str] = set()
+        reload_all = False
+        after = synced
+        while True:
+            rows = conn.execute(
+                "SELECT id, action, detail FROM risk_audit WHERE target = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (f"@{name}", after, version, LIST_REPAIR_ROWS_MAX)).fetchall()
+            for _, action, detail in rows:
+                d = json.loads(detail)
+                values = [v for v in d.get("values") or () if isinstance(v, str)]
+                if action == "list.add":
+                    added.update(values)
+                    reload_all |= bool(d.get("values_truncated"))
+                elif action == "list.remove":
+                    removed.update(values)
+            if len(rows) < LIST_REPAIR_ROWS_MAX:
+                break
+            after = rows[-1][0]
+            if len(added) + len(removed) > LIST_REPAIR_VALUES_MAX:
+                reload_all = True  # too many to diff value by value: take the whole stored list again
+                removed.clear()
+                break
+        candidates = sorted(added | removed)
+        stored = _present(conn, name, candidates) if candidates else set()
+        if reload_all:
+            fresh = (v for (v,) in conn.execute("SELECT value FROM risk_list_entries WHERE list_name = ?", (name,)))
+        else:
+            fresh = (v for v in candidates if v in stored)
+        n_added = sum(self.engine.list_add(name, chunk) for chunk in _chunks(fresh))
+        stale = [v for v in candidates if v not in stored]
+        n_removed = sum(self.engine.list_remove(name, chunk) for chunk in _chunks(stale))
+        self._lists_synced[name] = version
+        count = conn.execute("SELECT count(*) FROM risk_list_entries WHERE list_name = ?", (name,)).fetchone()
+        live = next((x for x in json.loads(self.engine.lists_json()) if x["name"] == name), None)
+        have, want = (live or {}).get("entries"), count[0] if count else 0
+        if self._list_versions().get(name, 0) != version:
+            pass  # changed again meanwhile: the counts may disagree for that reason; the next poll checks
+        elif have is not None and have > want:
+            # A removal of more values than its audit row names, missed: the values are unknown here.
+            self.list_drift[name] = have - want
+            log.error("risk list @%s holds %d entries in pid %d and %d in the store after a repair; a restart "
+                      "reloads it", name, have, os.getpid(), want)
+        else:
+            self.list_drift.pop(name, None)
+        if n_added or n_removed:
+            log.info("risk list @%s repaired from the store by pid %d: version %d -> %d, %d added, %d removed",
+                     name, os.getpid(), synced, version, n_added, n_removed)
 
     def start_polling(self, interval_s: float) -> threading.Event:
         """A daemon thread that calls `poll` every `interval_s`; set the returned event to stop it."""
@@ -294,8 +385,11 @@ class RiskControl:
     def _sync_list_names(self) -> None:
         """Creates (with their entries) the stored lists the engine does not have yet."""
         have = {x["name"] for x in json.loads(self.engine.lists_json())}
-        for name, kind, entries_max in self._conn().execute(
-                "SELECT name, kind, entries_max FROM risk_lists ORDER BY name").fetchall():
+        stored = self._conn().execute("SELECT name, kind, entries_max FROM risk_lists ORDER BY name").fetchall()
+        if all(name in have for name, _, _ in stored):
+            return
+        versions = self._list_versions()  # before the entries (see `restore`)
+        for name, kind, entries_max in stored:
             if name in have:
                 continue
             try:
@@ -305,6 +399,7 @@ class RiskControl:
             for chunk in _chunks(v for (v,) in self._conn().execute(
                     "SELECT value FROM risk_list_entries WHERE list_name = ?", (name,)).fetchall()):
                 self.engine.list_add(name, chunk)
+            self._lists_synced[name] = versions.get(name, 0)
 
     def apply_update(self, message: object) -> None:
         """A change published by some process (this one included): apply it to this engine."""
