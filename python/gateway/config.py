@@ -102,6 +102,10 @@ class ClusterConfig(_Section):
     relay_message_timeout_ms: Annotated[int, Meta(ge=1_000, le=3_600_000)] = 60_000
     relay_checkpoint_interval_ms: Annotated[int, Meta(ge=1, le=60_000)] = 100
     worker_batch_records_max: Annotated[int, Meta(ge=1, le=100_000)] = 500
+    # "shared": the risk engine's velocity counters (card, e-mail, ip, device, customer, merchant over
+    # 1 m / 1 h / 24 h) live in Redis, counted by every process in the admission script of a create.
+    # "local": each process counts only the payments it handled (as in embedded mode).
+    velocity: Literal["shared", "local"] = "shared"
 
 
 class RiskConfig(_Section):

@@ -47,6 +47,7 @@ from gateway.shared.redis_state import (
     SharedState,
     SharedStateUnavailable,
 )
+from gateway.shared.redis_velocity import SHARED_VELOCITY, SharedVelocityFastPath, VelocityEvent
 from gateway.store.base import Merchant
 from gateway.store.postgres import PostgresStore
 
@@ -108,6 +109,10 @@ class Cluster:
         self._ack_waiters = LsnWaiters("the broker did not acknowledge in durable_wait_ms_max")
         self._ack_scheduled = False
         self.shared_unavailable = 0
+        # cluster.velocity = "shared": velocity counted in Redis by the admission script (redis_velocity.py).
+        self.velocity_shared = self.cfg.velocity == "shared"
+        self.velocity_shared_events = 0
+        self._velocity_fastpath: FastPath | None = None  # set by start() when velocity is shared
         self.risk_control: RiskControl | None = None
         self._risk_poll_stop: Any = None
         self._risk_publisher: redis.Redis | None = None
@@ -125,7 +130,9 @@ class Cluster:
         self.store = PostgresStore(c.database_url, c.database_schema, c.database_pool_min, c.database_pool_max,
                                    c.database_timeout_ms)
         self.store.migrate()
-        fastpath = FastPath(app.config.fastpath_json(proc_dir))
+        fastpath_type = SharedVelocityFastPath if self.velocity_shared else FastPath
+        fastpath = fastpath_type(app.config.fastpath_json(proc_dir))
+        self._velocity_fastpath = fastpath if self.velocity_shared else None
         ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
         self.relay = Relay(
             str(proc_dir / "wal"), proc_dir / "relay.checkpoint", fastpath, c.kafka_bootstrap, c.topic,
@@ -232,7 +239,8 @@ class Cluster:
         # expires by itself when its holder died.
         lock_ttl_ms = 2 * app.config.server.durable_wait_ms_max + 1_000
         try:
-            adm = await shared.admit(merchant.id, idem_key, fp, rate, burst, lock_ttl_ms)
+            adm = await shared.admit(merchant.id, idem_key, fp, rate, burst, lock_ttl_ms,
+                                     velocity=self._velocity_event(merchant.id, body))
         except SharedStateUnavailable as e:
             self.shared_unavailable += 1
             log.warning("create refused with 503: shared state unavailable (%s)", e)
@@ -254,7 +262,14 @@ class Cluster:
             return 429, [JSON, ("retry-after", str(adm.retry_after_s))], error_body(
                 429, "rate_limit_exceeded", "Too many requests for this merchant; slow down.",
                 kind="rate_limit_error")
-        status, headers, out, lsn, payment_id, replayed = await app.accept_payment(merchant, idem_key, body)
+        if adm.velocity is not None:
+            self.velocity_shared_events += 1
+        # The fast path decides with the shared counters of this payment (SharedVelocityFastPath).
+        velocity_token = SHARED_VELOCITY.set(adm.velocity)
+        try:
+            status, headers, out, lsn, payment_id, replayed = await app.accept_payment(merchant, idem_key, body)
+        finally:
+            SHARED_VELOCITY.reset(velocity_token)
         if replayed and not lsn and status < 500 and self.cfg.durability == "kafka" and app.fastpath is not None:
             # A replay from this process's own table: its original record may be one that got 503
             # because the broker had not acknowledged it. Everything committed now includes it.
@@ -274,6 +289,15 @@ class Cluster:
             self.shared_unavailable += 1
             log.warning("could not cache the response of %s: %s", payment_id, e)
         return status, headers, out
+
+    def _velocity_event(self, merchant_id: str, body: bytes) -> VelocityEvent | None:
+        """The hashed velocity event of a create (None: velocity is local, or the body is invalid and the
+        fast path will refuse it before its risk stage)."""
+        fastpath = self._velocity_fastpath
+        if fastpath is None:
+            return None
+        raw = fastpath.velocity_event(merchant_id, body)
+        return VelocityEvent.from_fastpath(raw) if raw is not None else None
 
     async def get_payment(self, scope: Any, payment_id: str) -> Response:
         from gateway.api.app import PAYMENT_ID
@@ -316,6 +340,8 @@ class Cluster:
             f"gateway_relay_rewinds_total {relay.rewinds if relay else 0}\n"
             "# TYPE gateway_shared_state_unavailable_total counter\n"
             f"gateway_shared_state_unavailable_total {self.shared_unavailable}\n"
+            "# TYPE gateway_velocity_shared_events_total counter\n"
+            f"gateway_velocity_shared_events_total {self.velocity_shared_events}\n"
             "# TYPE gateway_risk_updates_received_total counter\n"
             f"gateway_risk_updates_received_total {risk.received if risk else 0}\n"
             "# TYPE gateway_risk_rules_version gauge\n"

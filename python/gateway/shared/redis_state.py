@@ -2,7 +2,8 @@
 limit, read-your-writes copies of accepted payments, and the risk-update channel.
 
 Every create costs two round trips: one Lua script (`admit`: cached response? token bucket, `SET NX`
-lock) before the Rust call, and one pipeline (`finish`: cache the response, keep the payment readable,
+lock, and with `cluster.velocity = "shared"` the velocity counters of the admitted payment, see
+shared/redis_velocity.py) before the Rust call, and one pipeline (`finish`: cache the response, keep the payment readable,
 release the lock) after the record is durable. The keys of one merchant share a hash tag
 (`{merchant}`) so the script's keys live on one slot of a Redis Cluster.
 
@@ -26,6 +27,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.shared.redis_velocity import (
+    VELOCITY_LUA,
+    VelocityEvent,
+    check_counters,
+    script_args,
+    script_keys,
+)
+
 log = logging.getLogger("gateway.shared")
 
 RISK_RECONNECT_S = 1.0
@@ -42,6 +51,9 @@ class Admission(msgspec.Struct, frozen=True):
     status: int = 0
     body: bytes = b""
     retry_after_s: int = 0
+    # With a velocity event, kind "ok": the payment's velocity counters after it was counted (for
+    # `FastPath.create_payment(velocity=...)`); None: the fast path counts velocity itself.
+    velocity: list[int] | None = None
 
 
 _ADMIT = """
@@ -72,6 +84,11 @@ end
 return {'ok'}
 """
 
+# `_ADMIT` that also counts an admitted payment in the shared velocity windows: KEYS[4..15] and
+# ARGV[5..13] are those of `velocity` (shared/redis_velocity.py). A refused request counts nothing.
+_ADMIT_VELOCITY = VELOCITY_LUA + _ADMIT.replace("return {'ok'}\n", "return {'ok', velocity(3, 4)}\n")
+assert _ADMIT_VELOCITY.count("velocity(3, 4)") == 1
+
 
 def _cached_value(fingerprint: str, status: int, body: bytes) -> bytes:
     return f"{fingerprint}\n{status}\n".encode() + body
@@ -86,7 +103,7 @@ def _decode_cached(raw: bytes, fingerprint: str) -> Admission:
 
 class SharedState(Protocol):
     async def admit(self, merchant_id: str, idem_key: str | None, fingerprint: str, rate_per_s: float,
-                    burst: float, lock_ttl_ms: int) -> Admission: ...
+                    burst: float, lock_ttl_ms: int, velocity: VelocityEvent | None = None) -> Admission: ...
 
     async def finish(self, merchant_id: str, idem_key: str | None, fingerprint: str, status: int, body: bytes,
                      payment_id: str | None, cache: bool) -> None: ...
@@ -128,18 +145,24 @@ class RedisSharedState:
             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._admit = self.redis.register_script(_ADMIT)
+        self._admit_velocity = self.redis.register_script(_ADMIT_VELOCITY)
 
     async def admit(self, merchant_id: str, idem_key: str | None, fingerprint: str, rate_per_s: float,
-                    burst: float, lock_ttl_ms: int) -> Admission:
+                    burst: float, lock_ttl_ms: int, velocity: VelocityEvent | None = None) -> Admission:
         keys = [self.keys.rate(merchant_id), self.keys.idem(merchant_id, idem_key) if idem_key else "",
                 self.keys.lock(merchant_id, idem_key) if idem_key else ""]
+        args: list[str | int | float] = [rate_per_s, burst, lock_ttl_ms, fingerprint]
         try:
-            out = await self._admit(keys=keys, args=[rate_per_s, burst, lock_ttl_ms, fingerprint])
+            if velocity is None:
+                out = await self._admit(keys=keys, args=args)
+            else:
+                out = await self._admit_velocity(keys=keys + script_keys(self.keys.prefix, velocity),
+                                                 args=[*args, *script_args(velocity)])
         except RedisError as e:
             raise SharedStateUnavailable(str(e)) from None
         kind = out[0].decode() if isinstance(out[0], bytes) else out[0]
         if kind == "ok":
-            return Admission("ok")
+            return Admission("ok", velocity=check_counters(out[1]) if velocity is not None else None)
         if kind == "cached":
             return _decode_cached(out[1], fingerprint)
         if kind == "limited":
@@ -208,7 +231,8 @@ class InMemorySharedState:
         self.values[key] = (value, time.monotonic() + ttl_s)
 
     async def admit(self, merchant_id: str, idem_key: str | None, fingerprint: str, rate_per_s: float,
-                    burst: float, lock_ttl_ms: int) -> Admission:
+                    burst: float, lock_ttl_ms: int, velocity: VelocityEvent | None = None) -> Admission:
+        # One process shares nothing: velocity stays in the fast path's own store (Admission.velocity None).
         self._check()
         if idem_key is not None and (cached := self._get(self.keys.idem(merchant_id, idem_key))) is not None:
             return _decode_cached(cached, fingerprint)

@@ -1,0 +1,108 @@
+"""Velocity counters in cluster mode against the real services: with `cluster.velocity = "shared"` the
+payments of one card spread over two gateway processes (behind one port) add up in Redis, so a velocity
+rule declines past its threshold in total; with "local" each process counts only its own share."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import httpx
+import pytest
+import redis
+from support import auth
+
+from .test_cluster_mode import Cluster, cluster_factory  # noqa: F401 - the fixture, shared
+from .test_cluster_risk import ADMIN_KEY, admin, decline_codes, rules_version_by_slot
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+THRESHOLD = 3
+PAYMENTS = 14
+RULE = f"card_velocity: block if :card_count_1h: > {THRESHOLD}\n"
+
+
+def start(cl: Cluster, velocity: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Starts both processes with `cluster.velocity = velocity` and the velocity rule live in both."""
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    assert cl.gateway.config_path is not None
+    cl.gateway.config_path.write_text(cl.config_text + f'velocity = "{velocity}"\n')  # [cluster] is last
+    cl.start_gateway()
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": RULE, "author": "tests"})
+    assert r.status_code == 201, r.text
+    rules_version_by_slot(cl, r.json()["version"])
+    return r.json()["version"]
+
+
+def pay_one_by_one(cl: Cluster, token: str, n: int = PAYMENTS) -> list[httpx.Response]:
+    """`n` payments with one card, in sequence, each on a new connection (the kernel spreads them over
+    both processes)."""
+    out = []
+    for _ in range(n):
+        with httpx.Client(timeout=15) as c:
+            out.append(c.post(f"{cl.gateway.url}/v1/payments", headers=auth(),
+                              json={"amount": 1000, "currency": "USD", "payment_method": token,
+                                    "customer": {"email": "velocity@example.com", "device_id": "dev_v1"}}))
+    return out
+
+
+def shared_events_by_slot(cl: Cluster, timeout_s: float = 20) -> dict[str, int]:
+    """`gateway_velocity_shared_events_total` of each process, read from /metrics on new connections."""
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"only slots {seen} answered /metrics"
+        with httpx.Client(timeout=5) as c:
+            text = c.get(f"{cl.gateway.url}/metrics").text
+        slot = re.search(r"^gateway_cluster_slot (\d+)$", text, re.MULTILINE)
+        got = re.search(r"^gateway_velocity_shared_events_total (\d+)$", text, re.MULTILINE)
+        assert slot and got, text[-2000:]
+        seen[slot.group(1)] = int(got.group(1))
+    return seen
+
+
+def test_card_velocity_adds_up_over_both_processes_and_declines_past_the_threshold(
+        cluster_factory, monkeypatch) -> None:  # noqa: F811
+    cl = cluster_factory()
+    start(cl, "shared", monkeypatch)
+    token = f"tok_v{uuid.uuid4().hex[:12]}"
+    responses = pay_one_by_one(cl, token)
+    codes = decline_codes(responses)
+    assert codes == [201] * THRESHOLD + ["velocity_exceeded"] * (PAYMENTS - THRESHOLD), codes
+    trace = responses[0].json()["risk"]
+    assert trace["action"] == "allow"
+    assert responses[-1].json()["error"]["decline_code"] == "velocity_exceeded"
+
+    # Both processes decided some of them, each with the counters of both.
+    by_slot = shared_events_by_slot(cl)
+    assert sum(by_slot.values()) == PAYMENTS and all(n > 0 for n in by_slot.values()), by_slot
+
+    # Another card starts from zero: counters are per card, whichever process answers.
+    assert decline_codes(pay_one_by_one(cl, f"tok_w{uuid.uuid4().hex[:12]}", THRESHOLD)) == [201] * THRESHOLD
+
+    # Redis holds hashes only, each key with an expiry.
+    r = redis.Redis.from_url(cl.services.redis_url)
+    try:
+        keys = [k.decode() for k in r.scan_iter(f"{cl.prefix}:vel:*", count=1000)]
+        assert any(k.startswith(f"{cl.prefix}:vel:card:") for k in keys), keys
+        assert not [k for k in keys if token in k or "velocity@example.com" in k or "dev_v1" in k]
+        assert all(0 < r.pttl(k) <= 25 * 3_600_000 for k in keys)
+    finally:
+        r.close()
+
+
+def test_with_local_velocity_each_process_counts_only_its_own_share(cluster_factory, monkeypatch) -> None:  # noqa: F811
+    cl = cluster_factory()
+    start(cl, "local", monkeypatch)
+    token = f"tok_l{uuid.uuid4().hex[:12]}"
+    codes = decline_codes(pay_one_by_one(cl, token))
+    # Each process allows THRESHOLD payments of the card, so the cluster lets more through in total.
+    assert codes.count(201) > THRESHOLD, codes
+    assert codes.count(201) <= 2 * THRESHOLD, codes
+    assert set(shared_events_by_slot(cl).values()) == {0}
+    r = redis.Redis.from_url(cl.services.redis_url)
+    try:
+        assert list(r.scan_iter(f"{cl.prefix}:vel:*", count=1000)) == []
+    finally:
+        r.close()
