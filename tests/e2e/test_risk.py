@@ -235,7 +235,12 @@ def test_backtest_counts_match_what_the_live_engine_decided(tmp_path: Path) -> N
             {"token": card(), "customer": {"ip": "192.0.2.1"}},
             {"token": card()},
         ]
-        for t in traffic:
+        mark_ms = 0
+        for i, t in enumerate(traffic):
+            if i == 4:  # between the hot card's payments and the others
+                time.sleep(0.02)
+                mark_ms = int(time.time() * 1000)
+                time.sleep(0.02)
             r = pay(g, t.pop("token"), amount=t.pop("amount", 1000), **t)
             action = "block" if r.status_code == 402 else r.json()["risk"]["action"]
             live[action] = live.get(action, 0) + 1
@@ -253,11 +258,26 @@ def test_backtest_counts_match_what_the_live_engine_decided(tmp_path: Path) -> N
         assert stricter["candidate"]["block"] == 3 and stricter["changed"] == 4
         bad = admin(g, "POST", "/v1/admin/rules/backtest", {"source": "block if"})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "rules_invalid"
+        # Bounds: by time (records accepted in [since_ms, until_ms)), by position (after an LSN).
+        assert report["source"] == "wal" and not report["truncated"]
+        late = admin(g, "POST", "/v1/admin/rules/backtest", {"source": source, "since_ms": report["last_created_ms"] + 1})
+        assert late.json()["records"] == 0
+        timed = admin(g, "POST", "/v1/admin/rules/backtest", {"source": source, "since_ms": mark_ms}).json()
+        assert timed["records"] == 5 and timed["candidate"]["block"] == 0 and timed["first_created_ms"] >= mark_ms
+        early = admin(g, "POST", "/v1/admin/rules/backtest", {"source": source, "until_ms": mark_ms}).json()
+        assert early["records"] == 4 and early["candidate"]["block"] == 2
+        assert admin(g, "POST", "/v1/admin/rules/backtest",
+                     {"source": source, "after_lsn": report["last_lsn"] - 2}).json()["records"] == 2
+        wrong = admin(g, "POST", "/v1/admin/rules/backtest", {"source": source, "since_ms": 5, "until_ms": 4})
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "since_ms"
         # Offline, from the data folder (the WAL read directly), the answer is the same.
         f = tmp_path / "rules.txt"
         f.write_text(source)
         out = cli("rules", "backtest", str(f), "--data-dir", str(g.data_dir))
         assert out.returncode == 0, out.stderr
         assert '"changed": 0' in out.stdout and '"block": 2' in out.stdout
+        out = cli("rules", "backtest", str(f), "--data-dir", str(g.data_dir), "--since-ms", str(mark_ms))
+        assert out.returncode == 0, out.stderr
+        assert '"records": 5,' in out.stdout and '"source": "wal"' in out.stdout
     finally:
         g.stop()
