@@ -19,8 +19,12 @@ Cluster mode: the same tables live in PostgreSQL (`_PgDb` translates the stateme
 advisory lock serialises changes across processes). After each commit the change is published on the
 risk channel and every process, the author included, applies it to its own engine (`apply_update`):
 rulesets are re-read from PostgreSQL and swapped (compiled before the swap), list changes are applied
-as far as PostgreSQL still agrees with them. `sync_rules` also runs every few seconds, so a lost message
-cannot leave a process on an old ruleset; a restart restores everything from PostgreSQL.
+as far as PostgreSQL still agrees with them. `poll` also runs every few seconds, so a lost message
+cannot leave a process on an old ruleset (`sync_rules`) or an old list (`sync_lists`: a list's version is
+the id of its newest audit row); a restart restores everything from PostgreSQL.
+
+Backtests replay the durable records of an `EventLog` (gateway.pipeline.eventlog): the local WAL in
+embedded mode, the Kafka topic (every process's records) in cluster mode.
 """
 
 from __future__ import annotations
@@ -338,8 +342,9 @@ class RiskControl:
                 break
             after = rows[-1][0]
             if len(added) + len(removed) > LIST_REPAIR_VALUES_MAX:
-                reload_all = True  # too many to diff value by value: take the whole stored list again
-                removed.clear()
+                # Too many to diff value by value: take the whole stored list again; removals in the rows
+                # not read are found by the count check below.
+                reload_all = True
                 break
         candidates = sorted(added | removed)
         stored = _present(conn, name, candidates) if candidates else set()
