@@ -36,6 +36,13 @@ Configuration (environment variables, since the PSP section of the config file d
 | `GATEWAY_WORKER_INFLIGHT_MAX` | 256 | payments/operations processed concurrently |
 | `GATEWAY_WORKER` | on | `off` starts no worker process (request-path benchmarks only; payments stay `processing`) |
 | `GATEWAY_RECONCILE_INTERVAL_MS` | 1000 | period of the reconciler scan |
+| `GATEWAY_PSP_URL` | (unset) | base URL of a PSP simulator served by `gateway psp-sim` (HTTP); unset: simulators in this process |
+
+Several cluster workers must share one PSP, as they would in production: a payment authorized
+through one worker may be captured, refunded or resolved through another, and only the PSP that
+holds the transaction can answer. Run `gateway psp-sim` once and point every worker at it with
+`GATEWAY_PSP_URL`; the in-process simulators (the default) are right for embedded mode and for a
+single cluster worker.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
 
 from . import router as rt
 from . import state_machine as sm
-from .psp_client import InProcessPSPClient, Outcome, PSPClient
+from .psp_client import HTTPPSPClient, InProcessPSPClient, Outcome, PSPClient
 from .router import AttemptRow, AttemptStatus, PSPRoute, Router
 
 log = logging.getLogger("gateway.worker")
@@ -62,6 +69,7 @@ WORKER_INFLIGHT_MAX_LIMIT = 10_000
 WORKER_QUEUE_MAX = 100_000
 RECONCILE_INTERVAL_MS_DEFAULT = 1000
 RECONCILE_BATCH_MAX = 1000
+PSP_URL_CHARS_MAX = 2048
 STOP_WAIT_S = 5.0
 # Shared store: a payment still `processing` this long after its creation is taken over by any worker
 # (its own worker died, or its queue overflowed); a live owner keeps it through its claim.
@@ -81,6 +89,7 @@ class WorkerSettings:
     psp_timeout_ms: int = 10_000
     inflight_max: int = WORKER_INFLIGHT_MAX_DEFAULT
     reconcile_interval_ms: int = RECONCILE_INTERVAL_MS_DEFAULT
+    psp_url: str | None = None
 
     def __post_init__(self) -> None:
         assert self.psp_time_scale >= 0, "GATEWAY_PSP_TIME_SCALE must be >= 0"
@@ -92,6 +101,9 @@ class WorkerSettings:
             f"GATEWAY_WORKER_INFLIGHT_MAX must be 1..{WORKER_INFLIGHT_MAX_LIMIT}"
         )
         assert 10 <= self.reconcile_interval_ms <= 3_600_000, "GATEWAY_RECONCILE_INTERVAL_MS must be 10..3600000"
+        assert self.psp_url is None or (
+            self.psp_url.startswith(("http://", "https://")) and len(self.psp_url) <= PSP_URL_CHARS_MAX
+        ), f"GATEWAY_PSP_URL must be an http(s) URL of at most {PSP_URL_CHARS_MAX} characters"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WorkerSettings:
@@ -103,6 +115,7 @@ class WorkerSettings:
             psp_timeout_ms=int(e.get("GATEWAY_PSP_TIMEOUT_MS", "10000")),
             inflight_max=int(e.get("GATEWAY_WORKER_INFLIGHT_MAX", str(WORKER_INFLIGHT_MAX_DEFAULT))),
             reconcile_interval_ms=int(e.get("GATEWAY_RECONCILE_INTERVAL_MS", str(RECONCILE_INTERVAL_MS_DEFAULT))),
+            psp_url=e.get("GATEWAY_PSP_URL") or None,
         )
 
 
@@ -129,6 +142,11 @@ class Worker:
         self.clients: dict[str, PSPClient] = {
             name: InProcessPSPClient(sim, timeout_s=s.psp_timeout_ms / 1000) for name, sim in self.sims.items()
         }
+        if s.psp_url is not None:
+            self.sims = {}
+            self.clients = {
+                name: HTTPPSPClient(s.psp_url, name, timeout_s=s.psp_timeout_ms / 1000) for name in s.psps
+            }
         self.router = Router(
             [
                 PSPRoute(p.name, p.fee_bps, p.fee_fixed_minor, p.latency_ms_base * s.psp_time_scale)
