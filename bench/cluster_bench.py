@@ -10,6 +10,9 @@ run the script checks that every 2xx payment reached PostgreSQL.
 
     python bench/cluster_bench.py                       # rates 250,500,1000 req/s, 5 s each
     python bench/cluster_bench.py --rates 500 --step-seconds 10
+    python bench/cluster_bench.py --modes wal --velocity shared,local   # shared vs local velocity
+    python bench/cluster_bench.py --admit-only 20000    # the admission script alone, with and without
+                                                        # velocity: P50/P99 of one call, no gateway
 
 Results: printed, and bench/results/cluster-<timestamp>.json (git-ignored).
 """
@@ -111,14 +114,15 @@ def services() -> dict[str, str]:
 
 
 class Deployment:
-    def __init__(self, svc: dict[str, str], durability: str, workdir: Path, workers: int) -> None:
+    def __init__(self, svc: dict[str, str], durability: str, workdir: Path, workers: int,
+                 velocity: str = "shared") -> None:
         tag = uuid.uuid4().hex[:8]
         self.svc = svc
         self.schema = f"bench_{tag}"
         self.topic = f"bench-{tag}"
         self.prefix = f"b{tag}"
         self.port = free_port()
-        self.dir = workdir / durability
+        self.dir = workdir / f"{durability}-{velocity}"
         self.dir.mkdir(parents=True)
         self.config = self.dir / "cluster.toml"
         self.config.write_text(f"""
@@ -139,6 +143,7 @@ topic = "{self.topic}"
 consumer_group = "bench-{tag}"
 redis_key_prefix = "{self.prefix}"
 durability = "{durability}"
+velocity = "{velocity}"
 """)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers = workers
@@ -195,15 +200,77 @@ durability = "{durability}"
         r.close()
 
 
+def admit_only(svc: dict[str, str], calls: int) -> dict[str, Any]:
+    """P50/P99/P99.9 of one admission round trip (sequential, one connection), without and with the
+    shared velocity update, against the same Redis; cards cycle through 1000 values, the merchant is one."""
+    import asyncio
+
+    from gateway._fastpath import RiskEngine
+    from gateway.shared.redis_state import RedisSharedState
+    from gateway.shared.redis_velocity import VelocityEvent
+
+    engine = RiskEngine()
+    events = [VelocityEvent.from_fastpath(engine.velocity_event_json(json.dumps({
+        "merchant_id": "acct_bench", "amount": 2599, "currency": "USD", "card": f"tok_{i}",
+        "email": f"b{i % 300}@example.com", "ip": f"10.0.{i % 7}.1", "device_id": f"dev_{i % 500}"})))
+        for i in range(1000)]
+    prefix = f"ba{uuid.uuid4().hex[:8]}"
+
+    async def go() -> dict[str, Any]:
+        state = RedisSharedState(svc["REDIS_URL"], prefix, 4, 1000, 3600, 60)
+        out: dict[str, Any] = {}
+        try:
+            for name in ("admit", "admit+velocity"):
+                lat: list[float] = []
+                for i in range(calls):
+                    ev = events[i % len(events)] if name == "admit+velocity" else None
+                    t = time.perf_counter()
+                    adm = await state.admit("acct_bench", None, "", 1e9, 1e9, 10_000, velocity=ev)
+                    lat.append((time.perf_counter() - t) * 1000)
+                    assert adm.kind == "ok"
+                lat.sort()
+                out[name] = {"calls": calls, "p50_ms": round(_percentile(lat, 0.5), 4),
+                             "p99_ms": round(_percentile(lat, 0.99), 4),
+                             "p999_ms": round(_percentile(lat, 0.999), 4)}
+                print(f"{name:15} p50 {out[name]['p50_ms']:.3f} ms  p99 {out[name]['p99_ms']:.3f} ms  "
+                      f"p99.9 {out[name]['p999_ms']:.3f} ms  ({calls} sequential calls)", flush=True)
+            info = await state.redis.info("commandstats")
+            for cmd in ("cmdstat_evalsha",):
+                if cmd in info:
+                    out["redis_" + cmd] = info[cmd]
+        finally:
+            keys = [k async for k in state.redis.scan_iter(f"{prefix}:*", count=1000)]
+            for i in range(0, len(keys), 1000):
+                await state.redis.delete(*keys[i:i + 1000])
+            await state.close()
+        return out
+
+    return asyncio.run(go())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="250,500,1000", help="offered rates, requests per second")
     ap.add_argument("--step-seconds", type=float, default=5.0)
     ap.add_argument("--modes", default="wal,kafka")
     ap.add_argument("--workers", type=int, default=2, help="gateway processes behind the port")
+    ap.add_argument("--velocity", default="shared", help="cluster.velocity values to run: shared, local")
+    ap.add_argument("--admit-only", type=int, default=0, metavar="CALLS",
+                    help="only time the Redis admission script, with and without velocity")
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     svc = services()
+    if args.admit_only:
+        result = admit_only(svc, args.admit_only)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = BENCH / "results" / f"cluster-admit-{stamp}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"report: {out}")
+        return 0
+    velocities = args.velocity.split(",")
+    # Several velocity settings: the report's modes are "<durability>/<velocity>".
+    runs = [(m, v, m if len(velocities) == 1 else f"{m}/{v}") for m in args.modes.split(",") for v in velocities]
     print("load generator: asyncio + httpx (open loop)", flush=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     report: dict[str, Any] = {
@@ -212,21 +279,21 @@ def main() -> int:
         "load_generator": "asyncio + httpx (Python, open loop, latency from intended send time)", "modes": {},
     }
     with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
-        for mode in args.modes.split(","):
-            d = Deployment(svc, mode, Path(tmp), args.workers)
+        for mode, velocity, name in runs:
+            d = Deployment(svc, mode, Path(tmp), args.workers, velocity)
             try:
                 d.start()
-                run_step_python(d.port, rates[0], 2.0, f"{mode}-warm")
+                run_step_python(d.port, rates[0], 2.0, f"{name}-warm")
                 steps = []
                 for rate in rates:
-                    r = run_step_python(d.port, rate, args.step_seconds, f"{mode}-{int(rate)}")
+                    r = run_step_python(d.port, rate, args.step_seconds, f"{name}-{int(rate)}")
                     steps.append({
                         "offered_rate": rate, "achieved_rate": round(r["achieved_rate"], 1),
                         "error_rate": r["error_rate"], "status_counts": r["status_counts"],
                         "p50_ms": r["latency_corrected"]["p50_ms"], "p99_ms": r["latency_corrected"]["p99_ms"],
                         "p999_ms": r["latency_corrected"]["p999_ms"], "max_ms": r["latency_corrected"]["max_ms"],
                     })
-                    print(f"{mode:6} offered {rate:7.0f}/s achieved {r['achieved_rate']:8.1f}/s "
+                    print(f"{name:12} offered {rate:7.0f}/s achieved {r['achieved_rate']:8.1f}/s "
                           f"p50 {r['latency_corrected']['p50_ms']:7.2f} ms p99 {r['latency_corrected']['p99_ms']:7.2f}"
                           f" ms p99.9 {r['latency_corrected']['p999_ms']:7.2f} ms errors {r['error_rate']:.4f}",
                           flush=True)
@@ -234,7 +301,7 @@ def main() -> int:
                 deadline = time.monotonic() + 60
                 while (in_pg := d.payments_in_postgres()) < acked and time.monotonic() < deadline:
                     time.sleep(0.5)
-                report["modes"][mode] = {"steps": steps, "acknowledged_in_steps": acked,
+                report["modes"][name] = {"velocity": velocity, "steps": steps, "acknowledged_in_steps": acked,
                                          "payments_in_postgres": in_pg}
             finally:
                 d.stop()
@@ -242,14 +309,15 @@ def main() -> int:
     out = BENCH / "results" / f"cluster-{stamp}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nwal vs kafka durability, same run ({args.workers} gateway processes, 1 worker):")
-    print(f"{'rate':>8} | {'wal p50/p99 ms':>18} | {'kafka p50/p99 ms':>18}")
+    names = [name for _, _, name in runs]
+    print(f"\nside by side, same run ({args.workers} gateway processes, 1 worker):")
+    print(f"{'rate':>8} | " + " | ".join(f"{n + ' p50/p99 ms':>22}" for n in names))
     for i, rate in enumerate(rates):
         cells = []
-        for mode in ("wal", "kafka"):
-            s = report["modes"].get(mode, {}).get("steps", [])
+        for name in names:
+            s = report["modes"].get(name, {}).get("steps", [])
             cells.append(f"{s[i]['p50_ms']:7.2f}/{s[i]['p99_ms']:8.2f}" if i < len(s) else "-")
-        print(f"{rate:8.0f} | {cells[0]:>18} | {cells[1]:>18}")
+        print(f"{rate:8.0f} | " + " | ".join(f"{c:>22}" for c in cells))
     print(f"report: {out}")
     return 0
 

@@ -58,7 +58,14 @@ local VEL_WINDOWS = {{2000, 30}, {60000, 60}, {1800000, 48}}
 local VEL_WINDOW_MS = {60000, 3600000, 86400000}
 local VEL_DISTINCT = {{4, 1}, {2, 1}, {3, 1}, {5, 1}, {1, 2}, {1, 4}}
 local VEL_MEMBERS_MAX = 64
+local VEL_REFRESH_MS = 3600000
+-- The distinct pairs (indices into VEL_DISTINCT) each dimension owns.
+local VEL_OWNED = {{5, 6}, {2}, {3}, {1}, {4}, {}}
 
+-- Hash fields are numbers (Redis formats them in C, cheaper than Lua strings): newest bucket of window
+-- w is field w, its count 10 + w, its cents 20 + w, the last TTL refresh 30; slot i of window w holds
+-- its count in w * 1000 + i and its cents in w * 1000 + 500 + i; the last TTL refresh of the distinct set
+-- of pair p (owned by this dimension) is field 40 + p.
 local function velocity(k, a)
     local now = tonumber(ARGV[a + 1])
     if not now then
@@ -66,66 +73,102 @@ local function velocity(k, a)
         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     end
     local cents = tonumber(ARGV[a + 2])
-    local ttl = ARGV[a + 3]
+    local ttl = tonumber(ARGV[a + 3])
     local out = {}
+    local refresh_set = {}
     for d = 1, 6 do
         local key = KEYS[k + d]
         if key == '' then
             for _ = 1, 6 do out[#out + 1] = -1 end
         else
-            local st = redis.call('HMGET', key, 'b1', 'n1', 'a1', 'b2', 'n2', 'a2', 'b3', 'n3', 'a3')
-            local state = {}
+            -- One read: the state of the three windows and the slot each event would normally land in.
+            local s1 = math.floor(now / 2000) % 30
+            local s2 = math.floor(now / 60000) % 60
+            local s3 = math.floor(now / 1800000) % 48
+            local owned = VEL_OWNED[d]
+            local st = redis.call('HMGET', key, 1, 11, 21, 2, 12, 22, 3, 13, 23, 30,
+                1000 + s1, 1500 + s1, 2000 + s2, 2500 + s2, 3000 + s3, 3500 + s3,
+                40 + (owned[1] or 0), 40 + (owned[2] or 0))
+            local set, drop = {}, {}
             for w = 1, 3 do
                 local width, n = VEL_WINDOWS[w][1], VEL_WINDOWS[w][2]
+                local base = w * 1000
                 local newest = tonumber(st[3 * w - 2]) or 0
                 local count = tonumber(st[3 * w - 1]) or 0
                 local total = tonumber(st[3 * w]) or 0
                 local bucket = math.floor(now / width)
+                local slot_count, slot_cents = 0, 0
                 if bucket > newest then
                     -- Move the window forward, dropping the buckets that left it from the totals.
                     if bucket - newest >= n or count == 0 then
                         if count ~= 0 then
-                            local f = {}
                             for i = 0, n - 1 do
-                                f[#f + 1] = 'c' .. w .. ':' .. i
-                                f[#f + 1] = 'm' .. w .. ':' .. i
+                                drop[#drop + 1] = base + i
+                                drop[#drop + 1] = base + 500 + i
                             end
-                            redis.call('HDEL', key, unpack(f))
                         end
                         count = 0
                         total = 0
                     else
                         local f = {}
                         for b = newest + 1, bucket do
-                            f[#f + 1] = 'c' .. w .. ':' .. (b % n)
-                            f[#f + 1] = 'm' .. w .. ':' .. (b % n)
+                            f[#f + 1] = base + b % n
+                            f[#f + 1] = base + 500 + b % n
                         end
                         local v = redis.call('HMGET', key, unpack(f))
                         for i = 1, #v, 2 do
                             count = count - (tonumber(v[i]) or 0)
                             total = total - (tonumber(v[i + 1]) or 0)
+                            drop[#drop + 1] = f[i]
+                            drop[#drop + 1] = f[i + 1]
                         end
-                        redis.call('HDEL', key, unpack(f))
                     end
                     newest = bucket
+                elseif bucket == newest then
+                    slot_count = tonumber(st[9 + 2 * w]) or 0
+                    slot_cents = tonumber(st[10 + 2 * w]) or 0
+                else
+                    -- A late event (time going backwards) goes to the newest bucket.
+                    local v = redis.call('HMGET', key, base + newest % n, base + 500 + newest % n)
+                    slot_count = tonumber(v[1]) or 0
+                    slot_cents = tonumber(v[2]) or 0
                 end
-                -- Late events (time going backwards) go to the newest bucket.
-                local slot = newest % n
-                redis.call('HINCRBY', key, 'c' .. w .. ':' .. slot, 1)
-                redis.call('HINCRBY', key, 'm' .. w .. ':' .. slot, cents)
                 count = count + 1
                 total = total + cents
-                state[#state + 1] = 'b' .. w
-                state[#state + 1] = string.format('%d', newest)
-                state[#state + 1] = 'n' .. w
-                state[#state + 1] = string.format('%d', count)
-                state[#state + 1] = 'a' .. w
-                state[#state + 1] = string.format('%d', total)
+                local slot = newest % n
+                set[#set + 1] = base + slot
+                set[#set + 1] = slot_count + 1
+                set[#set + 1] = base + 500 + slot
+                set[#set + 1] = slot_cents + cents
+                set[#set + 1] = w
+                set[#set + 1] = newest
+                set[#set + 1] = 10 + w
+                set[#set + 1] = count
+                set[#set + 1] = 20 + w
+                set[#set + 1] = total
                 out[#out + 1] = count
                 out[#out + 1] = total
             end
-            redis.call('HSET', key, unpack(state))
-            redis.call('PEXPIRE', key, ttl)
+            -- Expiries are pushed back at most once an hour (they have an hour of slack past 24 h): the
+            -- hash's by any event, a distinct set's by an event that carries a member of it.
+            local last = tonumber(st[10])
+            local refresh = not last or now - last >= VEL_REFRESH_MS or now < last
+            if refresh then
+                set[#set + 1] = 30
+                set[#set + 1] = now
+            end
+            for j, p in ipairs(owned) do
+                local z = tonumber(st[16 + j])
+                if ARGV[a + 3 + VEL_DISTINCT[p][2]] ~= ''
+                        and (not z or now - z >= VEL_REFRESH_MS or now < z) then
+                    set[#set + 1] = 40 + p
+                    set[#set + 1] = now
+                    refresh_set[p] = true
+                end
+            end
+            if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
+            redis.call('HSET', key, unpack(set))
+            if refresh then redis.call('PEXPIRE', key, ttl) end
         end
     end
     for p = 1, 6 do
@@ -135,24 +178,20 @@ local function velocity(k, a)
         else
             local member = ARGV[a + 3 + VEL_DISTINCT[p][2]]
             if member ~= '' then
-                local seen = redis.call('ZSCORE', key, member)
-                if seen then
-                    if tonumber(seen) < now then redis.call('ZADD', key, now, member) end
-                elseif redis.call('ZCARD', key) < VEL_MEMBERS_MAX then
-                    redis.call('ZADD', key, now, member)
-                else
-                    -- Keep the most recent members: replace the least recently seen one.
-                    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-                    if tonumber(oldest[2]) <= now then
-                        redis.call('ZREM', key, oldest[1])
-                        redis.call('ZADD', key, now, member)
-                    end
+                -- GT: a member seen again keeps its latest time; the answer is 1 for a new member only.
+                if redis.call('ZADD', key, 'GT', now, member) == 1
+                        and redis.call('ZCARD', key) > VEL_MEMBERS_MAX then
+                    -- Keep the 64 most recently seen: drop the least recent, an older member before
+                    -- the new one at equal times (the new member is dropped only if it is the oldest).
+                    local low = redis.call('ZRANGE', key, 0, 1, 'WITHSCORES')
+                    local victim = low[1]
+                    if victim == member and low[4] == low[2] then victim = low[3] end
+                    redis.call('ZREM', key, victim)
                 end
-                redis.call('PEXPIRE', key, ttl)
+                if refresh_set[p] then redis.call('PEXPIRE', key, ttl) end
             end
             for w = 1, 3 do
-                local since = string.format('%d', now - VEL_WINDOW_MS[w])
-                out[#out + 1] = redis.call('ZCOUNT', key, '(' .. since, '+inf')
+                out[#out + 1] = redis.call('ZCOUNT', key, now - VEL_WINDOW_MS[w] + 1, '+inf')
             end
         end
     end
