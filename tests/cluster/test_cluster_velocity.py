@@ -106,3 +106,35 @@ def test_with_local_velocity_each_process_counts_only_its_own_share(cluster_fact
         assert list(r.scan_iter(f"{cl.prefix}:vel:*", count=1000)) == []
     finally:
         r.close()
+
+
+def test_velocity_setting_is_validated_and_defaults_to_shared() -> None:
+    from gateway import config
+
+    assert config.parse("[server]\nmode = 'cluster'\n").cluster.velocity == "shared"
+    assert config.parse("[cluster]\nvelocity = 'local'\n").cluster.velocity == "local"
+    with pytest.raises(config.ConfigurationError, match=r"x.toml: cluster.velocity: Invalid enum value 'global'"):
+        config.parse("[cluster]\nvelocity = 'global'\n", "x.toml")
+
+
+def test_unreachable_redis_refuses_the_admission_with_its_velocity_event() -> None:
+    import asyncio
+    import socket
+
+    from gateway.shared.redis_state import RedisSharedState, SharedStateUnavailable
+    from gateway.shared.redis_velocity import VelocityEvent
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    event = VelocityEvent(1000, ("0" * 16, None, None, None, None, "f" * 16))
+
+    async def admit() -> None:
+        state = RedisSharedState(f"redis://127.0.0.1:{port}/0", "tdown", 2, 200, 3600, 60)
+        try:
+            await state.admit("acct", "k1", "fp", 10.0, 10.0, 5_000, velocity=event)
+        finally:
+            await state.close()
+
+    with pytest.raises(SharedStateUnavailable):
+        asyncio.run(admit())
