@@ -336,7 +336,8 @@ def test_sigkill_of_a_worker_mid_burst_leaves_every_payment_final_once_and_never
     # Slower PSP calls (about 5-30 ms each) so that the kill lands while calls are in flight; a bounded
     # number in flight per worker, within what the simulated PSPs accept without capacity errors.
     c = ProcessingCluster(services, tmp_path, psp_time_scale=0.1, inflight_max=16)
-    tokens = ["tok_visa", "tok_mastercard", "tok_timeout", "tok_decline_stolen", "tok_psp_error_once"]
+    # (No PSP-error tokens here: a burst of them opens both circuit breakers, a story of its own.)
+    tokens = ["tok_visa", "tok_mastercard", "tok_timeout", "tok_decline_stolen"]
     try:
         c.start()
         ids: list[str] = []

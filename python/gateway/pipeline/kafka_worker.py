@@ -35,7 +35,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from gateway.config import Config
 from gateway.pipeline.relay import ensure_topic
-from gateway.pipeline.worker import Worker
+from gateway.pipeline.worker import Worker, WorkerSettings
 from gateway.shared.redis_state import forget_recent
 from gateway.store.postgres import Listener, PostgresStore
 from gateway.store.processing import OPERATIONS_CHANNEL
@@ -99,8 +99,15 @@ class KafkaWorker:
         self.stopping = threading.Event()
         self.applied_records = 0
         self.inserted_payments = 0
-        # The async payment path of this process (None: materialise only, e.g. a benchmark of that).
-        self.processor: Worker | None = Worker(store, shared=True) if processing else None
+        # The async payment path of this process (None: materialise only, e.g. a benchmark of that), on
+        # a pool of its own: its transactions run on threads, many at once.
+        self.processor: Worker | None = None
+        self.processing_store: PostgresStore | None = None
+        if processing:
+            settings = WorkerSettings.from_env()
+            self.processing_store = PostgresStore(c.database_url, c.database_schema, 1, settings.db_connections,
+                                                  c.database_timeout_ms)
+            self.processor = Worker(self.processing_store, settings, shared=True)
         self.listener: Listener | None = None
 
     def step(self) -> int:
@@ -162,6 +169,8 @@ class KafkaWorker:
                 self.listener.stop()
             if self.processor is not None:
                 self.processor.stop()
+            if self.processing_store is not None:
+                self.processing_store.close()
             self.redis.close()
             log.info("worker stopped: %d records applied, %d new payments, %d payments settled here",
                      self.applied_records, self.inserted_payments,

@@ -36,6 +36,7 @@ Configuration (environment variables, since the PSP section of the config file d
 | `GATEWAY_WORKER_INFLIGHT_MAX` | 256 | payments/operations processed concurrently |
 | `GATEWAY_WORKER` | on | `off` starts no worker process (request-path benchmarks only; payments stay `processing`) |
 | `GATEWAY_RECONCILE_INTERVAL_MS` | 1000 | period of the reconciler scan |
+| `GATEWAY_WORKER_DB_CONNECTIONS` | 16 | cluster workers: PostgreSQL connections (and threads) of the payment path |
 | `GATEWAY_PSP_URL` | (unset) | base URL of a PSP simulator served by `gateway psp-sim` (HTTP); unset: simulators in this process |
 
 Several cluster workers must share one PSP, as they would in production: a payment authorized
@@ -48,12 +49,15 @@ single cluster worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
 
@@ -64,12 +68,16 @@ from .router import AttemptRow, AttemptStatus, PSPRoute, Router
 
 log = logging.getLogger("gateway.worker")
 
+T = TypeVar("T")
+
 WORKER_INFLIGHT_MAX_DEFAULT = 256
 WORKER_INFLIGHT_MAX_LIMIT = 10_000
 WORKER_QUEUE_MAX = 100_000
 RECONCILE_INTERVAL_MS_DEFAULT = 1000
 RECONCILE_BATCH_MAX = 1000
 PSP_URL_CHARS_MAX = 2048
+DB_CONNECTIONS_DEFAULT = 16
+DB_CONNECTIONS_LIMIT = 100
 STOP_WAIT_S = 5.0
 # Shared store: a payment still `processing` this long after its creation is taken over by any worker
 # (its own worker died, or its queue overflowed); a live owner keeps it through its claim.
@@ -90,6 +98,7 @@ class WorkerSettings:
     inflight_max: int = WORKER_INFLIGHT_MAX_DEFAULT
     reconcile_interval_ms: int = RECONCILE_INTERVAL_MS_DEFAULT
     psp_url: str | None = None
+    db_connections: int = DB_CONNECTIONS_DEFAULT
 
     def __post_init__(self) -> None:
         assert self.psp_time_scale >= 0, "GATEWAY_PSP_TIME_SCALE must be >= 0"
@@ -101,6 +110,9 @@ class WorkerSettings:
             f"GATEWAY_WORKER_INFLIGHT_MAX must be 1..{WORKER_INFLIGHT_MAX_LIMIT}"
         )
         assert 10 <= self.reconcile_interval_ms <= 3_600_000, "GATEWAY_RECONCILE_INTERVAL_MS must be 10..3600000"
+        assert 1 <= self.db_connections <= DB_CONNECTIONS_LIMIT, (
+            f"GATEWAY_WORKER_DB_CONNECTIONS must be 1..{DB_CONNECTIONS_LIMIT}"
+        )
         assert self.psp_url is None or (
             self.psp_url.startswith(("http://", "https://")) and len(self.psp_url) <= PSP_URL_CHARS_MAX
         ), f"GATEWAY_PSP_URL must be an http(s) URL of at most {PSP_URL_CHARS_MAX} characters"
@@ -116,6 +128,7 @@ class WorkerSettings:
             inflight_max=int(e.get("GATEWAY_WORKER_INFLIGHT_MAX", str(WORKER_INFLIGHT_MAX_DEFAULT))),
             reconcile_interval_ms=int(e.get("GATEWAY_RECONCILE_INTERVAL_MS", str(RECONCILE_INTERVAL_MS_DEFAULT))),
             psp_url=e.get("GATEWAY_PSP_URL") or None,
+            db_connections=int(e.get("GATEWAY_WORKER_DB_CONNECTIONS", str(DB_CONNECTIONS_DEFAULT))),
         )
 
 
@@ -132,8 +145,13 @@ class Worker:
         assert isinstance(store, SqliteStore | PostgresStore)
         self.settings = settings or WorkerSettings.from_env()
         self.pstore = ProcessingStore(store)
-        # Other workers write the same store (cluster mode): claims, stale-payment takeover.
+        # Other workers write the same store (cluster mode): claims, stale-payment takeover, and store
+        # calls on threads (one per pooled connection).
         self.shared = shared
+        pool_max = getattr(store, "pool_max", 0)
+        self._executor = (
+            ThreadPoolExecutor(max(1, pool_max), thread_name_prefix="worker-db") if shared and pool_max else None
+        )
         s = self.settings
         self.sims = {
             name: SimulatedPSP(DEFAULT_PROFILES[name], seed=s.psp_seed, time_scale=s.psp_time_scale)
@@ -223,6 +241,8 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(dispatcher, reconciler, return_exceptions=True)
         self.pstore.close()  # drops this worker's claims at once instead of at process exit
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def _enqueue_many(self, items: list[tuple[str, str]]) -> None:
         assert self._queue is not None
@@ -299,6 +319,14 @@ class Worker:
             self.errors += 1
             log.exception("processing %s %s failed; the reconciler will retry it", kind, ident)
 
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call. SQLite: inline (local, sub-millisecond). Shared PostgreSQL: on a thread of
+        the pool, so that the commits of concurrent payments overlap (and share the server's WAL
+        flushes) instead of queueing one after another on this event loop."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
     def _lock(self, payment_id: str) -> asyncio.Lock:
         lock = self._locks.get(payment_id)
         if lock is None:
@@ -315,25 +343,26 @@ class Worker:
         lock = self._lock(payment_id)
         async with lock:
             try:
-                if not self.pstore.claim(payment_id):
+                if not await self._db(self.pstore.claim, payment_id):
                     return  # another worker drives it now; the scan comes back if it is left unfinished
                 try:
                     await self._process_payment(payment_id)
                 finally:
-                    self.pstore.release(payment_id)
+                    await self._db(self.pstore.release, payment_id)
             finally:
                 if not lock._waiters:
                     self._locks.pop(payment_id, None)
 
     async def _process_payment(self, payment_id: str) -> None:
-        rec = self.pstore.load(payment_id)
+        rec = await self._db(self.pstore.load, payment_id)
         if rec is None:
             return
         p = rec.payment
         if p.status not in (sm.PaymentStatus.PROCESSING, sm.PaymentStatus.PENDING_VERIFICATION):
             return
         unresolved = [
-            a for a in self.pstore.attempts(payment_id) if a.operation == "authorize" and a.status in UNRESOLVED
+            a for a in await self._db(self.pstore.attempts, payment_id)
+            if a.operation == "authorize" and a.status in UNRESOLVED
         ]
         if unresolved:
             # A timeout, or a crash in the middle of a call: ask the PSP about that very key.
@@ -349,7 +378,7 @@ class Worker:
         elif p.status is sm.PaymentStatus.PROCESSING:
 
             async def intent(row: AttemptRow) -> None:
-                self.pstore.record_intent(row)
+                await self._db(self.pstore.record_intent, row)
 
             result = await rt.process_authorization(
                 p, self.router, self.clients, now_ms, token=rec.token, record_intent=intent
@@ -360,7 +389,8 @@ class Worker:
         follow_up = None
         if result.payment.status is sm.PaymentStatus.AUTHORIZED and rec.auto_capture:
             follow_up = ("capture", result.payment.amount_authorized, True, "worker")
-        created = self.pstore.apply(result, base_version=p.version, new_operation=follow_up)
+        created = await self._db(
+            functools.partial(self.pstore.apply, result, base_version=p.version, new_operation=follow_up))
         if result.payment.status is not sm.PaymentStatus.PENDING_VERIFICATION:
             self.settled += 1
         self._changed(p.id)
@@ -370,18 +400,18 @@ class Worker:
     # -- capture, void, refund -------------------------------------------------------------------
 
     async def process_operation(self, operation_id: str) -> None:
-        op = self.pstore.operation(operation_id)
+        op = await self._db(self.pstore.operation, operation_id)
         if op is None:
             return
         lock = self._lock(op.payment_id)
         async with lock:
             try:
-                if not self.pstore.claim(op.payment_id):
+                if not await self._db(self.pstore.claim, op.payment_id):
                     return  # another worker drives the payment now; the scan comes back to the operation
                 try:
                     await self._process_operation(operation_id)
                 finally:
-                    self.pstore.release(op.payment_id)
+                    await self._db(self.pstore.release, op.payment_id)
             finally:
                 if not lock._waiters:
                     self._locks.pop(op.payment_id, None)
@@ -389,29 +419,29 @@ class Worker:
     async def _process_operation(self, operation_id: str) -> None:
         from gateway.store.processing import OperationFinish
 
-        op = self.pstore.operation(operation_id)
+        op = await self._db(self.pstore.operation, operation_id)
         if op is None or op.status not in ("pending", "pending_verification"):
             return
-        rec = self.pstore.load(op.payment_id)
+        rec = await self._db(self.pstore.load, op.payment_id)
         assert rec is not None
         p = rec.payment
         client = self.clients.get(p.psp or "")
         if client is None:
-            self.pstore.finish_operation(OperationFinish(op.id, "failed", "psp_not_configured"), p.id)
+            await self._db(self.pstore.finish_operation, OperationFinish(op.id, "failed", "psp_not_configured"), p.id)
             self._changed(p.id)
             return
-        unresolved = [a for a in self.pstore.attempts(p.id, op.id) if a.status in UNRESOLVED]
+        unresolved = [a for a in await self._db(self.pstore.attempts, p.id, op.id) if a.status in UNRESOLVED]
         if unresolved:
             result = await rt.resolve_pending(p, unresolved[-1], client, now_ms)
             if result.outcome is None:
                 if op.status == "pending":
-                    self.pstore.finish_operation(OperationFinish(op.id, "pending_verification"), p.id)
+                    await self._db(self.pstore.finish_operation, OperationFinish(op.id, "pending_verification"), p.id)
                     self._changed(p.id)
                 return
         else:
 
             async def intent(row: AttemptRow) -> None:
-                self.pstore.record_intent(row, op.id)
+                await self._db(self.pstore.record_intent, row, op.id)
 
             try:
                 if op.kind == "capture":
@@ -430,7 +460,7 @@ class Worker:
                         record_intent=intent, actor=op.actor,
                     )
             except sm.TransitionError as e:
-                self.pstore.finish_operation(OperationFinish(op.id, "failed", e.code), p.id)
+                await self._db(self.pstore.finish_operation, OperationFinish(op.id, "failed", e.code), p.id)
                 self._changed(p.id)
                 return
         if result.outcome is Outcome.APPROVED:
@@ -440,5 +470,6 @@ class Worker:
         else:
             code = result.attempts[-1].code if result.attempts else None
             finish = OperationFinish(op.id, "failed", code or result.outcome.value)
-        self.pstore.apply(result, base_version=p.version, operation_id=op.id, finish=finish)
+        await self._db(functools.partial(self.pstore.apply, result, base_version=p.version, operation_id=op.id,
+                                         finish=finish))
         self._changed(p.id)

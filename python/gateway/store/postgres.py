@@ -97,6 +97,7 @@ class PostgresStore:
         self.schema = schema
         self.timeout_ms = timeout_ms
         self.dsn = dsn
+        self.pool_max = pool_max
         self._kwargs: dict[str, object] = {
             "autocommit": True, "connect_timeout": max(1, timeout_ms // 1000),
             "options": f"-c search_path={schema} -c statement_timeout={timeout_ms}",

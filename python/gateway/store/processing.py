@@ -16,8 +16,9 @@ connection's transaction plus `SELECT ... FOR UPDATE` of the payment's state row
 write must not interleave), and notifications. On PostgreSQL, several worker processes share the
 store: a payment is driven by one of them at a time through `claim`/`release` (session advisory
 locks, released by the server if the worker dies), and every committed change is announced with
-`pg_notify` (channel `CHANGES_CHANNEL`, new merchant operations on `OPERATIONS_CHANNEL`) so that
-gateway processes wake their `Prefer: wait` requests and workers pick up operations at once.
+`pg_notify` right after its commit (channel `CHANGES_CHANNEL`, new merchant operations on
+`OPERATIONS_CHANNEL`) so that gateway processes wake their `Prefer: wait` requests and workers pick
+up operations at once; notifications are hints, the periodic checks of both sides are the guarantee.
 """
 
 from __future__ import annotations
@@ -166,11 +167,13 @@ class _Db:
     """One connection inside a read or a transaction, with the SQL written once for both backends
     (`?` placeholders; for psycopg they become `%s`, so no statement here may contain a `%`)."""
 
-    __slots__ = ("pg", "raw")
+    __slots__ = ("notifications", "pg", "raw")
 
     def __init__(self, raw: Any, pg: bool) -> None:
         self.raw = raw
         self.pg = pg
+        # (channel, payload) to send once the transaction has committed.
+        self.notifications: list[tuple[str, str]] = []
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
         if self.pg:
@@ -280,15 +283,25 @@ class _PostgresDialect(_Dialect):
 
     @contextmanager
     def tx(self) -> Iterator[_Db]:
-        with self.store.pool.connection() as conn, conn.transaction():
-            yield _Db(conn, True)
+        with self.store.pool.connection() as conn:
+            db = _Db(conn, True)
+            with conn.transaction():
+                yield db
+            if db.notifications:
+                # After the commit, in a statement of its own: PostgreSQL serialises the commits of
+                # transactions that NOTIFY (a global lock held through the WAL flush), which would
+                # queue every payment's commit behind the others'. A notification lost to a crash
+                # right here is covered by the listeners' periodic checks.
+                channels, payloads = zip(*db.notifications, strict=True)
+                conn.execute("SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)",
+                             (list(channels), list(payloads)))
 
     def lock_payment(self, db: _Db, payment_id: str) -> None:
         db.execute("SELECT 1 FROM payment_state WHERE payment_id = ? FOR UPDATE", (payment_id,))
 
     def notify(self, db: _Db, channel: str, ident: str) -> None:
-        # Delivered at commit, and only if the transaction commits.
-        db.execute("SELECT pg_notify(?, ?)", (channel, f"{self.schema} {ident}"))
+        # Sent once the transaction has committed, and only if it does (see `tx`).
+        db.notifications.append((channel, f"{self.schema} {ident}"))
 
     def _claim_key(self, payment_id: str) -> str:
         return f"{self.schema}:{payment_id}"
