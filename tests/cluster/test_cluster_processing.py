@@ -327,6 +327,25 @@ def test_list_serves_processed_payments_newest_first(cl: ProcessingCluster) -> N
     assert nxt["data"] and nxt["data"][0]["id"] not in {p["id"] for p in page["data"]}
 
 
+def test_concurrent_captures_through_both_gateway_processes_run_one_at_a_time(cl: ProcessingCluster) -> None:
+    pid = cl.create(amount=1000)
+    assert cl.get(pid)["status"] == "authorized"
+    with ThreadPoolExecutor(8) as pool:  # a new connection per request: both processes answer
+        responses = list(pool.map(lambda _: cl.op(pid, "capture", {"amount": 100}, wait=False), range(8)))
+    accepted = [r for r in responses if r.status_code == 202]
+    refused = [r for r in responses if r.status_code != 202]
+    assert accepted, [r.text for r in responses]
+    assert all(r.status_code == 409 and code(r) == "payment_operation_in_progress" for r in refused), [
+        r.text for r in refused]
+    p = cl.get(pid)
+    assert (p["status"], p["amount_captured"]) == ("captured", 100 * len(accepted)), p
+    ops = cl.query("SELECT created_ms, updated_ms, status FROM payment_operations WHERE payment_id = %s"
+                   " ORDER BY created_ms", pid)
+    assert [o[2] for o in ops] == ["succeeded"] * len(accepted)
+    assert all(ops[i + 1][0] >= ops[i][1] for i in range(len(ops) - 1)), f"operations overlapped: {ops}"
+    cl.assert_ledger_ok()
+
+
 # -- a worker killed in the middle of a burst -------------------------------------------------------
 
 
@@ -336,8 +355,10 @@ def test_sigkill_of_a_worker_mid_burst_leaves_every_payment_final_once_and_never
     # Slower PSP calls (about 5-30 ms each) so that the kill lands while calls are in flight; a bounded
     # number in flight per worker, within what the simulated PSPs accept without capacity errors.
     c = ProcessingCluster(services, tmp_path, psp_time_scale=0.1, inflight_max=16)
-    # (No PSP-error tokens here: a burst of them opens both circuit breakers, a story of its own.)
-    tokens = ["tok_visa", "tok_mastercard", "tok_timeout", "tok_decline_stolen"]
+    # One timeout in ten, no PSP errors: more of them in a burst open both circuit breakers (5 failures in
+    # a row), and the rest of the burst fails fast with psp_unavailable, a story of its own.
+    tokens = ["tok_visa", "tok_mastercard", "tok_decline_stolen", "tok_visa", "tok_mastercard", "tok_visa",
+              "tok_timeout", "tok_visa", "tok_mastercard", "tok_visa"]
     try:
         c.start()
         ids: list[str] = []
