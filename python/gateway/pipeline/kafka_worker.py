@@ -108,6 +108,10 @@ class KafkaWorker:
             self.processing_store = PostgresStore(c.database_url, c.database_schema, 1, settings.db_connections,
                                                   c.database_timeout_ms)
             self.processor = Worker(self.processing_store, settings, shared=True)
+            if settings.psp_url is None:
+                log.warning("PSP simulators in this process (GATEWAY_PSP_URL unset): right for one worker; with"
+                            " several, a payment authorized through another worker cannot be captured, refunded"
+                            " or resolved here. Run `gateway psp-sim` and set GATEWAY_PSP_URL on every worker.")
         self.listener: Listener | None = None
 
     def step(self) -> int:
