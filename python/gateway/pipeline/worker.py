@@ -36,7 +36,7 @@ Configuration (environment variables, since the PSP section of the config file d
 | `GATEWAY_WORKER_INFLIGHT_MAX` | 256 | payments/operations processed concurrently |
 | `GATEWAY_WORKER` | on | `off` starts no worker process (request-path benchmarks only; payments stay `processing`) |
 | `GATEWAY_RECONCILE_INTERVAL_MS` | 1000 | period of the reconciler scan |
-| `GATEWAY_WORKER_DB_CONNECTIONS` | 16 | cluster workers: PostgreSQL connections (and threads) of the payment path |
+| `GATEWAY_WORKER_DB_CONNECTIONS` | 8 | cluster workers: PostgreSQL connections (and threads) of the payment path |
 | `GATEWAY_PSP_URL` | (unset) | base URL of a PSP simulator served by `gateway psp-sim` (HTTP); unset: simulators in this process |
 
 Several cluster workers must share one PSP, as they would in production: a payment authorized
@@ -76,7 +76,7 @@ WORKER_QUEUE_MAX = 100_000
 RECONCILE_INTERVAL_MS_DEFAULT = 1000
 RECONCILE_BATCH_MAX = 1000
 PSP_URL_CHARS_MAX = 2048
-DB_CONNECTIONS_DEFAULT = 16
+DB_CONNECTIONS_DEFAULT = 8
 DB_CONNECTIONS_LIMIT = 100
 STOP_WAIT_S = 5.0
 # Shared store: a payment still `processing` this long after its creation is taken over by any worker
