@@ -420,3 +420,25 @@ def test_sigkill_of_a_worker_mid_burst_leaves_every_payment_final_once_and_never
     finally:
         c.stop()
         c.cleanup()
+
+
+def test_an_operation_before_any_worker_stored_the_payment_is_409_not_ready_then_succeeds(
+    services: ServiceUrls, tmp_path: Path
+) -> None:
+    c = ProcessingCluster(services, tmp_path, psp_time_scale=0.01)
+    try:
+        c.start(workers=0)
+        pid = c.create(capture=False)
+        r = c.op(pid, "capture", wait=False)
+        assert (r.status_code, code(r), r.headers.get("retry-after")) == (409, "payment_not_ready", "1"), r.text
+        other = c.op("pay_" + "0" * 24, "capture", wait=False)
+        assert (other.status_code, code(other)) == (404, "resource_missing")
+        c.start_worker()  # a late worker stores the payment and authorizes it
+        assert c.get(pid, wait_ms=30_000)["status"] == "authorized"
+        r = c.op(pid, "capture")
+        assert r.status_code == 200 and r.json()["status"] == "captured", r.text
+        assert c.story(pid) == ["processing", "authorized", "captured"]
+        c.assert_ledger_ok()
+    finally:
+        c.stop()
+        c.cleanup()

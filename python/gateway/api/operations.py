@@ -7,7 +7,9 @@ payment's state, its intent is recorded (one SQLite transaction, together with i
 `Prefer: wait=MS` (at most `PREFER_WAIT_MS_MAX`) the answer waits for the PSP's verdict instead:
 `200` with the payment once the operation succeeded, `402` with the PSP's code if it failed, still
 `202` if it is not finished by then. One operation at a time per payment: another one while the
-first is open is `409 payment_operation_in_progress`.
+first is open is `409 payment_operation_in_progress`. In cluster mode an operation on a payment that
+is acknowledged but not yet written to PostgreSQL by a worker is `409 payment_not_ready` with
+`Retry-After: 1` (not 404).
 
 `GET /v1/payments/{id}` with `Prefer: wait=MS` waits until the payment is neither `processing`
 nor `pending_verification` and has no open operation.
@@ -43,6 +45,7 @@ from gateway.api.app import JSON, ON_APPLIED, ON_START, ON_STOP, PAYMENT_ID, Gat
 from gateway.api.errors import error_body
 from gateway.pipeline.state_machine import AMOUNT_MINOR_MAX
 from gateway.pipeline.worker_process import WorkerProcess
+from gateway.shared.redis_state import SharedStateUnavailable
 from gateway.store.base import Merchant, created_payment_ids
 from gateway.store.postgres import Listener, PostgresStore
 from gateway.store.processing import (
@@ -301,6 +304,9 @@ async def _operation(app: GatewayApp, scope: Any, proto: Any, payment_id: str, k
     outcome = await st.run(st.pstore.accept_operation, auth.id, payment_id, kind, amount, final_capture, reason,
                            key, fp)
     if outcome is None:
+        if await _accepted_not_yet_stored(app, auth.id, payment_id):
+            return 409, [JSON, ("retry-after", "1")], error_body(
+                409, "payment_not_ready", "The payment was accepted and is not processed yet; retry shortly.")
         return _invalid("resource_missing", f"No such payment: '{payment_id}'", "id", status=404)
     if isinstance(outcome, Replayed):
         return outcome.status_code, [JSON, ("idempotent-replayed", "true")], outcome.body
@@ -337,6 +343,19 @@ async def _operation(app: GatewayApp, scope: Any, proto: Any, payment_id: str, k
     if key is not None:
         headers.append(("idempotency-key", key))
     return status, headers, body
+
+
+async def _accepted_not_yet_stored(app: GatewayApp, merchant_id: str, payment_id: str) -> bool:
+    """Cluster mode: the payment is acknowledged (its read-your-writes copy is in Redis) but no worker
+    has written it to PostgreSQL yet, so an operation on it is early, not aimed at a missing payment."""
+    cluster = app.cluster
+    if cluster is None or cluster.shared is None:
+        return False
+    try:
+        hit = await cluster.shared.recent_payment(payment_id)
+    except SharedStateUnavailable:
+        return False
+    return hit is not None and hit[0] == merchant_id
 
 
 @route("POST", r"/v1/payments/(?P<id>pay_[0-9a-z]{24})/capture", "capture_payment")
