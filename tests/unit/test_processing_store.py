@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,3 +274,22 @@ def test_postgres_claims_let_one_process_drive_a_payment_at_a_time(pg_store: Pos
     finally:
         first.close()
         second.close()
+
+
+def test_postgres_concurrent_operations_accept_one_whatever_their_keys(tmp_path: Path, pg_store: PostgresStore) -> None:
+    def make(_folder: str) -> Store:
+        with pg_store.pool.connection() as conn:
+            conn.execute(f"TRUNCATE {PG_TABLES}")  # type: ignore[call-overload]
+        return pg_store
+
+    _, pstore = _store(str(tmp_path), make)
+    for keys in (["same"] * 8, [f"k{i}" for i in range(8)]):
+        with ThreadPoolExecutor(8) as pool:  # as eight gateway processes at once
+            got = list(pool.map(
+                lambda key: pstore.accept_operation(MERCHANT, PID, "capture", 100, False, None, key, "fp"), keys))
+        accepted = [g for g in got if isinstance(g, Accepted)]
+        assert len(accepted) == 1, got
+        expected = "idempotency_key_in_use" if keys[0] == "same" else "payment_operation_in_progress"
+        assert all(isinstance(g, Refused) and (g.status_code, g.code) == (409, expected)
+                   for g in got if not isinstance(g, Accepted)), got
+        pstore.finish_operation(OperationFinish(accepted[0].operation.id, "failed", "processor_declined"), PID)

@@ -679,7 +679,7 @@ class ProcessingStore:
             return self._accept_operation(merchant_id, payment_id, kind, amount, final_capture, reason,
                                           idempotency_key, request_fingerprint)
         except Exception as e:
-            if self.pg and type(e).__name__ == "UniqueViolation":
+            if self.pg and isinstance(e, _pg_unique_violation()):
                 # The same key for another payment at the same instant, or a racing follow-up operation.
                 return Refused(409, "idempotency_key_in_use",
                                "A request with this Idempotency-Key is still being processed.",
@@ -845,6 +845,12 @@ class ProcessingStore:
         out = msgspec.json.encode(body)
         conn.execute("UPDATE payments SET body = ? WHERE id = ?", (out.decode(), payment_id))
         return out
+
+
+def _pg_unique_violation() -> type[Exception]:
+    import psycopg
+
+    return psycopg.errors.UniqueViolation
 
 
 def _refund_status(op_status: str) -> str:
