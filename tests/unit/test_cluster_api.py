@@ -24,7 +24,8 @@ class StubApp:
         self.ready = True
         self.accepted: list[tuple[str | None, bytes]] = []
 
-    async def accept_payment(self, auth: Merchant, idem_key: str | None, body: bytes) -> tuple[Any, ...]:
+    async def accept_payment(self, auth: Merchant, idem_key: str | None, body: bytes,
+                             velocity: list[int] | None = None) -> tuple[Any, ...]:
         self.accepted.append((idem_key, body))
         out = json.dumps({"id": f"pay_{len(self.accepted):024d}"}).encode()
         return 201, [("content-type", "application/json")], out, len(self.accepted), f"pay_{len(self.accepted):024d}", False

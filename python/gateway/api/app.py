@@ -293,13 +293,16 @@ class GatewayApp:
         return (await self.accept_payment(auth, idem_key, body))[:3]
 
     async def accept_payment(
-        self, auth: Merchant, idem_key: str | None, body: bytes
+        self, auth: Merchant, idem_key: str | None, body: bytes, velocity: list[int] | None = None
     ) -> tuple[int, list[tuple[str, str]], bytes, int, str | None, bool]:
         """The Rust call and the wait for the group commit: (status, headers, body, lsn, payment id,
-        replayed). lsn > 0 means a record was written (and is durable unless the status is 503)."""
+        replayed). lsn > 0 means a record was written (and is durable unless the status is 503).
+        `velocity`: the payment's velocity counters from a shared store (cluster mode), used by the risk
+        stage instead of the fast path's own."""
         fp = self.fastpath
         assert fp is not None and self._loop is not None
-        status, out, lsn, replayed, retry_after, payment_id = fp.create_payment(auth.id, idem_key, body)
+        status, out, lsn, replayed, retry_after, payment_id = fp.create_payment(
+            auth.id, idem_key, body, velocity=velocity)
         headers = [JSON]
         if lsn:
             # Only a 2xx body is the payment object; a 402 body is the decline error, and reading the

@@ -47,7 +47,7 @@ from gateway.shared.redis_state import (
     SharedState,
     SharedStateUnavailable,
 )
-from gateway.shared.redis_velocity import SHARED_VELOCITY, SharedVelocityFastPath, VelocityEvent
+from gateway.shared.redis_velocity import VelocityEvent
 from gateway.store.base import Merchant
 from gateway.store.postgres import PostgresStore
 
@@ -130,8 +130,7 @@ class Cluster:
         self.store = PostgresStore(c.database_url, c.database_schema, c.database_pool_min, c.database_pool_max,
                                    c.database_timeout_ms)
         self.store.migrate()
-        fastpath_type = SharedVelocityFastPath if self.velocity_shared else FastPath
-        fastpath = fastpath_type(app.config.fastpath_json(proc_dir))
+        fastpath = FastPath(app.config.fastpath_json(proc_dir))
         self._velocity_fastpath = fastpath if self.velocity_shared else None
         ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
         self.relay = Relay(
@@ -264,12 +263,9 @@ class Cluster:
                 kind="rate_limit_error")
         if adm.velocity is not None:
             self.velocity_shared_events += 1
-        # The fast path decides with the shared counters of this payment (SharedVelocityFastPath).
-        velocity_token = SHARED_VELOCITY.set(adm.velocity)
-        try:
-            status, headers, out, lsn, payment_id, replayed = await app.accept_payment(merchant, idem_key, body)
-        finally:
-            SHARED_VELOCITY.reset(velocity_token)
+        # With shared velocity the fast path decides with this payment's counters from the admission script.
+        status, headers, out, lsn, payment_id, replayed = await app.accept_payment(
+            merchant, idem_key, body, velocity=adm.velocity)
         if replayed and not lsn and status < 500 and self.cfg.durability == "kafka" and app.fastpath is not None:
             # A replay from this process's own table: its original record may be one that got 503
             # because the broker had not acknowledged it. Everything committed now includes it.

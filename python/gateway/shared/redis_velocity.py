@@ -29,12 +29,11 @@ call per shard (not done; see README, "Cluster mode").
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from gateway._fastpath import VELOCITY_FEATURES, FastPath
+from gateway._fastpath import VELOCITY_FEATURES
 
 if TYPE_CHECKING:
     import redis
@@ -245,26 +244,3 @@ def apply_sync(client: redis.Redis, prefix: str, event: VelocityEvent, now_ms: i
     """Applies one event with a blocking client (tests, benchmarks); the counters after the update."""
     script = client.register_script(STANDALONE_LUA)
     return check_counters(script(keys=script_keys(prefix, event), args=script_args(event, now_ms)))
-
-
-# The counters of the request being handled, read by `SharedVelocityFastPath.create_payment`: the API
-# layer calls the fast path itself, so the cluster passes them along the request's context.
-SHARED_VELOCITY: ContextVar[list[int] | None] = ContextVar("shared_velocity", default=None)
-
-
-class SharedVelocityFastPath(FastPath):
-    """The fast path of a cluster process with `velocity = "shared"`: a create decides with the counters
-    that the admission script returned for it (see `Cluster.create_payment`), not the local store."""
-
-    def create_payment(
-        self,
-        merchant_id: str,
-        idempotency_key: str | None,
-        body: bytes,
-        now_ms: int | None = None,
-        *,
-        velocity: list[int] | None = None,
-    ) -> tuple[int, bytes, int, bool, int | None, str | None]:
-        if velocity is None:
-            velocity = SHARED_VELOCITY.get()
-        return super().create_payment(merchant_id, idempotency_key, body, now_ms, velocity=velocity)
