@@ -17,6 +17,11 @@
   key), which PostgreSQL's primary key stores once.
 - **Durability**: `wal` answers after the local fsync; `kafka` after the fsync *and* the broker's
   acknowledgement of that record (the relay's contiguously acked LSN).
+- **Velocity** (`cluster.velocity = "shared"`): the admission script also counts the admitted payment in
+  the shared velocity windows (shared/redis_velocity.py) and returns its counters, which the Rust call
+  decides with (`accept_payment(..., velocity=...)`) instead of this process's own store.
+- **Payment processing** (capture, void, refund, list; api/operations.py) reads and writes PostgreSQL;
+  the `gateway worker` processes drive the payments (pipeline/kafka_worker.py).
 - **Risk updates**: a subscriber thread on the `cluster.risk_channel` pub/sub channel calls the
   handlers registered in `gateway.shared.redis_state.RISK_HANDLERS`. The risk control plane
   (`RiskControl` on PostgreSQL, `start_risk`) publishes every committed change there and registers
