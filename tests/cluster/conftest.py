@@ -73,3 +73,30 @@ def services() -> Iterator[ServiceUrls]:
         database_url=settings["DATABASE_URL"],
         kafka_bootstrap=settings["KAFKA_BOOTSTRAP"],
     )
+
+
+def cluster_config(services: ServiceUrls, schema: str, topic: str, group: str, prefix: str,
+                   durability: str = "wal", extra: str = "") -> str:
+    """The config of a test cluster: two gateway processes behind one port, with the test's own
+    PostgreSQL schema, Kafka topic, consumer group and Redis key prefix. `[cluster]` is the last
+    section, so `extra` lines (and a test's own appended lines) belong to it."""
+    return f"""
+[server]
+mode = "cluster"
+workers = 2
+durable_wait_ms_max = 5000
+[rate_limit]
+per_s = 100000.0
+burst = 100000.0
+[cluster]
+redis_url = "{services.redis_url}"
+database_url = "{services.database_url}"
+database_schema = "{schema}"
+kafka_bootstrap = "{services.kafka_bootstrap}"
+topic = "{topic}"
+topic_partitions = 4
+consumer_group = "{group}"
+redis_key_prefix = "{prefix}"
+redis_timeout_ms = 300
+durability = "{durability}"
+{extra}"""

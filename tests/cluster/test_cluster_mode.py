@@ -28,7 +28,7 @@ import redis
 from confluent_kafka.admin import AdminClient
 from support import GATEWAY, REPO, Gateway, auth, same_payment
 
-from .conftest import ServiceUrls
+from .conftest import ServiceUrls, cluster_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -61,27 +61,8 @@ class Cluster:
         self.topic = f"payments-{tag}"
         self.prefix = f"t{tag}"
         self.tmp = tmp
-        self.config_text = f"""
-[server]
-mode = "cluster"
-workers = 2
-durable_wait_ms_max = 5000
-[rate_limit]
-per_s = 100000.0
-burst = 100000.0
-[cluster]
-redis_url = "{services.redis_url}"
-database_url = "{services.database_url}"
-database_schema = "{self.schema}"
-kafka_bootstrap = "{services.kafka_bootstrap}"
-topic = "{self.topic}"
-topic_partitions = 4
-consumer_group = "workers-{tag}"
-redis_key_prefix = "{self.prefix}"
-redis_timeout_ms = 300
-durability = "{durability}"
-relay_message_timeout_ms = {message_timeout_ms}
-"""
+        self.config_text = cluster_config(services, self.schema, self.topic, f"workers-{tag}", self.prefix,
+                                          durability, f"relay_message_timeout_ms = {message_timeout_ms}\n")
         self.config_path = tmp / "cluster.toml"
         self.config_path.write_text(self.config_text)
         self.gateway = Gateway(tmp / "data", self.config_text)

@@ -33,7 +33,7 @@ import redis
 from confluent_kafka.admin import AdminClient
 from support import GATEWAY, Gateway, auth, free_port, run_cli
 
-from .conftest import ServiceUrls
+from .conftest import ServiceUrls, cluster_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -62,26 +62,7 @@ class ProcessingCluster:
             "GATEWAY_RECONCILE_INTERVAL_MS": "100",
             "GATEWAY_WORKER_INFLIGHT_MAX": str(inflight_max),
         }
-        config_text = f"""
-[server]
-mode = "cluster"
-workers = 2
-durable_wait_ms_max = 5000
-[rate_limit]
-per_s = 100000.0
-burst = 100000.0
-[cluster]
-redis_url = "{services.redis_url}"
-database_url = "{services.database_url}"
-database_schema = "{self.schema}"
-kafka_bootstrap = "{services.kafka_bootstrap}"
-topic = "{self.topic}"
-topic_partitions = 4
-consumer_group = "workers-{tag}"
-redis_key_prefix = "{self.prefix}"
-redis_timeout_ms = 300
-durability = "wal"
-"""
+        config_text = cluster_config(services, self.schema, self.topic, f"workers-{tag}", self.prefix)
         self.config_path = tmp / "cluster.toml"
         self.config_path.write_text(config_text)
         self.gateway = Gateway(tmp / "data", config_text)
