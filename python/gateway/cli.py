@@ -197,6 +197,136 @@ def cmd_ledger_check(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+SETTLEMENT_FETCH_TIMEOUT_S = 30.0
+
+
+def _reconcile_store(args: argparse.Namespace) -> SqliteStore | PostgresStore | None:
+    """The configured mode's store, migrated (the runs table may be new); None (after an error) when
+    embedded mode has no store under the data dir."""
+    cfg = config_mod.load(args.config)
+    if cfg.server.mode == "cluster":
+        store = open_postgres(cfg)
+        store.migrate()
+        return store
+    db = _data_dir(args, cfg) / "gateway.db"
+    if not db.exists():
+        print(f"error: no store at {db}", file=sys.stderr)
+        return None
+    return _open_store(db.parent)
+
+
+def cmd_reconcile_settlement(args: argparse.Namespace) -> int:
+    """Exit 0: every line matched; 1: discrepancies; 2: the file (or the command) is unusable."""
+    from datetime import date
+
+    from gateway.pipeline import reconcile as rc
+
+    path = Path(args.file)
+    if not rc.PSP_NAME.match(args.psp):
+        print(f"error: invalid --psp {args.psp!r}", file=sys.stderr)
+        return 2
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        print(f"error: {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    if size > rc.SETTLEMENT_FILE_BYTES_MAX:
+        print(f"error: {path}: file is {size} bytes, more than settlement_file_bytes_max="
+              f"{rc.SETTLEMENT_FILE_BYTES_MAX}", file=sys.stderr)
+        return 2
+    if args.date:
+        try:
+            day = date.fromisoformat(args.date)
+        except ValueError:
+            print(f"error: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
+            return 2
+    else:
+        found = rc.settlement_day_of(path)
+        if found is None:
+            print(f"error: {path}: cannot tell the settlement day from the file name; pass --date YYYY-MM-DD",
+                  file=sys.stderr)
+            return 2
+        day = found
+    if not 1 <= len(args.actor) <= rc.ACTOR_CHARS_MAX:
+        print(f"error: --actor must be 1..{rc.ACTOR_CHARS_MAX} characters", file=sys.stderr)
+        return 2
+    data = path.read_bytes()
+    store = _reconcile_store(args)
+    if store is None:
+        return 2
+    try:
+        run = rc.reconcile(store, args.psp, data, file_name=path.name, day=day, actor=args.actor,
+                           apply_fee_corrections=args.apply_fee_corrections, force=args.force)
+    except rc.SettlementFileError as e:
+        if args.json:
+            print(json.dumps({"error": {"file": str(path), "line": e.line, "message": e.reason}}))
+        print(f"error: {path}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({**run.report, "existing_run": run.existing}, indent=2))
+    else:
+        print(rc.format_report(run.report, existing=run.existing))
+    return 0 if run.ok else 1
+
+
+def cmd_reconcile_fetch(args: argparse.Namespace) -> int:
+    """Downloads a settlement file from a PSP simulator served by `gateway psp-sim`."""
+    from datetime import date
+
+    import httpx
+
+    from gateway.pipeline import reconcile as rc
+
+    try:
+        day = date.fromisoformat(args.date)
+    except ValueError:
+        print(f"error: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
+        return 2
+    if not rc.PSP_NAME.match(args.psp):
+        print(f"error: invalid --psp {args.psp!r}", file=sys.stderr)
+        return 2
+    url = f"{args.psp_url.rstrip('/')}/v1/{args.psp}/settlement/{day.isoformat()}.csv"
+    out = Path(args.out or f"{args.psp}-{day.isoformat()}.csv")
+    body = bytearray()
+    try:
+        with httpx.stream("GET", url, timeout=SETTLEMENT_FETCH_TIMEOUT_S) as r:
+            if r.status_code != 200:
+                print(f"error: GET {url}: HTTP {r.status_code}", file=sys.stderr)
+                return 2
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > rc.SETTLEMENT_FILE_BYTES_MAX:
+                    print(f"error: GET {url}: more than settlement_file_bytes_max={rc.SETTLEMENT_FILE_BYTES_MAX}",
+                          file=sys.stderr)
+                    return 2
+    except httpx.HTTPError as e:
+        print(f"error: GET {url}: {e}", file=sys.stderr)
+        return 2
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(bytes(body))
+    tmp.replace(out)
+    lines = max(0, body.count(b"\n") - 1)
+    print(f"{out}: {lines} lines from {url}")
+    return 0
+
+
+def cmd_reconcile_runs(args: argparse.Namespace) -> int:
+    from gateway.pipeline import reconcile as rc
+    from gateway.store.processing import ProcessingStore
+
+    store = _reconcile_store(args)
+    if store is None:
+        return 2
+    try:
+        for run in rc.runs(ProcessingStore(store), args.psp, args.limit):
+            print(json.dumps(run))
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="High-performance payment gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -254,6 +384,34 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--data-dir")
     lc.add_argument("--config")
     lc.set_defaults(func=cmd_ledger_check)
+
+    rc = sub.add_parser("reconcile", help="reconcile PSP settlement files with the ledger")
+    rcsub = rc.add_subparsers(dest="reconcile_command", required=True)
+    rs = rcsub.add_parser("settlement", help="match a PSP settlement CSV against our captures, refunds and "
+                          "ledger; exit 0 all matched, 1 discrepancies, 2 bad file")
+    rs.add_argument("--psp", required=True, help="the PSP that produced the file (psp_a, ...)")
+    rs.add_argument("--file", required=True, help="settlement CSV: reference,amount,currency,fee,net,status")
+    rs.add_argument("--date", help="settlement day YYYY-MM-DD (default: the date in the file name)")
+    rs.add_argument("--data-dir")
+    rs.add_argument("--config")
+    rs.add_argument("--json", action="store_true", help="print the report as JSON")
+    rs.add_argument("--apply-fee-corrections", action="store_true",
+                    help="post a balanced correction for every capture whose settled fee differs from the booked one")
+    rs.add_argument("--force", action="store_true", help="run again a file already reconciled (same SHA-256)")
+    rs.add_argument("--actor", default=os.environ.get("USER") or "operator", help="who runs it (audit log)")
+    rs.set_defaults(func=cmd_reconcile_settlement)
+    rf = rcsub.add_parser("fetch", help="download a settlement file from `gateway psp-sim`")
+    rf.add_argument("--psp", required=True)
+    rf.add_argument("--date", required=True, help="YYYY-MM-DD (UTC)")
+    rf.add_argument("--psp-url", default=os.environ.get("GATEWAY_PSP_URL") or "http://127.0.0.1:8700")
+    rf.add_argument("--out", help="default: <psp>-<date>.csv")
+    rf.set_defaults(func=cmd_reconcile_fetch)
+    rr = rcsub.add_parser("runs", help="list stored reconciliation runs, newest first (JSON lines)")
+    rr.add_argument("--psp")
+    rr.add_argument("--limit", type=int, default=20, choices=range(1, 1001), metavar="1..1000")
+    rr.add_argument("--data-dir")
+    rr.add_argument("--config")
+    rr.set_defaults(func=cmd_reconcile_runs)
 
     from gateway.risk.cli import add_parsers as add_risk_parsers
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gateway.store.base import Merchant, wal_rows
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING
+from gateway.store.reconcile_schema import MIGRATION_RECONCILE
 from gateway.store.risk_schema import MIGRATION_3_RISK
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -58,6 +59,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (2, MIGRATION_2_PROCESSING),
     # Risk control plane: versioned rulesets, persisted lists, audit trail. Written by risk/control.py.
     (3, MIGRATION_3_RISK),
+    (6, MIGRATION_RECONCILE),  # PSP settlement reconciliation runs: store/reconcile_schema.py
 ]
 
 class SqliteStore:
