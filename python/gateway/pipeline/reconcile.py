@@ -652,6 +652,29 @@ def _post_fee_corrections(
 # -- presentation -------------------------------------------------------------------------------
 
 
+def _describe(item: dict[str, Any], psp: str) -> str:
+    kind = item["type"]
+    if kind == "totals_mismatch":
+        f, g, d = item["file"], item["ledger"], item["difference"]
+        return (f"{item['currency']} gross/fees/net: file {f['gross']}/{f['fees']}/{f['net']},"
+                f" ledger {g['gross']}/{g['fees']}/{g['net']}, difference {d['gross']:+d}/{d['fees']:+d}/{d['net']:+d}")
+    if kind == "missing_in_settlement":
+        return (f"reference={item['reference']} {item['status']} {item['expected_amount']} {item['expected_currency']}"
+                f" (psp_key={item['psp_key']}) is booked but not in the file")
+    head = (f"line {item['line']}: reference={item['reference']} {item['status']} {item['amount']} {item['currency']}"
+            f" fee {item['fee']}")
+    if kind == "fee_mismatch":
+        return f"{head}: booked fee {item['expected_fee']} ({item['difference']:+d})"
+    if kind == "amount_mismatch":
+        return f"{head}: booked amount {item['expected_amount']} ({item['difference']:+d})"
+    if kind == "currency_mismatch":
+        return f"{head}: booked in {item['expected_currency']}"
+    if kind == "duplicate":
+        return f"{head}: same as line {item['duplicate_of_line']}"
+    operation = "capture" if item["status"] == "captured" else "refund"
+    return f"{head}: no such {operation} of ours at {psp}"
+
+
 def format_report(report: dict[str, Any], existing: bool = False) -> str:
     """The report for a terminal."""
     out: list[str] = []
@@ -668,10 +691,7 @@ def format_report(report: dict[str, Any], existing: bool = False) -> str:
         out.append(f"  {currency}: file gross {f['gross']} fees {f['fees']} net {f['net']} ({f['lines']} lines)"
                    f" | ledger gross {g['gross']} fees {g['fees']} net {g['net']} ({g['lines']} operations)")
     for item in report["items"]:
-        kind = item["type"]
-        where = f"line {item['line']}: " if "line" in item else ""
-        detail = {k: v for k, v in item.items() if k not in ("type", "line")}
-        out.append(f"  {kind}: {where}" + " ".join(f"{k}={v}" for k, v in detail.items()))
+        out.append(f"  {item['type']}: {_describe(item, report['psp'])}")
     if report.get("items_truncated"):
         out.append(f"  … {report['discrepancies'] - len(report['items'])} more discrepancies not listed"
                    f" (report_items_max={REPORT_ITEMS_MAX})")
