@@ -38,6 +38,7 @@ Configuration (environment variables, since the PSP section of the config file d
 | `GATEWAY_RECONCILE_INTERVAL_MS` | 1000 | period of the reconciler scan |
 | `GATEWAY_WORKER_DB_CONNECTIONS` | 8 | cluster workers: PostgreSQL connections (and threads) of the payment path |
 | `GATEWAY_PSP_URL` | (unset) | base URL of a PSP simulator served by `gateway psp-sim` (HTTP); unset: simulators in this process |
+| `GATEWAY_WEBHOOK_*` | | the webhook dispatcher that runs beside the worker (docs/webhooks.md) |
 
 Several cluster workers must share one PSP, as they would in production: a payment authorized
 through one worker may be captured, refunded or resolved through another, and only the PSP that
@@ -57,9 +58,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
+
+if TYPE_CHECKING:
+    from gateway.webhooks.dispatcher import Dispatcher
 
 from . import router as rt
 from . import state_machine as sm
@@ -182,6 +186,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
         self._rescan = False
+        self.webhooks: Dispatcher | None = None
         self.settled = 0
         self.errors = 0
 
@@ -226,12 +231,18 @@ class Worker:
         self._stopping = asyncio.Event()
         self._finish_abandoned_keys()
         self._scan(include_processing=True)
+        from gateway.webhooks.dispatcher import Dispatcher
+
+        # Webhooks of the events this worker's changes wrote (and of any other worker's, in cluster mode).
+        self.webhooks = Dispatcher(self.pstore, db=self._db)
         self._ready.set()
         dispatcher = asyncio.ensure_future(self._dispatch())
         reconciler = asyncio.ensure_future(self._reconcile_loop())
+        webhooks = asyncio.ensure_future(self.webhooks.run())
         await self._stopping.wait()
         dispatcher.cancel()
         reconciler.cancel()
+        webhooks.cancel()
         if self._tasks:
             # In-flight PSP calls get a moment to finish; anything cut short left a `started` attempt
             # that the next start resolves by its key.
@@ -239,7 +250,7 @@ class Worker:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(dispatcher, reconciler, return_exceptions=True)
+        await asyncio.gather(dispatcher, reconciler, webhooks, return_exceptions=True)
         self.pstore.close()  # drops this worker's claims at once instead of at process exit
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -334,6 +345,8 @@ class Worker:
         return lock
 
     def _changed(self, payment_id: str) -> None:
+        if self.webhooks is not None:
+            self.webhooks.wake()  # the change may have written an event with deliveries
         for cb in self.on_change:
             cb(payment_id)
 

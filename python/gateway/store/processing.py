@@ -38,7 +38,9 @@ import msgspec
 from gateway.pipeline import ledger
 from gateway.pipeline import state_machine as sm
 from gateway.pipeline.router import AttemptRow, AttemptStatus, ProcessingResult
+from gateway.secrets import Secret
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING
+from gateway.webhooks import events as ev
 
 if TYPE_CHECKING:
     from gateway.store.postgres import PostgresStore
@@ -54,6 +56,22 @@ OPEN_OPERATION_STATUSES = ("pending", "pending_verification")
 OPERATION_ID_PREFIX = {"capture": "cap", "void": "void", "refund": "re"}
 ATTEMPTS_IN_BODY_MAX = 32
 OPERATIONS_IN_BODY_MAX = 100
+
+
+ERROR_CHARS_MAX = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One claimed webhook delivery: what to send, where, and with which secret."""
+
+    event_seq: int
+    endpoint_id: str
+    attempts: int
+    event_id: str
+    body: bytes
+    url: str
+    secret: Secret
 
 
 class StaleVersion(Exception):
@@ -228,6 +246,10 @@ class _Dialect:
     def notify(self, db: _Db, channel: str, ident: str) -> None:
         """Announces a committed change to other processes (no-op where there are none)."""
 
+    def for_update(self, alias: str | None = None, skip_locked: bool = False) -> str:
+        """Row-lock suffix of a SELECT (empty where writers are serialised anyway)."""
+        return ""
+
     def claim(self, payment_id: str) -> bool:
         return True
 
@@ -298,6 +320,9 @@ class _PostgresDialect(_Dialect):
 
     def lock_payment(self, db: _Db, payment_id: str) -> None:
         db.execute("SELECT 1 FROM payment_state WHERE payment_id = ? FOR UPDATE", (payment_id,))
+
+    def for_update(self, alias: str | None = None, skip_locked: bool = False) -> str:
+        return " FOR UPDATE" + (f" OF {alias}" if alias else "") + (" SKIP LOCKED" if skip_locked else "")
 
     def notify(self, db: _Db, channel: str, ident: str) -> None:
         # Sent once the transaction has committed, and only if it does (see `tx`).
@@ -600,7 +625,15 @@ class ProcessingStore:
                 kind, amount, final, actor = new_operation
                 p = result.payment
                 created = self._insert_operation(conn, p.id, p.merchant_id, kind, amount, final, None, actor)
-            self._compose_body(conn, result.payment.id)
+            body = self._compose_body(conn, result.payment.id)
+            # The outbox: the events of this change commit with it, or not at all.
+            p = result.payment
+            if result.transitions:
+                event_type = ev.event_type_for_status(result.transitions[-1].payment.status.value)
+                if event_type is not None:
+                    self._emit(conn, p.merchant_id, p.id, event_type, body)
+            if finish is not None and finish.status == "failed":
+                self._emit(conn, p.merchant_id, p.id, ev.OPERATION_FAILED, body)
             self._d.notify(conn, CHANGES_CHANNEL, result.payment.id)
         return created
 
@@ -654,8 +687,153 @@ class ProcessingStore:
                 "UPDATE payment_operations SET status = ?, failure_code = ?, updated_ms = ? WHERE id = ?",
                 (finish.status, finish.failure_code, now_ms(), finish.operation_id),
             )
-            self._compose_body(conn, payment_id)
+            body = self._compose_body(conn, payment_id)
+            if finish.status == "failed":
+                owner = conn.execute("SELECT merchant_id FROM payments WHERE id = ?", (payment_id,)).fetchone()
+                self._emit(conn, owner[0], payment_id, ev.OPERATION_FAILED, body)
             self._d.notify(conn, CHANGES_CHANNEL, payment_id)
+
+    # -- events and webhooks ---------------------------------------------------------------------
+
+    def _emit(self, conn: _Db, merchant_id: str, payment_id: str, event_type: str, payment_body: bytes) -> str:
+        """Writes one event (inside the caller's transaction) and a pending delivery for each of the
+        merchant's endpoints subscribed to its type. Returns the event id."""
+        endpoints = conn.execute(
+            "SELECT id, enabled_events FROM webhook_endpoints WHERE merchant_id = ? AND deleted_ms IS NULL",
+            (merchant_id,),
+        ).fetchall()
+        event_id = ev.new_event_id()
+        t = now_ms()
+        body = b'{"id":"%s","object":"event","type":"%s","created":%d,"data":{"object":%s}}' % (
+            event_id.encode(), event_type.encode(), t // 1000, payment_body)
+        seq = conn.execute(
+            "INSERT INTO payment_events (id, merchant_id, payment_id, type, created_ms, body)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+            (event_id, merchant_id, payment_id, event_type, t, body.decode()),
+        ).fetchone()[0]
+        targets = [e[0] for e in endpoints if ev.subscribed(msgspec.json.decode(e[1]), event_type)]
+        conn.executemany(
+            "INSERT INTO webhook_deliveries (event_seq, endpoint_id, payment_id, status, attempts, next_attempt_ms,"
+            " updated_ms) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
+            [(seq, endpoint_id, payment_id, t, t) for endpoint_id in targets],
+        )
+        return event_id
+
+    def create_endpoint(self, merchant_id: str, url: str, enabled_events: list[str], description: str | None,
+                        secret: str) -> dict[str, Any] | None:
+        """A new endpoint, or None when the merchant already has `ENDPOINTS_PER_MERCHANT_MAX`."""
+        endpoint_id = ev.new_endpoint_id()
+        t = now_ms()
+        with self._tx() as conn:
+            # Serialises the creates of one merchant (PostgreSQL), so the limit holds across processes.
+            conn.execute("SELECT id FROM merchants WHERE id = ?" + self._d.for_update(), (merchant_id,))
+            count = conn.execute(
+                "SELECT count(*) FROM webhook_endpoints WHERE merchant_id = ? AND deleted_ms IS NULL", (merchant_id,)
+            ).fetchone()[0]
+            if int(count) >= ev.ENDPOINTS_PER_MERCHANT_MAX:
+                return None
+            conn.execute(
+                "INSERT INTO webhook_endpoints (id, merchant_id, url, secret, enabled_events, description, created_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (endpoint_id, merchant_id, url, secret, msgspec.json.encode(enabled_events).decode(), description, t),
+            )
+        return _endpoint_dict((endpoint_id, url, msgspec.json.encode(enabled_events).decode(), description, t))
+
+    def list_endpoints(self, merchant_id: str) -> list[dict[str, Any]]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, url, enabled_events, description, created_ms FROM webhook_endpoints"
+                " WHERE merchant_id = ? AND deleted_ms IS NULL ORDER BY created_ms, id LIMIT ?",
+                (merchant_id, ev.ENDPOINTS_PER_MERCHANT_MAX),
+            ).fetchall()
+        return [_endpoint_dict(r) for r in rows]
+
+    def delete_endpoint(self, merchant_id: str, endpoint_id: str) -> bool:
+        """Deletes the endpoint; its pending deliveries end `failed` (endpoint_deleted)."""
+        t = now_ms()
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE webhook_endpoints SET deleted_ms = ? WHERE id = ? AND merchant_id = ? AND deleted_ms IS NULL",
+                (t, endpoint_id, merchant_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.execute(
+                "UPDATE webhook_deliveries SET status = 'failed', last_error = 'endpoint_deleted', updated_ms = ?"
+                " WHERE endpoint_id = ? AND status = 'pending'",
+                (t, endpoint_id),
+            )
+        return True
+
+    def event(self, merchant_id: str, event_id: str) -> tuple[bytes, list[dict[str, Any]]] | None:
+        """The event's JSON and its deliveries; None if it is not this merchant's."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT seq, body FROM payment_events WHERE id = ? AND merchant_id = ?", (event_id, merchant_id)
+            ).fetchone()
+            if row is None:
+                return None
+            deliveries = conn.execute(
+                "SELECT endpoint_id, status, attempts, next_attempt_ms, last_status_code, last_error, updated_ms"
+                " FROM webhook_deliveries WHERE event_seq = ? ORDER BY endpoint_id LIMIT ?",
+                (row[0], ev.DELIVERIES_PER_EVENT_MAX),
+            ).fetchall()
+        return row[1].encode(), [
+            {"endpoint": d[0], "status": d[1], "attempts": d[2],
+             "next_attempt": d[3] // 1000 if d[1] == "pending" else None, "last_status_code": d[4],
+             "last_error": d[5], "updated": d[6] // 1000}
+            for d in deliveries
+        ]
+
+    def payment_events(self, merchant_id: str, payment_id: str, limit: int) -> list[str]:
+        """The payment's events, oldest first (their JSON)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT body FROM payment_events WHERE payment_id = ? AND merchant_id = ? ORDER BY seq LIMIT ?",
+                (payment_id, merchant_id, limit),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def claim_deliveries(self, limit: int, lease_ms: int) -> list[Delivery]:
+        """Takes up to `limit` due deliveries for one send each, hiding them from every dispatcher for
+        `lease_ms` (their next attempt moves to then; a dispatcher that dies leaves them to come back).
+
+        Per (endpoint, payment) only the oldest pending delivery is due, so a merchant receives a
+        payment's events in the order they happened. On PostgreSQL the rows are taken with `FOR UPDATE
+        SKIP LOCKED`: concurrent dispatchers in other workers take other rows, never the same one."""
+        t = now_ms()
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT d.event_seq, d.endpoint_id, d.attempts, e.id, e.body, w.url, w.secret"
+                " FROM webhook_deliveries d JOIN payment_events e ON e.seq = d.event_seq"
+                " JOIN webhook_endpoints w ON w.id = d.endpoint_id"
+                " WHERE d.status = 'pending' AND d.next_attempt_ms <= ? AND NOT EXISTS ("
+                " SELECT 1 FROM webhook_deliveries h WHERE h.endpoint_id = d.endpoint_id"
+                " AND h.payment_id = d.payment_id AND h.status = 'pending' AND h.event_seq < d.event_seq)"
+                " ORDER BY d.next_attempt_ms LIMIT ?" + self._d.for_update("d", skip_locked=True),
+                (t, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE webhook_deliveries SET next_attempt_ms = ?, updated_ms = ? WHERE event_seq = ?"
+                " AND endpoint_id = ?",
+                [(t + lease_ms, t, r[0], r[1]) for r in rows],
+            )
+        return [Delivery(r[0], r[1], r[2], r[3], r[4].encode(), r[5], Secret(r[6])) for r in rows]
+
+    def finish_delivery(self, d: Delivery, status: str, status_code: int | None, error: str | None,
+                        next_attempt_ms: int | None) -> None:
+        """Records one attempt: `delivered`, `failed` (no attempts left) or `pending` until `next_attempt_ms`."""
+        assert status in ("delivered", "failed", "pending")
+        assert (status == "pending") == (next_attempt_ms is not None)
+        t = now_ms()
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_attempt_ms = ?,"
+                " last_status_code = ?, last_error = ?, updated_ms = ? WHERE event_seq = ? AND endpoint_id = ?"
+                " AND status = 'pending'",
+                (status, next_attempt_ms if next_attempt_ms is not None else t, status_code,
+                 None if error is None else error[:ERROR_CHARS_MAX], t, d.event_seq, d.endpoint_id),
+            )
 
     # -- merchant operations ---------------------------------------------------------------------
 
@@ -853,6 +1031,11 @@ def _pg_unique_violation() -> type[Exception]:
     return psycopg.errors.UniqueViolation
 
 
+def _endpoint_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {"id": row[0], "object": "webhook_endpoint", "url": row[1], "enabled_events": msgspec.json.decode(row[2]),
+            "description": row[3], "status": "enabled", "created": row[4] // 1000}
+
+
 def _refund_status(op_status: str) -> str:
     return {"succeeded": "succeeded", "failed": "failed"}.get(op_status, "pending")
 
@@ -890,6 +1073,7 @@ def postings_from_rows(rows: list[tuple[Any, ...]]) -> tuple[list[ledger.Posting
 __all__ = [
     "MIGRATION_2_PROCESSING",
     "Accepted",
+    "Delivery",
     "Operation",
     "OperationFinish",
     "PaymentRecord",

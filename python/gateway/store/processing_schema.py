@@ -105,3 +105,47 @@ CREATE TABLE operation_idempotency_keys (
     PRIMARY KEY (merchant_id, key)
 )
 """
+
+# Events and webhooks (migration 5): `payment_events` is the transactional outbox (written in the
+# same transaction as the payment change it reports), `webhook_deliveries` one row per (event,
+# endpoint) with the delivery state that survives a crash, `webhook_endpoints` the merchants'
+# subscriptions. `seq` orders the events of one payment (its changes are serialised by the store).
+# No foreign keys into the payment tables: those can be truncated on their own (tests, retention).
+MIGRATION_5_WEBHOOKS = """
+CREATE TABLE webhook_endpoints (
+    id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    url TEXT NOT NULL CHECK (length(url) BETWEEN 1 AND 2048),
+    secret TEXT NOT NULL CHECK (length(secret) BETWEEN 16 AND 128),
+    enabled_events TEXT NOT NULL,
+    description TEXT,
+    created_ms INTEGER NOT NULL,
+    deleted_ms INTEGER
+);
+CREATE INDEX webhook_endpoints_by_merchant ON webhook_endpoints (merchant_id) WHERE deleted_ms IS NULL;
+CREATE TABLE payment_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    merchant_id TEXT NOT NULL,
+    payment_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX payment_events_by_payment ON payment_events (payment_id, seq);
+CREATE TABLE webhook_deliveries (
+    event_seq INTEGER NOT NULL REFERENCES payment_events(seq),
+    endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints(id),
+    payment_id TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    next_attempt_ms INTEGER NOT NULL,
+    last_status_code INTEGER,
+    last_error TEXT,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (event_seq, endpoint_id)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_ms) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_head ON webhook_deliveries (endpoint_id, payment_id, event_seq)
+    WHERE status = 'pending'
+"""

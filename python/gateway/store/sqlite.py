@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from gateway.store.base import Merchant, wal_rows
-from gateway.store.processing_schema import MIGRATION_2_PROCESSING
+from gateway.store.processing_schema import MIGRATION_2_PROCESSING, MIGRATION_5_WEBHOOKS
 from gateway.store.reconcile_schema import MIGRATION_RECONCILE
 from gateway.store.risk_schema import MIGRATION_3_RISK
 
@@ -59,6 +59,10 @@ MIGRATIONS: list[tuple[int, str]] = [
     (2, MIGRATION_2_PROCESSING),
     # Risk control plane: versioned rulesets, persisted lists, audit trail. Written by risk/control.py.
     (3, MIGRATION_3_RISK),
+    # (4 is PostgreSQL-only: store/postgres.py.) Events (the transactional outbox of every payment
+    # change) and signed webhooks: endpoints and per-endpoint delivery state. Written by
+    # store/processing.py, delivered by gateway/webhooks/dispatcher.py.
+    (5, MIGRATION_5_WEBHOOKS),
     (6, MIGRATION_RECONCILE),  # PSP settlement reconciliation runs: store/reconcile_schema.py
 ]
 

@@ -1,0 +1,230 @@
+"""Merchant API of webhooks: endpoints (create, list, delete) and events (read, list per payment).
+
+`POST /v1/webhook_endpoints` `{url, enabled_events?, description?}` answers 201 with the endpoint and
+its signing secret (`whsec_...`), shown this once: later reads never include it. Limits, each with a
+400 naming the parameter: `url` http(s), at most `ENDPOINT_URL_CHARS_MAX` characters, no credentials
+or fragment, and (unless GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS=1) no loopback, private or link-local
+address; `enabled_events` 1..`ENABLED_EVENTS_MAX` known types or `*` (the default); at most
+`ENDPOINTS_PER_MERCHANT_MAX` endpoints per merchant. Everything is scoped to the merchant of the API
+key: another merchant's endpoint or event is 404.
+
+`GET /v1/events/{id}` is the event as delivered plus its `deliveries` (status, attempts, next
+attempt, last HTTP status or error); `GET /v1/events?payment=pay_...` lists a payment's events,
+oldest first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import msgspec
+
+from gateway._fastpath import contains_pan
+from gateway.api.app import JSON, PAYMENT_ID, GatewayApp, Response, route
+from gateway.api.errors import error_body
+from gateway.api.operations import _read_body, _state
+from gateway.store.base import Merchant
+from gateway.webhooks import events as ev
+
+EVENTS_LIST_LIMIT_DEFAULT = 10
+EVENTS_LIST_LIMIT_MAX = 100
+ALLOW_PRIVATE_ENV = "GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS"
+
+Url = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.ENDPOINT_URL_CHARS_MAX)]
+EventName = Annotated[str, msgspec.Meta(max_length=64)]
+Description = Annotated[str, msgspec.Meta(max_length=ev.DESCRIPTION_CHARS_MAX)]
+
+
+class CreateEndpoint(msgspec.Struct, forbid_unknown_fields=True):
+    url: Url
+    enabled_events: Annotated[list[EventName], msgspec.Meta(min_length=1, max_length=ev.ENABLED_EVENTS_MAX)] = (
+        msgspec.field(default_factory=lambda: [ev.ALL_EVENTS]))
+    description: Description | None = None
+
+
+_AT_PATH = re.compile(r" - at `\$\.(\w+)")
+
+
+def _invalid(code: str, message: str, param: str | None = None, status: int = 400) -> Response:
+    return status, [JSON], error_body(status, code, message, param)
+
+
+def _starting() -> Response:
+    return 503, [JSON, ("retry-after", "1")], error_body(503, "starting", "The gateway is starting.")
+
+
+def _decode(body: bytes) -> CreateEndpoint | Response:
+    try:
+        return msgspec.json.decode(body, type=CreateEndpoint)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        if text.startswith("Object contains unknown field"):
+            name = text.split("`")[1][:64]
+            return _invalid("parameter_unknown", f"Received unknown parameter: {name}", name)
+        if text.startswith("Object missing required field"):
+            return _invalid("parameter_missing", "Missing required param: url.", "url")
+        at = _AT_PATH.search(text)
+        param = at.group(1) if at else None
+        if param == "url":
+            return _invalid("url_invalid", f"url must be a string of 1 to {ev.ENDPOINT_URL_CHARS_MAX} characters.",
+                            "url")
+        if param == "enabled_events":
+            return _invalid("parameter_invalid", f"enabled_events must be a list of 1 to {ev.ENABLED_EVENTS_MAX}"
+                            f" event types among: {', '.join(ev.EVENT_TYPES)}, or \"*\".", "enabled_events")
+        if param == "description":
+            return _invalid("parameter_too_long",
+                            f"description must be a string of at most {ev.DESCRIPTION_CHARS_MAX} characters.",
+                            "description")
+        return _invalid("invalid_json", "The request body must be a JSON object.")
+    except msgspec.DecodeError:
+        return _invalid("invalid_json", "The request body is not valid JSON.")
+
+
+def _private_host(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: resolved at delivery time (see docs/webhooks.md, not done yet)
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+
+
+def check_url(url: str, allow_private: bool) -> str | None:
+    """Why `url` cannot be a webhook endpoint, or None if it can."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return "url must not contain whitespace or control characters."
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "url is not a valid URL."
+    if parts.scheme not in ("http", "https"):
+        return "url must be an http:// or https:// URL."
+    host = parts.hostname
+    if not host:
+        return "url must name a host."
+    if parts.username is not None or parts.password is not None:
+        return "url must not contain credentials; authenticate the requests by their signature."
+    if parts.fragment:
+        return "url must not contain a fragment."
+    if port == 0:
+        return "url has an invalid port."
+    if not allow_private and _private_host(host):
+        return f"url must not point to a loopback, private or link-local address (set {ALLOW_PRIVATE_ENV}=1 to allow)."
+    return None
+
+
+def _allow_private() -> bool:
+    return os.environ.get(ALLOW_PRIVATE_ENV, "") in ("1", "true", "yes", "on")
+
+
+@route("POST", r"/v1/webhook_endpoints", "create_webhook_endpoint")
+async def create_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+    auth = app.authenticate(scope)
+    if not isinstance(auth, Merchant):
+        return auth
+    st = _state(app) if app.ready else None
+    if st is None:
+        return _starting()
+    raw = await _read_body(scope, proto)
+    if not isinstance(raw, bytes):
+        return raw
+    if contains_pan(raw.decode("utf-8", errors="replace")):
+        return _invalid("card_number_not_allowed", "Card numbers are not accepted here.")
+    req = _decode(raw)
+    if not isinstance(req, CreateEndpoint):
+        return req
+    reason = check_url(req.url, _allow_private())
+    if reason is not None:
+        return _invalid("url_invalid", reason, "url")
+    unknown = [e for e in req.enabled_events if e != ev.ALL_EVENTS and e not in ev.EVENT_TYPES]
+    if unknown:
+        return _invalid("parameter_invalid", f"Unknown event type {unknown[0]!r}; known: {', '.join(ev.EVENT_TYPES)},"
+                        " or \"*\" for all.", "enabled_events")
+    enabled = sorted(set(req.enabled_events))
+    secret = ev.new_endpoint_secret()
+    endpoint = await st.run(st.pstore.create_endpoint, auth.id, req.url, enabled, req.description, secret.expose())
+    if endpoint is None:
+        return _invalid("endpoints_limit_reached",
+                        f"A merchant may have at most {ev.ENDPOINTS_PER_MERCHANT_MAX} webhook endpoints; delete one"
+                        " first.")
+    # The one and only time the secret leaves the gateway.
+    return 201, [JSON], msgspec.json.encode({**endpoint, "secret": secret.expose()})
+
+
+@route("GET", r"/v1/webhook_endpoints", "list_webhook_endpoints")
+async def list_endpoints(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+    auth = app.authenticate(scope)
+    if not isinstance(auth, Merchant):
+        return auth
+    st = _state(app) if app.ready else None
+    if st is None:
+        return _starting()
+    data = await st.run(st.pstore.list_endpoints, auth.id)
+    return 200, [JSON], msgspec.json.encode(
+        {"object": "list", "url": "/v1/webhook_endpoints", "has_more": False, "data": data})
+
+
+@route("DELETE", r"/v1/webhook_endpoints/(?P<id>[A-Za-z0-9_]{1,64})", "delete_webhook_endpoint")
+async def delete_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+    auth = app.authenticate(scope)
+    if not isinstance(auth, Merchant):
+        return auth
+    st = _state(app) if app.ready else None
+    if st is None:
+        return _starting()
+    endpoint_id = match["id"]
+    if not await st.run(st.pstore.delete_endpoint, auth.id, endpoint_id):
+        return _invalid("resource_missing", f"No such webhook endpoint: '{endpoint_id}'", "id", status=404)
+    return 200, [JSON], msgspec.json.encode({"id": endpoint_id, "object": "webhook_endpoint", "deleted": True})
+
+
+@route("GET", r"/v1/events/(?P<id>[A-Za-z0-9_]{1,64})", "get_event")
+async def get_event(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+    auth = app.authenticate(scope)
+    if not isinstance(auth, Merchant):
+        return auth
+    st = _state(app) if app.ready else None
+    if st is None:
+        return _starting()
+    found = await st.run(st.pstore.event, auth.id, match["id"])
+    if found is None:
+        return _invalid("resource_missing", f"No such event: '{match['id']}'", "id", status=404)
+    body, deliveries = found
+    # The stored event JSON is an object: the deliveries are appended to it without re-encoding it.
+    return 200, [JSON], body[:-1] + b',"deliveries":' + msgspec.json.encode(deliveries) + b"}"
+
+
+@route("GET", r"/v1/events", "list_events")
+async def list_events(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+    auth = app.authenticate(scope)
+    if not isinstance(auth, Merchant):
+        return auth
+    payment_id: str | None = None
+    limit = EVENTS_LIST_LIMIT_DEFAULT
+    for name, value in parse_qsl(scope.query_string or "", keep_blank_values=True):
+        if name == "payment":
+            if not PAYMENT_ID.match(value):
+                return _invalid("parameter_invalid_type", "payment must be a payment id (pay_...).", "payment")
+            payment_id = value
+        elif name == "limit":
+            if not value.isdigit() or not 1 <= int(value) <= EVENTS_LIST_LIMIT_MAX:
+                return _invalid("parameter_invalid_integer",
+                                f"limit must be an integer in 1..{EVENTS_LIST_LIMIT_MAX}.", "limit")
+            limit = int(value)
+        else:
+            return _invalid("parameter_unknown", f"Received unknown parameter: {name[:64]}", name[:64])
+    if payment_id is None:
+        return _invalid("parameter_missing", "Missing required param: payment.", "payment")
+    st = _state(app) if app.ready else None
+    if st is None:
+        return _starting()
+    rows = await st.run(st.pstore.payment_events, auth.id, payment_id, limit)
+    out = b'{"object":"list","url":"/v1/events","has_more":%s,"data":[%s]}' % (
+        b"true" if len(rows) >= limit else b"false", ",".join(rows).encode())
+    return 200, [JSON], out

@@ -1,0 +1,130 @@
+"""Delivers webhook events: claims due deliveries from the store, POSTs them signed, records outcomes.
+
+It runs as a task on the payment worker's event loop (embedded mode: the worker process; cluster
+mode: every `gateway worker`). The delivery state lives in the store, not here: a delivery is
+claimed by moving its next attempt one lease ahead (`ProcessingStore.claim_deliveries`, `FOR UPDATE
+SKIP LOCKED` on PostgreSQL, so two workers never send the same delivery at the same time), sent, and
+then recorded. A worker killed in between leaves the delivery pending; it is due again when its
+lease runs out and is sent again (at-least-once: the event id lets the receiver de-duplicate).
+
+A 2xx answer within the timeout is a delivery; anything else (another status, a timeout, a refused
+connection) is retried after `WebhookSettings.retry_delay_ms` until `attempts_max` attempts, then
+the delivery is `failed`. Sends run concurrently up to `concurrency`; redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+
+from gateway.store.processing import Delivery, ProcessingStore, now_ms
+from gateway.webhooks.events import WebhookSettings
+from gateway.webhooks.signature import SIGNATURE_HEADER, sign
+
+log = logging.getLogger("gateway.webhooks")
+
+T = TypeVar("T")
+USER_AGENT = "gateway-webhooks/1"
+DbCall = Callable[..., Awaitable[Any]]
+
+
+class Dispatcher:
+    def __init__(self, pstore: ProcessingStore, settings: WebhookSettings | None = None,
+                 db: DbCall | None = None) -> None:
+        self.pstore = pstore
+        self.settings = settings or WebhookSettings.from_env()
+        self._db_call = db
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.delivered = 0
+        self.failed_attempts = 0
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._db_call is None:
+            return fn(*args)
+        out: T = await self._db_call(fn, *args)
+        return out
+
+    def wake(self) -> None:
+        """Something new may be due (a payment changed in this process): look now, not at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        sem = asyncio.Semaphore(s.concurrency)
+        limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
+        async with httpx.AsyncClient(timeout=s.timeout_ms / 1000, limits=limits, follow_redirects=False,
+                                     headers={"user-agent": USER_AGENT}) as client:
+            try:
+                while True:
+                    free = s.concurrency - len(self._inflight)
+                    claimed: list[Delivery] = []
+                    if free > 0:
+                        try:
+                            claimed = await self._db(self.pstore.claim_deliveries, min(free, s.batch_max),
+                                                     s.lease_ms)
+                        except Exception:
+                            log.exception("claiming webhook deliveries failed; retrying at the next poll")
+                    for d in claimed:
+                        await sem.acquire()
+                        task = asyncio.ensure_future(self._deliver(client, d))
+                        self._inflight.add(task)
+                        task.add_done_callback(functools.partial(self._done, sem))
+                    if claimed and len(claimed) == min(free, s.batch_max):
+                        await asyncio.sleep(0)  # more may be due at once
+                        continue
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), s.poll_ms / 1000)
+                    except TimeoutError:
+                        pass
+            finally:
+                # Stopping: sends in flight get a moment; any cut short stays pending and comes back.
+                if self._inflight:
+                    await asyncio.wait(self._inflight, timeout=2)
+                    for t in self._inflight:
+                        t.cancel()
+
+    def _done(self, sem: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        sem.release()
+        self._wake.set()  # a delivery finished: the next event of its payment may be due now
+
+    async def _deliver(self, client: httpx.AsyncClient, d: Delivery) -> None:
+        status_code: int | None = None
+        error: str | None = None
+        try:
+            headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(d.body, d.secret),
+                       "gateway-event-id": d.event_id}
+            # Streamed and not read: a receiver's answer matters only by its status.
+            async with client.stream("POST", d.url, content=d.body, headers=headers) as response:
+                status_code = response.status_code
+        except httpx.TimeoutException:
+            error = "timeout"
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
+            # Connection refused, reset, TLS, an address that cannot be resolved: retried like a 5xx.
+            error = type(e).__name__
+        attempts = d.attempts + 1
+        try:
+            if status_code is not None and 200 <= status_code < 300:
+                await self._db(self.pstore.finish_delivery, d, "delivered", status_code, None, None)
+                self.delivered += 1
+                return
+            self.failed_attempts += 1
+            if error is None:
+                error = f"http_{status_code}"
+            if attempts >= self.settings.attempts_max:
+                log.warning("webhook %s to endpoint %s failed after %d attempts (%s)", d.event_id, d.endpoint_id,
+                            attempts, error)
+                await self._db(self.pstore.finish_delivery, d, "failed", status_code, error, None)
+            else:
+                retry_at = now_ms() + self.settings.retry_delay_ms(attempts)
+                await self._db(self.pstore.finish_delivery, d, "pending", status_code, error, retry_at)
+        except Exception:
+            # Not recorded: the lease runs out and the delivery is sent again.
+            log.exception("recording webhook delivery %s/%s failed", d.event_id, d.endpoint_id)

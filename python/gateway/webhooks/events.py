@@ -1,0 +1,107 @@
+"""Event types, endpoint limits and the dispatcher's settings (no I/O here)."""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets as _secrets
+from dataclasses import dataclass
+
+from gateway.secrets import Secret
+
+# One event per persisted payment change: `payment.<new status>`, and `payment.operation_failed` when
+# the PSP refuses a capture, void or refund (the payment's status does not change then).
+EVENT_TYPES: tuple[str, ...] = (
+    "payment.authorized",
+    "payment.captured",
+    "payment.refunded",
+    "payment.partially_refunded",
+    "payment.failed",
+    "payment.canceled",
+    "payment.pending_verification",
+    "payment.operation_failed",
+)
+ALL_EVENTS = "*"
+OPERATION_FAILED = "payment.operation_failed"
+
+ENDPOINT_ID_PREFIX = "we"
+EVENT_ID_PREFIX = "evt"
+SECRET_PREFIX = "whsec_"
+ENDPOINT_URL_CHARS_MAX = 2048
+ENDPOINTS_PER_MERCHANT_MAX = 16
+ENABLED_EVENTS_MAX = len(EVENT_TYPES) + 1
+DESCRIPTION_CHARS_MAX = 255
+# Deliveries of one event listed with it.
+DELIVERIES_PER_EVENT_MAX = ENDPOINTS_PER_MERCHANT_MAX
+
+
+def event_type_for_status(status: str) -> str | None:
+    t = f"payment.{status}"
+    return t if t in EVENT_TYPES else None
+
+
+def new_endpoint_secret() -> Secret:
+    return Secret(SECRET_PREFIX + _secrets.token_urlsafe(32))
+
+
+def new_event_id() -> str:
+    return f"{EVENT_ID_PREFIX}_{_secrets.token_hex(12)}"
+
+
+def new_endpoint_id() -> str:
+    return f"{ENDPOINT_ID_PREFIX}_{_secrets.token_hex(12)}"
+
+
+def subscribed(enabled_events: list[str], event_type: str) -> bool:
+    return ALL_EVENTS in enabled_events or event_type in enabled_events
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """GATEWAY_WEBHOOK_* environment variables (docs/webhooks.md)."""
+
+    attempts_max: int = 12
+    retry_base_ms: int = 5_000
+    retry_max_ms: int = 3_600_000
+    timeout_ms: int = 10_000
+    concurrency: int = 32
+    poll_ms: int = 200
+    batch_max: int = 100
+
+    def __post_init__(self) -> None:
+        assert 1 <= self.attempts_max <= 50, "GATEWAY_WEBHOOK_ATTEMPTS_MAX must be 1..50"
+        assert 1 <= self.retry_base_ms <= 86_400_000, "GATEWAY_WEBHOOK_RETRY_BASE_MS must be 1..86400000"
+        assert self.retry_base_ms <= self.retry_max_ms <= 86_400_000, (
+            "GATEWAY_WEBHOOK_RETRY_MAX_MS must be GATEWAY_WEBHOOK_RETRY_BASE_MS..86400000"
+        )
+        assert 100 <= self.timeout_ms <= 60_000, "GATEWAY_WEBHOOK_TIMEOUT_MS must be 100..60000"
+        assert 1 <= self.concurrency <= 1_000, "GATEWAY_WEBHOOK_CONCURRENCY must be 1..1000"
+        assert 10 <= self.poll_ms <= 60_000, "GATEWAY_WEBHOOK_POLL_MS must be 10..60000"
+        assert 1 <= self.batch_max <= 1_000
+
+    @property
+    def lease_ms(self) -> int:
+        """How long a claimed delivery is hidden from other dispatchers: longer than a send can take, so
+        a delivery comes back only if its dispatcher died (at-least-once)."""
+        return self.timeout_ms + 5_000
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> WebhookSettings:
+        e = os.environ if env is None else env
+        d = cls()
+        return cls(
+            attempts_max=int(e.get("GATEWAY_WEBHOOK_ATTEMPTS_MAX", str(d.attempts_max))),
+            retry_base_ms=int(e.get("GATEWAY_WEBHOOK_RETRY_BASE_MS", str(d.retry_base_ms))),
+            retry_max_ms=int(e.get("GATEWAY_WEBHOOK_RETRY_MAX_MS", str(d.retry_max_ms))),
+            timeout_ms=int(e.get("GATEWAY_WEBHOOK_TIMEOUT_MS", str(d.timeout_ms))),
+            concurrency=int(e.get("GATEWAY_WEBHOOK_CONCURRENCY", str(d.concurrency))),
+            poll_ms=int(e.get("GATEWAY_WEBHOOK_POLL_MS", str(d.poll_ms))),
+        )
+
+    def retry_delay_ms(self, attempts: int, rng: random.Random | None = None) -> int:
+        """Delay before attempt `attempts + 1`: base × 2^(attempts-1), capped, with "equal jitter"
+        (between half and all of it) so that a recovering receiver is not hit by every retry at once."""
+        assert attempts >= 1
+        full = min(self.retry_max_ms, self.retry_base_ms * (1 << min(attempts - 1, 40)))
+        r = rng or random
+        return full // 2 + int(r.random() * (full - full // 2))
