@@ -297,7 +297,17 @@ def load_events(
         refs = sorted(set(references))
         for chunk in _chunks(refs):
             marks = ",".join("?" * len(chunk))
-            rows += conn.execute(_ATTEMPT_COLUMNS + f" AND payment_id IN ({marks})", (psp, *chunk)).fetchall()
+            # By payment id only, the PSP filtered here: with `psp = ?` in the query the planner picks the
+            # PSP's index and reads every settled attempt of the PSP for each chunk.
+            rows += [
+                r[1:] for r in conn.execute(
+                    "SELECT psp, idempotency_key, payment_id, operation, amount, currency, psp_reference,"
+                    " started_at_ms, coalesce(finished_at_ms, started_at_ms) FROM payment_attempts"
+                    f" WHERE payment_id IN ({marks}) AND status = 'approved'",
+                    chunk,
+                ).fetchall()
+                if r[0] == psp and r[3] in ("capture", "refund")
+            ]
     events: dict[str, GatewayEvent] = {}
     for key, pid, op, amount, currency, psp_ref, started, finished in rows:
         if key in events:
