@@ -343,3 +343,44 @@ def test_report_reads_as_one_line_per_discrepancy() -> None:
     text = rc.format_report(report, existing=True)
     assert "missing_in_gateway: line 2: reference=pay_9 captured 700 USD fee 20: no such capture of ours at psp_a" in text
     assert "already reconciled" in text and text.endswith("result: 1 discrepancies")
+
+
+# -- settlement files of the in-process simulators ----------------------------------------------
+
+
+def test_exporter_writes_each_days_file_atomically_and_only_when_it_changed(tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.psp_sim import PSP_A, SimulatedPSP
+    from gateway.psp_sim.export import SettlementExporter, settlement_path
+
+    now = [DAY_START_MS / 1000 + 60]
+    sim = SimulatedPSP(PSP_A, time_scale=0.0, clock=lambda: now[0])
+
+    async def pay(ref: str, amount: int, refund: int = 0) -> None:
+        auth = await sim.authorize(reference=ref, amount=amount, currency="USD", token="tok_visa",
+                                   idempotency_key=f"{ref}:auth:1")
+        assert auth.psp_reference is not None
+        cap = await sim.capture(psp_reference=auth.psp_reference, amount=amount, idempotency_key=f"{ref}:capture:1")
+        assert cap.outcome == "approved"
+        if refund:
+            await sim.refund(psp_reference=auth.psp_reference, amount=refund, idempotency_key=f"{ref}:refund:1")
+
+    exporter = SettlementExporter({"psp_a": sim}, tmp_path / "settlements", interval_s=0.1)
+    asyncio.run(pay("pay_1", 1000, refund=400))
+    path = settlement_path(tmp_path / "settlements", "psp_a", DAY)
+    assert exporter.export() == [path]
+    rows = parse_settlement(path.read_bytes())
+    assert [(r.reference, r.amount, r.fee, r.status) for r in rows] == [
+        ("pay_1", 1000, PSP_A.fee_minor(1000), "captured"), ("pay_1", -400, 0, "refunded")]
+    assert path.read_text() == sim.settlement_csv(DAY)
+    assert exporter.export() == []  # nothing new
+    now[0] += 86_400
+    asyncio.run(pay("pay_2", 2000))
+    next_day = settlement_path(tmp_path / "settlements", "psp_a", date(2026, 11, 21))
+    exporter.start()
+    exporter.stop()  # the final export
+    assert [r.reference for r in parse_settlement(next_day.read_bytes())] == ["pay_2"]
+    assert len(parse_settlement(path.read_bytes())) == 2
+    assert sorted(p.name for p in (tmp_path / "settlements").iterdir()) == [
+        "psp_a-2026-11-20.csv", "psp_a-2026-11-21.csv"]  # no temporary file left

@@ -15,7 +15,7 @@ import hashlib
 import io
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -518,13 +518,7 @@ class SimulatedPSP:
         Columns: reference (our payment reference), amount, currency, fee, net, status; amounts in
         minor units; lines in processing order.
         """
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(SETTLEMENT_CSV_HEADER)
-        for line in self._settlement:
-            if line.day == day:
-                writer.writerow((line.reference, line.amount, line.currency, line.fee, line.net, line.status))
-        return out.getvalue()
+        return settlement_csv(self._settlement, day)
 
     def _txn_response(
         self,
@@ -548,6 +542,17 @@ class SimulatedPSP:
             currency=txn.currency,
             fee_minor=fee_minor,
         )
+
+
+def settlement_csv(lines: Iterable[SettlementLine], day: date) -> str:
+    """The settlement file of `day` from settlement lines (header first, lines in their order)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SETTLEMENT_CSV_HEADER)
+    for line in lines:
+        if line.day == day:
+            writer.writerow((line.reference, line.amount, line.currency, line.fee, line.net, line.status))
+    return out.getvalue()
 
 
 def _validate_amount(amount: int) -> str | None:
