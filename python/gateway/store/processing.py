@@ -802,6 +802,13 @@ class ProcessingStore:
         payment's events in the order they happened. On PostgreSQL the rows are taken with `FOR UPDATE
         SKIP LOCKED`: concurrent dispatchers in other workers take other rows, never the same one."""
         t = now_ms()
+        with self._read() as conn:
+            # Most polls find nothing: a read, not a write transaction (SQLite's write lock) to learn it.
+            due = conn.execute(
+                "SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_ms <= ? LIMIT 1", (t,)
+            ).fetchone()
+        if due is None:
+            return []
         with self._tx() as conn:
             rows = conn.execute(
                 "SELECT d.event_seq, d.endpoint_id, d.attempts, e.id, e.body, w.url, w.secret"
