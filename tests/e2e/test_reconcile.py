@@ -238,7 +238,7 @@ def test_fee_corrections_keep_the_ledger_balanced_and_make_the_file_match(
                                                                              "totals_mismatch": 1}
     assert r["items"][0]["reference"] == ref and r["items"][0]["difference"] == 7 and r["fee_corrections"] == []
 
-    proc = reconcile(g, psp, copy, "--json", "--force", "--apply-fee-corrections", "--actor", "ana")
+    proc = reconcile(g, psp, copy, "--json", "--apply-fee-corrections", "--actor", "ana")  # no --force needed
     assert proc.returncode == 1  # the run that corrects still reports what it found
     corrections = report(proc)["fee_corrections"]
     assert [(c["reference"], c["difference"], c["settled_fee"]) for c in corrections] == [(ref, 7, int(fee) + 7)]

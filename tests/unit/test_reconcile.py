@@ -315,8 +315,9 @@ def test_fee_corrections_are_new_balanced_postings_with_an_audit_row_and_are_nev
     report_only = rc.reconcile(store, "psp_a", file, file_name="f.csv", day=DAY)
     assert report_only.report["counts"]["fee_mismatch"] == 2 and report_only.report["fee_corrections"] == []
     postings_before, _ = pstore.all_postings()
-    applied = rc.reconcile(store, "psp_a", file, file_name="f.csv", day=DAY, force=True, apply_fee_corrections=True,
-                           actor="ana")
+    # Report first, then apply: the stored run did not correct, so asking for corrections runs it again.
+    applied = rc.reconcile(store, "psp_a", file, file_name="f.csv", day=DAY, apply_fee_corrections=True, actor="ana")
+    assert not applied.existing
     corrections = applied.report["fee_corrections"]
     assert [(c["reference"], c["difference"]) for c in corrections] == [("pay_1", 5), ("pay_2", -5)]
     postings, violations = pstore.all_postings()
@@ -328,6 +329,8 @@ def test_fee_corrections_are_new_balanced_postings_with_an_audit_row_and_are_nev
     assert after[("psp:psp_a:receivable", "USD")] == 2535 - 0  # what the file says the PSP owes
     trail = pstore.audit_trail("pay_1")
     assert trail[-1][2] == "reconciler:ana" and "booked 25, settled 30" in trail[-1][3]
+    # The run that corrected is the stored answer now, with or without the flag.
+    assert rc.reconcile(store, "psp_a", file, file_name="f.csv", day=DAY, apply_fee_corrections=True).existing
     # Run again: the corrections count as booked, so the file now matches and nothing is posted.
     again = rc.reconcile(store, "psp_a", file, file_name="f.csv", day=DAY, force=True, apply_fee_corrections=True)
     assert again.ok and again.report["fee_corrections"] == []

@@ -27,7 +27,8 @@ transaction as the run's record. Later runs include corrections in the booked fe
 correction is never posted twice.
 
 Runs are stored in `reconciliation_runs` and are idempotent by (PSP, file SHA-256): the same file
-again returns the stored run unless `force=True`.
+again returns the stored run unless `force=True`, or unless fee corrections are asked for and the
+stored run found fee differences it did not correct.
 """
 
 from __future__ import annotations
@@ -503,6 +504,13 @@ def _run_id() -> str:
     return f"recon_{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
+def _reusable(stored: dict[str, Any], apply_fee_corrections: bool) -> bool:
+    """Whether a stored run of the same file answers this request: always, unless corrections are
+    asked for and that run found fee differences without correcting them (report first, then apply,
+    is the expected way to work: it must not need --force)."""
+    return not (apply_fee_corrections and stored["counts"]["fee_mismatch"] and not stored["fee_corrections"])
+
+
 def _find_run(pstore: ProcessingStore, psp: str, sha256: str) -> dict[str, Any] | None:
     with pstore._read() as conn:
         row = conn.execute(
@@ -554,7 +562,7 @@ def reconcile(
     pstore = ProcessingStore(store)
     if not force:
         stored = _find_run(pstore, psp, sha256)
-        if stored is not None:
+        if stored is not None and _reusable(stored, apply_fee_corrections):
             return RunReport(stored, existing=True)
     rows = parse_settlement(data)
     events = load_events(pstore, psp, day, (r.reference for r in rows))
@@ -586,10 +594,11 @@ def reconcile(
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (f"reconcile:{psp}:{sha256}",))
         if not force:
             row = conn.execute(
-                "SELECT report FROM reconciliation_runs WHERE psp = ? AND file_sha256 = ? LIMIT 1", (psp, sha256)
+                "SELECT report FROM reconciliation_runs WHERE psp = ? AND file_sha256 = ? ORDER BY id DESC LIMIT 1",
+                (psp, sha256),
             ).fetchone()
-            if row is not None:  # another run of the same file committed meanwhile
-                return RunReport(json.loads(row[0]), existing=True)
+            if row is not None and _reusable(json.loads(row[0]), apply_fee_corrections):
+                return RunReport(json.loads(row[0]), existing=True)  # committed meanwhile by another run
         if apply_fee_corrections and result.fee_differences:
             report["fee_corrections"] = _post_fee_corrections(conn, psp, run_id, sha256, actor, result)
         report["finished_ms"] = _now_ms()
