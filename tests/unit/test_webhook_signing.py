@@ -160,3 +160,12 @@ def test_the_outbox_writes_one_delivery_per_subscribed_endpoint_and_claims_each_
     assert found is not None and found[1][0]["status"] == "delivered" and found[1][0]["attempts"] == 1
     assert ps.event("acct_other", event["id"]) is None
     store.close()
+
+
+def test_event_ids_of_a_payment_share_a_prefix_and_sort_in_the_order_of_their_events() -> None:
+    from gateway.webhooks.events import event_id, event_id_prefix
+
+    pid = "pay_" + "7" * 24
+    ids = [event_id(pid, n) for n in (1, 2, 9, 10, 11, 100, 12345)]
+    assert ids == sorted(ids) and all(i.startswith(event_id_prefix(pid)) for i in ids)
+    assert event_id(pid, 1) != event_id(pid, 1)  # random tail: unique even if a payment's count restarts

@@ -345,8 +345,9 @@ class Worker:
         return lock
 
     def _changed(self, payment_id: str) -> None:
-        if self.webhooks is not None:
-            self.webhooks.wake()  # the change may have written an event with deliveries
+        if self.webhooks is not None and self.pstore.new_deliveries:
+            self.pstore.new_deliveries = False
+            self.webhooks.wake()  # the change wrote an event with deliveries: send them now
         for cb in self.on_change:
             cb(payment_id)
 

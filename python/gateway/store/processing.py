@@ -65,10 +65,9 @@ ERROR_CHARS_MAX = 200
 class Delivery:
     """One claimed webhook delivery: what to send, where, and with which secret."""
 
-    event_seq: int
+    event_id: str
     endpoint_id: str
     attempts: int
-    event_id: str
     body: bytes
     url: str
     secret: Secret
@@ -380,6 +379,9 @@ class ProcessingStore:
         self.store = store
         self._d: _Dialect = _SqliteDialect(store) if isinstance(store, SqliteStore) else _PostgresDialect(store)
         self.pg = self._d.pg
+        # Set when a change wrote webhook deliveries: a hint for this process's dispatcher to look now
+        # (most payments' merchants have no endpoint, and their changes need not wake it).
+        self.new_deliveries = False
 
     def _read(self) -> Any:
         return self._d.read()
@@ -698,25 +700,30 @@ class ProcessingStore:
     def _emit(self, conn: _Db, merchant_id: str, payment_id: str, event_type: str, payment_body: bytes) -> str:
         """Writes one event (inside the caller's transaction) and a pending delivery for each of the
         merchant's endpoints subscribed to its type. Returns the event id."""
+        n = conn.execute(
+            "UPDATE payment_state SET events_count = events_count + 1 WHERE payment_id = ? RETURNING events_count",
+            (payment_id,),
+        ).fetchone()[0]
+        event_id = ev.event_id(payment_id, int(n))
+        t = now_ms()
+        body = b'{"id":"%s","object":"event","type":"%s","created":%d,"data":{"object":%s}}' % (
+            event_id.encode(), event_type.encode(), t // 1000, payment_body)
+        conn.execute(
+            "INSERT INTO payment_events (id, merchant_id, payment_id, type, created_ms, body) VALUES (?, ?, ?, ?, ?, ?)",
+            (event_id, merchant_id, payment_id, event_type, t, body.decode()),
+        )
         endpoints = conn.execute(
             "SELECT id, enabled_events FROM webhook_endpoints WHERE merchant_id = ? AND deleted_ms IS NULL",
             (merchant_id,),
         ).fetchall()
-        event_id = ev.new_event_id()
-        t = now_ms()
-        body = b'{"id":"%s","object":"event","type":"%s","created":%d,"data":{"object":%s}}' % (
-            event_id.encode(), event_type.encode(), t // 1000, payment_body)
-        seq = conn.execute(
-            "INSERT INTO payment_events (id, merchant_id, payment_id, type, created_ms, body)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
-            (event_id, merchant_id, payment_id, event_type, t, body.decode()),
-        ).fetchone()[0]
         targets = [e[0] for e in endpoints if ev.subscribed(msgspec.json.decode(e[1]), event_type)]
-        conn.executemany(
-            "INSERT INTO webhook_deliveries (event_seq, endpoint_id, payment_id, status, attempts, next_attempt_ms,"
-            " updated_ms) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
-            [(seq, endpoint_id, payment_id, t, t) for endpoint_id in targets],
-        )
+        if targets:
+            self.new_deliveries = True
+            conn.executemany(
+                "INSERT INTO webhook_deliveries (event_id, endpoint_id, payment_id, status, attempts, next_attempt_ms,"
+                " updated_ms) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
+                [(event_id, endpoint_id, payment_id, t, t) for endpoint_id in targets],
+            )
         return event_id
 
     def create_endpoint(self, merchant_id: str, url: str, enabled_events: list[str], description: str | None,
@@ -769,16 +776,16 @@ class ProcessingStore:
         """The event's JSON and its deliveries; None if it is not this merchant's."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT seq, body FROM payment_events WHERE id = ? AND merchant_id = ?", (event_id, merchant_id)
+                "SELECT body FROM payment_events WHERE id = ? AND merchant_id = ?", (event_id, merchant_id)
             ).fetchone()
             if row is None:
                 return None
             deliveries = conn.execute(
                 "SELECT endpoint_id, status, attempts, next_attempt_ms, last_status_code, last_error, updated_ms"
-                " FROM webhook_deliveries WHERE event_seq = ? ORDER BY endpoint_id LIMIT ?",
-                (row[0], ev.DELIVERIES_PER_EVENT_MAX),
+                " FROM webhook_deliveries WHERE event_id = ? ORDER BY endpoint_id LIMIT ?",
+                (event_id, ev.DELIVERIES_PER_EVENT_MAX),
             ).fetchall()
-        return row[1].encode(), [
+        return row[0].encode(), [
             {"endpoint": d[0], "status": d[1], "attempts": d[2],
              "next_attempt": d[3] // 1000 if d[1] == "pending" else None, "last_status_code": d[4],
              "last_error": d[5], "updated": d[6] // 1000}
@@ -788,9 +795,12 @@ class ProcessingStore:
     def payment_events(self, merchant_id: str, payment_id: str, limit: int) -> list[str]:
         """The payment's events, oldest first (their JSON)."""
         with self._read() as conn:
+            # The ids of a payment's events share a prefix and sort in the order they happened.
+            prefix = ev.event_id_prefix(payment_id)
             rows = conn.execute(
-                "SELECT body FROM payment_events WHERE payment_id = ? AND merchant_id = ? ORDER BY seq LIMIT ?",
-                (payment_id, merchant_id, limit),
+                "SELECT body FROM payment_events WHERE id > ? AND id < ? AND payment_id = ? AND merchant_id = ?"
+                " ORDER BY id LIMIT ?",
+                (prefix, prefix + "~", payment_id, merchant_id, limit),
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -811,21 +821,21 @@ class ProcessingStore:
             return []
         with self._tx() as conn:
             rows = conn.execute(
-                "SELECT d.event_seq, d.endpoint_id, d.attempts, e.id, e.body, w.url, w.secret"
-                " FROM webhook_deliveries d JOIN payment_events e ON e.seq = d.event_seq"
+                "SELECT d.event_id, d.endpoint_id, d.attempts, e.body, w.url, w.secret"
+                " FROM webhook_deliveries d JOIN payment_events e ON e.id = d.event_id"
                 " JOIN webhook_endpoints w ON w.id = d.endpoint_id"
                 " WHERE d.status = 'pending' AND d.next_attempt_ms <= ? AND NOT EXISTS ("
                 " SELECT 1 FROM webhook_deliveries h WHERE h.endpoint_id = d.endpoint_id"
-                " AND h.payment_id = d.payment_id AND h.status = 'pending' AND h.event_seq < d.event_seq)"
+                " AND h.payment_id = d.payment_id AND h.status = 'pending' AND h.event_id < d.event_id)"
                 " ORDER BY d.next_attempt_ms LIMIT ?" + self._d.for_update("d", skip_locked=True),
                 (t, limit),
             ).fetchall()
             conn.executemany(
-                "UPDATE webhook_deliveries SET next_attempt_ms = ?, updated_ms = ? WHERE event_seq = ?"
+                "UPDATE webhook_deliveries SET next_attempt_ms = ?, updated_ms = ? WHERE event_id = ?"
                 " AND endpoint_id = ?",
                 [(t + lease_ms, t, r[0], r[1]) for r in rows],
             )
-        return [Delivery(r[0], r[1], r[2], r[3], r[4].encode(), r[5], Secret(r[6])) for r in rows]
+        return [Delivery(r[0], r[1], r[2], r[3].encode(), r[4], Secret(r[5])) for r in rows]
 
     def finish_delivery(self, d: Delivery, status: str, status_code: int | None, error: str | None,
                         next_attempt_ms: int | None) -> None:
@@ -836,10 +846,10 @@ class ProcessingStore:
         with self._tx() as conn:
             conn.execute(
                 "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, next_attempt_ms = ?,"
-                " last_status_code = ?, last_error = ?, updated_ms = ? WHERE event_seq = ? AND endpoint_id = ?"
+                " last_status_code = ?, last_error = ?, updated_ms = ? WHERE event_id = ? AND endpoint_id = ?"
                 " AND status = 'pending'",
                 (status, next_attempt_ms if next_attempt_ms is not None else t, status_code,
-                 None if error is None else error[:ERROR_CHARS_MAX], t, d.event_seq, d.endpoint_id),
+                 None if error is None else error[:ERROR_CHARS_MAX], t, d.event_id, d.endpoint_id),
             )
 
     # -- merchant operations ---------------------------------------------------------------------

@@ -109,9 +109,12 @@ CREATE TABLE operation_idempotency_keys (
 # Events and webhooks (migration 5): `payment_events` is the transactional outbox (written in the
 # same transaction as the payment change it reports), `webhook_deliveries` one row per (event,
 # endpoint) with the delivery state that survives a crash, `webhook_endpoints` the merchants'
-# subscriptions. `seq` orders the events of one payment (its changes are serialised by the store).
+# subscriptions. An event's id is `evt_<payment id suffix>_<n>`, n counted per payment in
+# `payment_state.events_count` (whose row the change writes anyway): the primary key alone then orders a
+# payment's events and finds them by prefix, so an event costs one row and one index entry.
 # No foreign keys into the payment tables: those can be truncated on their own (tests, retention).
 MIGRATION_5_WEBHOOKS = """
+ALTER TABLE payment_state ADD COLUMN events_count INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE webhook_endpoints (
     id TEXT PRIMARY KEY,
     merchant_id TEXT NOT NULL,
@@ -124,17 +127,15 @@ CREATE TABLE webhook_endpoints (
 );
 CREATE INDEX webhook_endpoints_by_merchant ON webhook_endpoints (merchant_id) WHERE deleted_ms IS NULL;
 CREATE TABLE payment_events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT PRIMARY KEY,
     merchant_id TEXT NOT NULL,
     payment_id TEXT NOT NULL,
     type TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     body TEXT NOT NULL
 );
-CREATE INDEX payment_events_by_payment ON payment_events (payment_id, seq);
 CREATE TABLE webhook_deliveries (
-    event_seq INTEGER NOT NULL REFERENCES payment_events(seq),
+    event_id TEXT NOT NULL REFERENCES payment_events(id),
     endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints(id),
     payment_id TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
@@ -143,9 +144,9 @@ CREATE TABLE webhook_deliveries (
     last_status_code INTEGER,
     last_error TEXT,
     updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (event_seq, endpoint_id)
+    PRIMARY KEY (event_id, endpoint_id)
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_ms) WHERE status = 'pending';
-CREATE INDEX webhook_deliveries_head ON webhook_deliveries (endpoint_id, payment_id, event_seq)
+CREATE INDEX webhook_deliveries_head ON webhook_deliveries (endpoint_id, payment_id, event_id)
     WHERE status = 'pending'
 """

@@ -31,6 +31,8 @@ ENDPOINT_URL_CHARS_MAX = 2048
 ENDPOINTS_PER_MERCHANT_MAX = 16
 ENABLED_EVENTS_MAX = len(EVENT_TYPES) + 1
 DESCRIPTION_CHARS_MAX = 255
+# A payment changes a handful of times; the bound keeps event ids fixed-width (so they sort by n).
+EVENTS_PER_PAYMENT_MAX = 999_999
 # Deliveries of one event listed with it.
 DELIVERIES_PER_EVENT_MAX = ENDPOINTS_PER_MERCHANT_MAX
 
@@ -44,8 +46,15 @@ def new_endpoint_secret() -> Secret:
     return Secret(SECRET_PREFIX + _secrets.token_urlsafe(32))
 
 
-def new_event_id() -> str:
-    return f"{EVENT_ID_PREFIX}_{_secrets.token_hex(12)}"
+def event_id_prefix(payment_id: str) -> str:
+    return f"{EVENT_ID_PREFIX}_{payment_id.removeprefix('pay_')}_"
+
+
+def event_id(payment_id: str, n: int) -> str:
+    """The id of the payment's `n`-th event (n >= 1): ids of one payment sort in the order of their events.
+    A random tail keeps ids unique even where payment state is rebuilt while events are kept."""
+    assert 1 <= n <= EVENTS_PER_PAYMENT_MAX
+    return f"{event_id_prefix(payment_id)}{n:06d}{_secrets.token_hex(4)}"
 
 
 def new_endpoint_id() -> str:
