@@ -169,3 +169,19 @@ def test_event_ids_of_a_payment_share_a_prefix_and_sort_in_the_order_of_their_ev
     ids = [event_id(pid, n) for n in (1, 2, 9, 10, 11, 100, 12345)]
     assert ids == sorted(ids) and all(i.startswith(event_id_prefix(pid)) for i in ids)
     assert event_id(pid, 1) != event_id(pid, 1)  # random tail: unique even if a payment's count restarts
+
+
+@pytest.mark.parametrize(
+    ("url", "private"),
+    [("http://localhost:9000/h", True), ("http://127.0.0.1/h", True), ("http://[::1]:8080/h", True),
+     ("http://10.0.0.7/h", True), ("http://169.254.169.254/h", True), ("http://93.184.216.34/h", False)],
+)
+def test_the_dispatcher_refuses_private_targets_unless_allowed(tmp_path: Path, url: str, private: bool) -> None:
+    import asyncio
+
+    from gateway.webhooks.dispatcher import Dispatcher
+
+    store, ps = _store(tmp_path)
+    d = Dispatcher(ps, WebhookSettings())
+    assert asyncio.run(d._private_target(url)) is private
+    store.close()

@@ -15,8 +15,6 @@ oldest first.
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import re
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -32,7 +30,7 @@ from gateway.webhooks import events as ev
 
 EVENTS_LIST_LIMIT_DEFAULT = 10
 EVENTS_LIST_LIMIT_MAX = 100
-ALLOW_PRIVATE_ENV = "GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS"
+ALLOW_PRIVATE_ENV = ev.ALLOW_PRIVATE_ENV
 
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.ENDPOINT_URL_CHARS_MAX)]
 EventName = Annotated[str, msgspec.Meta(max_length=64)]
@@ -85,13 +83,8 @@ def _decode(body: bytes) -> CreateEndpoint | Response:
 
 
 def _private_host(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # a name: resolved at delivery time (see docs/webhooks.md, not done yet)
-    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+    # A name is resolved, and its addresses checked, at each delivery (webhooks/dispatcher.py).
+    return host == "localhost" or host.endswith(".localhost") or ev.private_address(host)
 
 
 def check_url(url: str, allow_private: bool) -> str | None:
@@ -120,7 +113,7 @@ def check_url(url: str, allow_private: bool) -> str | None:
 
 
 def _allow_private() -> bool:
-    return os.environ.get(ALLOW_PRIVATE_ENV, "") in ("1", "true", "yes", "on")
+    return ev.private_url_allowed()
 
 
 @route("POST", r"/v1/webhook_endpoints", "create_webhook_endpoint")

@@ -17,19 +17,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 
 from gateway.store.processing import Delivery, ProcessingStore, now_ms
-from gateway.webhooks.events import WebhookSettings
+from gateway.webhooks.events import WebhookSettings, private_address
 from gateway.webhooks.signature import SIGNATURE_HEADER, sign
 
 log = logging.getLogger("gateway.webhooks")
 
 T = TypeVar("T")
 USER_AGENT = "gateway-webhooks/1"
+class _NotAllowed(Exception):
+    pass
+
+
 DbCall = Callable[..., Awaitable[Any]]
 
 
@@ -90,6 +96,21 @@ class Dispatcher:
                     for t in self._inflight:
                         t.cancel()
 
+    async def _private_target(self, url: str) -> bool:
+        """Whether the URL's host resolves to a loopback, private or link-local address: a public
+        endpoint URL must not reach into the gateway's own network (SSRF). Checked at every attempt, as
+        a name may change what it points to; an unresolvable name is left to the send to fail."""
+        host = urlsplit(url).hostname or ""
+        if host == "localhost" or host.endswith(".localhost") or private_address(host):
+            return True
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
+                self.settings.timeout_ms / 1000)
+        except (OSError, TimeoutError):
+            return False
+        return any(private_address(str(info[4][0])) for info in infos)
+
     def _done(self, sem: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         sem.release()
@@ -99,11 +120,15 @@ class Dispatcher:
         status_code: int | None = None
         error: str | None = None
         try:
+            if not self.settings.allow_private_urls and await self._private_target(d.url):
+                raise _NotAllowed
             headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(d.body, d.secret),
                        "gateway-event-id": d.event_id}
             # Streamed and not read: a receiver's answer matters only by its status.
             async with client.stream("POST", d.url, content=d.body, headers=headers) as response:
                 status_code = response.status_code
+        except _NotAllowed:
+            error = "address_not_allowed"
         except httpx.TimeoutException:
             error = "timeout"
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import secrets as _secrets
@@ -24,6 +25,7 @@ EVENT_TYPES: tuple[str, ...] = (
 ALL_EVENTS = "*"
 OPERATION_FAILED = "payment.operation_failed"
 
+ALLOW_PRIVATE_ENV = "GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS"
 ENDPOINT_ID_PREFIX = "we"
 EVENT_ID_PREFIX = "evt"
 SECRET_PREFIX = "whsec_"
@@ -61,6 +63,20 @@ def new_endpoint_id() -> str:
     return f"{ENDPOINT_ID_PREFIX}_{_secrets.token_hex(12)}"
 
 
+def private_address(address: str) -> bool:
+    """Loopback, private, link-local, multicast or unspecified: not a merchant's public endpoint."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+
+
+def private_url_allowed(env: dict[str, str] | None = None) -> bool:
+    e = os.environ if env is None else env
+    return e.get(ALLOW_PRIVATE_ENV, "") in ("1", "true", "yes", "on")
+
+
 def subscribed(enabled_events: list[str], event_type: str) -> bool:
     return ALL_EVENTS in enabled_events or event_type in enabled_events
 
@@ -76,6 +92,7 @@ class WebhookSettings:
     concurrency: int = 32
     poll_ms: int = 200
     batch_max: int = 100
+    allow_private_urls: bool = False
 
     def __post_init__(self) -> None:
         assert 1 <= self.attempts_max <= 50, "GATEWAY_WEBHOOK_ATTEMPTS_MAX must be 1..50"
@@ -105,6 +122,7 @@ class WebhookSettings:
             timeout_ms=int(e.get("GATEWAY_WEBHOOK_TIMEOUT_MS", str(d.timeout_ms))),
             concurrency=int(e.get("GATEWAY_WEBHOOK_CONCURRENCY", str(d.concurrency))),
             poll_ms=int(e.get("GATEWAY_WEBHOOK_POLL_MS", str(d.poll_ms))),
+            allow_private_urls=private_url_allowed(dict(e)),
         )
 
     def retry_delay_ms(self, attempts: int, rng: random.Random | None = None) -> int:
