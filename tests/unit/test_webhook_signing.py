@@ -185,3 +185,28 @@ def test_the_dispatcher_refuses_private_targets_unless_allowed(tmp_path: Path, u
     d = Dispatcher(ps, WebhookSettings())
     assert asyncio.run(d._private_target(url)) is private
     store.close()
+
+
+def test_a_refused_operation_is_a_payment_operation_failed_event_in_the_same_transaction(tmp_path: Path) -> None:
+    from gateway.pipeline import state_machine as sm
+    from gateway.pipeline.router import ProcessingResult
+    from gateway.store.processing import Accepted, OperationFinish
+
+    store, ps = _store(tmp_path)
+    pid = "pay_" + "0" * 24
+    endpoint = ps.create_endpoint("acct_shop", "https://a.example/h", ["payment.operation_failed"], None, SECRET)
+    assert endpoint is not None
+    rec = ps.load(pid)
+    assert rec is not None
+    t = sm.authorize(rec.payment, amount=1000, psp="psp_a", psp_reference="ref_1", actor="worker", at_ms=1)
+    ps.apply(ProcessingResult(payment=t.payment, outcome=None, transitions=[t]), base_version=rec.payment.version)
+    accepted = ps.accept_operation("acct_shop", pid, "capture", None, False, None, None, "fp")
+    assert isinstance(accepted, Accepted)
+    ps.finish_operation(OperationFinish(accepted.operation.id, "failed", "do_not_honor"), pid)
+    listed = [msgspec.json.decode(e) for e in ps.payment_events("acct_shop", pid, 10)]
+    assert [e["type"] for e in listed] == ["payment.authorized", "payment.operation_failed"]
+    assert listed[1]["data"]["object"]["status"] == "authorized"
+    # Only the subscribed type has a delivery.
+    claimed = ps.claim_deliveries(10, lease_ms=60_000)
+    assert [(d.event_id, d.endpoint_id) for d in claimed] == [(listed[1]["id"], endpoint["id"])]
+    store.close()
