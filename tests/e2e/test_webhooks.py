@@ -47,6 +47,8 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.fail_first: dict[str, int] = {}
+        # event type -> seconds the first delivery of each such event waits before answering
+        self.hang_first: dict[str, float] = {}
         self.status_all: int | None = None
         self._seen: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -61,6 +63,8 @@ class Receiver:
                     status = receiver.status_all or (
                         500 if n <= receiver.fail_first.get(event["type"], 0) else 200)
                     receiver.requests.append(Received({k.lower(): v for k, v in self.headers.items()}, body, status))
+                if n == 1 and event["type"] in receiver.hang_first:
+                    time.sleep(receiver.hang_first[event["type"]])
                 self.send_response(status)
                 self.send_header("content-length", "2")
                 self.end_headers()
@@ -266,6 +270,25 @@ def test_a_failing_receiver_gets_the_same_event_again_and_later_events_wait_for_
     assert_signed(got, ep["secret"])
     detail = event(gw, key, got[0].event["id"])["deliveries"][0]
     assert (detail["status"], detail["attempts"], detail["last_status_code"]) == ("delivered", 3, 200)
+
+
+def test_a_receiver_slower_than_the_timeout_gets_the_event_again(gw: Gateway, receiver: Receiver) -> None:
+    key = new_merchant(gw, "Slow Receiver Shop")
+    ep = add_endpoint(gw, key, receiver.url, ["payment.authorized"])
+    receiver.hang_first["payment.authorized"] = 3.0  # the gateway gives up after 2 s
+    try:
+        pid = create(gw, key)
+        assert settled(gw, key, pid)["status"] == "authorized"
+        got = receiver.wait_for(pid, lambda g: len(g) >= 2)
+    finally:
+        receiver.hang_first.pop("payment.authorized")
+    assert len({r.event["id"] for r in got}) == 1
+    assert_signed(got, ep["secret"])
+    deadline = time.monotonic() + 10
+    while (d := event(gw, key, got[0].event["id"])["deliveries"][0])["status"] == "pending":
+        assert time.monotonic() < deadline, d
+        time.sleep(0.05)
+    assert (d["status"], d["attempts"], d["last_status_code"], d["last_error"]) == ("delivered", 2, 200, None)
 
 
 def test_an_unreachable_endpoint_ends_failed_after_the_attempts_limit(gw: Gateway, receiver: Receiver) -> None:

@@ -120,16 +120,19 @@ class Dispatcher:
         status_code: int | None = None
         error: str | None = None
         try:
-            if not self.settings.allow_private_urls and await self._private_target(d.url):
-                raise _NotAllowed
-            headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(d.body, d.secret),
-                       "gateway-event-id": d.event_id}
-            # Streamed and not read: a receiver's answer matters only by its status.
-            async with client.stream("POST", d.url, content=d.body, headers=headers) as response:
-                status_code = response.status_code
+            # One deadline for the whole attempt (httpx's timeouts are per phase and per read): an
+            # attempt must end well inside its lease, or another dispatcher could send it meanwhile.
+            async with asyncio.timeout(self.settings.timeout_ms / 1000):
+                if not self.settings.allow_private_urls and await self._private_target(d.url):
+                    raise _NotAllowed
+                headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(d.body, d.secret),
+                           "gateway-event-id": d.event_id}
+                # Streamed and not read: a receiver's answer matters only by its status.
+                async with client.stream("POST", d.url, content=d.body, headers=headers) as response:
+                    status_code = response.status_code
         except _NotAllowed:
             error = "address_not_allowed"
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             error = "timeout"
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
             # Connection refused, reset, TLS, an address that cannot be resolved: retried like a 5xx.
