@@ -258,3 +258,28 @@ def test_fee_corrections_keep_the_ledger_balanced_and_make_the_file_match(
     # The simulator's own file now disagrees by 7 on that capture: reported, never "fixed" silently.
     original = reconcile(g, psp, path, "--json", "--force")
     assert original.returncode == 1 and report(original)["counts"]["fee_mismatch"] == 1
+
+
+def test_embedded_mode_writes_its_simulators_files_and_they_reconcile(tmp_path: Path) -> None:
+    """Without `GATEWAY_PSP_URL` the worker's in-process simulators settle; their files land in
+    `data_dir/settlements/` (written again when the worker stops) and match the store."""
+    g = Gateway(tmp_path / "data", extra_env={"GATEWAY_PSP_TIME_SCALE": "0.01", "GATEWAY_PSPS": ",".join(PSPS)})
+    g.start()
+    try:
+        pids = [create(g, 2000 + i, capture=True) for i in range(6)]
+        for pid in pids:
+            assert settled(g, pid)["status"] == "captured"
+        op(g, pids[0], "refunds", {"amount": 500})
+    finally:
+        g.stop()
+    day = datetime.now(UTC).date().isoformat()
+    found = sorted((g.data_dir / "settlements").glob(f"*-{day}.csv"))
+    assert found, "the worker wrote no settlement file"
+    lines = 0
+    for path in found:
+        psp = path.name.removesuffix(f"-{day}.csv")
+        assert psp in PSPS
+        proc = reconcile(g, psp, path, "--json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lines += len(lines_of(path)) - 1
+    assert lines == len(pids) + 1  # six captures and one refund, each settled once

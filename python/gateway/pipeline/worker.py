@@ -58,9 +58,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
+from gateway.psp_sim.export import SettlementExporter
 
 if TYPE_CHECKING:
     from gateway.webhooks.dispatcher import Dispatcher
@@ -164,6 +166,12 @@ class Worker:
         self.clients: dict[str, PSPClient] = {
             name: InProcessPSPClient(sim, timeout_s=s.psp_timeout_ms / 1000) for name, sim in self.sims.items()
         }
+        # Embedded mode's in-process simulators write their daily settlement files beside the database,
+        # for `gateway reconcile settlement` (docs/reconciliation.md).
+        self.settlement_dir = (
+            Path(store.path).parent / "settlements" if isinstance(store, SqliteStore) and s.psp_url is None else None
+        )
+        self.settlements: SettlementExporter | None = None
         if s.psp_url is not None:
             self.sims = {}
             self.clients = {
@@ -193,6 +201,8 @@ class Worker:
     # -- lifecycle (called from other threads) ----------------------------------------------------
 
     def start(self) -> None:
+        if self.settlement_dir is not None and self.sims:
+            self.settlements = SettlementExporter(self.sims, self.settlement_dir).start()
         self._thread = threading.Thread(target=self._run, name="payment-worker", daemon=True)
         self._thread.start()
         self._ready.wait(30)
@@ -203,6 +213,8 @@ class Worker:
             loop.call_soon_threadsafe(stopping.set)
         if self._thread is not None:
             self._thread.join(STOP_WAIT_S + 5)
+        if self.settlements is not None:
+            self.settlements.stop()  # writes what the last operations settled
 
     def submit_payments(self, payment_ids: list[str]) -> None:
         """Thread-safe: queue new payments for authorization."""
