@@ -3,9 +3,11 @@ durability modes (`wal`: 2xx after the local fsync; `kafka`: also after the brok
 side in one run, on the same machine, against the real Redis, Kafka and PostgreSQL of deploy/.
 
 Per mode: `gateway serve` with two processes behind one port, one `gateway worker`, a PostgreSQL schema,
-Kafka topic and Redis prefix of its own (dropped afterwards). Load comes from an open-loop asyncio +
-httpx client in this script (latency from each request's intended send time; it costs more client CPU
-than k6, so keep rates modest); every request has a fresh Idempotency-Key. After the
+Kafka topic and Redis prefix of its own (dropped afterwards). The worker processes every payment
+(PSP simulator at its real latency), so the figures are those of the whole pipeline sharing the
+machine. Load comes from k6 (constant arrival rate, latency from each request's intended send time;
+`--generator python` uses an asyncio + httpx client instead, which saturates its own core within a
+few hundred requests/s once latencies grow); every request has a fresh Idempotency-Key. After the
 run the script checks that every 2xx payment reached PostgreSQL.
 
     python bench/cluster_bench.py                       # rates 250,500,1000 req/s, 5 s each
@@ -46,6 +48,9 @@ VENV_BIN = Path(sys.executable).parent
 
 OK_STATUSES = "200,201"
 DEMO_KEY = "sk_test_demo"
+# k6 cycles through the targets with keys unique to the step and the wrap-around.
+K6_TARGETS = 10_000
+K6_VUS_MAX = 2_000
 BODY = json.dumps({"amount": 2599, "currency": "USD", "payment_method": "tok_visa",
                    "customer": {"email": "buyer@example.com", "country": "US"}})
 
@@ -107,6 +112,22 @@ def run_step_python(port: int, rate: float, seconds: float, run_id: str) -> dict
     return asyncio.run(go())
 
 
+def run_step_k6(port: int, rate: float, seconds: float, run_id: str, work: Path) -> dict[str, Any]:
+    """One offered rate with k6 (constant-arrival-rate, latency from the intended send time), the
+    generator of bench/http_bench.py: a compiled client keeps offering the rate where a Python client
+    spends its own core on connection-pool bookkeeping once latencies grow."""
+    sys.path.insert(0, str(BENCH))
+    import http_bench as hb
+
+    k6 = hb.ensure_tools()
+    targets = work / "k6-targets.json"
+    if not targets.exists():
+        body = BODY.decode() if isinstance(BODY, bytes) else BODY
+        targets.write_text(json.dumps([[0, i, body] for i in range(K6_TARGETS)]))
+    run_id = run_id.replace("/", "-")  # names files
+    return hb.run_step(k6, targets, port, rate, seconds, run_id, None, None, K6_VUS_MAX, [DEMO_KEY], work)
+
+
 def services() -> dict[str, str]:
     out = subprocess.run(["bash", str(REPO / "deploy" / "services.sh"), "up"], capture_output=True, text=True,
                          check=True, timeout=900).stdout
@@ -115,7 +136,10 @@ def services() -> dict[str, str]:
 
 class Deployment:
     def __init__(self, svc: dict[str, str], durability: str, workdir: Path, workers: int,
-                 velocity: str = "shared") -> None:
+                 velocity: str = "shared", processing: bool = True) -> None:
+        # processing False: the worker only materialises payments into PostgreSQL (GATEWAY_WORKER=off),
+        # so the figures are those of the request path with the machine to itself.
+        self.processing = processing
         tag = uuid.uuid4().hex[:8]
         self.svc = svc
         self.schema = f"bench_{tag}"
@@ -155,8 +179,9 @@ velocity = "{velocity}"
             [str(gw), "serve", "--config", str(self.config), "--data-dir", str(self.dir / "data"),
              "--port", str(self.port), "--demo"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         wlog = (self.dir / "worker.log").open("ab")
+        env = {**os.environ, "GATEWAY_WORKER": "on" if self.processing else "off"}
         self.procs.append(subprocess.Popen([str(gw), "worker", "--config", str(self.config)], stdout=wlog,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
+                                           stderr=subprocess.STDOUT, start_new_session=True, env=env))
         seen: set[str] = set()
         deadline = time.monotonic() + 90
         while len(seen) < self.workers:
@@ -254,6 +279,10 @@ def main() -> int:
     ap.add_argument("--step-seconds", type=float, default=5.0)
     ap.add_argument("--modes", default="wal,kafka")
     ap.add_argument("--workers", type=int, default=2, help="gateway processes behind the port")
+    ap.add_argument("--generator", choices=("k6", "python"), default="k6",
+                    help="load generator: k6 (bench/tools.sh) or the asyncio + httpx client")
+    ap.add_argument("--processing", choices=("on", "off"), default="on",
+                    help="off: the worker only writes payments to PostgreSQL (no PSP calls, no ledger)")
     ap.add_argument("--velocity", default="shared", help="cluster.velocity values to run: shared, local")
     ap.add_argument("--admit-only", type=int, default=0, metavar="CALLS",
                     help="only time the Redis admission script, with and without velocity")
@@ -271,22 +300,29 @@ def main() -> int:
     velocities = args.velocity.split(",")
     # Several velocity settings: the report's modes are "<durability>/<velocity>".
     runs = [(m, v, m if len(velocities) == 1 else f"{m}/{v}") for m in args.modes.split(",") for v in velocities]
-    print("load generator: asyncio + httpx (open loop)", flush=True)
+    generator = ("k6 (constant arrival rate, latency from intended send time)" if args.generator == "k6"
+                 else "asyncio + httpx (Python, open loop, latency from intended send time)")
+    print(f"load generator: {generator}", flush=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     report: dict[str, Any] = {
         "when": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "gateway_processes": args.workers, "kafka_workers": 1, "step_seconds": args.step_seconds,
-        "load_generator": "asyncio + httpx (Python, open loop, latency from intended send time)", "modes": {},
+        "load_generator": generator, "processing": args.processing, "modes": {},
     }
     with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
         for mode, velocity, name in runs:
-            d = Deployment(svc, mode, Path(tmp), args.workers, velocity)
+            d = Deployment(svc, mode, Path(tmp), args.workers, velocity, args.processing == "on")
             try:
                 d.start()
-                run_step_python(d.port, rates[0], 2.0, f"{name}-warm")
+                def step(rate: float, seconds: float, run_id: str, d: Deployment = d) -> dict[str, Any]:
+                    if args.generator == "python":
+                        return run_step_python(d.port, rate, seconds, run_id)
+                    return run_step_k6(d.port, rate, seconds, run_id, d.dir)
+
+                step(rates[0], 5.0, f"{name}-warm")  # the first seconds of a deployment are slower
                 steps = []
                 for rate in rates:
-                    r = run_step_python(d.port, rate, args.step_seconds, f"{name}-{int(rate)}")
+                    r = step(rate, args.step_seconds, f"{name}-{int(rate)}")
                     steps.append({
                         "offered_rate": rate, "achieved_rate": round(r["achieved_rate"], 1),
                         "error_rate": r["error_rate"], "status_counts": r["status_counts"],
