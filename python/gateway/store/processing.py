@@ -184,11 +184,14 @@ class _Db:
     """One connection inside a read or a transaction, with the SQL written once for both backends
     (`?` placeholders; for psycopg they become `%s`, so no statement here may contain a `%`)."""
 
-    __slots__ = ("notifications", "pg", "raw")
+    __slots__ = ("notifications", "pg", "pipeline", "raw")
 
     def __init__(self, raw: Any, pg: bool) -> None:
         self.raw = raw
         self.pg = pg
+        # psycopg pipeline of a pipelined transaction: statements are queued and go out together with
+        # the next one whose result is fetched (one round trip), or at `sync`.
+        self.pipeline: Any = None
         # (channel, payload) to send once the transaction has committed.
         self.notifications: list[tuple[str, str]] = []
 
@@ -205,6 +208,11 @@ class _Db:
                 cur.executemany(_pg_sql(sql), rows)
         else:
             self.raw.executemany(sql, rows)
+
+    def sync(self) -> None:
+        """Sends what a pipeline has queued and waits for its results (so that `rowcount` is known)."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
 
 
 _PG_SQL: dict[str, str] = {}
@@ -235,7 +243,8 @@ class _Dialect:
         yield
 
     @contextmanager
-    def tx(self) -> Iterator[_Db]:
+    def tx(self, pipelined: bool = False) -> Iterator[_Db]:
+        """A transaction; `pipelined`: the caller calls `_Db.sync` before any `rowcount` it reads."""
         raise NotImplementedError
         yield
 
@@ -268,7 +277,7 @@ class _SqliteDialect(_Dialect):
         yield _Db(self.store._conn(), False)
 
     @contextmanager
-    def tx(self) -> Iterator[_Db]:
+    def tx(self, pipelined: bool = False) -> Iterator[_Db]:
         conn = self.store._conn()
         with self.store._write_lock:
             conn.execute("BEGIN IMMEDIATE")
@@ -303,11 +312,26 @@ class _PostgresDialect(_Dialect):
             yield _Db(conn, True)
 
     @contextmanager
-    def tx(self) -> Iterator[_Db]:
+    def tx(self, pipelined: bool = False) -> Iterator[_Db]:
         with self.store.pool.connection() as conn:
             db = _Db(conn, True)
-            with conn.transaction():
-                yield db
+            if pipelined:
+                # BEGIN, the statements whose results are not read at once, COMMIT and the notification
+                # share round trips; an error still aborts the transaction (psycopg raises it at the
+                # next fetch or sync, and what follows it in the pipeline is not executed).
+                with conn.pipeline() as pipeline:
+                    db.pipeline = pipeline
+                    with conn.transaction():
+                        yield db
+                    db.pipeline = None
+                    self._notify_committed(conn, db)
+            else:
+                with conn.transaction():
+                    yield db
+                self._notify_committed(conn, db)
+
+    @staticmethod
+    def _notify_committed(conn: Any, db: _Db) -> None:
             if db.notifications:
                 # After the commit, in a statement of its own: PostgreSQL serialises the commits of
                 # transactions that NOTIFY (a global lock held through the WAL flush), which would
@@ -386,8 +410,8 @@ class ProcessingStore:
     def _read(self) -> Any:
         return self._d.read()
 
-    def _tx(self) -> Any:
-        return self._d.tx()
+    def _tx(self, pipelined: bool = False) -> Any:
+        return self._d.tx(pipelined)
 
     def claim(self, payment_id: str) -> bool:
         """True if this process may drive the payment now (always, with one worker on SQLite)."""
@@ -545,6 +569,12 @@ class ProcessingStore:
         """Persist a `started` attempt before its PSP call (its own transaction, committed first).
         The payment body is recomposed when the attempt's result is applied, not here: one
         transaction less per PSP call."""
+        if self.pg:
+            # One statement on an autocommit connection is a transaction of its own: no BEGIN/COMMIT.
+            with self._read() as conn:
+                assert conn.raw.autocommit
+                self._upsert_attempt(conn, row, operation_id)
+            return
         with self._tx() as conn:
             self._upsert_attempt(conn, row, operation_id)
 
@@ -577,7 +607,7 @@ class ProcessingStore:
         `base_version`), audit rows, ledger rows, the operation's end and optionally a follow-up
         operation `(kind, amount, final_capture, actor)` (the auto-capture). Returns that operation."""
         created: Operation | None = None
-        with self._tx() as conn:
+        with self._tx(pipelined=True) as conn:
             for a in result.attempts:
                 self._upsert_attempt(conn, a, operation_id)
             if result.transitions:
@@ -596,6 +626,7 @@ class ProcessingStore:
                         p.id, base_version,
                     ),
                 )
+                conn.sync()
                 if cur.rowcount != 1:
                     raise StaleVersion(f"payment {p.id} changed since version {base_version}")
                 conn.execute("UPDATE payments SET status = ? WHERE id = ?", (p.status.value, p.id))
@@ -682,7 +713,7 @@ class ProcessingStore:
 
     def finish_operation(self, finish: OperationFinish, payment_id: str,
                          attempts: Sequence[AttemptRow] = ()) -> None:
-        with self._tx() as conn:
+        with self._tx(pipelined=True) as conn:
             for a in attempts:
                 self._upsert_attempt(conn, a, finish.operation_id)
             conn.execute(
@@ -700,10 +731,16 @@ class ProcessingStore:
     def _emit(self, conn: _Db, merchant_id: str, payment_id: str, event_type: str, payment_body: bytes) -> str:
         """Writes one event (inside the caller's transaction) and a pending delivery for each of the
         merchant's endpoints subscribed to its type. Returns the event id."""
-        n = conn.execute(
+        count_cur = conn.execute(
             "UPDATE payment_state SET events_count = events_count + 1 WHERE payment_id = ? RETURNING events_count",
             (payment_id,),
-        ).fetchone()[0]
+        )
+        # Sent with the counter's update (one round trip in a pipeline): the endpoints do not depend on it.
+        endpoints_cur = conn.execute(
+            "SELECT id, enabled_events FROM webhook_endpoints WHERE merchant_id = ? AND deleted_ms IS NULL",
+            (merchant_id,),
+        )
+        n = count_cur.fetchone()[0]
         event_id = ev.event_id(payment_id, int(n))
         t = now_ms()
         body = b'{"id":"%s","object":"event","type":"%s","created":%d,"data":{"object":%s}}' % (
@@ -712,10 +749,7 @@ class ProcessingStore:
             "INSERT INTO payment_events (id, merchant_id, payment_id, type, created_ms, body) VALUES (?, ?, ?, ?, ?, ?)",
             (event_id, merchant_id, payment_id, event_type, t, body.decode()),
         )
-        endpoints = conn.execute(
-            "SELECT id, enabled_events FROM webhook_endpoints WHERE merchant_id = ? AND deleted_ms IS NULL",
-            (merchant_id,),
-        ).fetchall()
+        endpoints = endpoints_cur.fetchall()
         targets = [e[0] for e in endpoints if ev.subscribed(msgspec.json.decode(e[1]), event_type)]
         if targets:
             self.new_deliveries = True
@@ -997,9 +1031,22 @@ class ProcessingStore:
     def _compose_body(self, conn: _Db, payment_id: str) -> bytes:
         """Rewrite `payments.body` from the processing state: status, amounts, attempts, refunds and
         the operation in progress. Done at write time so reads stay one indexed row."""
-        row = conn.execute("SELECT body FROM payments WHERE id = ?", (payment_id,)).fetchone()
+        # The four reads are sent before any result is read: one round trip in a pipeline.
+        body_cur = conn.execute("SELECT body FROM payments WHERE id = ?", (payment_id,))
+        state_cur = conn.execute(f"SELECT {_STATE_COLUMNS} FROM payment_state WHERE payment_id = ?", (payment_id,))
+        attempts_cur = conn.execute(
+            "SELECT attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
+            " FROM payment_attempts WHERE payment_id = ? ORDER BY started_at_ms, attempt_id LIMIT ?",
+            (payment_id, ATTEMPTS_IN_BODY_MAX),
+        )
+        ops_cur = conn.execute(
+            f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE payment_id = ? ORDER BY created_ms, seq LIMIT ?",
+            (payment_id, OPERATIONS_IN_BODY_MAX),
+        )
+        row = body_cur.fetchone()
         body: dict[str, Any] = msgspec.json.decode(row[0])
-        rec = self._load(conn, payment_id)
+        state = state_cur.fetchone()
+        rec = _record(state) if state else None
         if rec is not None:
             p = rec.payment
             body["status"] = p.status.value
@@ -1010,20 +1057,13 @@ class ProcessingStore:
             body["capture_final"] = p.capture_final
             body["psp"] = p.psp
             body["failure_code"] = p.failure_code
-        attempts = conn.execute(
-            "SELECT attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
-            " FROM payment_attempts WHERE payment_id = ? ORDER BY started_at_ms, attempt_id LIMIT ?",
-            (payment_id, ATTEMPTS_IN_BODY_MAX),
-        ).fetchall()
+        attempts = attempts_cur.fetchall()
         body["attempts"] = [
             {"id": a[0], "operation": a[1], "psp": a[2], "status": a[3], "code": a[4], "amount": a[5],
              "started_ms": a[6], "finished_ms": a[7]}
             for a in attempts
         ]
-        ops = conn.execute(
-            f"SELECT {_OP_COLUMNS} FROM payment_operations WHERE payment_id = ? ORDER BY created_ms, seq LIMIT ?",
-            (payment_id, OPERATIONS_IN_BODY_MAX),
-        ).fetchall()
+        ops = ops_cur.fetchall()
         operations = [_op(o) for o in ops]
         body["refunds"] = [
             {"id": o.id, "object": "refund", "amount": o.amount, "status": _refund_status(o.status),
