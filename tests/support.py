@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -126,3 +127,11 @@ def same_payment(got: dict, created: dict) -> bool:
     """Whether `got` (read later) is the payment `created` was, whatever processing did since."""
     return all(got.get(k) == v for k, v in created.items() if k not in PROCESSING_FIELDS)
 
+
+_NO_DIGITS = str.maketrans("0123456789", "ghijklmnop")
+
+
+def unique_token(prefix: str) -> str:
+    """A fresh payment-method token without digits in its random part: a random hex run can be 12+
+    digits that pass the Luhn check, and the gateway rightly refuses it as a card number."""
+    return prefix + uuid.uuid4().hex[:12].translate(_NO_DIGITS)

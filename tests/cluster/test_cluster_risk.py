@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from support import auth
+from support import auth, unique_token
 
 from .test_cluster_mode import Cluster, cluster_factory  # noqa: F401 - the fixture, shared
 
@@ -66,8 +65,8 @@ def test_list_add_rule_push_and_rollback_through_one_port_reach_both_processes(c
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", cl.schema)}
     assert {"risk_rulesets", "risk_lists", "risk_list_entries", "risk_audit"} <= tables
 
-    stolen = f"tok_s{uuid.uuid4().hex[:12]}"
-    clean = f"tok_c{uuid.uuid4().hex[:12]}"
+    stolen = unique_token("tok_s")
+    clean = unique_token("tok_c")
     r = admin(cl, "POST", "/v1/admin/lists", {"name": "stolen_cards", "kind": "card"})
     assert r.status_code == 201, r.text
     r = admin(cl, "POST", "/v1/admin/lists/stolen_cards/add", {"values": [stolen]})
@@ -115,7 +114,7 @@ def test_a_restarted_process_restores_the_control_plane_from_postgres(cluster_fa
     monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
     cl = cluster_factory()
     cl.start_gateway()
-    stolen = f"tok_s{uuid.uuid4().hex[:12]}"
+    stolen = unique_token("tok_s")
     assert admin(cl, "POST", "/v1/admin/lists", {"name": "bad", "kind": "card"}).status_code == 201
     assert admin(cl, "POST", "/v1/admin/lists/bad/add", {"values": [stolen]}).status_code == 200
     r = admin(cl, "POST", "/v1/admin/rules", {"source": "bad: block if :card: in @bad\n", "author": "tests"})
@@ -135,7 +134,7 @@ def pay_mix(cl: Cluster, watched: str, n: int) -> list[httpx.Response]:
     the others with fresh cards, amounts cycling through 1000, 6000 and 20000."""
     out = []
     for i in range(n):
-        token = watched if i % 3 == 0 else f"tok_m{uuid.uuid4().hex[:12]}"
+        token = watched if i % 3 == 0 else unique_token("tok_m")
         with httpx.Client(timeout=15) as c:
             out.append(c.post(f"{cl.gateway.url}/v1/payments", headers=auth(),
                               json={"amount": (1000, 6000, 20000)[(i // 3) % 3],
@@ -159,7 +158,7 @@ def test_backtest_in_cluster_mode_replays_every_process_from_kafka_like_the_live
     assert cl.gateway.config_path is not None
     cl.gateway.config_path.write_text(cl.config_text + "\n[risk]\nbacktest_records_max = 50\n")
     cl.start_gateway()
-    watched = f"tok_w{uuid.uuid4().hex[:12]}"
+    watched = unique_token("tok_w")
     assert admin(cl, "POST", "/v1/admin/lists", {"name": "watch", "kind": "card"}).status_code == 201
     assert admin(cl, "POST", "/v1/admin/lists/watch/add", {"values": [watched]}).status_code == 200
     r = admin(cl, "POST", "/v1/admin/rules", {"source": "huge: block if :amount: > 99999999\n", "author": "tests"})
@@ -228,7 +227,7 @@ def test_list_changes_whose_message_was_never_published_reach_both_processes_by_
     monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
     cl = cluster_factory()
     cl.start_gateway()
-    token = f"tok_q{uuid.uuid4().hex[:12]}"
+    token = unique_token("tok_q")
     assert admin(cl, "POST", "/v1/admin/lists", {"name": "quiet", "kind": "card"}).status_code == 201
     r = admin(cl, "POST", "/v1/admin/rules", {"source": "q: block if :card: in @quiet\n", "author": "tests"})
     assert r.status_code == 201, r.text

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 
 import httpx
 import pytest
 import redis
-from support import auth
+from support import auth, unique_token
 
 from .test_cluster_mode import Cluster, cluster_factory  # noqa: F401 - the fixture, shared
 from .test_cluster_risk import ADMIN_KEY, admin, decline_codes, rules_version_by_slot
@@ -66,7 +65,7 @@ def test_card_velocity_adds_up_over_both_processes_and_declines_past_the_thresho
         cluster_factory, monkeypatch) -> None:  # noqa: F811
     cl = cluster_factory()
     start(cl, "shared", monkeypatch)
-    token = f"tok_v{uuid.uuid4().hex[:12]}"
+    token = unique_token("tok_v")
     responses = pay_one_by_one(cl, token)
     codes = decline_codes(responses)
     assert codes == [201] * THRESHOLD + ["velocity_exceeded"] * (PAYMENTS - THRESHOLD), codes
@@ -79,7 +78,7 @@ def test_card_velocity_adds_up_over_both_processes_and_declines_past_the_thresho
     assert sum(by_slot.values()) == PAYMENTS and all(n > 0 for n in by_slot.values()), by_slot
 
     # Another card starts from zero: counters are per card, whichever process answers.
-    assert decline_codes(pay_one_by_one(cl, f"tok_w{uuid.uuid4().hex[:12]}", THRESHOLD)) == [201] * THRESHOLD
+    assert decline_codes(pay_one_by_one(cl, unique_token("tok_w"), THRESHOLD)) == [201] * THRESHOLD
 
     # Redis holds hashes only, each key with an expiry.
     r = redis.Redis.from_url(cl.services.redis_url)
@@ -95,7 +94,7 @@ def test_card_velocity_adds_up_over_both_processes_and_declines_past_the_thresho
 def test_with_local_velocity_each_process_counts_only_its_own_share(cluster_factory, monkeypatch) -> None:  # noqa: F811
     cl = cluster_factory()
     start(cl, "local", monkeypatch)
-    token = f"tok_l{uuid.uuid4().hex[:12]}"
+    token = unique_token("tok_l")
     codes = decline_codes(pay_one_by_one(cl, token))
     # Each process allows THRESHOLD payments of the card, so the cluster lets more through in total.
     assert codes.count(201) > THRESHOLD, codes

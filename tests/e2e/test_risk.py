@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from support import GATEWAY, Gateway, auth
+from support import GATEWAY, Gateway, auth, unique_token
 
 ADMIN_KEY = "ak_test_" + "r" * 24
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -29,7 +28,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 def card() -> str:
     """A card token no other test uses, so velocity counts start at zero."""
-    return f"tok_t{uuid.uuid4().hex[:12]}"
+    return unique_token("tok_t")
 
 
 def admin(g: Gateway, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
