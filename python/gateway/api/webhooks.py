@@ -24,7 +24,7 @@ import msgspec
 from gateway._fastpath import contains_pan
 from gateway.api.app import JSON, PAYMENT_ID, GatewayApp, Response, route
 from gateway.api.errors import error_body
-from gateway.api.operations import _read_body, _state
+from gateway.api.operations import _read_body, _State, _state
 from gateway.store.base import Merchant
 from gateway.webhooks import events as ev
 
@@ -53,6 +53,18 @@ def _invalid(code: str, message: str, param: str | None = None, status: int = 40
 
 def _starting() -> Response:
     return 503, [JSON, ("retry-after", "1")], error_body(503, "starting", "The gateway is starting.")
+
+
+def _merchant_and_state(app: GatewayApp, scope: Any) -> tuple[Merchant, _State] | Response:
+    """The authenticated merchant and the processing state, or the answer that refuses the request
+    (401, or 503 while the gateway starts)."""
+    auth = app.authenticate(scope)
+    if not isinstance(auth, Merchant):
+        return auth
+    st = _state(app) if app.ready else None
+    if st is None:
+        return _starting()
+    return auth, st
 
 
 def _decode(body: bytes) -> CreateEndpoint | Response:
@@ -118,12 +130,10 @@ def _allow_private() -> bool:
 
 @route("POST", r"/v1/webhook_endpoints", "create_webhook_endpoint")
 async def create_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
-    auth = app.authenticate(scope)
-    if not isinstance(auth, Merchant):
-        return auth
-    st = _state(app) if app.ready else None
-    if st is None:
-        return _starting()
+    got = _merchant_and_state(app, scope)
+    if len(got) == 3:  # the refusal
+        return got
+    auth, st = got
     raw = await _read_body(scope, proto)
     if not isinstance(raw, bytes):
         return raw
@@ -152,12 +162,10 @@ async def create_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Mat
 
 @route("GET", r"/v1/webhook_endpoints", "list_webhook_endpoints")
 async def list_endpoints(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
-    auth = app.authenticate(scope)
-    if not isinstance(auth, Merchant):
-        return auth
-    st = _state(app) if app.ready else None
-    if st is None:
-        return _starting()
+    got = _merchant_and_state(app, scope)
+    if len(got) == 3:  # the refusal
+        return got
+    auth, st = got
     data = await st.run(st.pstore.list_endpoints, auth.id)
     return 200, [JSON], msgspec.json.encode(
         {"object": "list", "url": "/v1/webhook_endpoints", "has_more": False, "data": data})
@@ -165,12 +173,10 @@ async def list_endpoints(app: GatewayApp, scope: Any, proto: Any, match: re.Matc
 
 @route("DELETE", r"/v1/webhook_endpoints/(?P<id>[A-Za-z0-9_]{1,64})", "delete_webhook_endpoint")
 async def delete_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
-    auth = app.authenticate(scope)
-    if not isinstance(auth, Merchant):
-        return auth
-    st = _state(app) if app.ready else None
-    if st is None:
-        return _starting()
+    got = _merchant_and_state(app, scope)
+    if len(got) == 3:  # the refusal
+        return got
+    auth, st = got
     endpoint_id = match["id"]
     if not await st.run(st.pstore.delete_endpoint, auth.id, endpoint_id):
         return _invalid("resource_missing", f"No such webhook endpoint: '{endpoint_id}'", "id", status=404)
@@ -179,12 +185,10 @@ async def delete_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Mat
 
 @route("GET", r"/v1/events/(?P<id>[A-Za-z0-9_]{1,64})", "get_event")
 async def get_event(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
-    auth = app.authenticate(scope)
-    if not isinstance(auth, Merchant):
-        return auth
-    st = _state(app) if app.ready else None
-    if st is None:
-        return _starting()
+    got = _merchant_and_state(app, scope)
+    if len(got) == 3:  # the refusal
+        return got
+    auth, st = got
     found = await st.run(st.pstore.event, auth.id, match["id"])
     if found is None:
         return _invalid("resource_missing", f"No such event: '{match['id']}'", "id", status=404)
