@@ -135,3 +135,24 @@ def unique_token(prefix: str) -> str:
     """A fresh payment-method token without digits in its random part: a random hex run can be 12+
     digits that pass the Luhn check, and the gateway rightly refuses it as a card number."""
     return prefix + uuid.uuid4().hex[:12].translate(_NO_DIGITS)
+
+
+PSP_SIM_START_S = 30
+
+
+def start_psp_sim(port: int, psps: tuple[str, ...] | list[str], time_scale: float, log_path: Path) -> subprocess.Popen[bytes]:
+    """`gateway psp-sim` on 127.0.0.1:`port` in its own session, returned once `/health` answers."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([GATEWAY, "psp-sim", "--port", str(port), *(a for p in psps for a in ("--psp", p)),
+                                 "--time-scale", str(time_scale)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + PSP_SIM_START_S
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, f"psp-sim exited during start-up:\n{log_path.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "psp-sim did not start"
+        time.sleep(0.05)

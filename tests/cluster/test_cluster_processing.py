@@ -31,7 +31,7 @@ import psycopg
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
-from support import GATEWAY, Gateway, auth, free_port, run_cli
+from support import GATEWAY, Gateway, auth, free_port, run_cli, start_psp_sim
 
 from .conftest import ServiceUrls, cluster_config
 
@@ -72,20 +72,8 @@ class ProcessingCluster:
     # -- processes -------------------------------------------------------------------------------
 
     def start(self, workers: int = 2) -> ProcessingCluster:
-        log = (self.tmp / "psp-sim.log").open("ab")
-        self.psp = subprocess.Popen(
-            [GATEWAY, "psp-sim", "--port", str(self.psp_port), "--psp", "psp_a", "--psp", "psp_b",
-             "--time-scale", str(self.psp_time_scale)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self.psp = start_psp_sim(self.psp_port, ("psp_a", "psp_b"), self.psp_time_scale, self.tmp / "psp-sim.log")
         self.gateway.start(timeout_s=90)
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.psp_url}/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "psp-sim did not start"
-            time.sleep(0.05)
         self._wait_both_processes()
         for _ in range(workers):
             self.start_worker()

@@ -8,12 +8,10 @@ balances (`gateway ledger check`) after fee corrections.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import sqlite3
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import GATEWAY, Gateway, auth, free_port, run_cli
+from support import Gateway, auth, free_port, run_cli, start_psp_sim
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -34,17 +32,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str
     tmp = tmp_path_factory.mktemp("recon")
     port = free_port()
     psp_url = f"http://127.0.0.1:{port}"
-    log = (tmp / "psp-sim.log").open("ab")
-    sim = subprocess.Popen([GATEWAY, "psp-sim", "--port", str(port), *(a for p in PSPS for a in ("--psp", p)),
-                            "--time-scale", "0.01"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{psp_url}/health", timeout=1).status_code == 200:
-                break
-        assert time.monotonic() < deadline, "psp-sim did not start"
-        time.sleep(0.05)
+    sim = start_psp_sim(port, PSPS, 0.01, tmp / "psp-sim.log")
     g = Gateway(tmp / "data", extra_env={"GATEWAY_PSP_URL": psp_url, "GATEWAY_PSP_TIME_SCALE": "0.01",
                                          "GATEWAY_PSPS": ",".join(PSPS), "GATEWAY_RECONCILE_INTERVAL_MS": "100"})
     try:
