@@ -71,7 +71,7 @@ redis_key_prefix = "b{tag}"
         conn.execute(f"SET search_path = {schema}")  # type: ignore[arg-type]
         conn.execute("INSERT INTO merchants (id, name, api_key_hash, created) VALUES (%s, 'Bench', %s, 0)",
                      (MERCHANT, "0" * 64))
-    from gateway.pipeline.relay import ensure_topic
+    from gateway.feed.relay import ensure_topic
 
     ensure_topic(svc["KAFKA_BOOTSTRAP"], topic, PARTITIONS)
     producer = Producer({"bootstrap.servers": svc["KAFKA_BOOTSTRAP"], "linger.ms": 5, "acks": "all"})

@@ -23,8 +23,8 @@ import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from gateway.pipeline import ledger
-from gateway.pipeline import reconcile as rc
+from gateway.domain import ledger
+from gateway.processing import reconcile as rc
 from gateway.psp_sim import PSP_A
 from gateway.store.postgres import PostgresStore
 from gateway.store.processing import ProcessingStore

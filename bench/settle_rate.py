@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import msgspec
-from gateway.pipeline.worker import Worker, WorkerSettings
+from gateway.processing.worker import Worker, WorkerSettings
 from gateway.store.sqlite import SqliteStore
 
 FINAL = ("captured", "failed", "canceled", "authorized")

@@ -51,7 +51,7 @@ def _open_configured_store(args: argparse.Namespace, cfg: config_mod.Config) -> 
 
 
 def ensure_demo_merchant(data_dir: Path, cfg: config_mod.Config | None = None) -> None:
-    from gateway.secrets import hash_api_key
+    from gateway.domain.secrets import hash_api_key
 
     store = open_postgres(cfg) if cfg is not None and cfg.server.mode == "cluster" else _open_store(data_dir)
     if cfg is not None and cfg.server.mode == "cluster":
@@ -108,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_merchant_create(args: argparse.Namespace) -> int:
-    from gateway.secrets import Secret, hash_api_key, new_api_key
+    from gateway.domain.secrets import Secret, hash_api_key, new_api_key
 
     cfg = config_mod.load(args.config)
     if not 1 <= len(args.name) <= 200:
@@ -151,7 +151,7 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from gateway import logs
-    from gateway.pipeline.kafka_worker import run_worker
+    from gateway.runtime.cluster_worker import run_worker
 
     cfg = config_mod.load(args.config)
     if cfg.server.mode != "cluster":
@@ -172,7 +172,7 @@ def cmd_psp_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_check(args: argparse.Namespace) -> int:
-    from gateway.pipeline import ledger
+    from gateway.domain import ledger
     from gateway.store.processing import ProcessingStore
 
     cfg = config_mod.load(args.config)
@@ -219,7 +219,7 @@ def cmd_reconcile_settlement(args: argparse.Namespace) -> int:
     """Exit 0: every line matched; 1: discrepancies; 2: the file (or the command) is unusable."""
     from datetime import date
 
-    from gateway.pipeline import reconcile as rc
+    from gateway.processing import reconcile as rc
 
     path = Path(args.file)
     if not rc.PSP_NAME.match(args.psp):
@@ -277,7 +277,7 @@ def cmd_reconcile_fetch(args: argparse.Namespace) -> int:
 
     import httpx
 
-    from gateway.pipeline import reconcile as rc
+    from gateway.processing import reconcile as rc
 
     try:
         day = date.fromisoformat(args.date)
@@ -313,7 +313,7 @@ def cmd_reconcile_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile_runs(args: argparse.Namespace) -> int:
-    from gateway.pipeline import reconcile as rc
+    from gateway.processing import reconcile as rc
     from gateway.store.processing import ProcessingStore
 
     store = _reconcile_store(args)

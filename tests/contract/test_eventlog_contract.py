@@ -17,8 +17,8 @@ import pytest
 from cluster.conftest import run_services_up
 from confluent_kafka.admin import AdminClient
 from gateway._fastpath import FastPath
-from gateway.pipeline.eventlog import EventLog, EventLogError, KafkaEventLog, ReadStats, WalEventLog
-from gateway.pipeline.relay import Relay, ensure_topic
+from gateway.feed.eventlog import EventLog, EventLogError, KafkaEventLog, ReadStats, WalEventLog
+from gateway.feed.relay import Relay, ensure_topic
 
 BACKENDS = [
     pytest.param("wal", id="wal"),

@@ -2,7 +2,7 @@
 
 The receiver is a threaded `http.server` in this process: it records every request (headers and raw
 body) and answers 500 to the first N deliveries of an event when told to. Signatures are checked
-with the public `gateway.webhooks.verify_signature`, as a merchant would.
+with the public `gateway.domain.signature.verify_signature`, as a merchant would.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gateway.webhooks import verify_signature
+from gateway.domain.signature import verify_signature
 from support import Gateway, auth, create_merchant
 
 WEBHOOK_ENV = {

@@ -1,4 +1,4 @@
-"""Cluster-mode create decisions (api/cluster.py) with the in-memory SharedState fake and a stub fast
+"""Cluster-mode create decisions (runtime/cluster.py) with the in-memory SharedState fake and a stub fast
 path: what reaches the fast path, and what is answered without it."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import asyncio
 import json
 from typing import Any
 
-from gateway.api.cluster import Cluster, fingerprint
 from gateway.config import Config, parse
+from gateway.runtime.cluster import Cluster, fingerprint
 from gateway.shared.redis_state import InMemorySharedState
 from gateway.store.base import Merchant
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from gateway.pipeline import ledger
-from gateway.pipeline import state_machine as sm
-from gateway.pipeline.ledger import Direction, Line, Posting, PostingKind, UnbalancedPosting
+from gateway.domain import ledger
+from gateway.domain import payment as sm
+from gateway.domain.ledger import Direction, Line, Posting, PostingKind, UnbalancedPosting
 
 T0 = 1_700_000_000_000
 

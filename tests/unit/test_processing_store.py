@@ -22,10 +22,9 @@ from pathlib import Path
 import msgspec
 import psycopg
 import pytest
-from gateway.pipeline import ledger
-from gateway.pipeline import state_machine as sm
-from gateway.pipeline.psp_client import Outcome
-from gateway.pipeline.router import ProcessingResult
+from gateway.domain import ledger
+from gateway.domain import payment as sm
+from gateway.domain.attempt import Outcome, ProcessingResult
 from gateway.store.postgres import PostgresStore
 from gateway.store.processing import Accepted, OperationFinish, ProcessingStore, Refused, StaleVersion
 from gateway.store.sqlite import SqliteStore

@@ -15,7 +15,8 @@ from pathlib import Path
 import gateway
 import httpx
 import pytest
-from gateway.pipeline.psp_client import HTTPPSPClient, InProcessPSPClient, Outcome
+from gateway.domain.attempt import Outcome
+from gateway.psp.client import HTTPPSPClient, InProcessPSPClient
 from gateway.psp_sim import (
     DEFAULT_PROFILES,
     PSP_A,

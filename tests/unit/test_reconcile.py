@@ -12,9 +12,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from gateway.pipeline import ledger
-from gateway.pipeline import reconcile as rc
-from gateway.pipeline.reconcile import GatewayEvent, SettlementFileError, match, parse_settlement
+from gateway.domain import ledger
+from gateway.processing import reconcile as rc
+from gateway.processing.reconcile import GatewayEvent, SettlementFileError, match, parse_settlement
 from gateway.store.postgres import PostgresStore
 from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
-from gateway.pipeline.relay import Checkpoint, Relay, record_key
+from gateway.feed.relay import Checkpoint, Relay, record_key
 
 
 class NoSource:

@@ -6,25 +6,15 @@ import asyncio
 import random
 
 import pytest
-from gateway.pipeline import ledger
-from gateway.pipeline import state_machine as sm
-from gateway.pipeline.psp_client import InProcessPSPClient, Outcome, PSPResult
-from gateway.pipeline.router import (
-    Action,
-    AttemptStatus,
-    BreakerConfig,
-    BreakerState,
-    CircuitBreaker,
-    PSPRoute,
-    RetryPolicy,
-    Router,
-    attempt_idempotency_key,
-    process_authorization,
-    process_capture,
-    process_refund,
-    process_void,
-    resolve_pending,
-)
+from gateway.domain import ledger
+from gateway.domain import payment as sm
+from gateway.domain.attempt import AttemptStatus, Outcome, attempt_idempotency_key
+from gateway.processing.authorize import process_authorization
+from gateway.processing.operations import process_capture, process_refund, process_void
+from gateway.processing.resolve import resolve_pending
+from gateway.psp.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from gateway.psp.client import InProcessPSPClient, PSPResult
+from gateway.psp.routing import Action, PSPRoute, RetryPolicy, Router
 from gateway.psp_sim import PSP_A, PSP_B, PSP_C, PSPProfile, SimulatedPSP
 
 T0 = 1_700_000_000_000

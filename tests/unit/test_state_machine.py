@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from gateway.pipeline import ledger
-from gateway.pipeline import state_machine as sm
-from gateway.pipeline.state_machine import PaymentStatus as S
-from gateway.pipeline.state_machine import TransitionError
+from gateway.domain import ledger
+from gateway.domain import payment as sm
+from gateway.domain.payment import PaymentStatus as S
+from gateway.domain.payment import TransitionError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import msgspec
 import pytest
 from gateway.api.webhooks import check_url
-from gateway.secrets import Secret
+from gateway.domain.events import WebhookSettings, new_endpoint_secret
+from gateway.domain.secrets import Secret
+from gateway.domain.signature import WebhookSignatureError, compute_signature, sign, verify_signature
 from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
-from gateway.webhooks import WebhookSettings, WebhookSignatureError, compute_signature, sign, verify_signature
-from gateway.webhooks.events import new_endpoint_secret
 
 SECRET = "whsec_test_0123456789abcdef"
 BODY = b'{"id":"evt_1","type":"payment.captured","data":{"object":{"id":"pay_1","amount":1000}}}'
@@ -137,8 +137,8 @@ def _store(tmp_path: Path) -> tuple[SqliteStore, ProcessingStore]:
 
 
 def test_the_outbox_writes_one_delivery_per_subscribed_endpoint_and_claims_each_once(tmp_path: Path) -> None:
-    from gateway.pipeline import state_machine as sm
-    from gateway.pipeline.router import ProcessingResult
+    from gateway.domain import payment as sm
+    from gateway.domain.attempt import ProcessingResult
 
     store, ps = _store(tmp_path)
     pid = "pay_" + "0" * 24
@@ -163,7 +163,7 @@ def test_the_outbox_writes_one_delivery_per_subscribed_endpoint_and_claims_each_
 
 
 def test_event_ids_of_a_payment_share_a_prefix_and_sort_in_the_order_of_their_events() -> None:
-    from gateway.webhooks.events import event_id, event_id_prefix
+    from gateway.domain.events import event_id, event_id_prefix
 
     pid = "pay_" + "7" * 24
     ids = [event_id(pid, n) for n in (1, 2, 9, 10, 11, 100, 12345)]
@@ -179,7 +179,7 @@ def test_event_ids_of_a_payment_share_a_prefix_and_sort_in_the_order_of_their_ev
 def test_the_dispatcher_refuses_private_targets_unless_allowed(tmp_path: Path, url: str, private: bool) -> None:
     import asyncio
 
-    from gateway.webhooks.dispatcher import Dispatcher
+    from gateway.processing.webhooks import Dispatcher
 
     store, ps = _store(tmp_path)
     d = Dispatcher(ps, WebhookSettings())
@@ -188,8 +188,8 @@ def test_the_dispatcher_refuses_private_targets_unless_allowed(tmp_path: Path, u
 
 
 def test_a_refused_operation_is_a_payment_operation_failed_event_in_the_same_transaction(tmp_path: Path) -> None:
-    from gateway.pipeline import state_machine as sm
-    from gateway.pipeline.router import ProcessingResult
+    from gateway.domain import payment as sm
+    from gateway.domain.attempt import ProcessingResult
     from gateway.store.processing import Accepted, OperationFinish
 
     store, ps = _store(tmp_path)

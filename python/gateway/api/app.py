@@ -22,16 +22,16 @@ import msgspec
 
 from gateway import config as config_mod
 from gateway._fastpath import FastPath
-from gateway.api.errors import error_body
 from gateway.api.metrics import HttpMetrics
-from gateway.api.waiters import LsnWaiters
-from gateway.pipeline.tailer import Tailer
-from gateway.secrets import hash_api_key
+from gateway.domain.errors import error_body
+from gateway.domain.secrets import hash_api_key
+from gateway.feed.tailer import Tailer
+from gateway.runtime.waiters import LsnWaiters
 from gateway.store.base import Merchant, created_payment_ids
 from gateway.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
-    from gateway.api.cluster import Cluster
+    from gateway.runtime.cluster import Cluster
 
 log = logging.getLogger("gateway.api")
 
@@ -104,7 +104,7 @@ class GatewayApp:
         # Payments acknowledged but not yet in the store: read-your-writes until the tailer applies them.
         self.recent: dict[str, tuple[str, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Cluster mode (api/cluster.py): shared state, relay and PostgreSQL; None in embedded mode.
+        # Cluster mode (runtime/cluster.py): shared state, relay and PostgreSQL; None in embedded mode.
         self.cluster: Cluster | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class GatewayApp:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         caught_up = 0
         if self.config.server.mode == "cluster":
-            from gateway.api.cluster import Cluster
+            from gateway.runtime.cluster import Cluster
 
             # The relay (WAL -> Kafka) replaces the tailer; workers write PostgreSQL. The embedded hooks
             # (ON_START/ON_STOP/ON_APPLIED: the SQLite payment-processing worker) do not run here.

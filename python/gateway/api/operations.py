@@ -1,7 +1,7 @@
 """Merchant operations on payments: capture, void, refund, list, and `Prefer: wait`.
 
 Capture, void and refund are *accepted* here and executed by the payment worker
-(`gateway.pipeline.worker`), which makes the PSP call: the request is checked against the
+(`gateway.processing.worker`), which makes the PSP call: the request is checked against the
 payment's state, its intent is recorded (one SQLite transaction, together with its
 `Idempotency-Key`), and the answer is `202` with the payment showing `pending_operation`. With
 `Prefer: wait=MS` (at most `PREFER_WAIT_MS_MAX`) the answer waits for the PSP's verdict instead:
@@ -42,9 +42,9 @@ import msgspec
 from gateway._fastpath import contains_pan
 from gateway.api import app as app_mod
 from gateway.api.app import JSON, ON_APPLIED, ON_START, ON_STOP, PAYMENT_ID, GatewayApp, Response, route
-from gateway.api.errors import error_body
-from gateway.pipeline.state_machine import AMOUNT_MINOR_MAX
-from gateway.pipeline.worker_process import WorkerProcess
+from gateway.domain.errors import error_body
+from gateway.domain.payment import AMOUNT_MINOR_MAX
+from gateway.runtime.worker_process import WorkerProcess
 from gateway.shared.redis_state import SharedStateUnavailable
 from gateway.store.base import Merchant, created_payment_ids
 from gateway.store.postgres import Listener, PostgresStore
@@ -199,7 +199,7 @@ def _stop(app: GatewayApp) -> None:
 
 
 def stop_cluster(app: GatewayApp) -> None:
-    """Cluster mode's stop (called by api/cluster.py, since the embedded hooks do not run there)."""
+    """Cluster mode's stop (called by runtime/cluster.py, since the embedded hooks do not run there)."""
     _stop(app)
 
 

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs
 import msgspec
 
 from gateway.api.app import JSON, ON_START, GatewayApp, Response, route
-from gateway.api.errors import error_body
-from gateway.pipeline.eventlog import TIME_MS_MAX, EventLog, EventLogError, KafkaEventLog, WalEventLog
+from gateway.domain.errors import error_body
+from gateway.feed.eventlog import TIME_MS_MAX, EventLog, EventLogError, KafkaEventLog, WalEventLog
 from gateway.risk import control as ctl
 from gateway.risk.control import ControlError, RiskControl, RulesInvalid
 

@@ -23,10 +23,10 @@ import msgspec
 
 from gateway._fastpath import contains_pan
 from gateway.api.app import JSON, PAYMENT_ID, GatewayApp, Response, route
-from gateway.api.errors import error_body
 from gateway.api.operations import _read_body, _State, _state
+from gateway.domain import events as ev
+from gateway.domain.errors import error_body
 from gateway.store.base import Merchant
-from gateway.webhooks import events as ev
 
 EVENTS_LIST_LIMIT_DEFAULT = 10
 EVENTS_LIST_LIMIT_MAX = 100
@@ -95,7 +95,7 @@ def _decode(body: bytes) -> CreateEndpoint | Response:
 
 
 def _private_host(host: str) -> bool:
-    # A name is resolved, and its addresses checked, at each delivery (webhooks/dispatcher.py).
+    # A name is resolved, and its addresses checked, at each delivery (processing/webhooks.py).
     return host == "localhost" or host.endswith(".localhost") or ev.private_address(host)
 
 

@@ -122,7 +122,7 @@ def offline_backtest(data_dir: Path, config_path: str | None, source: str, merch
     """The backtest without a server (embedded mode's data folder): the WAL and the store of `data_dir`,
     the configured model and GeoIP table (the Python port of the fast path's IP table, `gateway.risk.geo`)."""
     from gateway import config as config_mod
-    from gateway.pipeline.eventlog import TIME_MS_MAX, EventLogError, WalEventLog
+    from gateway.feed.eventlog import TIME_MS_MAX, EventLogError, WalEventLog
     from gateway.risk import control as ctl
     from gateway.risk.geo import GeoTable
     from gateway.store.sqlite import SqliteStore

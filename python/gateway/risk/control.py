@@ -23,7 +23,7 @@ as far as PostgreSQL still agrees with them. `poll` also runs every few seconds,
 cannot leave a process on an old ruleset (`sync_rules`) or an old list (`sync_lists`: a list's version is
 the id of its newest audit row); a restart restores everything from PostgreSQL.
 
-Backtests replay the durable records of an `EventLog` (gateway.pipeline.eventlog): the local WAL in
+Backtests replay the durable records of an `EventLog` (gateway.feed.eventlog): the local WAL in
 embedded mode, the Kafka topic (every process's records) in cluster mode.
 """
 
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway._fastpath import RiskEngine, RiskListError, RulesError
-from gateway.pipeline.eventlog import READ_RECORDS_MAX, TIME_MS_MAX, EventLog, EventRecord, ReadStats
+from gateway.feed.eventlog import READ_RECORDS_MAX, TIME_MS_MAX, EventLog, EventRecord, ReadStats
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool

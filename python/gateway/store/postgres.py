@@ -150,7 +150,7 @@ class PostgresStore:
         rate_limit_per_s: float | None = None,
         rate_limit_burst: float | None = None,
     ) -> Merchant:
-        from gateway.secrets import new_id
+        from gateway.domain.secrets import new_id
 
         mid = merchant_id or new_id("acct")
         with self.pool.connection() as conn:

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gateway.pipeline import ledger
-from gateway.pipeline import state_machine as sm
-from gateway.pipeline.router import AttemptRow, AttemptStatus, ProcessingResult
-from gateway.secrets import Secret
+from gateway.domain import events as ev
+from gateway.domain import ledger
+from gateway.domain import payment as sm
+from gateway.domain.attempt import AttemptRow, AttemptStatus, ProcessingResult
+from gateway.domain.secrets import Secret
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING
-from gateway.webhooks import events as ev
 
 if TYPE_CHECKING:
     from gateway.store.postgres import PostgresStore
@@ -978,7 +978,7 @@ class ProcessingStore:
                     refusal = Refused(422, e.code, e.message, e.param)
             if refusal is not None:
                 if idempotency_key is not None and refusal.store_for_replay:
-                    from gateway.api.errors import error_body
+                    from gateway.domain.errors import error_body
 
                     conn.execute(
                         "INSERT INTO operation_idempotency_keys (merchant_id, key, fingerprint, state, payment_id,"

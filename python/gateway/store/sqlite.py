@@ -115,7 +115,7 @@ class SqliteStore:
         rate_limit_per_s: float | None = None,
         rate_limit_burst: float | None = None,
     ) -> Merchant:
-        from gateway.secrets import new_id
+        from gateway.domain.secrets import new_id
 
         mid = merchant_id or new_id("acct")
         with self._write_lock:

@@ -14,7 +14,7 @@ Merchant operations are *accepted* by the API (intent recorded, 202) and execute
 who wants the final answer sends `Prefer: wait=MS`. Work on one payment is serialised by a
 per-payment lock, and the store's version check refuses any write computed from a stale state.
 
-In cluster mode several workers (`gateway worker`, pipeline/kafka_worker.py) share one PostgreSQL
+In cluster mode several workers (`gateway worker`, runtime/cluster_worker.py) share one PostgreSQL
 store (`shared=True`): each payment is driven by one of them at a time through the store's claim (a
 session advisory lock; `claim` fails while another worker holds it, and the server releases it if
 that worker dies), the periodic scan also takes over payments left `processing` for longer than
@@ -65,12 +65,15 @@ from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
 from gateway.psp_sim.export import SettlementExporter
 
 if TYPE_CHECKING:
-    from gateway.webhooks.dispatcher import Dispatcher
+    from gateway.processing.webhooks import Dispatcher
 
-from . import router as rt
-from . import state_machine as sm
-from .psp_client import HTTPPSPClient, InProcessPSPClient, Outcome, PSPClient
-from .router import AttemptRow, AttemptStatus, PSPRoute, Router
+from gateway.domain import payment as sm
+from gateway.domain.attempt import AttemptRow, AttemptStatus, Outcome
+from gateway.processing.authorize import process_authorization
+from gateway.processing.operations import process_capture, process_refund, process_void
+from gateway.processing.resolve import resolve_pending
+from gateway.psp.client import HTTPPSPClient, InProcessPSPClient, PSPClient
+from gateway.psp.routing import PSPRoute, Router
 
 log = logging.getLogger("gateway.worker")
 
@@ -243,7 +246,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._finish_abandoned_keys()
         self._scan(include_processing=True)
-        from gateway.webhooks.dispatcher import Dispatcher
+        from gateway.processing.webhooks import Dispatcher
 
         # Webhooks of the events this worker's changes wrote (and of any other worker's, in cluster mode).
         self.webhooks = Dispatcher(self.pstore, db=self._db)
@@ -398,7 +401,7 @@ class Worker:
                 log.error("payment %s: attempt %s went to %s, which is not configured", p.id, attempt.attempt_id,
                           attempt.psp)
                 return
-            result = await rt.resolve_pending(p, attempt, client, now_ms)
+            result = await resolve_pending(p, attempt, client, now_ms)
             if result.outcome is None:
                 return  # PSP unreachable: the reconciler asks again
         elif p.status is sm.PaymentStatus.PROCESSING:
@@ -406,7 +409,7 @@ class Worker:
             async def intent(row: AttemptRow) -> None:
                 await self._db(self.pstore.record_intent, row)
 
-            result = await rt.process_authorization(
+            result = await process_authorization(
                 p, self.router, self.clients, now_ms, token=rec.token, record_intent=intent
             )
         else:
@@ -458,7 +461,7 @@ class Worker:
             return
         unresolved = [a for a in await self._db(self.pstore.attempts, p.id, op.id) if a.status in UNRESOLVED]
         if unresolved:
-            result = await rt.resolve_pending(p, unresolved[-1], client, now_ms)
+            result = await resolve_pending(p, unresolved[-1], client, now_ms)
             if result.outcome is None:
                 if op.status == "pending":
                     await self._db(self.pstore.finish_operation, OperationFinish(op.id, "pending_verification"), p.id)
@@ -471,17 +474,17 @@ class Worker:
 
             try:
                 if op.kind == "capture":
-                    result = await rt.process_capture(
+                    result = await process_capture(
                         p, client, now_ms, amount=op.amount, final_capture=op.final_capture,
                         idempotency_key=op.psp_idempotency_key, record_intent=intent, actor=op.actor,
                     )
                 elif op.kind == "void":
-                    result = await rt.process_void(
+                    result = await process_void(
                         p, client, now_ms, idempotency_key=op.psp_idempotency_key, record_intent=intent,
                         actor=op.actor,
                     )
                 else:
-                    result = await rt.process_refund(
+                    result = await process_refund(
                         p, client, now_ms, amount=op.amount, idempotency_key=op.psp_idempotency_key,
                         record_intent=intent, actor=op.actor,
                     )

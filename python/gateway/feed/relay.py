@@ -32,7 +32,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gateway._fastpath import WalReader
-from gateway.pipeline.eventlog import HEADER_LSN, HEADER_SOURCE, producer_config
+from gateway.feed.eventlog import HEADER_LSN, HEADER_SOURCE, producer_config
 
 log = logging.getLogger("gateway.relay")
 

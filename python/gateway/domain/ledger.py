@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .state_machine import Transition
+from gateway.domain.payment import Transition
 
 LINES_PER_POSTING_MAX = 16
 POSTING_ID_LENGTH_MAX = 255

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import time
 
-from gateway.secrets import Secret
+from gateway.domain.secrets import Secret
 
 SIGNATURE_HEADER = "Gateway-Signature"
 SIGNATURE_SCHEME = "v1"

@@ -8,7 +8,7 @@ import random
 import secrets as _secrets
 from dataclasses import dataclass
 
-from gateway.secrets import Secret
+from gateway.domain.secrets import Secret
 
 # One event per persisted payment change: `payment.<new status>`, and `payment.operation_failed` when
 # the PSP refuses a capture, void or refund (the payment's status does not change then).

@@ -12,23 +12,15 @@ import abc
 import asyncio
 import time
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import httpx
 import msgspec
 
-from ..psp_sim.core import ResponseLost, SimResponse, SimulatedPSP, TransactionStatus
+from gateway.domain.attempt import Outcome
+from gateway.psp_sim.core import ResponseLost, SimResponse, SimulatedPSP, TransactionStatus
 
 TIMEOUT_S_DEFAULT = 10.0
-
-
-class Outcome(StrEnum):
-    APPROVED = "approved"
-    SOFT_DECLINE = "soft_decline"
-    HARD_DECLINE = "hard_decline"
-    ERROR = "error"
-    TIMEOUT = "timeout"
 
 
 class PSPTimeout(Exception):

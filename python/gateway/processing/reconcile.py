@@ -46,7 +46,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.pipeline import ledger
+from gateway.domain import ledger
 
 if TYPE_CHECKING:
     from gateway.store.postgres import PostgresStore

@@ -6,7 +6,7 @@
 - **Its own WAL**, in `data_dir/proc-<n>/wal`: the process claims the first free slot `n` with an
   flock on `data_dir/proc-<n>.lock` (held for its life), so a restarted process reuses a slot whose
   owner died and its relay resumes from that slot's checkpoint.
-- **A relay** (pipeline/relay.py) ships the WAL to Kafka; workers (`gateway worker`) write PostgreSQL.
+- **A relay** (feed/relay.py) ships the WAL to Kafka; workers (`gateway worker`) write PostgreSQL.
 - **Shared state on Redis** (shared/redis_state.py): before the Rust call, one script checks the cached
   response of the (merchant, key), takes a token from the merchant's shared bucket and takes the
   `SET NX` lock of the key; after the record is durable, one pipeline caches the response, keeps the
@@ -21,7 +21,7 @@
   the shared velocity windows (shared/redis_velocity.py) and returns its counters, which the Rust call
   decides with (`accept_payment(..., velocity=...)`) instead of this process's own store.
 - **Payment processing** (capture, void, refund, list; api/operations.py) reads and writes PostgreSQL;
-  the `gateway worker` processes drive the payments (pipeline/kafka_worker.py).
+  the `gateway worker` processes drive the payments (runtime/cluster_worker.py).
 - **Risk updates**: a subscriber thread on the `cluster.risk_channel` pub/sub channel calls the
   handlers registered in `gateway.shared.redis_state.RISK_HANDLERS`. The risk control plane
   (`RiskControl` on PostgreSQL, `start_risk`) publishes every committed change there and registers
@@ -42,9 +42,9 @@ import msgspec
 import redis
 
 from gateway._fastpath import FastPath
-from gateway.api.errors import error_body
-from gateway.api.waiters import LsnWaiters
-from gateway.pipeline.relay import Relay, ensure_topic
+from gateway.domain.errors import error_body
+from gateway.feed.relay import Relay, ensure_topic
+from gateway.runtime.waiters import LsnWaiters
 from gateway.shared.redis_state import (
     RISK_HANDLERS,
     RedisSharedState,

@@ -49,7 +49,7 @@ class WorkerProcess:
             log.warning("GATEWAY_WORKER=off: the payment worker is not started")
             return
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.pipeline.worker_process", self.db_path],
+            [sys.executable, "-m", "gateway.runtime.worker_process", self.db_path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "GATEWAY_LOG_LEVEL": logging.getLevelName(logging.getLogger().level).lower()},
@@ -120,7 +120,7 @@ class WorkerProcess:
 
 def _child_main(db_path: str) -> int:
     from gateway import logs
-    from gateway.pipeline.worker import Worker
+    from gateway.processing.worker import Worker
     from gateway.store.sqlite import SqliteStore
 
     logs.setup(os.environ.get("GATEWAY_LOG_LEVEL", "info"))

@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from gateway.domain.events import WebhookSettings, private_address
+from gateway.domain.signature import SIGNATURE_HEADER, sign
 from gateway.store.processing import Delivery, ProcessingStore, now_ms
-from gateway.webhooks.events import WebhookSettings, private_address
-from gateway.webhooks.signature import SIGNATURE_HEADER, sign
 
 log = logging.getLogger("gateway.webhooks")
 

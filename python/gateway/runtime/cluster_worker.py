@@ -5,7 +5,7 @@ killed at any point leaves its records to be consumed again; the store applies t
 so a record seen twice is written once. After the write the read-your-writes copies in Redis are
 dropped, and GETs read PostgreSQL from then on.
 
-Then the payments of the batch go to the payment worker of this process (pipeline/worker.py: state
+Then the payments of the batch go to the payment worker of this process (processing/worker.py: state
 machine, router, PSP calls, ledger), which runs on its own thread and event loop, exactly as in
 embedded mode but on PostgreSQL. The topic is keyed by payment id, so a new payment reaches the one
 worker that owns its partition; whatever else could drive the same payment (a redelivery after a
@@ -34,8 +34,8 @@ import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from gateway.config import Config
-from gateway.pipeline.relay import ensure_topic
-from gateway.pipeline.worker import Worker, WorkerSettings
+from gateway.feed.relay import ensure_topic
+from gateway.processing.worker import Worker, WorkerSettings
 from gateway.shared.redis_state import forget_recent
 from gateway.store.postgres import Listener, PostgresStore
 from gateway.store.processing import OPERATIONS_CHANNEL

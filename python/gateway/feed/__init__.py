@@ -1,0 +1,1 @@
+"""What the workers read: the WAL tailer (embedded), the Kafka relay and consumer (cluster)."""

@@ -1,0 +1,1 @@
+"""The async path: authorize, capture/void/refund, resolve pending, retries, the worker loop."""

@@ -1,0 +1,165 @@
+"""Capture, void and refund: the PSP call of a merchant operation accepted by the API.
+
+Each operation has its own PSP idempotency key (`P:capture:k`, ...), recorded before the call; the
+state machine checks the operation against the payment before anything is sent.
+No I/O except the PSP calls: the results are returned for the caller to persist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+from gateway.domain import payment as sm
+from gateway.domain.attempt import (
+    AttemptRow,
+    AttemptStatus,
+    Outcome,
+    ProcessingResult,
+)
+from gateway.processing.attempts import RecordIntent, Sleep, apply_operation, call_operation, finish_attempt
+from gateway.psp.client import PSPClient
+from gateway.psp.routing import Action, RetryPolicy
+
+
+async def _process_operation(
+    payment: sm.Payment,
+    operation: str,
+    amount: int,
+    final_capture: bool,
+    client: PSPClient,
+    idempotency_key: str,
+    now: Callable[[], int],
+    policy: RetryPolicy,
+    rng: random.Random | None,
+    sleep: Sleep,
+    record_intent: RecordIntent | None,
+    actor: str,
+) -> ProcessingResult:
+    assert payment.psp == client.name, "operations go to the PSP that authorized the payment"
+    rng = rng or random.Random(idempotency_key)
+    out = ProcessingResult(payment=payment, outcome=None)
+    for attempt_no in range(1, policy.attempts_max + 1):
+        row = AttemptRow(
+            attempt_id=f"{idempotency_key}#{attempt_no}",
+            payment_id=payment.id,
+            attempt_no=attempt_no,
+            operation=operation,
+            psp=client.name,
+            idempotency_key=idempotency_key,
+            amount=amount,
+            currency=payment.currency,
+            status=AttemptStatus.STARTED,
+            started_at_ms=now(),
+            final_capture=final_capture,
+            psp_reference=payment.psp_reference,
+        )
+        out.attempts.append(row)
+        if record_intent is not None:
+            await record_intent(row)
+        result = await call_operation(client, row, payment)
+        out.attempts.append(finish_attempt(row, result, now()))
+        out.outcome = result.outcome
+        if result.outcome is Outcome.APPROVED:
+            apply_operation(payment, row, result, now(), actor, out)
+            return out
+        # Same key on every retry: the PSP did not process the earlier ones, and if it somehow
+        # did, it answers from its stored result instead of acting twice.
+        decision = policy.decide(result, attempt_no, 0, rng)
+        if decision.action is not Action.FAILOVER:
+            return out
+        await sleep(decision.delay_ms / 1000.0)
+    return out
+
+
+async def process_capture(
+    payment: sm.Payment,
+    client: PSPClient,
+    now: Callable[[], int],
+    *,
+    amount: int,
+    final_capture: bool,
+    idempotency_key: str,
+    policy: RetryPolicy = RetryPolicy(),
+    rng: random.Random | None = None,
+    sleep: Sleep = asyncio.sleep,
+    record_intent: RecordIntent | None = None,
+    actor: str = "merchant",
+) -> ProcessingResult:
+    """Capture at the PSP, then transition. Raises TransitionError before any PSP call if the
+    capture is not allowed. A timeout leaves the payment unchanged with a `timeout` attempt."""
+    sm.check_capture(payment, amount)
+    return await _process_operation(
+        payment,
+        "capture",
+        amount,
+        final_capture,
+        client,
+        idempotency_key,
+        now,
+        policy,
+        rng,
+        sleep,
+        record_intent,
+        actor,
+    )
+
+
+async def process_void(
+    payment: sm.Payment,
+    client: PSPClient,
+    now: Callable[[], int],
+    *,
+    idempotency_key: str,
+    policy: RetryPolicy = RetryPolicy(),
+    rng: random.Random | None = None,
+    sleep: Sleep = asyncio.sleep,
+    record_intent: RecordIntent | None = None,
+    actor: str = "merchant",
+) -> ProcessingResult:
+    sm.check_void(payment)
+    return await _process_operation(
+        payment,
+        "void",
+        payment.amount_authorized,
+        False,
+        client,
+        idempotency_key,
+        now,
+        policy,
+        rng,
+        sleep,
+        record_intent,
+        actor,
+    )
+
+
+async def process_refund(
+    payment: sm.Payment,
+    client: PSPClient,
+    now: Callable[[], int],
+    *,
+    amount: int,
+    idempotency_key: str,
+    policy: RetryPolicy = RetryPolicy(),
+    rng: random.Random | None = None,
+    sleep: Sleep = asyncio.sleep,
+    record_intent: RecordIntent | None = None,
+    actor: str = "merchant",
+) -> ProcessingResult:
+    sm.check_refund(payment, amount)
+    return await _process_operation(
+        payment,
+        "refund",
+        amount,
+        False,
+        client,
+        idempotency_key,
+        now,
+        policy,
+        rng,
+        sleep,
+        record_intent,
+        actor,
+    )

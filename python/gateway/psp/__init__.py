@@ -1,0 +1,1 @@
+"""The gateway's view of the PSPs: the client interface, the wire schema, routing, breakers."""

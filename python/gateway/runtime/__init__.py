@@ -1,0 +1,1 @@
+"""The only place that knows which mode runs: builds stores, admission, feed and change bus."""
