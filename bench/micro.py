@@ -143,8 +143,8 @@ def bench_fastpath(fp_mod: Any, work: Path, n: int) -> dict[str, Any]:
         snap1 = parse_stage_histograms(fp.metrics_text())
         results["create_no_key"] = timed(lambda i: fp.create_payment(merchant, None, bodies[i]), n)
         results["create_replay"] = timed(lambda i: fp.create_payment(merchant, f"k{i}", bodies[i]), n)
-        status = fp.create_payment(merchant, "k0", bodies[0])
-        results["replay_check"] = {"status": status[0], "replayed": bool(status[3])}
+        replay = fp.create_payment(merchant, "k0", bodies[0])
+        results["replay_check"] = {"status": replay.status, "replayed": replay.replayed}
         results["stage_mean_ns_distinct_keys"] = stage_deltas(snap0, snap1)
         results["stage_histograms_all_calls"] = parse_stage_histograms(fp.metrics_text())
     finally:
@@ -237,7 +237,7 @@ def wal_writer(fp: Any, t: int, stop: float, latencies: list[int], failures: lis
     while time.monotonic() < stop:
         t0 = clock()
         out = fp.create_payment(f"mer_{t}", f"w{t}-{i}", body(i))
-        status, lsn = out[0], out[2]
+        status, lsn = out.status, out.lsn
         if lsn and not fp.wait_committed(lsn, 5000):
             failures[0] += 1
         latencies.append(clock() - t0)

@@ -24,8 +24,10 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from gateway.domain import ledger
+from gateway.domain import settlement as st
 from gateway.processing import reconcile as rc
 from gateway.psp_sim import PSP_A
+from gateway.store.ledger import insert_postings
 from gateway.store.postgres import PostgresStore
 from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
@@ -45,7 +47,9 @@ def seed(store: SqliteStore | PostgresStore, lines: int, tamper_per_mille: int) 
     made = 0
     i = 0
     while made < lines:
-        payments, attempts, rows = [], [], []
+        payments: list[tuple[object, ...]] = []
+        attempts: list[tuple[object, ...]] = []
+        postings: list[ledger.Posting] = []
         while made < lines and len(payments) < SEED_BATCH:
             pid = f"pay_{i:024d}"
             amount = 1_000 + (i * 37) % 90_000
@@ -54,9 +58,9 @@ def seed(store: SqliteStore | PostgresStore, lines: int, tamper_per_mille: int) 
             payments.append((pid, MERCHANT, "captured", amount, "USD", None, 0, i, "{}"))
             key = f"{pid}:capture:1"
             attempts.append((f"{key}#1", pid, "capture", key, amount, "USD", f"psp_a_{i:09d}", fee, at, at + 5))
-            postings = [ledger.hold(f"{pid}:auth:1:authorization_hold", pid, MERCHANT, "USD", amount, at),
-                        ledger.capture(f"{key}:capture", pid, MERCHANT, PSP, "USD", amount, at),
-                        ledger.psp_fee(f"{key}:psp_fee", pid, PSP, "USD", fee, at)]
+            postings += [ledger.hold(f"{pid}:auth:1:authorization_hold", pid, MERCHANT, "USD", amount, at),
+                         ledger.capture(f"{key}:capture", pid, MERCHANT, PSP, "USD", amount, at),
+                         ledger.psp_fee(f"{key}:psp_fee", pid, PSP, "USD", fee, at)]
             settled_fee = fee + 1 if tamper_per_mille and i % 1000 < tamper_per_mille else fee
             out.append(f"{pid},{amount},USD,{settled_fee},{amount - settled_fee},captured")
             made += 1
@@ -68,8 +72,6 @@ def seed(store: SqliteStore | PostgresStore, lines: int, tamper_per_mille: int) 
                 postings.append(ledger.refund(f"{rkey}:refund", pid, MERCHANT, PSP, "USD", refund, at + 15))
                 out.append(f"{pid},{-refund},USD,0,{-refund},refunded")
                 made += 1
-            rows += [(r.posting_id, r.line_no, r.payment_id, r.kind, r.account, r.currency, r.debit, r.credit,
-                      r.at_ms, r.reverses) for p in postings for r in p.rows()]
             i += 1
         with pstore._tx() as conn:
             conn.executemany("INSERT INTO payments (id, merchant_id, status, amount, currency, idempotency_key,"
@@ -78,9 +80,7 @@ def seed(store: SqliteStore | PostgresStore, lines: int, tamper_per_mille: int) 
                 "INSERT INTO payment_attempts (attempt_id, payment_id, attempt_no, operation, psp, idempotency_key,"
                 " amount, currency, status, final_capture, psp_reference, fee_minor, latency_ms, started_at_ms,"
                 " finished_at_ms) VALUES (?, ?, 1, ?, 'psp_a', ?, ?, ?, 'approved', 0, ?, ?, 1.0, ?, ?)", attempts)
-            conn.executemany(
-                "INSERT INTO ledger_entries (posting_id, line_no, payment_id, kind, account, currency, debit, credit,"
-                " at_ms, reverses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            insert_postings(conn, postings)  # the store's ledger path, as the worker writes them
     return ("\n".join(out) + "\n").encode()
 
 
@@ -98,14 +98,14 @@ def run(lines: int, tamper_per_mille: int, database_url: str | None) -> dict[str
             seed_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            rows = rc.parse_settlement(data)
+            rows = st.parse_settlement(data)
             parse_s = time.perf_counter() - t0
             pstore = ProcessingStore(store)
             t0 = time.perf_counter()
             events = rc.load_events(pstore, PSP, DAY, (r.reference for r in rows))
             load_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            result = rc.match(rows, events.values())
+            result = st.match(rows, events.values())
             match_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -147,7 +147,8 @@ def main() -> None:
     ap.add_argument("--tamper-per-mille", type=int, action="append", help="fee mismatches per 1000 lines (repeatable)")
     ap.add_argument("--database-url", help="PostgreSQL (cluster mode) instead of SQLite; a throw-away schema")
     args = ap.parse_args()
-    assert 1 <= args.lines <= rc.SETTLEMENT_LINES_MAX
+    if not 1 <= args.lines <= st.SETTLEMENT_LINES_MAX:
+        ap.error(f"--lines must be 1..{st.SETTLEMENT_LINES_MAX}")
     results = [run(args.lines, t, args.database_url) for t in args.tamper_per_mille or [0, 10]]
     for r in results:
         print(f"{r['backend']}: {r['lines']} lines ({r['file_bytes']} bytes, {r['discrepancies']} discrepancies)"

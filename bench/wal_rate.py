@@ -28,7 +28,7 @@ def run(writers: int, records: int, fsync_interval_us: int) -> dict[str, float]:
 
         def writer() -> None:
             for _ in range(records):
-                lsn = fp.create_payment("acct_bench", None, BODY)[2]
+                lsn = fp.create_payment("acct_bench", None, BODY).lsn
                 assert fp.wait_committed(lsn, 10_000), "commit did not arrive"
 
         threads = [threading.Thread(target=writer) for _ in range(writers)]

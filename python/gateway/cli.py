@@ -34,11 +34,9 @@ def _open_store(data_dir: Path):
 
 
 def open_postgres(cfg: config_mod.Config) -> PostgresStore:
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.postgres import open_postgres as open_store
 
-    c = cfg.cluster
-    return PostgresStore(c.database_url, c.database_schema, c.database_pool_min, c.database_pool_max,
-                         c.database_timeout_ms)
+    return open_store(cfg)
 
 
 def _open_configured_store(args: argparse.Namespace, cfg: config_mod.Config) -> SqliteStore | PostgresStore:
@@ -127,9 +125,17 @@ def cmd_merchant_create(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
-    print(f"{args.config}: ok (mode={cfg.server.mode}, port={cfg.server.port}, "
-          f"fsync_interval_us={cfg.wal.fsync_interval_us}, batch_records_max={cfg.wal.batch_records_max})")
+    """Exit 0 and a summary when the file (with the environment's overrides) is valid; else `main` prints
+    the ConfigurationError (file, key, reason) and exits 2."""
+    path = args.config or args.file
+    if path is None or (args.config and args.file and args.config != args.file):
+        print("error: name one config file: `gateway config check FILE` (or --config FILE)", file=sys.stderr)
+        return 2
+    cfg = config_mod.load(path)
+    print(f"{path}: ok (mode={cfg.server.mode}, port={cfg.server.port}, "
+          f"fsync_interval_us={cfg.wal.fsync_interval_us}, batch_records_max={cfg.wal.batch_records_max}, "
+          f"worker={'on' if cfg.worker.enabled else 'off'}, psps={','.join(cfg.psp.psps)}, "
+          f"psp_url={cfg.psp.url or 'in-process'})")
     return 0
 
 
@@ -162,11 +168,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_psp_sim(args: argparse.Namespace) -> int:
+    """The profiles, seed and time scale are the config's `[psp]` section; each flag given wins over it."""
     from gateway.psp_sim.http import serve
 
-    print(f"psp-sim: serving {', '.join(args.psp or ['psp_a', 'psp_b', 'psp_c'])} on http://{args.host}:{args.port}",
-          flush=True)
-    serve(args.host, args.port, args.psp, seed=args.seed, time_scale=args.time_scale,
+    cfg = config_mod.load(args.config)
+    flags = {"psps": args.psp, "seed": args.seed, "time_scale": args.time_scale}
+    try:
+        psp = msgspec.convert({**msgspec.to_builtins(cfg.psp), **{k: v for k, v in flags.items() if v is not None}},
+                              config_mod.PSPConfig)
+    except msgspec.ValidationError as e:
+        print(f"error: psp-sim: {e}", file=sys.stderr)
+        return 2
+    if not 1 <= args.transactions_max <= 100_000_000:
+        print("error: --transactions-max must be 1..100000000", file=sys.stderr)
+        return 2
+    print(f"psp-sim: serving {', '.join(psp.psps)} on http://{args.host}:{args.port}", flush=True)
+    serve(args.host, args.port, list(psp.psps), seed=psp.seed, time_scale=psp.time_scale,
           transactions_max=args.transactions_max)
     return 0
 
@@ -219,10 +236,11 @@ def cmd_reconcile_settlement(args: argparse.Namespace) -> int:
     """Exit 0: every line matched; 1: discrepancies; 2: the file (or the command) is unusable."""
     from datetime import date
 
+    from gateway.domain import settlement as st
     from gateway.processing import reconcile as rc
 
     path = Path(args.file)
-    if not rc.PSP_NAME.match(args.psp):
+    if not st.PSP_NAME.match(args.psp):
         print(f"error: invalid --psp {args.psp!r}", file=sys.stderr)
         return 2
     try:
@@ -230,9 +248,9 @@ def cmd_reconcile_settlement(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"error: {path}: {e.strerror}", file=sys.stderr)
         return 2
-    if size > rc.SETTLEMENT_FILE_BYTES_MAX:
+    if size > st.SETTLEMENT_FILE_BYTES_MAX:
         print(f"error: {path}: file is {size} bytes, more than settlement_file_bytes_max="
-              f"{rc.SETTLEMENT_FILE_BYTES_MAX}", file=sys.stderr)
+              f"{st.SETTLEMENT_FILE_BYTES_MAX}", file=sys.stderr)
         return 2
     if args.date:
         try:
@@ -241,14 +259,14 @@ def cmd_reconcile_settlement(args: argparse.Namespace) -> int:
             print(f"error: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
             return 2
     else:
-        found = rc.settlement_day_of(path)
+        found = st.settlement_day_of(path)
         if found is None:
             print(f"error: {path}: cannot tell the settlement day from the file name; pass --date YYYY-MM-DD",
                   file=sys.stderr)
             return 2
         day = found
-    if not 1 <= len(args.actor) <= rc.ACTOR_CHARS_MAX:
-        print(f"error: --actor must be 1..{rc.ACTOR_CHARS_MAX} characters", file=sys.stderr)
+    if not 1 <= len(args.actor) <= st.ACTOR_CHARS_MAX:
+        print(f"error: --actor must be 1..{st.ACTOR_CHARS_MAX} characters", file=sys.stderr)
         return 2
     data = path.read_bytes()
     store = _reconcile_store(args)
@@ -257,7 +275,7 @@ def cmd_reconcile_settlement(args: argparse.Namespace) -> int:
     try:
         run = rc.reconcile(store, args.psp, data, file_name=path.name, day=day, actor=args.actor,
                            apply_fee_corrections=args.apply_fee_corrections, force=args.force)
-    except rc.SettlementFileError as e:
+    except st.SettlementFileError as e:
         if args.json:
             print(json.dumps({"error": {"file": str(path), "line": e.line, "message": e.reason}}))
         print(f"error: {path}: {e}", file=sys.stderr)
@@ -277,17 +295,18 @@ def cmd_reconcile_fetch(args: argparse.Namespace) -> int:
 
     import httpx
 
-    from gateway.processing import reconcile as rc
+    from gateway.domain import settlement as st
 
     try:
         day = date.fromisoformat(args.date)
     except ValueError:
         print(f"error: --date {args.date!r} is not YYYY-MM-DD", file=sys.stderr)
         return 2
-    if not rc.PSP_NAME.match(args.psp):
+    if not st.PSP_NAME.match(args.psp):
         print(f"error: invalid --psp {args.psp!r}", file=sys.stderr)
         return 2
-    url = f"{args.psp_url.rstrip('/')}/v1/{args.psp}/settlement/{day.isoformat()}.csv"
+    base = args.psp_url or config_mod.load(None).psp.url or "http://127.0.0.1:8700"
+    url = f"{base.rstrip('/')}/v1/{args.psp}/settlement/{day.isoformat()}.csv"
     out = Path(args.out or f"{args.psp}-{day.isoformat()}.csv")
     body = bytearray()
     try:
@@ -297,8 +316,8 @@ def cmd_reconcile_fetch(args: argparse.Namespace) -> int:
                 return 2
             for chunk in r.iter_bytes():
                 body += chunk
-                if len(body) > rc.SETTLEMENT_FILE_BYTES_MAX:
-                    print(f"error: GET {url}: more than settlement_file_bytes_max={rc.SETTLEMENT_FILE_BYTES_MAX}",
+                if len(body) > st.SETTLEMENT_FILE_BYTES_MAX:
+                    print(f"error: GET {url}: more than settlement_file_bytes_max={st.SETTLEMENT_FILE_BYTES_MAX}",
                           file=sys.stderr)
                     return 2
     except httpx.HTTPError as e:
@@ -353,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="config file tools")
     csub = c.add_subparsers(dest="config_command", required=True)
-    cc = csub.add_parser("check", help="validate a config file")
-    cc.add_argument("--config", required=True)
+    cc = csub.add_parser("check", help="validate a config file (with the GATEWAY_* overrides); exit 2 on an error")
+    cc.add_argument("file", nargs="?", help="TOML config file")
+    cc.add_argument("--config", help="the same, as an option")
     cc.set_defaults(func=cmd_config_check)
 
     db = sub.add_parser("db", help="database tools")
@@ -371,9 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("psp-sim", help="serve the simulated PSPs over HTTP")
     ps.add_argument("--host", default="127.0.0.1")
     ps.add_argument("--port", type=int, default=8700)
-    ps.add_argument("--psp", action="append", choices=["psp_a", "psp_b", "psp_c"], help="profile (repeatable)")
-    ps.add_argument("--seed", type=int, default=0)
-    ps.add_argument("--time-scale", type=float, default=1.0, help="multiplies every simulated duration")
+    ps.add_argument("--config", help="TOML config file: its [psp] section gives the defaults of the flags below")
+    ps.add_argument("--psp", action="append", choices=config_mod.PSP_PROFILE_NAMES,
+                    help="profile (repeatable; default: psp.psps)")
+    ps.add_argument("--seed", type=int, help="default: psp.seed")
+    ps.add_argument("--time-scale", type=float, help="multiplies every simulated duration (default: psp.time_scale)")
     ps.add_argument("--transactions-max", type=int, default=100_000)
     ps.set_defaults(func=cmd_psp_sim)
 
@@ -403,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf = rcsub.add_parser("fetch", help="download a settlement file from `gateway psp-sim`")
     rf.add_argument("--psp", required=True)
     rf.add_argument("--date", required=True, help="YYYY-MM-DD (UTC)")
-    rf.add_argument("--psp-url", default=os.environ.get("GATEWAY_PSP_URL") or "http://127.0.0.1:8700")
+    rf.add_argument("--psp-url", help="default: psp.url of the defaults (GATEWAY_PSP_URL), else http://127.0.0.1:8700")
     rf.add_argument("--out", help="default: <psp>-<date>.csv")
     rf.set_defaults(func=cmd_reconcile_fetch)
     rr = rcsub.add_parser("runs", help="list stored reconciliation runs, newest first (JSON lines)")

@@ -1,11 +1,20 @@
-"""One TOML config schema for the whole gateway, validated at start-up with clear errors."""
+"""One TOML config schema for the whole gateway, validated at start-up with clear errors.
+
+Every setting lives here, with its default and its range; config/gateway.toml documents each one.
+`load()` parses a file strictly (unknown keys, wrong types, out-of-range values and inconsistent pairs
+are refused), then applies the few environment overrides of `ENV_OVERRIDES` (tests and benchmarks use
+them), and validates the result again: any error is a `ConfigurationError` naming the file, the key
+(and the variable, for an override) and the reason. This is the only module that reads those variables.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -128,6 +137,102 @@ class RiskConfig(_Section):
     backtest_records_max: Annotated[int, Meta(ge=1, le=100_000_000)] = 1_000_000
 
 
+class WorkerConfig(_Section):
+    """The payment worker: embedded mode's child process, or each `gateway worker` in cluster mode."""
+
+    # false: no payment worker (request-path benchmarks only; payments stay `processing`; a cluster
+    # `gateway worker` then only writes the Kafka records to PostgreSQL).
+    enabled: bool = True
+    # Payments and operations processed concurrently by one worker.
+    inflight_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
+    # Period of the scan that finds payments and operations left unfinished (crash, timeout).
+    reconcile_interval_ms: Annotated[int, Meta(ge=10, le=3_600_000)] = 1000
+    # Cluster workers: PostgreSQL connections (and threads) of the payment path.
+    db_connections: Annotated[int, Meta(ge=1, le=100)] = 8
+
+
+class PSPProfileConfig(_Section):
+    """Overrides of one PSP's simulator profile (`[psp.profiles.<name>]`): no keys yet; capacity, latency
+    and error rates come with the next issue."""
+
+
+PSP_URL_CHARS_MAX = 2048
+# The simulator's profiles (psp_sim/profiles.py DEFAULT_PROFILES; a unit test keeps the two equal). Named
+# here so that the schema needs nothing from the simulator.
+PSP_PROFILE_NAMES = ("psp_a", "psp_b", "psp_c")
+
+
+class PSPConfig(_Section):
+    """The PSPs the workers route between: simulated in the worker process, or one `gateway psp-sim`."""
+
+    # Multiplies every simulated PSP duration (tests use 0.01).
+    time_scale: Annotated[float, Meta(ge=0, le=1000)] = 1.0
+    # Simulator profiles to route between (psp_a, psp_b, psp_c), each at most once.
+    psps: Annotated[tuple[str, ...], Meta(min_length=1, max_length=16)] = PSP_PROFILE_NAMES
+    # Seed of the simulators' random outcomes.
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    # A PSP call that takes longer counts as a timeout (the payment is resolved by a status query).
+    timeout_ms: Annotated[int, Meta(ge=1, le=600_000)] = 10_000
+    # Base URL of a simulator served by `gateway psp-sim`; empty: simulators inside the worker process.
+    url: Annotated[str, Meta(pattern=r"^(https?://\S+)?$", max_length=PSP_URL_CHARS_MAX)] = ""
+    profiles: dict[str, PSPProfileConfig] = {}
+
+
+class BreakerSection(_Section):
+    """One circuit breaker per PSP (psp/breaker.py `BreakerConfig`, same field names)."""
+
+    # Opens when, over the last `window_calls` calls (at least `calls_min`), the failure ratio reaches
+    # `failure_ratio_threshold`, or after `consecutive_failures_max` failures in a row.
+    window_calls: Annotated[int, Meta(ge=1, le=10_000)] = 20
+    calls_min: Annotated[int, Meta(ge=1, le=10_000)] = 10
+    failure_ratio_threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    consecutive_failures_max: Annotated[int, Meta(ge=1, le=10_000)] = 5
+    # Open this long, then half-open: `half_open_probes_max` calls go through.
+    cooldown_s: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
+    half_open_probes_max: Annotated[int, Meta(ge=1, le=1000)] = 1
+
+
+class RetrySection(_Section):
+    """The retry policy of one payment (psp/routing.py `RetryPolicy`, same field names)."""
+
+    attempts_max: Annotated[int, Meta(ge=1, le=16)] = 4
+    backoff_ms_base: Annotated[float, Meta(ge=0, le=600_000)] = 100.0
+    backoff_ms_max: Annotated[float, Meta(ge=0, le=600_000)] = 5_000.0
+    multiplier: Annotated[float, Meta(ge=1, le=100)] = 2.0
+    soft_decline_retries_max: Annotated[int, Meta(ge=0, le=16)] = 1
+
+
+class WeightsSection(_Section):
+    """PSP score weights (psp/routing.py `ScoreWeights`, same field names)."""
+
+    success_points: Annotated[float, Meta(ge=0, le=1e6)] = 100.0
+    latency_points_per_ms: Annotated[float, Meta(ge=0, le=1e6)] = 0.02
+    cost_points_per_bps: Annotated[float, Meta(ge=0, le=1e6)] = 0.02
+    prior_success_rate: Annotated[float, Meta(ge=0, le=1)] = 0.95
+    prior_weight: Annotated[float, Meta(gt=0, le=1e6)] = 5.0
+
+
+class RouterConfig(_Section):
+    # Recent calls per PSP that its health rate and median latency are computed from.
+    window_calls: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
+    retry: RetrySection = msgspec.field(default_factory=RetrySection)
+    weights: WeightsSection = msgspec.field(default_factory=WeightsSection)
+
+
+class WebhooksConfig(_Section):
+    """The webhook dispatcher beside every worker (docs/webhooks.md); same names as `WebhookSettings`."""
+
+    attempts_max: Annotated[int, Meta(ge=1, le=50)] = 12
+    retry_base_ms: Annotated[int, Meta(ge=1, le=86_400_000)] = 5_000
+    retry_max_ms: Annotated[int, Meta(ge=1, le=86_400_000)] = 3_600_000
+    timeout_ms: Annotated[int, Meta(ge=100, le=60_000)] = 10_000
+    concurrency: Annotated[int, Meta(ge=1, le=1000)] = 32
+    poll_ms: Annotated[int, Meta(ge=10, le=60_000)] = 200
+    batch_max: Annotated[int, Meta(ge=1, le=1000)] = 100
+    allow_private_urls: bool = False
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
@@ -138,6 +243,10 @@ class Config(_Section):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     risk: RiskConfig = msgspec.field(default_factory=RiskConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    psp: PSPConfig = msgspec.field(default_factory=PSPConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
     def fastpath_json(self, data_dir: Path) -> str:
         """The settings the Rust fast path takes, as the JSON its `Config` decodes."""
@@ -164,10 +273,110 @@ class Config(_Section):
         ).decode()
 
 
+def _on_off(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected on or off (also 1/0, true/false, yes/no)")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+# Named in the API's refusal of a private endpoint URL.
+ENV_ALLOW_PRIVATE_URLS = "GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS"
+# Environment variables that override a key of the file (tests and benchmarks use them; an empty value
+# counts as unset). The same list is in the header of config/gateway.toml.
+ENV_OVERRIDES: tuple[tuple[str, str, str, Callable[[str], Any]], ...] = (
+    ("GATEWAY_WORKER", "worker", "enabled", _on_off),
+    ("GATEWAY_WORKER_INFLIGHT_MAX", "worker", "inflight_max", _int),
+    ("GATEWAY_RECONCILE_INTERVAL_MS", "worker", "reconcile_interval_ms", _int),
+    ("GATEWAY_WORKER_DB_CONNECTIONS", "worker", "db_connections", _int),
+    ("GATEWAY_PSP_TIME_SCALE", "psp", "time_scale", _float),
+    ("GATEWAY_PSPS", "psp", "psps", _names),
+    ("GATEWAY_PSP_SEED", "psp", "seed", _int),
+    ("GATEWAY_PSP_TIMEOUT_MS", "psp", "timeout_ms", _int),
+    ("GATEWAY_PSP_URL", "psp", "url", str),
+    ("GATEWAY_WEBHOOK_ATTEMPTS_MAX", "webhooks", "attempts_max", _int),
+    ("GATEWAY_WEBHOOK_RETRY_BASE_MS", "webhooks", "retry_base_ms", _int),
+    ("GATEWAY_WEBHOOK_RETRY_MAX_MS", "webhooks", "retry_max_ms", _int),
+    ("GATEWAY_WEBHOOK_TIMEOUT_MS", "webhooks", "timeout_ms", _int),
+    ("GATEWAY_WEBHOOK_CONCURRENCY", "webhooks", "concurrency", _int),
+    ("GATEWAY_WEBHOOK_POLL_MS", "webhooks", "poll_ms", _int),
+    (ENV_ALLOW_PRIVATE_URLS, "webhooks", "allow_private_urls", _on_off),
+)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str], path: str) -> dict[str, str]:
+    """Writes the overrides found in `env` into the parsed file; returns {"section.key": variable}."""
+    applied: dict[str, str] = {}
+    for var, section, key, kind in ENV_OVERRIDES:
+        text = env.get(var, "")
+        if not text:
+            continue
+        dotted = f"{section}.{key}"
+        try:
+            value = kind(text)
+        except ValueError as e:
+            raise ConfigurationError(f"{path}: {dotted} (environment {var}={text!r}): {e}") from None
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):  # otherwise the strict conversion names the section as not a table
+            table[key] = value
+            applied[dotted] = var
+    return applied
+
+
+def _inconsistency(cfg: Config) -> tuple[str, str] | None:
+    """The first (key, reason) that a per-key range cannot express: names, and pairs of keys."""
+    psp = cfg.psp
+    for name in psp.psps:
+        if name not in PSP_PROFILE_NAMES:
+            return "psp.psps", f"unknown PSP profile {name!r}; known: {', '.join(PSP_PROFILE_NAMES)}"
+    if len(set(psp.psps)) != len(psp.psps):
+        return "psp.psps", "names a PSP more than once"
+    for name in psp.profiles:
+        if name not in psp.psps:
+            return f"psp.profiles.{name}", f"{name!r} is not one of psp.psps ({', '.join(psp.psps)})"
+    b, r, w = cfg.router.breaker, cfg.router.retry, cfg.webhooks
+    if b.calls_min > b.window_calls:
+        return "router.breaker.calls_min", f"must be at most router.breaker.window_calls ({b.window_calls})"
+    if r.backoff_ms_max < r.backoff_ms_base:
+        return (
+            "router.retry.backoff_ms_max",
+            f"must be at least router.retry.backoff_ms_base ({r.backoff_ms_base})",
+        )
+    if w.retry_max_ms < w.retry_base_ms:
+        return "webhooks.retry_max_ms", f"must be at least webhooks.retry_base_ms ({w.retry_base_ms})"
+    return None
+
+
 _AT = re.compile(r"^(?P<reason>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
 
 
-def _explain(path: str, err: msgspec.ValidationError) -> ConfigurationError:
+def _named(key: str, applied: Mapping[str, str]) -> str:
+    return f"{key} (environment {applied[key]})" if key in applied else key
+
+
+def _explain(
+    path: str, err: msgspec.ValidationError, applied: Mapping[str, str], prefix: str = ""
+) -> ConfigurationError:
     match = _AT.match(str(err))
     reason = match.group("reason") if match else str(err)
     key = (match.group("path") or "").lstrip(".") if match else ""
@@ -175,26 +384,51 @@ def _explain(path: str, err: msgspec.ValidationError) -> ConfigurationError:
     if unknown:
         key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
         reason = "unknown key (check the spelling against config/gateway.toml)"
-    return ConfigurationError(f"{path}: {key or '<top level>'}: {reason}")
+    key = ".".join(k for k in (prefix, key) if k)
+    return ConfigurationError(f"{path}: {_named(key, applied) if key else '<top level>'}: {reason}")
 
 
-def parse(text: str, path: str = "<config>") -> Config:
+def _profile_error(raw: dict[str, Any], path: str) -> ConfigurationError | None:
+    """msgspec calls a table of `psp.profiles` `[...]`: the error of the profile at fault, with its name."""
+    psp = raw.get("psp")
+    profiles = psp.get("profiles") if isinstance(psp, dict) else None
+    for name, table in profiles.items() if isinstance(profiles, dict) else ():
+        try:
+            msgspec.convert(table, PSPProfileConfig)
+        except msgspec.ValidationError as e:
+            return _explain(path, e, {}, prefix=f"psp.profiles.{name}")
+    return None
+
+
+def _build(raw: dict[str, Any], path: str, env: Mapping[str, str]) -> Config:
+    applied = _apply_env(raw, env, path)
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise (_profile_error(raw, path) or _explain(path, e, applied)) from None
+    bad = _inconsistency(cfg)
+    if bad is not None:
+        raise ConfigurationError(f"{path}: {_named(bad[0], applied)}: {bad[1]}")
+    return cfg
+
+
+def parse(text: str, path: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+    """The config in `text`, with the overrides of `env` (none by default: the text alone)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigurationError(f"{path}: not valid TOML: {e}") from None
-    try:
-        return msgspec.convert(raw, Config)
-    except msgspec.ValidationError as e:
-        raise _explain(path, e) from None
+    return _build(raw, path, env or {})
 
 
-def load(path: str | Path | None) -> Config:
+def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """The config file at `path` (None: the defaults) with the overrides of `env` (default: os.environ)."""
+    e = os.environ if env is None else env
     if path is None:
-        return Config()
+        return _build({}, "<defaults>", e)
     p = Path(path)
     try:
         text = p.read_text()
-    except OSError as e:
-        raise ConfigurationError(f"{p}: cannot read the config file: {e.strerror}") from None
-    return parse(text, str(p))
+    except OSError as err:
+        raise ConfigurationError(f"{p}: cannot read the config file: {err.strerror}") from None
+    return parse(text, str(p), e)

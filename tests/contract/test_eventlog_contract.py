@@ -52,10 +52,10 @@ class Written:
     def pay(self, n: int) -> None:
         for _ in range(n):
             body = json.dumps({"amount": 1000 + len(self.ids), "currency": "EUR", "payment_method": "tok_visa"})
-            status, resp, lsn, *_ = self.fastpath.create_payment("acct_c", uuid.uuid4().hex, body.encode())
-            assert status == 201, resp
-            assert self.fastpath.wait_committed(lsn, 5_000)
-            self.ids.append(json.loads(resp)["id"])
+            r = self.fastpath.create_payment("acct_c", uuid.uuid4().hex, body.encode())
+            assert r.status == 201, r.body
+            assert self.fastpath.wait_committed(r.lsn, 5_000)
+            self.ids.append(json.loads(r.body)["id"])
         self.created_ms = [r.created_ms for r in WalEventLog(self.wal_dir, self.fastpath.committed_lsn()).read()]
         if self.bootstrap is not None:
             self.relay()

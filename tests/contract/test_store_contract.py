@@ -117,3 +117,29 @@ def test_same_idempotency_key_never_makes_two_payments(store) -> None:
     store.apply_wal_records([(2, record("acct_a", pid(2), key="order-1"))])
     assert store.count_payments("acct_a") == 1
     assert store.get_payment("acct_a", pid(2)) is None
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_postgres_event_records_refused_by_a_constraint_go_to_the_migrated_dead_letters_table(
+    database_url: str,
+) -> None:
+    from gateway.store.postgres import PostgresStore
+
+    pg = PostgresStore(database_url, schema=f"contract_{uuid.uuid4().hex[:12]}")
+    pg.migrate()
+    try:
+        with pg.pool.connection() as conn:  # created by the migrations, not on first use
+            assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
+        m = pg.create_merchant("Shop", key_hash("sk_dead"))
+        bad_amount = record(m.id, pid(2), amount=0)  # CHECK (amount > 0) refuses it
+        inserted = pg.apply_events([(1, record(m.id, pid(1))), (2, bad_amount), (3, b"{not json"),
+                                    (4, record(m.id, pid(3)))])
+        assert inserted == 2 and pg.count_payments(m.id) == 2
+        with pg.pool.connection() as conn:
+            rows = conn.execute("SELECT reason, payload FROM dead_letters ORDER BY id").fetchall()
+        assert [(r[0].split(" ")[0], bytes(r[1])) for r in rows] == [("constraint", bad_amount),
+                                                                     ("undecodable", b"{not json")]
+    finally:
+        pg.drop_schema()
+        pg.close()

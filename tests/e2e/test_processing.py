@@ -155,6 +155,20 @@ def test_soft_decline_is_retried_once_on_the_same_psp(gw: Gateway) -> None:
     assert story(gw, pid) == ["processing", "failed"]
 
 
+def test_the_worker_takes_psp_and_retry_settings_from_the_config_file(tmp_path: Path) -> None:
+    # No GATEWAY_* variables: only the file passed to `gateway serve --config` reaches the worker child.
+    config_text = ("[psp]\npsps = [\"psp_b\"]\ntime_scale = 0.01\n[worker]\nreconcile_interval_ms = 100\n"
+                   "[router.retry]\nsoft_decline_retries_max = 0\n")
+    g = Gateway(tmp_path / "data", config_text).start()
+    try:
+        pid = create(g, "tok_decline_insufficient_funds")
+        p = get(g, pid)
+        assert (p["status"], p["failure_code"]) == ("failed", "insufficient_funds")
+        assert [(a[1], a[3]) for a in attempts(g, pid)] == [("psp_b", "soft_decline")], "no retry, psp_b only"
+    finally:
+        g.stop()
+
+
 def test_timeout_goes_to_pending_verification_and_the_reconciler_resolves_it(gw: Gateway) -> None:
     pid = create(gw, "tok_timeout")
     p = get(gw, pid, wait_ms=8000)

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from gateway.config import Config, parse
-from gateway.runtime.cluster import Cluster, fingerprint
+from gateway._fastpath import FastPath
+from gateway.api.http import PAYMENT_ID
+from gateway.api.payments import respond
+from gateway.config import parse
+from gateway.domain.idempotency import create_fingerprint
+from gateway.runtime.base import CreateAnswer
+from gateway.runtime.cluster import ClusterRuntime
 from gateway.shared.redis_state import InMemorySharedState
 from gateway.store.base import Merchant
 
@@ -16,27 +23,45 @@ MERCHANT = Merchant("acct_a", "Shop")
 BODY = b'{"amount": 100, "currency": "USD", "payment_method": "tok_visa"}'
 
 
-class StubApp:
-    """Stands in for GatewayApp: `accept_payment` records the call and answers like the fast path."""
+class StubCluster(ClusterRuntime):
+    """The cluster runtime with the in-memory shared state and a stub in place of the fast-path call:
+    `accept` records the call and answers like the fast path. Its fast path only fingerprints."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.ready = True
+    def __init__(self, rate_per_s: float, tmp_dir: Path) -> None:
+        super().__init__(parse(f"[server]\nmode = 'cluster'\n[rate_limit]\nper_s = {rate_per_s}\n"
+                               f"burst = {rate_per_s}\n"), tmp_dir)
         self.accepted: list[tuple[str | None, bytes]] = []
+        self.ready = True
+        self.velocity_shared = False
+        self.fastpath = FastPath(self.config.fastpath_json(tmp_dir))
 
-    async def accept_payment(self, auth: Merchant, idem_key: str | None, body: bytes,
-                             velocity: list[int] | None = None) -> tuple[Any, ...]:
+    async def accept(self, merchant: Merchant, idem_key: str | None, body: bytes,
+                     velocity: list[int] | None) -> CreateAnswer:
         self.accepted.append((idem_key, body))
-        out = json.dumps({"id": f"pay_{len(self.accepted):024d}"}).encode()
-        return 201, [("content-type", "application/json")], out, len(self.accepted), f"pay_{len(self.accepted):024d}", False
+        pid = f"pay_{len(self.accepted):024d}"
+        return CreateAnswer(201, json.dumps({"id": pid}).encode(), len(self.accepted), pid,
+                            echo_key=idem_key is not None)
+
+    async def create_payment(self, merchant: Merchant, idem_key: str | None, body: bytes) -> Any:
+        return respond(await self.create(merchant, idem_key, body), idem_key)
+
+    async def get_payment(self, _scope: Any, payment_id: str) -> Any:
+        body = await self.read_payment(MERCHANT.id, payment_id) if PAYMENT_ID.match(payment_id) else None
+        return (200, [], body) if body is not None else (404, [], b"")
 
 
-def make(rate_per_s: float = 1000.0) -> tuple[Cluster, StubApp, InMemorySharedState]:
-    app = StubApp(parse(f"[server]\nmode = 'cluster'\n[rate_limit]\nper_s = {rate_per_s}\nburst = {rate_per_s}\n"))
-    cluster = Cluster(app)  # type: ignore[arg-type]
+_TMP = Path(tempfile.mkdtemp(prefix="cluster-api-"))
+
+
+def fingerprint(body: bytes) -> str:
+    return create_fingerprint(FastPath(parse("").fastpath_json(Path(tempfile.mkdtemp(dir=_TMP)))), body)
+
+
+def make(rate_per_s: float = 1000.0) -> tuple[StubCluster, StubCluster, InMemorySharedState]:
+    cluster = StubCluster(rate_per_s, Path(tempfile.mkdtemp(dir=_TMP)))
     shared = InMemorySharedState()
     cluster.shared = shared
-    return cluster, app, shared
+    return cluster, cluster, shared
 
 
 def test_shared_state_down_answers_503_without_touching_the_fast_path() -> None:
@@ -100,8 +125,10 @@ def test_shared_rate_limit_answers_429_with_retry_after() -> None:
 
 
 def test_fingerprint_ignores_key_order_and_whitespace() -> None:
-    assert fingerprint(b'{"a": 1, "b": [1, 2]}') == fingerprint(b'{"b":[1,2],"a":1}')
-    assert fingerprint(b'{"a": 1}') != fingerprint(b'{"a": 2}')
+    assert fingerprint(b'{"amount": 1, "currency": "USD", "payment_method": "tok_visa"}') == fingerprint(
+        b'{"payment_method":"tok_visa","currency":"USD","amount":1}')
+    assert fingerprint(b'{"amount": 1, "currency": "USD", "payment_method": "tok_visa"}') != fingerprint(
+        b'{"amount": 2, "currency": "USD", "payment_method": "tok_visa"}')
 
 
 class StubStore:
@@ -113,10 +140,9 @@ class StubStore:
 
 
 def test_reads_fall_back_to_the_store_when_shared_state_is_down() -> None:
-    cluster, app, shared = make()
+    cluster, _, shared = make()
     pid = "pay_" + "a" * 24
     cluster.store = StubStore({(MERCHANT.id, pid): b'{"id":"from-store"}'})  # type: ignore[assignment]
-    app.authenticate = lambda scope: MERCHANT  # type: ignore[attr-defined]
 
     async def go() -> list[Any]:
         await shared.finish(MERCHANT.id, None, "", 201, b'{"id":"from-shared"}', pid, cache=False)

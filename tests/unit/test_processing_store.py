@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
@@ -24,9 +24,17 @@ import psycopg
 import pytest
 from gateway.domain import ledger
 from gateway.domain import payment as sm
-from gateway.domain.attempt import Outcome, ProcessingResult
+from gateway.domain.attempt import AttemptRow, AttemptStatus, Outcome, ProcessingResult
 from gateway.store.postgres import PostgresStore
-from gateway.store.processing import Accepted, OperationFinish, ProcessingStore, Refused, StaleVersion
+from gateway.store.processing import (
+    Accepted,
+    Change,
+    Intent,
+    OperationFinish,
+    ProcessingStore,
+    Refused,
+    StaleVersion,
+)
 from gateway.store.sqlite import SqliteStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -83,14 +91,22 @@ def _close(store: Store) -> None:
         store.close()
 
 
+def _accept(store: Store, payment_ids: list[str], first_lsn: int = 1) -> None:
+    """The `payment.created` WAL records of `payment_ids`, applied as the tailer applies them."""
+    records = []
+    for n, pid in enumerate(payment_ids):
+        payment = {"id": pid, "object": "payment", "status": "processing", "amount": AUTHORIZED, "currency": "EUR",
+                   "payment_method": "tok_visa", "capture": False, "created": 1}
+        record = {"type": "payment.created", "merchant_id": MERCHANT, "status_code": 201, "created_ms": 1,
+                  "payment": payment}
+        records.append((first_lsn + n, msgspec.json.encode(record)))
+    store.apply_wal_records(records)
+
+
 def _store(folder: str, make: Factory) -> tuple[Store, ProcessingStore]:
     store = make(folder)
     store.create_merchant("Model Shop", "0" * 64, merchant_id=MERCHANT)
-    payment = {"id": PID, "object": "payment", "status": "processing", "amount": AUTHORIZED, "currency": "EUR",
-               "payment_method": "tok_visa", "capture": False, "created": 1}
-    record = {"type": "payment.created", "merchant_id": MERCHANT, "status_code": 201, "created_ms": 1,
-              "payment": payment}
-    store.apply_wal_records([(1, msgspec.json.encode(record))])
+    _accept(store, [PID])
     pstore = ProcessingStore(store)
     rec = pstore.load(PID)
     assert rec is not None
@@ -292,3 +308,110 @@ def test_postgres_concurrent_operations_accept_one_whatever_their_keys(tmp_path:
         assert all(isinstance(g, Refused) and (g.status_code, g.code) == (409, expected)
                    for g in got if not isinstance(g, Accepted)), got
         pstore.finish_operation(OperationFinish(accepted[0].operation.id, "failed", "processor_declined"), PID)
+
+
+# -- batch interfaces: a batch of payments in, one transaction out ----------------------------------------
+
+BATCH = ["pay_" + c * 24 for c in "bcd"]
+
+
+def _started(pid: str, n: int = 1) -> AttemptRow:
+    return AttemptRow(attempt_id=f"{pid}:auth:{n}", payment_id=pid, attempt_no=n, operation="authorize",
+                      psp="psp_a", idempotency_key=f"{pid}:auth:{n}", amount=AUTHORIZED, currency="EUR",
+                      status=AttemptStatus.STARTED, started_at_ms=2)
+
+
+def test_load_many_creates_the_state_of_every_accepted_payment_and_keeps_the_order(
+    tmp_path: Path, factory: Factory
+) -> None:
+    store, pstore = _store(str(tmp_path), factory)
+    _accept(store, BATCH, first_lsn=2)
+    missing = "pay_" + "z" * 24
+    recs = pstore.load_many([BATCH[2], missing, BATCH[0], PID, BATCH[1]])
+    assert recs[1] is None, "a payment never accepted has no state"
+    got = [(r.payment.id, r.payment.status.value, r.payment.version, r.token) for r in recs if r is not None]
+    first_version = got[0][2]
+    assert got == [(BATCH[2], "processing", first_version, "tok_visa"), (BATCH[0], "processing", first_version,
+                   "tok_visa"), (PID, "authorized", got[2][2], "tok_visa"), (BATCH[1], "processing", first_version,
+                   "tok_visa")]
+    assert got[2][2] > first_version, "the authorized payment's stored version, not a fresh state"
+    assert [r.payment.id if r else None for r in pstore.load_many(BATCH)] == BATCH, "loaded again: same rows"
+    _close(store)
+
+
+def test_record_intents_writes_every_started_attempt_of_a_batch(tmp_path: Path, factory: Factory) -> None:
+    store, pstore = _store(str(tmp_path), factory)
+    _accept(store, BATCH, first_lsn=2)
+    pstore.record_intents([Intent(_started(pid)) for pid in BATCH])
+    for pid in BATCH:
+        rows = pstore.attempts(pid)
+        assert [(a.attempt_id, a.status, a.amount) for a in rows] == [(f"{pid}:auth:1", AttemptStatus.STARTED,
+                                                                        AUTHORIZED)]
+    pstore.record_intents([])  # an empty batch writes nothing and does not fail
+    assert pstore.attempts(PID) == []
+    _close(store)
+
+
+def _authorize(rec_payment: sm.Payment, pid: str) -> ProcessingResult:
+    t = sm.authorize(rec_payment, amount=AUTHORIZED, psp="psp_a", psp_reference=f"ref_{pid}", actor="worker", at_ms=2)
+    done = replace(_started(pid), status=AttemptStatus.APPROVED, finished_at_ms=3)
+    return ProcessingResult(payment=t.payment, outcome=Outcome.APPROVED, attempts=[done], transitions=[t],
+                            postings=ledger.postings_for_transition(t, f"{pid}:auth:1"))
+
+
+def test_apply_many_writes_a_batch_and_refuses_a_stale_version_without_writing_that_payment(
+    tmp_path: Path, factory: Factory
+) -> None:
+    store, pstore = _store(str(tmp_path), factory)
+    _accept(store, BATCH, first_lsn=2)
+    recs = pstore.load_many(BATCH)
+    assert all(r is not None for r in recs)
+    # Another writer authorizes the middle payment first: the batch's change of it is now stale.
+    stale_rec = recs[1]
+    assert stale_rec is not None
+    winner = _authorize(stale_rec.payment, BATCH[1])
+    pstore.apply(winner, base_version=stale_rec.payment.version)
+    trail_before = pstore.audit_trail(BATCH[1])
+    body_before = store.get_payment(MERCHANT, BATCH[1])
+    changes = []
+    for r in recs:
+        assert r is not None
+        result = _authorize(r.payment, r.payment.id)
+        result.attempts[0] = replace(result.attempts[0], attempt_id=f"{r.payment.id}:auth:batch")
+        changes.append(Change(result, r.payment.version))
+    out = pstore.apply_many(changes)
+    assert [(a.payment_id, a.applied, a.operation) for a in out] == [
+        (BATCH[0], True, None), (BATCH[1], False, None), (BATCH[2], True, None)]
+    after = pstore.load_many(BATCH)
+    for pid, rec in zip(BATCH, after, strict=True):
+        assert rec is not None and rec.payment.status.value == "authorized" and rec.payment.psp_reference == f"ref_{pid}"
+    assert [r.payment.version for r in after if r] == [
+        changes[0].result.payment.version, winner.payment.version, changes[2].result.payment.version]
+    # The stale payment: no attempt, audit row, posting or body of the refused change.
+    assert [a.attempt_id for a in pstore.attempts(BATCH[1])] == [f"{BATCH[1]}:auth:1"]
+    assert pstore.audit_trail(BATCH[1]) == trail_before and store.get_payment(MERCHANT, BATCH[1]) == body_before
+    # The others: every row of their change, in the same transaction.
+    for pid in (BATCH[0], BATCH[2]):
+        assert [a.attempt_id for a in pstore.attempts(pid)] == [f"{pid}:auth:batch"]
+        assert [t[1] for t in pstore.audit_trail(pid)] == ["authorized"]
+        body = msgspec.json.decode(store.get_payment(MERCHANT, pid) or b"{}")
+        assert (body["status"], body["amount_authorized"], [a["id"] for a in body["attempts"]]) == (
+            "authorized", AUTHORIZED, [f"{pid}:auth:batch"])
+    postings, bad_rows = pstore.all_postings()
+    assert bad_rows == [] and ledger.check(postings) == []
+    assert sorted(p.payment_id for p in postings) == sorted([PID, *BATCH]), "one authorization posting each"
+    _close(store)
+
+
+def test_apply_many_refuses_two_changes_of_one_payment(tmp_path: Path, factory: Factory) -> None:
+    store, pstore = _store(str(tmp_path), factory)
+    _accept(store, BATCH[:1], first_lsn=2)
+    [rec] = pstore.load_many(BATCH[:1])
+    assert rec is not None
+    change = Change(_authorize(rec.payment, BATCH[0]), rec.payment.version)
+    with pytest.raises(ValueError, match="two changes of one payment"):
+        pstore.apply_many([change, change])
+    after = pstore.load(BATCH[0])
+    assert after is not None and after.payment.status.value == "processing", "nothing of the batch was written"
+    assert pstore.apply_many([]) == []
+    _close(store)

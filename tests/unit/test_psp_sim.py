@@ -16,7 +16,7 @@ import gateway
 import httpx
 import pytest
 from gateway.domain.attempt import Outcome
-from gateway.psp.client import HTTPPSPClient, InProcessPSPClient
+from gateway.psp.client import HTTPPSPClient
 from gateway.psp_sim import (
     DEFAULT_PROFILES,
     PSP_A,
@@ -26,6 +26,7 @@ from gateway.psp_sim import (
     ResponseLost,
     SimulatedPSP,
 )
+from gateway.psp_sim.client import InProcessPSPClient
 
 DAY = date(2025, 3, 14)
 DAY_TS = datetime(2025, 3, 14, 12, 0, tzinfo=UTC).timestamp()

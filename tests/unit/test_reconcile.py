@@ -13,8 +13,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from gateway.domain import ledger
+from gateway.domain import settlement as st
+from gateway.domain.settlement import GatewayEvent, SettlementFileError, match, parse_settlement
 from gateway.processing import reconcile as rc
-from gateway.processing.reconcile import GatewayEvent, SettlementFileError, match, parse_settlement
+from gateway.store.ledger import insert_postings
 from gateway.store.postgres import PostgresStore
 from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
@@ -102,21 +104,21 @@ def test_parser_never_echoes_a_card_number() -> None:
 
 
 def test_parser_limits_file_bytes_and_line_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rc, "SETTLEMENT_FILE_BYTES_MAX", 64)
+    monkeypatch.setattr(st, "SETTLEMENT_FILE_BYTES_MAX", 64)
     err = parse_error(csv_bytes("pay_1,1000,USD,25,975,captured", "pay_2,1000,USD,25,975,captured"))
     assert err.line is None and "settlement_file_bytes_max=64" in str(err)
-    monkeypatch.setattr(rc, "SETTLEMENT_FILE_BYTES_MAX", 10**6)
-    monkeypatch.setattr(rc, "SETTLEMENT_LINES_MAX", 2)
+    monkeypatch.setattr(st, "SETTLEMENT_FILE_BYTES_MAX", 10**6)
+    monkeypatch.setattr(st, "SETTLEMENT_LINES_MAX", 2)
     err = parse_error(csv_bytes(*[f"pay_{i},1000,USD,25,975,captured" for i in range(3)]))
     assert err.line == 4 and "more than settlement_lines_max=2" in str(err)
     assert len(parse_settlement(csv_bytes(*[f"pay_{i},1000,USD,25,975,captured" for i in range(2)]))) == 2
 
 
 def test_settlement_day_comes_from_the_file_name() -> None:
-    assert rc.settlement_day_of("/x/psp_a-2026-11-20.csv") == DAY
-    assert rc.settlement_day_of("2026-11-20.csv") == DAY
-    assert rc.settlement_day_of("settlement.csv") is None
-    assert rc.settlement_day_of("psp_a-2026-13-40.csv") is None
+    assert st.settlement_day_of("/x/psp_a-2026-11-20.csv") == DAY
+    assert st.settlement_day_of("2026-11-20.csv") == DAY
+    assert st.settlement_day_of("settlement.csv") is None
+    assert st.settlement_day_of("psp_a-2026-13-40.csv") is None
 
 
 # -- matcher ------------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def ev(key: str, pid: str, amount: int, fee: int = 25, currency: str = "USD", in
                         receivable=amount - fee, fees=fee)
 
 
-def kinds(result: rc.MatchResult) -> list[tuple[str, str, int | None]]:
+def kinds(result: st.MatchResult) -> list[tuple[str, str, int | None]]:
     return [(d["type"], d.get("reference", d.get("currency")), d.get("line")) for d in result.discrepancies]
 
 
@@ -174,13 +176,13 @@ def test_matcher_reports_each_kind_of_discrepancy_on_its_line() -> None:
     assert [e.payment_id for e, fee in result.fee_differences] == ["pay_2"]
     totals = [d for d in result.discrepancies if d["type"] == "totals_mismatch"]
     assert {d["currency"] for d in totals} == {"USD", "EUR"}
-    for kind in rc.KINDS:
+    for kind in st.KINDS:
         assert result.counts[kind] == sum(1 for d in result.discrepancies if d["type"] == kind) + (
             1 if kind == "matched" else 0)
 
 
 def test_matcher_caps_listed_items_but_counts_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rc, "REPORT_ITEMS_MAX", 3)
+    monkeypatch.setattr(st, "REPORT_ITEMS_MAX", 3)
     rows = parse_settlement(csv_bytes(*[f"pay_{i},100,USD,1,99,captured" for i in range(10)]))
     result = match(rows, [])
     assert result.counts["missing_in_gateway"] == 10 and len(result.discrepancies) == 3
@@ -222,11 +224,7 @@ def seed(store: SqliteStore | PostgresStore, payments: list[tuple[str, str, list
                         postings.append(ledger.psp_fee(f"{key}:psp_fee", pid, "psp_a", currency, fee, at))
                 else:
                     postings.append(ledger.refund(f"{key}:refund", pid, MERCHANT, "psp_a", currency, amount, at))
-            conn.executemany(
-                "INSERT INTO ledger_entries (posting_id, line_no, payment_id, kind, account, currency, debit, credit,"
-                " at_ms, reverses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(r.posting_id, r.line_no, r.payment_id, r.kind, r.account, r.currency, r.debit, r.credit, r.at_ms,
-                  r.reverses) for p in postings for r in p.rows()])
+            insert_postings(conn, postings)
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +337,7 @@ def test_fee_corrections_are_new_balanced_postings_with_an_audit_row_and_are_nev
 
 def test_report_reads_as_one_line_per_discrepancy() -> None:
     report = {"run_id": "recon_x", "psp": "psp_a", "settlement_day": "2026-11-20", "file": "f.csv",
-              "file_sha256": "0" * 64, "lines": 1, "counts": dict.fromkeys(rc.KINDS, 0), "totals": {},
+              "file_sha256": "0" * 64, "lines": 1, "counts": dict.fromkeys(st.KINDS, 0), "totals": {},
               "items": [{"type": "missing_in_gateway", "line": 2, "reference": "pay_9", "status": "captured",
                          "amount": 700, "currency": "USD", "fee": 20}],
               "discrepancies": 1, "ok": False, "finished_ms": 0}

@@ -1,12 +1,16 @@
 """The relay's bookkeeping without a broker: the contiguously acknowledged LSN under out-of-order
-delivery callbacks, rewinds on a failed delivery, and the fsync'd checkpoint file."""
+delivery callbacks, rewinds on a failed delivery, and the fsync'd checkpoint file; and the one WAL
+record schema its Kafka key, the event log, the workers and the stores decode with."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import msgspec
+import pytest
+from gateway.domain import records
 from gateway.feed.relay import Checkpoint, Relay, record_key
+from gateway.store.base import wal_rows
 
 
 class NoSource:
@@ -60,3 +64,38 @@ def test_records_are_keyed_by_payment_id() -> None:
     payload = msgspec.json.encode({"type": "payment.created", "payment": {"id": "pay_x", "amount": 1}})
     assert record_key(payload) == b"pay_x"
     assert record_key(b"not json") is None
+
+
+# The record as the fast path writes it (rust/fastpath/src/engine.rs, `CreatedRecord`), with a field a
+# newer writer might add: the one schema (domain/records.py) ignores what it does not know.
+CREATED = msgspec.json.encode({
+    "type": "payment.created", "merchant_id": "acct_1", "idempotency_key": "k1", "fingerprint": "ab" * 16,
+    "status_code": 201, "created_ms": 1_700_000_000_123,
+    "payment": {"id": "pay_1", "object": "payment", "status": "processing", "amount": 1000, "currency": "EUR",
+                "created": 1_700_000_000, "livemode": False},
+    "added_later": {"x": 1},
+})
+
+
+def test_one_record_schema_serves_the_relay_the_event_log_the_workers_and_the_stores() -> None:
+    rec = records.decode_record(CREATED)
+    assert (rec.type, rec.merchant_id, rec.status_code, rec.created_ms) == (
+        "payment.created", "acct_1", 201, 1_700_000_000_123)
+    assert rec.head() == records.PaymentHead("pay_1", "processing", 1000, "EUR", 1_700_000_000)
+    summary = records.decode_summary(CREATED)
+    assert summary is not None and (summary.type, summary.created_ms, summary.payment_id) == (
+        "payment.created", 1_700_000_000_123, "pay_1")
+    assert records.payment_id_of(CREATED) == "pay_1" and record_key(CREATED) == b"pay_1"
+    other = msgspec.json.encode({"type": "payment.other", "merchant_id": "acct_1", "status_code": 200,
+                                 "created_ms": 1, "payment": {"id": "pay_2"}})
+    assert records.created_payment_ids([(1, CREATED), (2, b"{"), (3, other)]) == ["pay_1"]
+    payments, keys = wal_rows([(7, CREATED), (8, other)])
+    assert [p[:8] for p in payments] == [("pay_1", "acct_1", "processing", 1000, "EUR", "k1", 1_700_000_000, 7)]
+    assert msgspec.json.decode(payments[0][8])["livemode"] is False
+    assert keys == [("acct_1", "k1", "ab" * 16, 201, payments[0][8], 1_700_000_000_123)]
+
+
+def test_bytes_that_are_not_a_record_are_refused_by_the_stores_and_skipped_by_the_readers() -> None:
+    assert records.decode_summary(b"not json") is None and records.payment_id_of(b"[]") is None
+    with pytest.raises(msgspec.DecodeError):
+        wal_rows([(1, b'{"type": "payment.created"}')])

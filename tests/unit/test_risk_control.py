@@ -138,11 +138,11 @@ def test_backtest_request_is_built_like_the_fast_path_builds_it() -> None:
               "payment": {"amount": 700, "currency": "EUR", "payment_method": "tok_visa_gb",
                           "customer": {"email": "a@b.com", "ip": "203.0.113.7", "device_id": "d1", "id": "cus_1",
                                        "country": "FR"}}}
-    assert ctl.risk_request(record, GeoTable.builtin().country) == {
+    assert ctl.payload_risk_request(json.dumps(record).encode(), GeoTable.builtin().country) == {
         "merchant_id": "acct_1", "amount": 700, "currency": "EUR", "card": "tok_visa_gb", "email": "a@b.com",
         "ip": "203.0.113.7", "device_id": "d1", "customer_id": "cus_1", "customer_country": "FR",
         "ip_country": "DE"}
-    assert ctl.risk_request({"type": "payment.captured"}, GeoTable.builtin().country) is None
+    assert ctl.payload_risk_request(b'{"type": "payment.captured"}', GeoTable.builtin().country) is None
 
 
 def test_python_ip_table_answers_like_the_fast_path(tmp_path: Path) -> None:

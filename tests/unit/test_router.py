@@ -13,9 +13,10 @@ from gateway.processing.authorize import process_authorization
 from gateway.processing.operations import process_capture, process_refund, process_void
 from gateway.processing.resolve import resolve_pending
 from gateway.psp.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from gateway.psp.client import InProcessPSPClient, PSPResult
+from gateway.psp.client import PSPResult
 from gateway.psp.routing import Action, PSPRoute, RetryPolicy, Router
 from gateway.psp_sim import PSP_A, PSP_B, PSP_C, PSPProfile, SimulatedPSP
+from gateway.psp_sim.client import InProcessPSPClient
 
 T0 = 1_700_000_000_000
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from gateway import config
 from gateway.api.webhooks import check_url
+from gateway.config import ConfigurationError
 from gateway.domain.events import WebhookSettings, new_endpoint_secret
 from gateway.domain.secrets import Secret
 from gateway.domain.signature import WebhookSignatureError, compute_signature, sign, verify_signature
@@ -118,10 +120,10 @@ def test_loopback_urls_are_accepted_when_allowed() -> None:
 
 
 def test_settings_refuse_out_of_range_values() -> None:
-    with pytest.raises(AssertionError, match="ATTEMPTS_MAX"):
-        WebhookSettings.from_env({"GATEWAY_WEBHOOK_ATTEMPTS_MAX": "0"})
-    with pytest.raises(AssertionError, match="TIMEOUT_MS"):
-        WebhookSettings.from_env({"GATEWAY_WEBHOOK_TIMEOUT_MS": "999999"})
+    with pytest.raises(ConfigurationError, match="ATTEMPTS_MAX"):
+        config.load(None, {"GATEWAY_WEBHOOK_ATTEMPTS_MAX": "0"})
+    with pytest.raises(ConfigurationError, match="TIMEOUT_MS"):
+        config.load(None, {"GATEWAY_WEBHOOK_TIMEOUT_MS": "999999"})
 
 
 def _store(tmp_path: Path) -> tuple[SqliteStore, ProcessingStore]:

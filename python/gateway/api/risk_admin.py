@@ -11,18 +11,16 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import os
 import re
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import msgspec
 
-from gateway.api.app import JSON, ON_START, GatewayApp, Response, route
+from gateway.api.http import JSON, Api, Response, Route, route
 from gateway.domain.errors import error_body
-from gateway.feed.eventlog import TIME_MS_MAX, EventLog, EventLogError, KafkaEventLog, WalEventLog
+from gateway.feed.eventlog import TIME_MS_MAX, EventLogError
 from gateway.risk import control as ctl
 from gateway.risk.control import ControlError, RiskControl, RulesInvalid
 
@@ -33,44 +31,6 @@ ADMIN_BODY_BYTES_MAX = 64 * 1024 * 1024
 ADMIN_KEY_CHARS_MAX = 256
 LIST_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 HISTORY_LIMIT_MAX = 1_000
-
-
-class _Plane:
-    def __init__(self, control: RiskControl, key_digests: list[str]) -> None:
-        self.control = control
-        self.key_digests = key_digests
-
-
-# One gateway app per process; keyed by the app so tests that build several apps stay apart.
-_PLANES: dict[int, _Plane] = {}
-
-
-def _start(app: GatewayApp, publish: Any = None) -> RiskControl:
-    """Embedded mode: an ON_START hook (SQLite). Cluster mode: called by `Cluster.start_risk` with the
-    PostgreSQL store and the function that publishes a committed change on the risk channel."""
-    assert app.fastpath is not None and app.store is not None
-    cfg = app.config.risk
-    if cfg.geoip_file:
-        app.fastpath.set_geo_csv(Path(cfg.geoip_file).read_text())
-    model_path = Path(cfg.model_path) if cfg.model_path else ctl.SHIPPED_MODEL
-    pool = getattr(app.store, "pool", None) if app.cluster is not None else None
-    control = RiskControl(app.store, app.fastpath.risk, model_path, pg_pool=pool, publish=publish)
-    control.restore()
-    digests = [cfg.admin_key_sha256] if cfg.admin_key_sha256 else []
-    key = os.environ.get(cfg.admin_key_env, "")
-    if key:
-        digests.append(hashlib.sha256(key.encode()).hexdigest())
-    if not digests:
-        log_.warning("no admin key configured ([risk] admin_key_env or admin_key_sha256): the admin API refuses all")
-    _PLANES[id(app)] = _Plane(control, digests)
-    return control
-
-
-def _start_embedded(app: GatewayApp) -> None:
-    _start(app)
-
-
-ON_START.append(_start_embedded)
 
 
 # -- request plumbing ------------------------------------------------------------------------------
@@ -93,9 +53,9 @@ def _ok(obj: Any, status: int = 200) -> Response:
     return status, [JSON], msgspec.json.encode(obj)
 
 
-def _plane(app: GatewayApp, scope: Any) -> RiskControl:
-    plane = _PLANES.get(id(app))
-    if plane is None:
+def _plane(app: Api, scope: Any) -> RiskControl:
+    control = app.runtime.risk_control
+    if control is None or not app.runtime.ready:
         raise _Refused(_error(503, "risk_control_unavailable", "The risk control plane is not started yet."))
     header = scope.headers.get("authorization") or ""
     key = header[7:].strip() if header.startswith("Bearer ") else ""
@@ -105,10 +65,10 @@ def _plane(app: GatewayApp, scope: Any) -> RiskControl:
             kind="authentication_error")))
     digest = hashlib.sha256(key.encode()).hexdigest()
     # compare_digest against every configured digest, so timing does not say which one nearly matched.
-    if not any(hmac.compare_digest(digest, d) for d in plane.key_digests):
+    if not any(hmac.compare_digest(digest, d) for d in app.runtime.admin_digests):
         raise _Refused((401, [JSON, ("www-authenticate", "Bearer")], error_body(
             401, "invalid_admin_key", "Invalid admin key provided.", kind="authentication_error")))
-    return plane.control
+    return control
 
 
 async def _body(scope: Any, proto: Any, typ: type[Any]) -> Any:
@@ -142,7 +102,7 @@ def _int(q: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
 def _handler(fn: Any) -> Any:
     """Turns `_Refused` and `ControlError` into error responses."""
 
-    async def wrapped(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+    async def wrapped(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
         try:
             return await fn(app, scope, proto, match)
         except _Refused as r:
@@ -209,9 +169,8 @@ class ValuesBody(_Strict):
 # -- rules -----------------------------------------------------------------------------------------
 
 
-@route("POST", r"/v1/admin/rules", "admin_rules_push")
 @_handler
-async def push_rules(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def push_rules(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     b = await _body(scope, proto, PushBody)
     rv = control.push(b.source, author=b.author, comment=b.comment, merchant_id=b.merchant_id or None,
@@ -219,25 +178,22 @@ async def push_rules(app: GatewayApp, scope: Any, proto: Any, match: re.Match[st
     return _ok({"object": "risk_ruleset", **msgspec.structs.asdict(rv)}, 201)
 
 
-@route("GET", r"/v1/admin/rules", "admin_rules_active")
 @_handler
-async def active_rules(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def active_rules(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     return _ok({"object": "list", "data": [msgspec.structs.asdict(rv) for rv in control.active()],
                 "engine_version": control.engine.rules_version(), "model_hash": control.engine.model_hash()})
 
 
-@route("POST", r"/v1/admin/rules/validate", "admin_rules_validate")
 @_handler
-async def validate_rules(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def validate_rules(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     b = await _body(scope, proto, SourceBody)
     return _ok({"valid": True, "rules": control.check(b.source)})
 
 
-@route("GET", r"/v1/admin/rules/history", "admin_rules_history")
 @_handler
-async def rules_history(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def rules_history(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
     limit = _int(q, "limit", 100, 1, HISTORY_LIMIT_MAX)
@@ -246,52 +202,46 @@ async def rules_history(app: GatewayApp, scope: Any, proto: Any, match: re.Match
     return _ok({"object": "list", "data": data, "has_more": len(data) == limit})
 
 
-@route("POST", r"/v1/admin/rules/rollback", "admin_rules_rollback")
 @_handler
-async def rollback_rules(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def rollback_rules(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     b = await _body(scope, proto, RollbackBody)
     rv = control.rollback(b.version, author=b.author, comment=b.comment)
     return _ok({"object": "risk_ruleset", **msgspec.structs.asdict(rv)}, 201)
 
 
-@route("POST", r"/v1/admin/rules/shadow", "admin_shadow_set")
 @_handler
-async def shadow_set(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def shadow_set(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     b = await _body(scope, proto, PushBody)
     rv = control.push(b.source, author=b.author, comment=b.comment, shadow=True, merchant_id=b.merchant_id)
     return _ok({"object": "risk_ruleset", **msgspec.structs.asdict(rv)}, 201)
 
 
-@route("DELETE", r"/v1/admin/rules/shadow", "admin_shadow_clear")
 @_handler
-async def shadow_clear(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def shadow_clear(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
     rv = control.clear(author=q.get("author", "admin"), comment=q.get("comment", ""))
     return _ok({"object": "risk_ruleset", **msgspec.structs.asdict(rv)})
 
 
-@route("GET", r"/v1/admin/rules/shadow", "admin_shadow_stats")
 @_handler
-async def shadow_stats(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def shadow_stats(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     return _ok({"object": "risk_shadow_stats", **control.shadow_stats()})
 
 
-@route("DELETE", r"/v1/admin/rules/merchants/([^/]{1,255})", "admin_rules_merchant_clear")
 @_handler
-async def merchant_clear(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def merchant_clear(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
     rv = control.clear(author=q.get("author", "admin"), comment=q.get("comment", ""), merchant_id=match.group(1))
     return _ok({"object": "risk_ruleset", **msgspec.structs.asdict(rv)})
 
 
-@route("POST", r"/v1/admin/rules/backtest", "admin_rules_backtest")
 @_handler
-async def rules_backtest(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def rules_backtest(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     """Replays the recorded payments through a candidate ruleset. Embedded mode reads this process's
     WAL; cluster mode reads the Kafka topic (every process's records) and the control plane's
     PostgreSQL. Both stop at `[risk] backtest_records_max` payments and at `until_ms` (default: now)."""
@@ -308,19 +258,14 @@ async def rules_backtest(app: GatewayApp, scope: Any, proto: Any, match: re.Matc
                            "after_lsn names a position in one WAL; in cluster mode bound the replay with since_ms.",
                            "after_lsn")
     control.check(b.source)
-    fp = app.fastpath
+    fp = app.runtime.fastpath
     assert fp is not None
     cfg = app.config.risk
-    log: EventLog
-    if control.clustered:
-        c = app.config.cluster
-        log, conn, kind = KafkaEventLog(c.kafka_bootstrap, c.topic), control.db, "kafka"
-    else:
-        log, conn, kind = WalEventLog(str(app.data_dir / "wal"), fp.committed_lsn()), None, "wal"
+    log, kind = app.runtime.event_log()
 
     def run() -> dict[str, Any]:
-        engine = ctl.backtest_engine(conn if conn is not None else control.store._conn(), b.source, b.merchant_id,
-                                     control.model_bytes, cfg.backtest_keys_per_dimension_max)
+        engine = ctl.backtest_engine(control.risk_store, b.source, b.merchant_id, control.model_bytes,
+                                     cfg.backtest_keys_per_dimension_max)
         return ctl.backtest_log(engine, log, fp.ip_country, cfg.backtest_records_max, since_ms=b.since_ms,
                                 until_ms=until_ms, after_lsn=b.after_lsn, source=kind)
 
@@ -334,16 +279,14 @@ async def rules_backtest(app: GatewayApp, scope: Any, proto: Any, match: re.Matc
 # -- lists -----------------------------------------------------------------------------------------
 
 
-@route("GET", r"/v1/admin/lists", "admin_lists")
 @_handler
-async def lists(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def lists(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     return _ok({"object": "list", "data": control.lists()})
 
 
-@route("POST", r"/v1/admin/lists", "admin_list_create")
 @_handler
-async def list_create(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def list_create(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     b = await _body(scope, proto, CreateListBody)
     if not re.fullmatch(LIST_NAME, b.name):
@@ -353,18 +296,16 @@ async def list_create(app: GatewayApp, scope: Any, proto: Any, match: re.Match[s
     return _ok({"object": "risk_list", **control.create_list(b.name, b.kind, b.entries_max, b.author)}, 201)
 
 
-@route("GET", rf"/v1/admin/lists/({LIST_NAME})", "admin_list_get")
 @_handler
-async def list_get(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def list_get(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
     limit = _int(q, "limit", 100, 1, 10_000)
     return _ok({"object": "risk_list", **control.get_list(match.group(1), limit, q.get("after", ""))})
 
 
-@route("POST", rf"/v1/admin/lists/({LIST_NAME})/(add|remove|load)", "admin_list_change")
 @_handler
-async def list_change(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def list_change(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     b = await _body(scope, proto, ValuesBody)
     name, op = match.group(1), match.group(2)
@@ -379,18 +320,38 @@ async def list_change(app: GatewayApp, scope: Any, proto: Any, match: re.Match[s
     return _ok({"object": "risk_list_change", "list": name, **out, "entries": entries})
 
 
-@route("GET", r"/v1/admin/audit", "admin_audit")
 @_handler
-async def audit(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def audit(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
     return _ok({"object": "list", "data": control.audit(q.get("target"), _int(q, "limit", 100, 1, HISTORY_LIMIT_MAX))})
 
 
-@route("POST", r"/v1/admin/model/reload", "admin_model_reload")
 @_handler
-async def model_reload(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def model_reload(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     b = await _body(scope, proto, ActorBody)
     return _ok({"object": "risk_model", "model_hash": control.reload_model(b.author),
                 "path": str(control.model_path)})
+
+
+def routes() -> list[Route]:
+    """This module's endpoints, for the app's route table."""
+    return [
+        route("POST", r"/v1/admin/rules", "admin_rules_push", push_rules),
+        route("GET", r"/v1/admin/rules", "admin_rules_active", active_rules),
+        route("POST", r"/v1/admin/rules/validate", "admin_rules_validate", validate_rules),
+        route("GET", r"/v1/admin/rules/history", "admin_rules_history", rules_history),
+        route("POST", r"/v1/admin/rules/rollback", "admin_rules_rollback", rollback_rules),
+        route("POST", r"/v1/admin/rules/shadow", "admin_shadow_set", shadow_set),
+        route("DELETE", r"/v1/admin/rules/shadow", "admin_shadow_clear", shadow_clear),
+        route("GET", r"/v1/admin/rules/shadow", "admin_shadow_stats", shadow_stats),
+        route("DELETE", r"/v1/admin/rules/merchants/([^/]{1,255})", "admin_rules_merchant_clear", merchant_clear),
+        route("POST", r"/v1/admin/rules/backtest", "admin_rules_backtest", rules_backtest),
+        route("GET", r"/v1/admin/lists", "admin_lists", lists),
+        route("POST", r"/v1/admin/lists", "admin_list_create", list_create),
+        route("GET", rf"/v1/admin/lists/({LIST_NAME})", "admin_list_get", list_get),
+        route("POST", rf"/v1/admin/lists/({LIST_NAME})/(add|remove|load)", "admin_list_change", list_change),
+        route("GET", r"/v1/admin/audit", "admin_audit", audit),
+        route("POST", r"/v1/admin/model/reload", "admin_model_reload", model_reload),
+    ]

@@ -16,21 +16,24 @@ oldest first.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
 from gateway._fastpath import contains_pan
-from gateway.api.app import JSON, PAYMENT_ID, GatewayApp, Response, route
-from gateway.api.operations import _read_body, _State, _state
+from gateway.api.http import JSON, PAYMENT_ID, Api, Response, Route, read_body, route, starting
+from gateway.config import ENV_ALLOW_PRIVATE_URLS as ALLOW_PRIVATE_ENV
 from gateway.domain import events as ev
 from gateway.domain.errors import error_body
 from gateway.store.base import Merchant
 
+if TYPE_CHECKING:
+    from gateway.runtime.base import Runtime
+    from gateway.store.processing import ProcessingStore
+
 EVENTS_LIST_LIMIT_DEFAULT = 10
 EVENTS_LIST_LIMIT_MAX = 100
-ALLOW_PRIVATE_ENV = ev.ALLOW_PRIVATE_ENV
 
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.ENDPOINT_URL_CHARS_MAX)]
 EventName = Annotated[str, msgspec.Meta(max_length=64)]
@@ -51,20 +54,26 @@ def _invalid(code: str, message: str, param: str | None = None, status: int = 40
     return status, [JSON], error_body(status, code, message, param)
 
 
-def _starting() -> Response:
-    return 503, [JSON, ("retry-after", "1")], error_body(503, "starting", "The gateway is starting.")
+# Endpoint bodies are small: a URL, a few event names and a description.
+WEBHOOK_BODY_BYTES_MAX = 4096
 
 
-def _merchant_and_state(app: GatewayApp, scope: Any) -> tuple[Merchant, _State] | Response:
-    """The authenticated merchant and the processing state, or the answer that refuses the request
+class _Ctx(NamedTuple):
+    merchant: Merchant
+    runtime: Runtime
+    store: ProcessingStore
+
+
+def _merchant_and_state(app: Api, scope: Any) -> _Ctx | Response:
+    """The authenticated merchant and the processing store, or the answer that refuses the request
     (401, or 503 while the gateway starts)."""
     auth = app.authenticate(scope)
     if not isinstance(auth, Merchant):
         return auth
-    st = _state(app) if app.ready else None
-    if st is None:
-        return _starting()
-    return auth, st
+    rt = app.runtime
+    if not rt.ready or rt.processing is None:
+        return starting()
+    return _Ctx(auth, rt, rt.processing)
 
 
 def _decode(body: bytes) -> CreateEndpoint | Response:
@@ -124,17 +133,16 @@ def check_url(url: str, allow_private: bool) -> str | None:
     return None
 
 
-def _allow_private() -> bool:
-    return ev.private_url_allowed()
+def _allow_private(app: Api) -> bool:
+    return app.config.webhooks.allow_private_urls
 
 
-@route("POST", r"/v1/webhook_endpoints", "create_webhook_endpoint")
-async def create_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def create_endpoint(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     got = _merchant_and_state(app, scope)
-    if len(got) == 3:  # the refusal
+    if not isinstance(got, _Ctx):
         return got
-    auth, st = got
-    raw = await _read_body(scope, proto)
+    auth, rt, ps = got
+    raw = await read_body(scope, proto, WEBHOOK_BODY_BYTES_MAX)
     if not isinstance(raw, bytes):
         return raw
     if contains_pan(raw.decode("utf-8", errors="replace")):
@@ -142,7 +150,7 @@ async def create_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Mat
     req = _decode(raw)
     if not isinstance(req, CreateEndpoint):
         return req
-    reason = check_url(req.url, _allow_private())
+    reason = check_url(req.url, _allow_private(app))
     if reason is not None:
         return _invalid("url_invalid", reason, "url")
     unknown = [e for e in req.enabled_events if e != ev.ALL_EVENTS and e not in ev.EVENT_TYPES]
@@ -151,7 +159,7 @@ async def create_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Mat
                         " or \"*\" for all.", "enabled_events")
     enabled = sorted(set(req.enabled_events))
     secret = ev.new_endpoint_secret()
-    endpoint = await st.run(st.pstore.create_endpoint, auth.id, req.url, enabled, req.description, secret.expose())
+    endpoint = await rt.run(ps.create_endpoint, auth.id, req.url, enabled, req.description, secret.expose())
     if endpoint is None:
         return _invalid("endpoints_limit_reached",
                         f"A merchant may have at most {ev.ENDPOINTS_PER_MERCHANT_MAX} webhook endpoints; delete one"
@@ -160,36 +168,33 @@ async def create_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Mat
     return 201, [JSON], msgspec.json.encode({**endpoint, "secret": secret.expose()})
 
 
-@route("GET", r"/v1/webhook_endpoints", "list_webhook_endpoints")
-async def list_endpoints(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def list_endpoints(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     got = _merchant_and_state(app, scope)
-    if len(got) == 3:  # the refusal
+    if not isinstance(got, _Ctx):
         return got
-    auth, st = got
-    data = await st.run(st.pstore.list_endpoints, auth.id)
+    auth, rt, ps = got
+    data = await rt.run(ps.list_endpoints, auth.id)
     return 200, [JSON], msgspec.json.encode(
         {"object": "list", "url": "/v1/webhook_endpoints", "has_more": False, "data": data})
 
 
-@route("DELETE", r"/v1/webhook_endpoints/(?P<id>[A-Za-z0-9_]{1,64})", "delete_webhook_endpoint")
-async def delete_endpoint(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def delete_endpoint(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     got = _merchant_and_state(app, scope)
-    if len(got) == 3:  # the refusal
+    if not isinstance(got, _Ctx):
         return got
-    auth, st = got
+    auth, rt, ps = got
     endpoint_id = match["id"]
-    if not await st.run(st.pstore.delete_endpoint, auth.id, endpoint_id):
+    if not await rt.run(ps.delete_endpoint, auth.id, endpoint_id):
         return _invalid("resource_missing", f"No such webhook endpoint: '{endpoint_id}'", "id", status=404)
     return 200, [JSON], msgspec.json.encode({"id": endpoint_id, "object": "webhook_endpoint", "deleted": True})
 
 
-@route("GET", r"/v1/events/(?P<id>[A-Za-z0-9_]{1,64})", "get_event")
-async def get_event(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def get_event(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     got = _merchant_and_state(app, scope)
-    if len(got) == 3:  # the refusal
+    if not isinstance(got, _Ctx):
         return got
-    auth, st = got
-    found = await st.run(st.pstore.event, auth.id, match["id"])
+    auth, rt, ps = got
+    found = await rt.run(ps.event, auth.id, match["id"])
     if found is None:
         return _invalid("resource_missing", f"No such event: '{match['id']}'", "id", status=404)
     body, deliveries = found
@@ -197,8 +202,7 @@ async def get_event(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str
     return 200, [JSON], body[:-1] + b',"deliveries":' + msgspec.json.encode(deliveries) + b"}"
 
 
-@route("GET", r"/v1/events", "list_events")
-async def list_events(app: GatewayApp, scope: Any, proto: Any, match: re.Match[str]) -> Response:
+async def list_events(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     auth = app.authenticate(scope)
     if not isinstance(auth, Merchant):
         return auth
@@ -218,10 +222,22 @@ async def list_events(app: GatewayApp, scope: Any, proto: Any, match: re.Match[s
             return _invalid("parameter_unknown", f"Received unknown parameter: {name[:64]}", name[:64])
     if payment_id is None:
         return _invalid("parameter_missing", "Missing required param: payment.", "payment")
-    st = _state(app) if app.ready else None
-    if st is None:
-        return _starting()
-    rows = await st.run(st.pstore.payment_events, auth.id, payment_id, limit)
+    rt = app.runtime
+    ps = rt.processing
+    if not rt.ready or ps is None:
+        return starting()
+    rows = await rt.run(ps.payment_events, auth.id, payment_id, limit)
     out = b'{"object":"list","url":"/v1/events","has_more":%s,"data":[%s]}' % (
         b"true" if len(rows) >= limit else b"false", ",".join(rows).encode())
     return 200, [JSON], out
+
+
+def routes() -> list[Route]:
+    """This module's endpoints, for the app's route table."""
+    return [
+        route("POST", r"/v1/webhook_endpoints", "create_webhook_endpoint", create_endpoint),
+        route("GET", r"/v1/webhook_endpoints", "list_webhook_endpoints", list_endpoints),
+        route("DELETE", r"/v1/webhook_endpoints/(?P<id>[A-Za-z0-9_]{1,64})", "delete_webhook_endpoint", delete_endpoint),
+        route("GET", r"/v1/events/(?P<id>[A-Za-z0-9_]{1,64})", "get_event", get_event),
+        route("GET", r"/v1/events", "list_events", list_events),
+    ]

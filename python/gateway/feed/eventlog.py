@@ -39,6 +39,7 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from gateway._fastpath import WalReader
+from gateway.domain.records import decode_summary
 
 # Records one read returns at most, whatever the caller asks.
 READ_RECORDS_MAX = 100_000_000
@@ -109,27 +110,13 @@ class EventLog(Protocol):
         ...
 
 
-class _Payment(msgspec.Struct):
-    id: str
-
-
-class _Head(msgspec.Struct):
-    type: str
-    created_ms: int = 0
-    payment: _Payment | None = None
-
-
-_head = msgspec.json.Decoder(_Head)
-
-
 def decode(source: str, lsn: int, payload: bytes) -> EventRecord | None:
     """The record of a WAL payload, None for bytes that are not a record (never written by the fast
     path; skipped rather than failing a whole audit)."""
-    try:
-        h = _head.decode(payload)
-    except msgspec.DecodeError:
+    s = decode_summary(payload)
+    if s is None:
         return None
-    return EventRecord(source, lsn, h.created_ms, h.type, h.payment.id if h.payment else "", payload)
+    return EventRecord(source, lsn, s.created_ms, s.type, s.payment_id, payload)
 
 
 def _check_bounds(since_ms: int, until_ms: int, after_lsn: int, limit: int, batch_records_max: int) -> None:

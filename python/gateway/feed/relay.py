@@ -27,11 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import msgspec
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gateway._fastpath import WalReader
+from gateway.domain.records import payment_id_of
 from gateway.feed.eventlog import HEADER_LSN, HEADER_SOURCE, producer_config
 
 log = logging.getLogger("gateway.relay")
@@ -46,23 +46,10 @@ class CommittedSource(Protocol):
     def wait_committed(self, lsn: int, timeout_ms: int) -> bool: ...
 
 
-class _PaymentIdInner(msgspec.Struct):
-    id: str
-
-
-class _PaymentId(msgspec.Struct):
-    payment: _PaymentIdInner
-
-
-_id_decoder = msgspec.json.Decoder(_PaymentId)
-
-
 def record_key(payload: bytes) -> bytes | None:
     """The Kafka key of a WAL record: its payment id (None for a record without one)."""
-    try:
-        return _id_decoder.decode(payload).payment.id.encode()
-    except msgspec.DecodeError:
-        return None
+    pid = payment_id_of(payload)
+    return pid.encode() if pid is not None else None
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:

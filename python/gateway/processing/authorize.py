@@ -26,7 +26,7 @@ from gateway.domain.attempt import (
 )
 from gateway.processing.attempts import RecordIntent, Sleep, finish_attempt
 from gateway.psp.client import PSPClient, PSPResult
-from gateway.psp.routing import Action, RetryPolicy, Router
+from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy, Router
 
 
 async def process_authorization(
@@ -36,7 +36,7 @@ async def process_authorization(
     now: Callable[[], int],
     *,
     token: str,
-    policy: RetryPolicy = RetryPolicy(),
+    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     rng: random.Random | None = None,
     sleep: Sleep = asyncio.sleep,
     record_intent: RecordIntent | None = None,

@@ -20,7 +20,7 @@ from gateway.domain.attempt import (
 )
 from gateway.processing.attempts import RecordIntent, Sleep, apply_operation, call_operation, finish_attempt
 from gateway.psp.client import PSPClient
-from gateway.psp.routing import Action, RetryPolicy
+from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy
 
 
 async def _process_operation(
@@ -81,7 +81,7 @@ async def process_capture(
     amount: int,
     final_capture: bool,
     idempotency_key: str,
-    policy: RetryPolicy = RetryPolicy(),
+    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     rng: random.Random | None = None,
     sleep: Sleep = asyncio.sleep,
     record_intent: RecordIntent | None = None,
@@ -112,7 +112,7 @@ async def process_void(
     now: Callable[[], int],
     *,
     idempotency_key: str,
-    policy: RetryPolicy = RetryPolicy(),
+    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     rng: random.Random | None = None,
     sleep: Sleep = asyncio.sleep,
     record_intent: RecordIntent | None = None,
@@ -142,7 +142,7 @@ async def process_refund(
     *,
     amount: int,
     idempotency_key: str,
-    policy: RetryPolicy = RetryPolicy(),
+    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
     rng: random.Random | None = None,
     sleep: Sleep = asyncio.sleep,
     record_intent: RecordIntent | None = None,

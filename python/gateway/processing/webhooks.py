@@ -10,6 +10,7 @@ lease runs out and is sent again (at-least-once: the event id lets the receiver 
 A 2xx answer within the timeout is a delivery; anything else (another status, a timeout, a refused
 connection) is retried after `WebhookSettings.retry_delay_ms` until `attempts_max` attempts, then
 the delivery is `failed`. Sends run concurrently up to `concurrency`; redirects are not followed.
+Its settings are the `[webhooks]` config section (`webhook_settings`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 
+from gateway.config import WebhooksConfig
 from gateway.domain.events import WebhookSettings, private_address
 from gateway.domain.signature import SIGNATURE_HEADER, sign
 from gateway.store.processing import Delivery, ProcessingStore, now_ms
@@ -32,6 +35,13 @@ log = logging.getLogger("gateway.webhooks")
 
 T = TypeVar("T")
 USER_AGENT = "gateway-webhooks/1"
+
+
+def webhook_settings(section: WebhooksConfig) -> WebhookSettings:
+    """The dispatcher's settings from the validated `[webhooks]` section (the same field names)."""
+    return WebhookSettings(**msgspec.structs.asdict(section))
+
+
 class _NotAllowed(Exception):
     pass
 
@@ -43,7 +53,7 @@ class Dispatcher:
     def __init__(self, pstore: ProcessingStore, settings: WebhookSettings | None = None,
                  db: DbCall | None = None) -> None:
         self.pstore = pstore
-        self.settings = settings or WebhookSettings.from_env()
+        self.settings = settings or WebhookSettings()
         self._db_call = db
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()

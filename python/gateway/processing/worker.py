@@ -3,7 +3,7 @@
 One thread with its own asyncio event loop, so PSP latency (50-300 ms per call) never touches the
 HTTP loop. It is fed three ways:
 
-- the tailer's `ON_APPLIED` hook hands it every new `payment.created` record;
+- the tailer hands it every new `payment.created` record (runtime/embedded.py);
 - the merchant API hands it every accepted capture/void/refund (`submit_operation`);
 - on start, and then every `reconcile_interval_ms`, a scan finds payments still `processing`
   (a crash between acceptance and processing), `pending_verification` payments and open operations
@@ -25,25 +25,14 @@ Every PSP call of a payment uses a key derived from the payment id (`P:auth:n`, 
 recorded in `payment_attempts` *before* the call; after a crash the same key is resolved or
 replayed, never replaced by a new one, so a PSP never charges twice.
 
-Configuration (environment variables, since the PSP section of the config file does not exist yet):
-
-| variable | default | meaning |
-|---|---|---|
-| `GATEWAY_PSP_TIME_SCALE` | 1.0 | multiplies every simulated PSP duration (tests use 0.01) |
-| `GATEWAY_PSPS` | psp_a,psp_b,psp_c | simulated PSP profiles to route between |
-| `GATEWAY_PSP_SEED` | 0 | simulator seed |
-| `GATEWAY_PSP_TIMEOUT_MS` | 10000 | how long a PSP call may take before it counts as a timeout |
-| `GATEWAY_WORKER_INFLIGHT_MAX` | 256 | payments/operations processed concurrently |
-| `GATEWAY_WORKER` | on | `off` starts no worker process (request-path benchmarks only; payments stay `processing`) |
-| `GATEWAY_RECONCILE_INTERVAL_MS` | 1000 | period of the reconciler scan |
-| `GATEWAY_WORKER_DB_CONNECTIONS` | 8 | cluster workers: PostgreSQL connections (and threads) of the payment path |
-| `GATEWAY_PSP_URL` | (unset) | base URL of a PSP simulator served by `gateway psp-sim` (HTTP); unset: simulators in this process |
-| `GATEWAY_WEBHOOK_*` | | the webhook dispatcher that runs beside the worker (docs/webhooks.md) |
+Settings come from the config file's `[worker]`, `[psp]`, `[router]` and `[webhooks]` sections
+(gateway.config validates them and applies the environment overrides tests use); `WorkerSettings`
+carries them here, and the router, its breakers and the retry policy are built from `[router]`.
 
 Several cluster workers must share one PSP, as they would in production: a payment authorized
 through one worker may be captured, refunded or resolved through another, and only the PSP that
 holds the transaction can answer. Run `gateway psp-sim` once and point every worker at it with
-`GATEWAY_PSP_URL`; the in-process simulators (the default) are right for embedded mode and for a
+`psp.url`; the in-process simulators (the default) are right for embedded mode and for a
 single cluster worker.
 """
 
@@ -52,16 +41,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gateway.psp_sim import DEFAULT_PROFILES, SimulatedPSP
+from msgspec.structs import asdict
+
+from gateway import config as config_mod
+from gateway.config import Config, PSPConfig, RouterConfig, WorkerConfig
+from gateway.domain.events import WebhookSettings
+from gateway.psp_sim import DEFAULT_PROFILES, InProcessPSPClient, SimulatedPSP
 from gateway.psp_sim.export import SettlementExporter
 
 if TYPE_CHECKING:
@@ -72,21 +65,17 @@ from gateway.domain.attempt import AttemptRow, AttemptStatus, Outcome
 from gateway.processing.authorize import process_authorization
 from gateway.processing.operations import process_capture, process_refund, process_void
 from gateway.processing.resolve import resolve_pending
-from gateway.psp.client import HTTPPSPClient, InProcessPSPClient, PSPClient
-from gateway.psp.routing import PSPRoute, Router
+from gateway.processing.webhooks import webhook_settings
+from gateway.psp.breaker import BreakerConfig
+from gateway.psp.client import HTTPPSPClient, PSPClient
+from gateway.psp.routing import PSPRoute, RetryPolicy, Router, ScoreWeights
 
 log = logging.getLogger("gateway.worker")
 
 T = TypeVar("T")
 
-WORKER_INFLIGHT_MAX_DEFAULT = 256
-WORKER_INFLIGHT_MAX_LIMIT = 10_000
 WORKER_QUEUE_MAX = 100_000
-RECONCILE_INTERVAL_MS_DEFAULT = 1000
 RECONCILE_BATCH_MAX = 1000
-PSP_URL_CHARS_MAX = 2048
-DB_CONNECTIONS_DEFAULT = 8
-DB_CONNECTIONS_LIMIT = 100
 STOP_WAIT_S = 5.0
 # Shared store: a payment still `processing` this long after its creation is taken over by any worker
 # (its own worker died, or its queue overflowed); a live owner keeps it through its claim.
@@ -98,46 +87,33 @@ SHARED_KEY_ABANDONED_MS = 60_000
 UNRESOLVED = (AttemptStatus.STARTED, AttemptStatus.TIMEOUT)
 
 
+_PSP = PSPConfig()
+_WORKER = WorkerConfig()
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    psp_time_scale: float = 1.0
-    psps: tuple[str, ...] = ("psp_a", "psp_b", "psp_c")
-    psp_seed: int = 0
-    psp_timeout_ms: int = 10_000
-    inflight_max: int = WORKER_INFLIGHT_MAX_DEFAULT
-    reconcile_interval_ms: int = RECONCILE_INTERVAL_MS_DEFAULT
-    psp_url: str | None = None
-    db_connections: int = DB_CONNECTIONS_DEFAULT
+    """What one worker runs with; `from_config` takes it from the validated config (the defaults are the
+    config's), so nothing here checks ranges again."""
 
-    def __post_init__(self) -> None:
-        assert self.psp_time_scale >= 0, "GATEWAY_PSP_TIME_SCALE must be >= 0"
-        assert self.psps and all(p in DEFAULT_PROFILES for p in self.psps), (
-            f"GATEWAY_PSPS must name profiles among {', '.join(DEFAULT_PROFILES)}"
-        )
-        assert 1 <= self.psp_timeout_ms <= 600_000, "GATEWAY_PSP_TIMEOUT_MS must be 1..600000"
-        assert 1 <= self.inflight_max <= WORKER_INFLIGHT_MAX_LIMIT, (
-            f"GATEWAY_WORKER_INFLIGHT_MAX must be 1..{WORKER_INFLIGHT_MAX_LIMIT}"
-        )
-        assert 10 <= self.reconcile_interval_ms <= 3_600_000, "GATEWAY_RECONCILE_INTERVAL_MS must be 10..3600000"
-        assert 1 <= self.db_connections <= DB_CONNECTIONS_LIMIT, (
-            f"GATEWAY_WORKER_DB_CONNECTIONS must be 1..{DB_CONNECTIONS_LIMIT}"
-        )
-        assert self.psp_url is None or (
-            self.psp_url.startswith(("http://", "https://")) and len(self.psp_url) <= PSP_URL_CHARS_MAX
-        ), f"GATEWAY_PSP_URL must be an http(s) URL of at most {PSP_URL_CHARS_MAX} characters"
+    psp_time_scale: float = _PSP.time_scale
+    psps: tuple[str, ...] = _PSP.psps
+    psp_seed: int = _PSP.seed
+    psp_timeout_ms: int = _PSP.timeout_ms
+    inflight_max: int = _WORKER.inflight_max
+    reconcile_interval_ms: int = _WORKER.reconcile_interval_ms
+    psp_url: str | None = None
+    db_connections: int = _WORKER.db_connections
+    router: RouterConfig = field(default_factory=RouterConfig)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> WorkerSettings:
-        e = os.environ if env is None else env
+    def from_config(cls, cfg: Config) -> WorkerSettings:
+        w, p = cfg.worker, cfg.psp
         return cls(
-            psp_time_scale=float(e.get("GATEWAY_PSP_TIME_SCALE", "1.0")),
-            psps=tuple(p.strip() for p in e.get("GATEWAY_PSPS", "psp_a,psp_b,psp_c").split(",") if p.strip()),
-            psp_seed=int(e.get("GATEWAY_PSP_SEED", "0")),
-            psp_timeout_ms=int(e.get("GATEWAY_PSP_TIMEOUT_MS", "10000")),
-            inflight_max=int(e.get("GATEWAY_WORKER_INFLIGHT_MAX", str(WORKER_INFLIGHT_MAX_DEFAULT))),
-            reconcile_interval_ms=int(e.get("GATEWAY_RECONCILE_INTERVAL_MS", str(RECONCILE_INTERVAL_MS_DEFAULT))),
-            psp_url=e.get("GATEWAY_PSP_URL") or None,
-            db_connections=int(e.get("GATEWAY_WORKER_DB_CONNECTIONS", str(DB_CONNECTIONS_DEFAULT))),
+            psp_time_scale=p.time_scale, psps=p.psps, psp_seed=p.seed, psp_timeout_ms=p.timeout_ms,
+            inflight_max=w.inflight_max, reconcile_interval_ms=w.reconcile_interval_ms, psp_url=p.url or None,
+            db_connections=w.db_connections, router=cfg.router, webhooks=webhook_settings(cfg.webhooks),
         )
 
 
@@ -152,7 +128,8 @@ class Worker:
         from gateway.store.sqlite import SqliteStore
 
         assert isinstance(store, SqliteStore | PostgresStore)
-        self.settings = settings or WorkerSettings.from_env()
+        # No settings given: the defaults with the environment's overrides (config.ENV_OVERRIDES).
+        self.settings = settings or WorkerSettings.from_config(config_mod.load(None))
         self.pstore = ProcessingStore(store)
         # Other workers write the same store (cluster mode): claims, stale-payment takeover, and store
         # calls on threads (one per pooled connection).
@@ -180,12 +157,16 @@ class Worker:
             self.clients = {
                 name: HTTPPSPClient(s.psp_url, name, timeout_s=s.psp_timeout_ms / 1000) for name in s.psps
             }
+        r = s.router
         self.router = Router(
             [
                 PSPRoute(p.name, p.fee_bps, p.fee_fixed_minor, p.latency_ms_base * s.psp_time_scale)
                 for p in (DEFAULT_PROFILES[n] for n in s.psps)
-            ]
+            ],
+            window_size=r.window_calls, weights=ScoreWeights(**asdict(r.weights)),
+            breaker=BreakerConfig(**asdict(r.breaker)),
         )
+        self.policy = RetryPolicy(**asdict(r.retry))
         # Called on the worker thread with a payment id after every persisted change to it.
         self.on_change: list[Callable[[str], None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -249,7 +230,7 @@ class Worker:
         from gateway.processing.webhooks import Dispatcher
 
         # Webhooks of the events this worker's changes wrote (and of any other worker's, in cluster mode).
-        self.webhooks = Dispatcher(self.pstore, db=self._db)
+        self.webhooks = Dispatcher(self.pstore, self.settings.webhooks, db=self._db)
         self._ready.set()
         dispatcher = asyncio.ensure_future(self._dispatch())
         reconciler = asyncio.ensure_future(self._reconcile_loop())
@@ -410,7 +391,7 @@ class Worker:
                 await self._db(self.pstore.record_intent, row)
 
             result = await process_authorization(
-                p, self.router, self.clients, now_ms, token=rec.token, record_intent=intent
+                p, self.router, self.clients, now_ms, token=rec.token, policy=self.policy, record_intent=intent
             )
         else:
             log.error("payment %s is pending_verification without an unresolved attempt", p.id)
@@ -477,16 +458,17 @@ class Worker:
                     result = await process_capture(
                         p, client, now_ms, amount=op.amount, final_capture=op.final_capture,
                         idempotency_key=op.psp_idempotency_key, record_intent=intent, actor=op.actor,
+                        policy=self.policy,
                     )
                 elif op.kind == "void":
                     result = await process_void(
                         p, client, now_ms, idempotency_key=op.psp_idempotency_key, record_intent=intent,
-                        actor=op.actor,
+                        actor=op.actor, policy=self.policy,
                     )
                 else:
                     result = await process_refund(
                         p, client, now_ms, amount=op.amount, idempotency_key=op.psp_idempotency_key,
-                        record_intent=intent, actor=op.actor,
+                        record_intent=intent, actor=op.actor, policy=self.policy,
                     )
             except sm.TransitionError as e:
                 await self._db(self.pstore.finish_operation, OperationFinish(op.id, "failed", e.code), p.id)

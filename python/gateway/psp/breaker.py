@@ -23,6 +23,9 @@ class BreakerState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class BreakerConfig:
+    """The `[router.breaker]` config section (same names; gateway.config checks the ranges, the asserts
+    of `CircuitBreaker` are invariants)."""
+
     # Opens when, over the last `window_calls` calls (at least `calls_min`), the failure ratio
     # reaches `failure_ratio_threshold`, or after `consecutive_failures_max` failures in a row.
     window_calls: int = 20
@@ -33,9 +36,11 @@ class BreakerConfig:
     half_open_probes_max: int = 1
 
 
+DEFAULT_BREAKER = BreakerConfig()
+
 class CircuitBreaker:
     def __init__(
-        self, config: BreakerConfig = BreakerConfig(), clock: Callable[[], float] = time.monotonic
+        self, config: BreakerConfig = DEFAULT_BREAKER, clock: Callable[[], float] = time.monotonic
     ) -> None:
         assert 1 <= config.calls_min <= config.window_calls <= WINDOW_SIZE_MAX
         assert 0.0 < config.failure_ratio_threshold <= 1.0 and config.half_open_probes_max >= 1

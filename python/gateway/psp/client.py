@@ -1,4 +1,5 @@
-"""The gateway's view of a PSP: one interface, an in-process and an HTTP implementation.
+"""The gateway's view of a PSP: one interface and its HTTP implementation (the in-process one, over
+the simulator, is psp_sim/client.py: psp/ never imports the simulator).
 
 Every call returns a `PSPResult` whose `outcome` is one of five values. The important
 distinction is between `ERROR` (the PSP says it did not process the request: safe to retry or
@@ -9,16 +10,21 @@ by a status query before anything else happens). A timeout is never reported as 
 from __future__ import annotations
 
 import abc
-import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import msgspec
 
 from gateway.domain.attempt import Outcome
-from gateway.psp_sim.core import ResponseLost, SimResponse, SimulatedPSP, TransactionStatus
+from gateway.psp.wire import (
+    AuthorizeRequest,
+    CaptureRequest,
+    RefundRequest,
+    Response,
+    TransactionStatus,
+    VoidRequest,
+)
 
 TIMEOUT_S_DEFAULT = 10.0
 
@@ -100,138 +106,46 @@ class PSPClient(abc.ABC):
         """The PSP's record, None when it has none; raises PSPTimeout or PSPUnavailable."""
 
 
-def _from_sim(response: SimResponse, key: str, latency_ms: float) -> PSPResult:
+def result_of(
+    wire: Response, outcome: Outcome, psp: str, operation: str, key: str, latency_ms: float
+) -> PSPResult:
+    """The `PSPResult` of a PSP's answer (over HTTP or from an in-process simulator)."""
     return PSPResult(
-        outcome=Outcome(response.outcome),
-        psp=response.psp,
-        operation=response.operation,
+        outcome=outcome,
+        psp=psp,
+        operation=operation,
         idempotency_key=key,
-        code=response.code,
-        message=response.message,
-        retryable=response.retryable,
-        psp_reference=response.psp_reference,
-        amount=response.amount,
-        fee_minor=response.fee_minor,
+        code=wire.code,
+        message=wire.message,
+        retryable=wire.retryable,
+        psp_reference=wire.psp_reference,
+        amount=wire.amount,
+        fee_minor=wire.fee_minor,
         latency_ms=latency_ms,
     )
 
 
-def _status_from(found: TransactionStatus) -> PSPStatus:
+def status_of(w: TransactionStatus) -> PSPStatus:
+    """The `PSPStatus` of a PSP's answer to a status query."""
     return PSPStatus(
-        psp=found.psp,
-        psp_reference=found.psp_reference,
-        reference=found.reference,
-        status=found.status,
-        currency=found.currency,
-        amount_authorized=found.amount_authorized,
-        amount_captured=found.amount_captured,
-        amount_refunded=found.amount_refunded,
-        capture_final=found.capture_final,
-        decline_code=found.decline_code,
+        psp=w.psp,
+        psp_reference=w.psp_reference,
+        reference=w.reference,
+        status=w.status,
+        currency=w.currency,
+        amount_authorized=w.amount_authorized,
+        amount_captured=w.amount_captured,
+        amount_refunded=w.amount_refunded,
+        capture_final=w.capture_final,
+        decline_code=w.decline_code,
     )
-
-
-class InProcessPSPClient(PSPClient):
-    """Calls a `SimulatedPSP` in the same event loop, with the same timeout rules as HTTP."""
-
-    def __init__(self, sim: SimulatedPSP, *, timeout_s: float = TIMEOUT_S_DEFAULT) -> None:
-        assert timeout_s > 0
-        self.sim = sim
-        self.name = sim.name
-        self.timeout_s = timeout_s
-
-    async def _run(self, operation: str, key: str, call: Any) -> PSPResult:
-        started = time.perf_counter()
-        try:
-            response = await asyncio.wait_for(call, self.timeout_s)
-        except (TimeoutError, ResponseLost):
-            return PSPResult(
-                outcome=Outcome.TIMEOUT,
-                psp=self.name,
-                operation=operation,
-                idempotency_key=key,
-                code="psp_timeout",
-                message=f"no answer from {self.name} within {self.timeout_s} s",
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-            )
-        return _from_sim(response, key, (time.perf_counter() - started) * 1000.0)
-
-    async def authorize(
-        self, *, reference: str, amount: int, currency: str, token: str, idempotency_key: str
-    ) -> PSPResult:
-        call = self.sim.authorize(
-            reference=reference,
-            amount=amount,
-            currency=currency,
-            token=token,
-            idempotency_key=idempotency_key,
-        )
-        return await self._run("authorize", idempotency_key, call)
-
-    async def capture(
-        self, *, psp_reference: str, amount: int, idempotency_key: str, final: bool = False
-    ) -> PSPResult:
-        call = self.sim.capture(
-            psp_reference=psp_reference, amount=amount, idempotency_key=idempotency_key, final=final
-        )
-        return await self._run("capture", idempotency_key, call)
-
-    async def void(self, *, psp_reference: str, idempotency_key: str) -> PSPResult:
-        return await self._run(
-            "void",
-            idempotency_key,
-            self.sim.void(psp_reference=psp_reference, idempotency_key=idempotency_key),
-        )
-
-    async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> PSPResult:
-        call = self.sim.refund(psp_reference=psp_reference, amount=amount, idempotency_key=idempotency_key)
-        return await self._run("refund", idempotency_key, call)
-
-    async def status(
-        self,
-        *,
-        reference: str | None = None,
-        psp_reference: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> PSPStatus | None:
-        try:
-            found = await asyncio.wait_for(
-                self.sim.status(
-                    reference=reference, psp_reference=psp_reference, idempotency_key=idempotency_key
-                ),
-                self.timeout_s,
-            )
-        except TimeoutError as exc:
-            raise PSPTimeout(f"status query to {self.name} timed out") from exc
-        return _status_from(found) if found is not None else None
-
-
-class _WireResponse(msgspec.Struct):
-    outcome: str
-    code: str | None = None
-    message: str | None = None
-    retryable: bool = False
-    psp_reference: str | None = None
-    amount: int = 0
-    fee_minor: int = 0
-
-
-class _WireStatus(msgspec.Struct):
-    psp: str
-    psp_reference: str
-    reference: str
-    status: str
-    currency: str
-    amount_authorized: int
-    amount_captured: int
-    amount_refunded: int
-    capture_final: bool
-    decline_code: str | None = None
-    created_at: float = 0.0
 
 
 # Failures where the request provably never reached the PSP: safe to retry or fail over.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_encoder = msgspec.json.Encoder()
+_response_decoder = msgspec.json.Decoder(Response)
+_status_decoder = msgspec.json.Decoder(TransactionStatus)
 
 
 class HTTPPSPClient(PSPClient):
@@ -251,7 +165,8 @@ class HTTPPSPClient(PSPClient):
         timeout_s: float = TIMEOUT_S_DEFAULT,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        assert timeout_s > 0
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.name = psp
         self.timeout_s = timeout_s
         self._base = f"{base_url.rstrip('/')}/v1/{psp}"
@@ -262,7 +177,7 @@ class HTTPPSPClient(PSPClient):
         if self._owns_client:
             await self._client.aclose()
 
-    async def _post(self, operation: str, key: str, body: dict[str, object]) -> PSPResult:
+    async def _post(self, operation: str, key: str, body: msgspec.Struct) -> PSPResult:
         started = time.perf_counter()
 
         def result(outcome: Outcome, code: str, message: str, retryable: bool = False) -> PSPResult:
@@ -280,7 +195,7 @@ class HTTPPSPClient(PSPClient):
         try:
             response = await self._client.post(
                 f"{self._base}/{operation}",
-                content=msgspec.json.encode(body),
+                content=_encoder.encode(body),
                 headers={"idempotency-key": key, "content-type": "application/json"},
                 timeout=self.timeout_s,
             )
@@ -291,46 +206,29 @@ class HTTPPSPClient(PSPClient):
         if response.status_code == 504:
             return result(Outcome.TIMEOUT, "psp_timeout", f"{self.name} answered 504")
         try:
-            wire = msgspec.json.decode(response.content, type=_WireResponse)
+            wire = _response_decoder.decode(response.content)
             outcome = Outcome(wire.outcome)
         except (msgspec.DecodeError, ValueError):
             return result(Outcome.TIMEOUT, "psp_bad_response", f"{self.name} answered {response.status_code}")
-        return PSPResult(
-            outcome=outcome,
-            psp=self.name,
-            operation=operation,
-            idempotency_key=key,
-            code=wire.code,
-            message=wire.message,
-            retryable=wire.retryable,
-            psp_reference=wire.psp_reference,
-            amount=wire.amount,
-            fee_minor=wire.fee_minor,
-            latency_ms=(time.perf_counter() - started) * 1000.0,
-        )
+        return result_of(wire, outcome, self.name, operation, key, (time.perf_counter() - started) * 1000.0)
 
     async def authorize(
         self, *, reference: str, amount: int, currency: str, token: str, idempotency_key: str
     ) -> PSPResult:
-        body: dict[str, object] = {
-            "reference": reference,
-            "amount": amount,
-            "currency": currency,
-            "token": token,
-        }
+        body = AuthorizeRequest(reference=reference, amount=amount, currency=currency, token=token)
         return await self._post("authorize", idempotency_key, body)
 
     async def capture(
         self, *, psp_reference: str, amount: int, idempotency_key: str, final: bool = False
     ) -> PSPResult:
-        body: dict[str, object] = {"psp_reference": psp_reference, "amount": amount, "final": final}
+        body = CaptureRequest(psp_reference=psp_reference, amount=amount, final=final)
         return await self._post("capture", idempotency_key, body)
 
     async def void(self, *, psp_reference: str, idempotency_key: str) -> PSPResult:
-        return await self._post("void", idempotency_key, {"psp_reference": psp_reference})
+        return await self._post("void", idempotency_key, VoidRequest(psp_reference=psp_reference))
 
     async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> PSPResult:
-        body: dict[str, object] = {"psp_reference": psp_reference, "amount": amount}
+        body = RefundRequest(psp_reference=psp_reference, amount=amount)
         return await self._post("refund", idempotency_key, body)
 
     async def status(
@@ -359,16 +257,4 @@ class HTTPPSPClient(PSPClient):
             return None
         if response.status_code != 200:
             raise PSPUnavailable(f"status query to {self.name} answered {response.status_code}")
-        w = msgspec.json.decode(response.content, type=_WireStatus)
-        return PSPStatus(
-            psp=w.psp,
-            psp_reference=w.psp_reference,
-            reference=w.reference,
-            status=w.status,
-            currency=w.currency,
-            amount_authorized=w.amount_authorized,
-            amount_captured=w.amount_captured,
-            amount_refunded=w.amount_refunded,
-            capture_final=w.capture_final,
-            decline_code=w.decline_code,
-        )
+        return status_of(_status_decoder.decode(response.content))

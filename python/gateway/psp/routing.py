@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.domain.attempt import ATTEMPTS_MAX_LIMIT, Outcome
-from gateway.psp.breaker import WINDOW_SIZE_MAX, BreakerConfig, CircuitBreaker
+from gateway.psp.breaker import DEFAULT_BREAKER, WINDOW_SIZE_MAX, BreakerConfig, CircuitBreaker
 from gateway.psp.client import PSPResult
 
 
@@ -43,7 +43,8 @@ class PSPRoute:
 @dataclass(frozen=True, slots=True)
 class ScoreWeights:
     """score = success_points × health rate − latency_points_per_ms × median latency
-    − cost_points_per_bps × cost; with the defaults 1 % of health ≈ 50 ms ≈ 50 bps."""
+    − cost_points_per_bps × cost; with the defaults 1 % of health ≈ 50 ms ≈ 50 bps.
+    The `[router.weights]` config section (same names)."""
 
     success_points: float = 100.0
     latency_points_per_ms: float = 0.02
@@ -67,7 +68,7 @@ class Router:
         *,
         window_size: int = 100,
         weights: ScoreWeights = ScoreWeights(),
-        breaker: BreakerConfig = BreakerConfig(),
+        breaker: BreakerConfig = DEFAULT_BREAKER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         assert routes and 1 <= window_size <= WINDOW_SIZE_MAX
@@ -126,6 +127,9 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
+    """The `[router.retry]` config section (same names; gateway.config checks the ranges, the asserts
+    below are invariants)."""
+
     attempts_max: int = 4
     backoff_ms_base: float = 100.0
     backoff_ms_max: float = 5_000.0
@@ -164,3 +168,6 @@ class RetryPolicy:
                 return Decision(Action.STOP, 0.0, "soft decline retries exhausted")
             return Decision(Action.RETRY_SAME, delay, "soft decline: retry later on the same PSP")
         return Decision(Action.FAILOVER, delay, "retryable error: fail over to the next PSP")
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()

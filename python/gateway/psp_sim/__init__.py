@@ -1,14 +1,13 @@
-"""PSP simulator: latency, capacity, errors, lost responses, idempotency and settlement files."""
+"""PSP simulator: latency, capacity, errors, lost responses, idempotency and settlement files.
 
-from .core import (
-    SETTLEMENT_CSV_HEADER,
-    ResponseLost,
-    SettlementLine,
-    SimResponse,
-    SimulatedPSP,
-    TransactionStatus,
-)
+Only the runtime, the CLI and tests import it; the gateway's processing sees a simulator only through
+the `PSPClient` interface (`InProcessPSPClient` here, or the HTTP client against `gateway psp-sim`).
+"""
+
+from .client import InProcessPSPClient
+from .core import ResponseLost, SimResponse, SimulatedPSP, TransactionStatus
 from .profiles import DEFAULT_PROFILES, PSP_A, PSP_B, PSP_C, PSPProfile
+from .settlement import SETTLEMENT_CSV_HEADER, SettlementLine
 from .tokens import TEST_TOKENS, TokenBehaviour, TokenSpec
 
 __all__ = [
@@ -18,6 +17,7 @@ __all__ = [
     "PSP_C",
     "SETTLEMENT_CSV_HEADER",
     "TEST_TOKENS",
+    "InProcessPSPClient",
     "PSPProfile",
     "ResponseLost",
     "SettlementLine",

@@ -5,31 +5,42 @@ awkward parts: latency with a tail, a capacity limit with errors rising before i
 errors, and responses that get lost after the charge happened. Every random choice is drawn from a
 hash of (seed, operation, idempotency key, call sequence), so a run replays exactly from its seed
 when calls arrive in the same order.
+
+Here: the request pipeline every operation shares (idempotency by key and fingerprint, capacity,
+latency, injected faults, lost responses) and the operations. What a transaction allows is
+transactions.py, the settlement lines settlement.py; the answers are the wire types (psp/wire.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
 import hashlib
-import io
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from collections.abc import Awaitable, Callable
+from datetime import date
+
+from gateway.psp.wire import Response as SimResponse
+from gateway.psp.wire import TransactionStatus
 
 from .profiles import PSPProfile
+from .settlement import SETTLEMENT_CSV_HEADER, SettlementBook, SettlementLine
 from .tokens import TokenBehaviour, behaviour_of
+from .transactions import Refusal, Transaction, authorize_invalid, validate_amount
+
+# The simulator's answers are the wire types (psp/wire.py), so what it returns in process is what it
+# sends over HTTP; `SimResponse` is the simulator's name for `Response`.
+__all__ = [
+    "SETTLEMENT_CSV_HEADER",
+    "TRANSACTIONS_MAX_DEFAULT",
+    "ResponseLost",
+    "SettlementLine",
+    "SimResponse",
+    "SimulatedPSP",
+    "TransactionStatus",
+]
 
 IDEMPOTENCY_KEY_LENGTH_MAX = 255
-REFERENCE_LENGTH_MAX = 255
-TOKEN_LENGTH_MAX = 64
-AMOUNT_MINOR_MAX = 10**12
 TRANSACTIONS_MAX_DEFAULT = 100_000
-SETTLEMENT_CSV_HEADER = ("reference", "amount", "currency", "fee", "net", "status")
-
-_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 
 
 class ResponseLost(Exception):
@@ -40,74 +51,6 @@ class ResponseLost(Exception):
         self.psp = psp
         self.operation = operation
         self.idempotency_key = idempotency_key
-
-
-@dataclass(frozen=True, slots=True)
-class SimResponse:
-    """The answer to one operation.
-
-    `outcome` is one of approved, soft_decline, hard_decline, error. Errors carry `retryable`:
-    true when the request was not processed and may be sent again (capacity, outage), false when
-    the request itself is invalid for the transaction's state.
-    """
-
-    outcome: str
-    psp: str
-    operation: str
-    code: str | None = None
-    message: str | None = None
-    retryable: bool = False
-    psp_reference: str | None = None
-    reference: str | None = None
-    status: str | None = None
-    amount: int = 0
-    currency: str | None = None
-    fee_minor: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionStatus:
-    """Snapshot of a transaction as the PSP sees it, returned by status queries."""
-
-    psp: str
-    psp_reference: str
-    reference: str
-    status: str
-    currency: str
-    amount_authorized: int
-    amount_captured: int
-    amount_refunded: int
-    capture_final: bool
-    decline_code: str | None
-    created_at: float
-
-
-@dataclass(slots=True)
-class _Transaction:
-    psp_reference: str
-    reference: str
-    token_behaviour: TokenBehaviour
-    currency: str
-    amount_requested: int
-    status: str
-    decline_code: str | None
-    amount_authorized: int
-    amount_captured: int
-    amount_refunded: int
-    capture_final: bool
-    created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class SettlementLine:
-    day: date
-    reference: str
-    psp_reference: str
-    amount: int
-    currency: str
-    fee: int
-    net: int
-    status: str
 
 
 class SimulatedPSP:
@@ -130,8 +73,10 @@ class SimulatedPSP:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        assert time_scale >= 0.0
-        assert transactions_max >= 1
+        if time_scale < 0.0:
+            raise ValueError(f"time_scale must be >= 0, got {time_scale}")
+        if transactions_max < 1:
+            raise ValueError(f"transactions_max must be >= 1, got {transactions_max}")
         self.profile = profile
         self.seed = seed
         self.time_scale = time_scale
@@ -141,13 +86,13 @@ class SimulatedPSP:
         self._sleep = sleep
         self._sequence = 0
         self._inflight = 0
-        self._transactions: dict[str, _Transaction] = {}
+        self._transactions: dict[str, Transaction] = {}
         self._by_reference: dict[str, list[str]] = {}
         # (operation, key) -> (fingerprint, response, psp_reference); None while in progress.
         self._results: dict[tuple[str, str], tuple[tuple[object, ...], SimResponse] | None] = {}
         self._key_to_psp_reference: dict[str, str] = {}
         self._errored_references: set[str] = set()
-        self._settlement: list[SettlementLine] = []
+        self._settlement = SettlementBook(self.operations_max, clock)
 
     # -- introspection --------------------------------------------------------------------------
 
@@ -164,7 +109,7 @@ class SimulatedPSP:
         return len(self._transactions)
 
     def settlement_lines(self) -> list[SettlementLine]:
-        return list(self._settlement)
+        return self._settlement.lines()
 
     # -- randomness and time --------------------------------------------------------------------
 
@@ -293,15 +238,17 @@ class SimulatedPSP:
 
     # -- operations ----------------------------------------------------------------------------
 
+    def _refused(self, op: str, refusal: Refusal) -> SimResponse:
+        return self._error(op, refusal[0], refusal[1], retryable=False)
+
+    def _unknown(self, op: str, psp_reference: str) -> SimResponse:
+        return self._error(op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False)
+
     async def authorize(
         self, *, reference: str, amount: int, currency: str, token: str, idempotency_key: str
     ) -> SimResponse:
         op = "authorize"
-        invalid = _validate_amount(amount) or _validate_currency(currency)
-        if not reference or len(reference) > REFERENCE_LENGTH_MAX:
-            invalid = "reference must be 1..255 characters"
-        if not token or len(token) > TOKEN_LENGTH_MAX:
-            invalid = "token must be 1..64 characters"
+        invalid = authorize_invalid(reference, amount, currency, token)
         if invalid:
             return self._error(op, "invalid_request", invalid, retryable=False)
         spec = behaviour_of(token)
@@ -326,35 +273,13 @@ class SimulatedPSP:
                     retryable=False,
                 )
             psp_reference = f"{self.name}_{len(self._transactions) + 1:09d}"
-            declined = spec.behaviour in (
-                TokenBehaviour.SOFT_DECLINE,
-                TokenBehaviour.HARD_DECLINE,
-                TokenBehaviour.TIMEOUT_DECLINED,
-            )
-            txn = _Transaction(
-                psp_reference=psp_reference,
-                reference=reference,
-                token_behaviour=spec.behaviour,
-                currency=currency,
-                amount_requested=amount,
-                status="declined" if declined else "authorized",
-                decline_code=spec.code if declined else None,
-                amount_authorized=0 if declined else amount,
-                amount_captured=0,
-                amount_refunded=0,
-                capture_final=declined,
-                created_at=self._clock(),
+            txn = Transaction.authorized(
+                psp_reference, reference, spec.behaviour, spec.code, currency, amount, self._clock()
             )
             self._transactions[psp_reference] = txn
             self._by_reference.setdefault(reference, []).append(psp_reference)
-            if spec.behaviour is TokenBehaviour.HARD_DECLINE:
-                outcome = "hard_decline"
-            elif declined:
-                outcome = "soft_decline"
-            else:
-                outcome = "approved"
-            response = self._txn_response(
-                op, outcome, txn, amount=txn.amount_authorized, code=txn.decline_code
+            response = txn.response(
+                self.name, op, txn.outcome(), amount=txn.amount_authorized, code=txn.decline_code
             )
             lost = spec.behaviour in (TokenBehaviour.TIMEOUT_APPROVED, TokenBehaviour.TIMEOUT_DECLINED)
             return response, lost
@@ -367,31 +292,23 @@ class SimulatedPSP:
         self, *, psp_reference: str, amount: int, idempotency_key: str, final: bool = False
     ) -> SimResponse:
         op = "capture"
-        invalid = _validate_amount(amount)
+        invalid = validate_amount(amount)
         if invalid:
             return self._error(op, "invalid_request", invalid, retryable=False)
 
         def process() -> tuple[SimResponse, bool] | SimResponse:
             txn = self._transactions.get(psp_reference)
             if txn is None:
-                return self._error(
-                    op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False
-                )
-            if txn.status not in ("authorized", "captured") or txn.capture_final:
-                return self._error(op, "invalid_state", f"transaction is {txn.status}", retryable=False)
-            capturable = txn.amount_authorized - txn.amount_captured
-            if amount > capturable:
-                return self._error(
-                    op, "amount_exceeds_capturable", f"at most {capturable} can be captured", retryable=False
-                )
-            if not self._settlement_room():
+                return self._unknown(op, psp_reference)
+            refusal = txn.capture_refusal(amount)
+            if refusal is not None:
+                return self._refused(op, refusal)
+            if not self._settlement.has_room():
                 return self._storage_full(op)
-            txn.amount_captured += amount
-            txn.capture_final = final or txn.amount_captured == txn.amount_authorized
-            txn.status = "captured"
+            txn.capture(amount, final)
             fee = self.profile.fee_minor(amount)
             self._settle(txn, amount, fee, "captured")
-            response = self._txn_response(op, "approved", txn, amount=amount, fee_minor=fee)
+            response = txn.response(self.name, op, "approved", amount=amount, fee_minor=fee)
             return response, txn.token_behaviour is TokenBehaviour.TIMEOUT_ON_CAPTURE
 
         return await self._call(op, idempotency_key, (psp_reference, amount, final), process)
@@ -402,45 +319,33 @@ class SimulatedPSP:
         def process() -> SimResponse:
             txn = self._transactions.get(psp_reference)
             if txn is None:
-                return self._error(
-                    op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False
-                )
-            if txn.status != "authorized":
-                return self._error(op, "invalid_state", f"transaction is {txn.status}", retryable=False)
-            released = txn.amount_authorized
-            txn.status = "voided"
-            txn.capture_final = True
-            return self._txn_response(op, "approved", txn, amount=released)
+                return self._unknown(op, psp_reference)
+            refusal = txn.void_refusal()
+            if refusal is not None:
+                return self._refused(op, refusal)
+            released = txn.void()
+            return txn.response(self.name, op, "approved", amount=released)
 
         return await self._call(op, idempotency_key, (psp_reference,), process)
 
     async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> SimResponse:
         op = "refund"
-        invalid = _validate_amount(amount)
+        invalid = validate_amount(amount)
         if invalid:
             return self._error(op, "invalid_request", invalid, retryable=False)
 
         def process() -> tuple[SimResponse, bool] | SimResponse:
             txn = self._transactions.get(psp_reference)
             if txn is None:
-                return self._error(
-                    op, "no_such_transaction", f"unknown transaction {psp_reference}", retryable=False
-                )
-            if txn.status not in ("captured", "partially_refunded"):
-                return self._error(op, "invalid_state", f"transaction is {txn.status}", retryable=False)
-            refundable = txn.amount_captured - txn.amount_refunded
-            if amount > refundable:
-                return self._error(
-                    op, "amount_exceeds_refundable", f"at most {refundable} can be refunded", retryable=False
-                )
-            if not self._settlement_room():
+                return self._unknown(op, psp_reference)
+            refusal = txn.refund_refusal(amount)
+            if refusal is not None:
+                return self._refused(op, refusal)
+            if not self._settlement.has_room():
                 return self._storage_full(op)
-            txn.amount_refunded += amount
-            # The first refund closes capturing: any uncaptured remainder of the hold is released.
-            txn.capture_final = True
-            txn.status = "refunded" if txn.amount_refunded == txn.amount_captured else "partially_refunded"
+            txn.refund(amount)
             self._settle(txn, -amount, 0, "refunded")
-            response = self._txn_response(op, "approved", txn, amount=amount)
+            response = txn.response(self.name, op, "approved", amount=amount)
             return response, txn.token_behaviour is TokenBehaviour.TIMEOUT_ON_REFUND
 
         return await self._call(op, idempotency_key, (psp_reference, amount), process)
@@ -468,26 +373,9 @@ class SimulatedPSP:
             refs = self._by_reference.get(reference)
             ref = refs[-1] if refs else None
         txn = self._transactions.get(ref) if ref is not None else None
-        if txn is None:
-            return None
-        return TransactionStatus(
-            psp=self.name,
-            psp_reference=txn.psp_reference,
-            reference=txn.reference,
-            status=txn.status,
-            currency=txn.currency,
-            amount_authorized=txn.amount_authorized,
-            amount_captured=txn.amount_captured,
-            amount_refunded=txn.amount_refunded,
-            capture_final=txn.capture_final,
-            decline_code=txn.decline_code,
-            created_at=txn.created_at,
-        )
+        return txn.snapshot(self.name) if txn is not None else None
 
     # -- settlement ------------------------------------------------------------------------------
-
-    def _settlement_room(self) -> bool:
-        return len(self._settlement) < self.operations_max
 
     def _storage_full(self, op: str) -> SimResponse:
         return self._error(
@@ -497,19 +385,14 @@ class SimulatedPSP:
             retryable=False,
         )
 
-    def _settle(self, txn: _Transaction, amount: int, fee: int, status: str) -> None:
-        day = datetime.fromtimestamp(self._clock(), UTC).date()
-        self._settlement.append(
-            SettlementLine(
-                day=day,
-                reference=txn.reference,
-                psp_reference=txn.psp_reference,
-                amount=amount,
-                currency=txn.currency,
-                fee=fee,
-                net=amount - fee,
-                status=status,
-            )
+    def _settle(self, txn: Transaction, amount: int, fee: int, status: str) -> None:
+        self._settlement.settle(
+            reference=txn.reference,
+            psp_reference=txn.psp_reference,
+            currency=txn.currency,
+            amount=amount,
+            fee=fee,
+            status=status,
         )
 
     def settlement_csv(self, day: date) -> str:
@@ -518,50 +401,4 @@ class SimulatedPSP:
         Columns: reference (our payment reference), amount, currency, fee, net, status; amounts in
         minor units; lines in processing order.
         """
-        return settlement_csv(self._settlement, day)
-
-    def _txn_response(
-        self,
-        op: str,
-        outcome: str,
-        txn: _Transaction,
-        *,
-        amount: int,
-        code: str | None = None,
-        fee_minor: int = 0,
-    ) -> SimResponse:
-        return SimResponse(
-            outcome=outcome,
-            psp=self.name,
-            operation=op,
-            code=code,
-            psp_reference=txn.psp_reference,
-            reference=txn.reference,
-            status=txn.status,
-            amount=amount,
-            currency=txn.currency,
-            fee_minor=fee_minor,
-        )
-
-
-def settlement_csv(lines: Iterable[SettlementLine], day: date) -> str:
-    """The settlement file of `day` from settlement lines (header first, lines in their order)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(SETTLEMENT_CSV_HEADER)
-    for line in lines:
-        if line.day == day:
-            writer.writerow((line.reference, line.amount, line.currency, line.fee, line.net, line.status))
-    return out.getvalue()
-
-
-def _validate_amount(amount: int) -> str | None:
-    if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= AMOUNT_MINOR_MAX:
-        return f"amount must be an integer in 1..{AMOUNT_MINOR_MAX} minor units"
-    return None
-
-
-def _validate_currency(currency: str) -> str | None:
-    if not isinstance(currency, str) or not _CURRENCY_RE.match(currency):
-        return "currency must be a three-letter upper-case ISO 4217 code"
-    return None
+        return self._settlement.csv(day)

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
-from .core import SimulatedPSP, settlement_csv
+from .core import SimulatedPSP
+from .settlement import settlement_csv
 
 log = logging.getLogger("gateway.psp_sim.export")
 

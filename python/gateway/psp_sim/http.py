@@ -10,7 +10,8 @@ Routes (one simulator per PSP name, all in one process so their state is shared 
     GET  /v1/{psp}/settlement/{YYYY-MM-DD}.csv
     GET  /health
 
-Mutating calls need an `Idempotency-Key` header. The response body always carries `outcome`;
+The bodies are the types of psp/wire.py, the ones the HTTP client sends and reads, so the two ends
+cannot drift apart. Mutating calls need an `Idempotency-Key` header. The response body always carries `outcome`;
 status codes follow it (200 approved, 402 declined, 429/503 retryable error, 400/409/422 invalid).
 A lost response holds the connection for the profile's `timeout_hang_ms` and then answers 504,
 long after any sensible client has timed out.
@@ -26,6 +27,8 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from gateway.psp.wire import AuthorizeRequest, CaptureRequest, RefundRequest, VoidRequest
+
 from .core import TRANSACTIONS_MAX_DEFAULT, ResponseLost, SimResponse, SimulatedPSP
 from .profiles import DEFAULT_PROFILES, PSPProfile
 
@@ -33,28 +36,6 @@ BODY_BYTES_MAX = 16 * 1024
 CONFIG_ENV = "GATEWAY_PSP_SIM_CONFIG"
 
 _JSON_HEADERS = [("content-type", "application/json")]
-
-
-class AuthorizeBody(msgspec.Struct, forbid_unknown_fields=True):
-    reference: str
-    amount: int
-    currency: str
-    token: str
-
-
-class CaptureBody(msgspec.Struct, forbid_unknown_fields=True):
-    psp_reference: str
-    amount: int
-    final: bool = False
-
-
-class VoidBody(msgspec.Struct, forbid_unknown_fields=True):
-    psp_reference: str
-
-
-class RefundBody(msgspec.Struct, forbid_unknown_fields=True):
-    psp_reference: str
-    amount: int
 
 
 class SimConfig(msgspec.Struct):
@@ -65,6 +46,11 @@ class SimConfig(msgspec.Struct):
 
 
 _ENCODER = msgspec.json.Encoder()
+# The request bodies are the client's (psp/wire.py), decoded strictly: an unknown field is a 400.
+_AUTHORIZE = msgspec.json.Decoder(AuthorizeRequest)
+_CAPTURE = msgspec.json.Decoder(CaptureRequest)
+_VOID = msgspec.json.Decoder(VoidRequest)
+_REFUND = msgspec.json.Decoder(RefundRequest)
 
 
 def _status_code(response: SimResponse) -> int:
@@ -126,7 +112,7 @@ class PSPSimApp:
             return _problem(413, "invalid_request", f"body larger than {BODY_BYTES_MAX} bytes")
         try:
             if action == "authorize":
-                a = msgspec.json.decode(raw, type=AuthorizeBody)
+                a = _AUTHORIZE.decode(raw)
                 response = await psp.authorize(
                     reference=a.reference,
                     amount=a.amount,
@@ -135,15 +121,15 @@ class PSPSimApp:
                     idempotency_key=key,
                 )
             elif action == "capture":
-                c = msgspec.json.decode(raw, type=CaptureBody)
+                c = _CAPTURE.decode(raw)
                 response = await psp.capture(
                     psp_reference=c.psp_reference, amount=c.amount, final=c.final, idempotency_key=key
                 )
             elif action == "void":
-                v = msgspec.json.decode(raw, type=VoidBody)
+                v = _VOID.decode(raw)
                 response = await psp.void(psp_reference=v.psp_reference, idempotency_key=key)
             elif action == "refund":
-                r = msgspec.json.decode(raw, type=RefundBody)
+                r = _REFUND.decode(raw)
                 response = await psp.refund(
                     psp_reference=r.psp_reference, amount=r.amount, idempotency_key=key
                 )
@@ -176,7 +162,9 @@ def build_app(
 
 
 def app_from_env() -> PSPSimApp:
-    """Factory used by granian's worker: the configuration travels in an environment variable."""
+    """Factory used by granian's worker: `serve()` hands it the settings in `CONFIG_ENV`, the one channel
+    into granian's worker process. Not an operator setting: operators give `gateway psp-sim` flags or the
+    `[psp]` section of a config file (cli.py), validated there."""
     raw = os.environ.get(CONFIG_ENV)
     if not raw:
         return build_app()

@@ -41,18 +41,23 @@ class PSPProfile:
     timeout_hang_ms: float = 30_000.0
 
     def __post_init__(self) -> None:
-        assert self.name and len(self.name) <= 32, "PSP name must be 1..32 characters"
-        assert self.fee_bps >= 0 and self.fee_fixed_minor >= 0
-        assert self.latency_ms_base >= 0 and 0 <= self.latency_ms_jitter <= self.latency_ms_base
-        assert self.capacity_inflight_max >= 1
-        assert 0.0 < self.overload_utilisation_threshold <= 1.0
-        for rate in (
-            self.overload_error_rate_max,
-            self.error_rate,
-            self.timeout_rate,
-            self.latency_tail_rate,
-        ):
-            assert 0.0 <= rate <= 1.0
+        # ValueError, not assert: a profile may come from the simulator's configuration.
+        problems = []
+        if not self.name or len(self.name) > 32:
+            problems.append("PSP name must be 1..32 characters")
+        if self.fee_bps < 0 or self.fee_fixed_minor < 0:
+            problems.append("fees must be >= 0")
+        if self.latency_ms_base < 0 or not 0 <= self.latency_ms_jitter <= self.latency_ms_base:
+            problems.append("latency_ms_base must be >= 0 and latency_ms_jitter in 0..latency_ms_base")
+        if self.capacity_inflight_max < 1:
+            problems.append("capacity_inflight_max must be >= 1")
+        if not 0.0 < self.overload_utilisation_threshold <= 1.0:
+            problems.append("overload_utilisation_threshold must be in (0, 1]")
+        for name in ("overload_error_rate_max", "error_rate", "timeout_rate", "latency_tail_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1]")
+        if problems:
+            raise ValueError(f"PSP profile {self.name!r}: " + "; ".join(problems))
 
     def fee_minor(self, amount_minor: int) -> int:
         """Fee charged on a capture of `amount_minor`, rounded half up to the minor unit."""

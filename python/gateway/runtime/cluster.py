@@ -1,7 +1,6 @@
 """Cluster mode in the API: several gateway processes behind one port, sharing Redis, Kafka, PostgreSQL.
 
-`GatewayApp` calls in here at three points when `server.mode = "cluster"`: `start`/`stop` (from
-`__rsgi_init__`/`__rsgi_del__`), `create_payment` and `get_payment`. Per process:
+The runtime of `server.mode = "cluster"` (runtime/base.py says what a runtime is). Per process:
 
 - **Its own WAL**, in `data_dir/proc-<n>/wal`: the process claims the first free slot `n` with an
   flock on `data_dir/proc-<n>.lock` (held for its life), so a restarted process reuses a slot whose
@@ -19,9 +18,10 @@
   acknowledgement of that record (the relay's contiguously acked LSN).
 - **Velocity** (`cluster.velocity = "shared"`): the admission script also counts the admitted payment in
   the shared velocity windows (shared/redis_velocity.py) and returns its counters, which the Rust call
-  decides with (`accept_payment(..., velocity=...)`) instead of this process's own store.
-- **Payment processing** (capture, void, refund, list; api/operations.py) reads and writes PostgreSQL;
-  the `gateway worker` processes drive the payments (runtime/cluster_worker.py).
+  decides with (`Durability.accept(..., velocity=...)`, runtime/base.py) instead of this process's own store.
+- **Payment processing** (capture, void, refund, list; api/operations.py) reads and writes PostgreSQL
+  off the event loop; the `gateway worker` processes drive the payments (runtime/cluster_worker.py),
+  and their committed changes reach `Prefer: wait` requests by NOTIFY (the change bus).
 - **Risk updates**: a subscriber thread on the `cluster.risk_channel` pub/sub channel calls the
   handlers registered in `gateway.shared.redis_state.RISK_HANDLERS`. The risk control plane
   (`RiskControl` on PostgreSQL, `start_risk`) publishes every committed change there and registers
@@ -32,18 +32,30 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import redis
 
 from gateway._fastpath import FastPath
+from gateway.config import Config
 from gateway.domain.errors import error_body
+from gateway.domain.idempotency import create_fingerprint
 from gateway.feed.relay import Relay, ensure_topic
+from gateway.runtime.base import (
+    CreateAnswer,
+    Durability,
+    Runtime,
+    admin_key_digests,
+    start_risk_control,
+    starting,
+    unavailable,
+)
+from gateway.runtime.changes import ChangeBus
 from gateway.runtime.waiters import LsnWaiters
 from gateway.shared.redis_state import (
     RISK_HANDLERS,
@@ -54,19 +66,21 @@ from gateway.shared.redis_state import (
 )
 from gateway.shared.redis_velocity import VelocityEvent
 from gateway.store.base import Merchant
-from gateway.store.postgres import PostgresStore
+from gateway.store.postgres import Listener, PostgresStore
+from gateway.store.processing import CHANGES_CHANNEL, ProcessingStore
 
 if TYPE_CHECKING:
-    from gateway.api.app import GatewayApp, Response
-    from gateway.risk.control import RiskControl
+    from gateway.feed.eventlog import EventLog
 
 log = logging.getLogger("gateway.cluster")
 
-JSON = ("content-type", "application/json")
+T = TypeVar("T")
 SLOTS_MAX = 256
 EXPIRE_TICK_S = 0.1
 # How often each process compares the stored ruleset version with its own (a missed risk message).
 RISK_POLL_S = 2.0
+# A request waiting for a payment's change re-reads PostgreSQL this often even without a notification.
+CHANGES_RECHECK_S = 0.25
 
 
 def claim_slot(data_dir: Path) -> tuple[int, int]:
@@ -84,31 +98,24 @@ def claim_slot(data_dir: Path) -> tuple[int, int]:
     raise RuntimeError(f"all {SLOTS_MAX} WAL slots in {data_dir} are taken")
 
 
-def fingerprint(body: bytes) -> str:
-    """Parameters of a create, independent of key order and whitespace (bytes as they are if not JSON)."""
-    try:
-        canonical = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
-    except msgspec.DecodeError:
-        canonical = body
-    return hashlib.sha256(canonical).hexdigest()
+def _shared_unavailable() -> CreateAnswer:
+    return unavailable("shared_state_unavailable",
+                       "The gateway cannot reach its shared state; nothing was created. Retry with the same"
+                       " Idempotency-Key.")
 
 
-def _unavailable() -> Response:
-    return 503, [JSON, ("retry-after", "1")], error_body(
-        503, "shared_state_unavailable",
-        "The gateway cannot reach its shared state; nothing was created. Retry with the same Idempotency-Key.")
-
-
-class Cluster:
-    def __init__(self, app: GatewayApp) -> None:
-        self.app = app
-        self.cfg = app.config.cluster
+class ClusterRuntime(Runtime):
+    def __init__(self, config: Config, data_dir: Path) -> None:
+        super().__init__(config, data_dir)
+        self.cfg = config.cluster
         self.slot = -1
         self._slot_fd = -1
         self.relay: Relay | None = None
         self.shared: SharedState | None = None
         self.risk: RiskSubscriber | None = None
         self.store: PostgresStore | None = None
+        self.durability: Durability | None = None
+        self.listener: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Requests waiting for the broker's ack of their LSN (durability = "kafka"), in LSN order.
         self._ack_waiters = LsnWaiters("the broker did not acknowledge in durable_wait_ms_max")
@@ -117,26 +124,24 @@ class Cluster:
         # cluster.velocity = "shared": velocity counted in Redis by the admission script (redis_velocity.py).
         self.velocity_shared = self.cfg.velocity == "shared"
         self.velocity_shared_events = 0
-        self._velocity_fastpath: FastPath | None = None  # set by start() when velocity is shared
-        self.risk_control: RiskControl | None = None
         self._risk_poll_stop: Any = None
         self._risk_publisher: redis.Redis | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> tuple[PostgresStore, FastPath]:
-        """Claims a WAL slot and starts the store, the fast path, the relay and the risk subscriber."""
-        app = self.app
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Claims a WAL slot; starts the store, the fast path, the relay, the shared state, the risk
+        control plane (restored from PostgreSQL, following every process's changes) and the change bus."""
         c = self.cfg
         self._loop = loop
-        self.slot, self._slot_fd = claim_slot(app.data_dir)
-        proc_dir = app.data_dir / f"proc-{self.slot}"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.slot, self._slot_fd = claim_slot(self.data_dir)
+        proc_dir = self.data_dir / f"proc-{self.slot}"
         proc_dir.mkdir(exist_ok=True)
-        self.store = PostgresStore(c.database_url, c.database_schema, c.database_pool_min, c.database_pool_max,
-                                   c.database_timeout_ms)
-        self.store.migrate()
-        fastpath = FastPath(app.config.fastpath_json(proc_dir))
-        self._velocity_fastpath = fastpath if self.velocity_shared else None
+        store = self.store = PostgresStore(c.database_url, c.database_schema, c.database_pool_min,
+                                           c.database_pool_max, c.database_timeout_ms)
+        store.migrate()
+        fastpath = self.fastpath = FastPath(self.config.fastpath_json(proc_dir))
         ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
         self.relay = Relay(
             str(proc_dir / "wal"), proc_dir / "relay.checkpoint", fastpath, c.kafka_bootstrap, c.topic,
@@ -152,16 +157,21 @@ class Cluster:
         self.risk = RiskSubscriber(c.redis_url, c.risk_channel, c.redis_timeout_ms)
         self.risk.start()
         loop.call_later(EXPIRE_TICK_S, self._expire_ack_waiters)
+        self.durability = Durability(fastpath, loop, self.config.server.durable_wait_ms_max)
+        self.durability.start()
+        self._start_risk()
+        self.processing = ProcessingStore(store)
+        self.changes = ChangeBus(loop, recheck_s=CHANGES_RECHECK_S)
+        changes = self.changes
+        self.listener = Listener(store, [CHANGES_CHANNEL], lambda _c, pid: changes.changed(pid))
+        self.listener.start()
+        self.ready = True
         log.info("cluster mode: pid %d owns WAL slot proc-%d (relay resumes after lsn %d), durability=%s",
                  os.getpid(), self.slot, self.relay.acked_lsn, c.durability)
-        return self.store, fastpath
 
-    def start_risk(self) -> None:
-        """The risk control plane on PostgreSQL: restore this engine from the store, then follow the
-        changes of every process (pub/sub, plus the periodic version check)."""
-        from gateway.api import risk_admin
-
+    def _start_risk(self) -> None:
         c = self.cfg
+        assert self.fastpath is not None
         timeout_s = c.redis_timeout_ms / 1000
         publisher = redis.Redis.from_url(c.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._risk_publisher = publisher
@@ -169,15 +179,20 @@ class Cluster:
         def publish(message: dict[str, Any]) -> None:
             publisher.publish(c.risk_channel, msgspec.json.encode(message))
 
-        self.risk_control = risk_admin._start(self.app, publish)
-        RISK_HANDLERS.append(self.risk_control.apply_update)
-        self._risk_poll_stop = self.risk_control.start_polling(RISK_POLL_S)
+        control = self.risk_control = start_risk_control(self.config, self.store, self.fastpath, publish)
+        self.admin_digests = admin_key_digests(self.config)
+        RISK_HANDLERS.append(control.apply_update)
+        self._risk_poll_stop = control.start_polling(RISK_POLL_S)
 
-    def stop(self) -> None:
-        """After the fast path is closed (WAL flushed): ship what is left, then close the clients."""
-        from gateway.api import operations
-
-        operations.stop_cluster(self.app)  # its NOTIFY listener (payment operations, `Prefer: wait`)
+    def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Closes the fast path (WAL flushed), ships what is left to Kafka, then closes the clients."""
+        self.ready = False
+        if self.fastpath is not None and self.durability is not None:
+            self.durability.stop()
+            self.fastpath.close()
+            self.durability.on_commit()
+        if self.listener is not None:
+            self.listener.stop()
         if self._risk_poll_stop is not None:
             self._risk_poll_stop.set()
         if self.risk_control is not None and self.risk_control.apply_update in RISK_HANDLERS:
@@ -188,8 +203,7 @@ class Cluster:
             self.risk.stop()
         if self.relay is not None:
             self.relay.stop()
-        loop = self._loop
-        if self.shared is not None and loop is not None and not loop.is_closed() and not loop.is_running():
+        if self.shared is not None and not loop.is_closed() and not loop.is_running():
             loop.run_until_complete(self.shared.close())
         # (On a running loop the Redis connections simply close with the process.)
         if self.store is not None:
@@ -197,6 +211,7 @@ class Cluster:
         if self._slot_fd >= 0:
             os.close(self._slot_fd)
             self._slot_fd = -1
+        log.info("gateway stopped; WAL flushed")
 
     # -- broker acknowledgements (durability = "kafka") -------------------------------------------
 
@@ -213,14 +228,14 @@ class Cluster:
 
     def _expire_ack_waiters(self) -> None:
         self._ack_waiters.expire()
-        if self._loop is not None and self.app.ready:
+        if self._loop is not None and self.ready and not self._loop.is_closed():
             self._loop.call_later(EXPIRE_TICK_S, self._expire_ack_waiters)
 
     async def _wait_acked(self, lsn: int) -> bool:
         assert self.relay is not None and self._loop is not None
         if self.relay.acked_lsn >= lsn:
             return True
-        fut = self._ack_waiters.add(self._loop, lsn, self.app.config.server.durable_wait_ms_max / 1000)
+        fut = self._ack_waiters.add(self._loop, lsn, self.config.server.durable_wait_ms_max / 1000)
         if self.relay.acked_lsn >= lsn:  # acked between the check and the append
             self._drain_acks()
         try:
@@ -231,106 +246,133 @@ class Cluster:
 
     # -- requests --------------------------------------------------------------------------------
 
-    async def create_payment(self, merchant: Merchant, idem_key: str | None, body: bytes) -> Response:
+    def merchant_by_key_hash(self, digest: str) -> Merchant | None:
+        return self.store.merchant_by_key_hash(digest) if self.store is not None else None
+
+    async def accept(self, merchant: Merchant, idem_key: str | None, body: bytes,
+                     velocity: list[int] | None) -> CreateAnswer:
+        """The fast-path call of an admitted create (a seam the unit tests replace)."""
+        if not self.ready or self.durability is None:
+            return starting()
+        return await self.durability.accept(merchant, idem_key, body, velocity=velocity)
+
+    async def create(self, merchant: Merchant, idem_key: str | None, body: bytes) -> CreateAnswer:
         shared = self.shared
-        assert shared is not None
-        app = self.app
-        fp = fingerprint(body) if idem_key is not None else ""
-        rate = merchant.rate_limit_per_s or app.config.rate_limit.per_s
+        if shared is None:
+            return starting()
+        cfg = self.config
+        fp = self._fingerprint(body) if idem_key is not None else ""
+        rate = merchant.rate_limit_per_s or cfg.rate_limit.per_s
         burst = merchant.rate_limit_burst or (max(1.0, merchant.rate_limit_per_s) if merchant.rate_limit_per_s
-                                              else app.config.rate_limit.burst)
+                                              else cfg.rate_limit.burst)
         # The lock outlives the longest legitimate request (WAL wait, then broker wait), so it only
         # expires by itself when its holder died.
-        lock_ttl_ms = 2 * app.config.server.durable_wait_ms_max + 1_000
+        lock_ttl_ms = 2 * cfg.server.durable_wait_ms_max + 1_000
         try:
             adm = await shared.admit(merchant.id, idem_key, fp, rate, burst, lock_ttl_ms,
                                      velocity=self._velocity_event(merchant.id, body))
         except SharedStateUnavailable as e:
             self.shared_unavailable += 1
             log.warning("create refused with 503: shared state unavailable (%s)", e)
-            return _unavailable()
+            return _shared_unavailable()
         if adm.kind == "replay":
-            headers = [JSON, ("idempotent-replayed", "true")]
-            if idem_key is not None and adm.status < 500:
-                headers.append(("idempotency-key", idem_key))
-            return adm.status, headers, adm.body
+            return CreateAnswer(adm.status, adm.body, replayed=True, echo_key=idem_key is not None and adm.status < 500)
         if adm.kind == "mismatch":
-            return 400, [JSON], error_body(
+            return CreateAnswer(400, error_body(
                 400, "idempotency_key_reused",
-                "This Idempotency-Key was already used with other parameters.", kind="idempotency_error")
+                "This Idempotency-Key was already used with other parameters.", kind="idempotency_error"))
         if adm.kind == "in_flight":
-            return 409, [JSON], error_body(
+            return CreateAnswer(409, error_body(
                 409, "idempotency_key_in_use",
-                "A request with this Idempotency-Key is still being processed; retry shortly.")
+                "A request with this Idempotency-Key is still being processed; retry shortly."))
         if adm.kind == "rate_limited":
-            return 429, [JSON, ("retry-after", str(adm.retry_after_s))], error_body(
+            return CreateAnswer(429, error_body(
                 429, "rate_limit_exceeded", "Too many requests for this merchant; slow down.",
-                kind="rate_limit_error")
+                kind="rate_limit_error"), retry_after_s=adm.retry_after_s)
         if adm.velocity is not None:
             self.velocity_shared_events += 1
         # With shared velocity the fast path decides with this payment's counters from the admission script.
-        status, headers, out, lsn, payment_id, replayed = await app.accept_payment(
-            merchant, idem_key, body, velocity=adm.velocity)
-        if replayed and not lsn and status < 500 and self.cfg.durability == "kafka" and app.fastpath is not None:
+        answer = await self.accept(merchant, idem_key, body, adm.velocity)
+        lsn = answer.lsn
+        kafka = self.cfg.durability == "kafka"
+        if answer.replayed and not lsn and answer.status < 500 and kafka and self.fastpath is not None:
             # A replay from this process's own table: its original record may be one that got 503
             # because the broker had not acknowledged it. Everything committed now includes it.
             # (Never below the last waiter's LSN, so the waiters stay in LSN order.)
-            lsn = max(app.fastpath.committed_lsn(), self._ack_waiters.last_lsn())
-        if lsn and status < 500 and self.cfg.durability == "kafka" and not await self._wait_acked(lsn):
-            log.error("payment %s not acknowledged by the broker in time", payment_id)
-            status, headers, out = 503, [JSON, ("retry-after", "1")], error_body(
+            lsn = max(self.fastpath.committed_lsn(), self._ack_waiters.last_lsn())
+        if lsn and answer.status < 500 and kafka and not await self._wait_acked(lsn):
+            log.error("payment %s not acknowledged by the broker in time", answer.payment_id)
+            answer = CreateAnswer(503, error_body(
                 503, "event_bus_unavailable",
-                "The payment could not be confirmed as stored; retry with the same Idempotency-Key.")
+                "The payment could not be confirmed as stored; retry with the same Idempotency-Key."),
+                lsn=answer.lsn, payment_id=answer.payment_id, retry_after_s=1)
         try:
-            await shared.finish(merchant.id, idem_key, fp, status, out, payment_id,
-                                cache=(bool(lsn) or replayed) and status < 500)
+            await shared.finish(merchant.id, idem_key, fp, answer.status, answer.body, answer.payment_id,
+                                cache=(bool(lsn) or answer.replayed) and answer.status < 500)
         except SharedStateUnavailable as e:
             # The record is durable: answer as the fast path did. The lock expires by itself, and a
             # retry converges on the same payment id, written once by PostgreSQL's primary key.
             self.shared_unavailable += 1
-            log.warning("could not cache the response of %s: %s", payment_id, e)
-        return status, headers, out
+            log.warning("could not cache the response of %s: %s", answer.payment_id, e)
+        return answer
+
+    def _fingerprint(self, body: bytes) -> str:
+        """The create's idempotency fingerprint: the fast path's own function (domain/idempotency.py)."""
+        assert self.fastpath is not None
+        return create_fingerprint(self.fastpath, body)
 
     def _velocity_event(self, merchant_id: str, body: bytes) -> VelocityEvent | None:
         """The hashed velocity event of a create (None: velocity is local, or the body is invalid and the
         fast path will refuse it before its risk stage)."""
-        fastpath = self._velocity_fastpath
-        if fastpath is None:
+        if not self.velocity_shared or self.fastpath is None:
             return None
-        raw = fastpath.velocity_event(merchant_id, body)
+        raw = self.fastpath.velocity_event(merchant_id, body)
         return VelocityEvent.from_fastpath(raw) if raw is not None else None
 
-    async def get_payment(self, scope: Any, payment_id: str) -> Response:
-        from gateway.api.app import PAYMENT_ID
-
-        app = self.app
-        auth = app.authenticate(scope)
-        if not isinstance(auth, Merchant):
-            return auth
-        if PAYMENT_ID.match(payment_id):
-            assert self.shared is not None and self.store is not None
+    async def read_payment(self, merchant_id: str, payment_id: str, fresh: bool = False) -> bytes | None:
+        if self.store is None:
+            return None
+        if not fresh and self.shared is not None:
             try:
                 hit = await self.shared.recent_payment(payment_id)
             except SharedStateUnavailable:
                 hit = None  # PostgreSQL is the truth; Redis only covers the worker's lag
-            if hit is not None and hit[0] == auth.id:
-                return 200, [JSON], hit[1]
-            body = await asyncio.to_thread(self.store.get_payment, auth.id, payment_id)
-            if body is not None:
-                return 200, [JSON], body
-        return 404, [JSON], error_body(404, "resource_missing", f"No such payment: '{payment_id[:64]}'",
-                                       param="id")
+            if hit is not None and hit[0] == merchant_id:
+                return hit[1]
+        if fresh and self.processing is not None:
+            return await asyncio.to_thread(self.processing.payment_body, merchant_id, payment_id)
+        return await asyncio.to_thread(self.store.get_payment, merchant_id, payment_id)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        # A PostgreSQL round trip must not stall the event loop.
+        return await asyncio.to_thread(fn, *args)
+
+    async def accepted_not_yet_stored(self, merchant_id: str, payment_id: str) -> bool:
+        if self.shared is None:
+            return False
+        try:
+            hit = await self.shared.recent_payment(payment_id)
+        except SharedStateUnavailable:
+            return False
+        return hit is not None and hit[0] == merchant_id
+
+    def event_log(self) -> tuple[EventLog, str]:
+        from gateway.feed.eventlog import KafkaEventLog
+
+        return KafkaEventLog(self.cfg.kafka_bootstrap, self.cfg.topic), "kafka"
 
     def healthy(self) -> bool:
         """Ready only while the relay runs: without it nothing reaches Kafka (and `kafka` durability
         would answer 503 to every create)."""
-        return self.relay is not None and self.relay.error is None
+        return super().healthy() and self.relay is not None and self.relay.error is None
 
     def metrics_text(self) -> str:
         relay = self.relay
         risk = self.risk
-        fp = self.app.fastpath
-        return (
+        fp = self.fastpath
+        return super().metrics_text() + (
+            "# TYPE gateway_tailer_applied_lsn gauge\n"
+            "gateway_tailer_applied_lsn 0\n"
             "# TYPE gateway_cluster_slot gauge\n"
             f"gateway_cluster_slot {self.slot}\n"
             "# TYPE gateway_relay_acked_lsn gauge\n"

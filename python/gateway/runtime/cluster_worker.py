@@ -23,17 +23,16 @@ others' scans) what it has in flight, and the process exits 0.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
 from types import FrameType
 
-import msgspec
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from gateway.config import Config
+from gateway.domain.records import payment_id_of
 from gateway.feed.relay import ensure_topic
 from gateway.processing.worker import Worker, WorkerSettings
 from gateway.shared.redis_state import forget_recent
@@ -48,24 +47,6 @@ POLL_TIMEOUT_S = 0.2
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = 1_000
 STORE_RETRY_S = 1.0
-
-
-class _PaymentIdInner(msgspec.Struct):
-    id: str
-
-
-class _PaymentId(msgspec.Struct):
-    payment: _PaymentIdInner
-
-
-_id_decoder = msgspec.json.Decoder(_PaymentId)
-
-
-def _payment_id(payload: bytes) -> str | None:
-    try:
-        return _id_decoder.decode(payload).payment.id
-    except msgspec.DecodeError:
-        return None
 
 
 def _lsn(message: Message) -> int:
@@ -104,14 +85,15 @@ class KafkaWorker:
         self.processor: Worker | None = None
         self.processing_store: PostgresStore | None = None
         if processing:
-            settings = WorkerSettings.from_env()
+            settings = WorkerSettings.from_config(cfg)
             self.processing_store = PostgresStore(c.database_url, c.database_schema, 1, settings.db_connections,
                                                   c.database_timeout_ms)
             self.processor = Worker(self.processing_store, settings, shared=True)
             if settings.psp_url is None:
-                log.warning("PSP simulators in this process (GATEWAY_PSP_URL unset): right for one worker; with"
+                log.warning("PSP simulators in this process (psp.url empty): right for one worker; with"
                             " several, a payment authorized through another worker cannot be captured, refunded"
-                            " or resolved here. Run `gateway psp-sim` and set GATEWAY_PSP_URL on every worker.")
+                            " or resolved here. Run `gateway psp-sim` and set psp.url (or GATEWAY_PSP_URL) on"
+                            " every worker.")
         self.listener: Listener | None = None
 
     def step(self) -> int:
@@ -144,7 +126,7 @@ class KafkaWorker:
         except KafkaException as e:
             # Not fatal: the records will be delivered again and applied as no-ops.
             log.warning("offset commit failed: %s", e)
-        ids = [pid for _, p in payloads if (pid := _payment_id(p)) is not None]
+        ids = [pid for _, p in payloads if (pid := payment_id_of(p)) is not None]
         forget_recent(self.redis, self.prefix, ids)
         if self.processor is not None:
             # Every id, new or not: a record delivered again after a crash may be a payment that is
@@ -182,14 +164,15 @@ class KafkaWorker:
 
 
 def run_worker(cfg: Config) -> int:
-    from gateway.cli import open_postgres
+    from gateway.store.postgres import open_postgres
 
     c = cfg.cluster
     ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
     store = open_postgres(cfg)
     store.migrate()
-    # GATEWAY_WORKER=off: materialise only (benchmarks of the Kafka -> PostgreSQL path alone).
-    worker = KafkaWorker(cfg, store, processing=os.environ.get("GATEWAY_WORKER", "on") != "off")
+    # worker.enabled = false (GATEWAY_WORKER=off): materialise only (benchmarks of the Kafka -> PostgreSQL
+    # path alone).
+    worker = KafkaWorker(cfg, store, processing=cfg.worker.enabled)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping after the current batch", signum)

@@ -12,6 +12,10 @@ one line per message:
 The child stops when its stdin closes, so it never outlives the gateway; it is in the gateway's
 process group, so a SIGKILL of the group takes it too. Anything lost in the pipe is found again by
 the worker's periodic scan of the store.
+
+Both sides load the same config file (its path is the child's second argument; default: the one
+`gateway serve` put in GATEWAY_SETTINGS): `[worker] enabled` decides whether a child starts, and the
+child builds its `WorkerSettings` from `[worker]`, `[psp]`, `[router]` and `[webhooks]`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ import sys
 import threading
 from collections.abc import Callable
 
+import msgspec
+
+from gateway import config as config_mod
+
 log = logging.getLogger("gateway.worker")
 
 # Payment ids per line: keeps a line far below the pipe's atomic write size.
@@ -35,21 +43,22 @@ class WorkerProcess:
     """The interface of `Worker` (start, stop, submit_payments, submit_operation, on_change), with the
     worker itself in a child process."""
 
-    def __init__(self, db_path: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, db_path: str, loop: asyncio.AbstractEventLoop, *, config_path: str | None = None) -> None:
         self.db_path = db_path
         self.loop = loop
+        self.config_path = config_path if config_path is not None else served_config_path()
         self.on_change: list[Callable[[str], None]] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._send_lock = threading.Lock()
         self._buf = b""
 
     def start(self) -> None:
-        if os.environ.get("GATEWAY_WORKER", "on") == "off":
+        if not config_mod.load(self.config_path).worker.enabled:
             # Benchmarks of the request path alone; payments stay `processing`.
-            log.warning("GATEWAY_WORKER=off: the payment worker is not started")
+            log.warning("worker.enabled = false (or GATEWAY_WORKER=off): the payment worker is not started")
             return
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.runtime.worker_process", self.db_path],
+            [sys.executable, "-m", "gateway.runtime.worker_process", self.db_path, self.config_path or ""],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "GATEWAY_LOG_LEVEL": logging.getLevelName(logging.getLogger().level).lower()},
@@ -118,14 +127,24 @@ class WorkerProcess:
             proc.stdout.close()
 
 
-def _child_main(db_path: str) -> int:
+def served_config_path() -> str | None:
+    """The config file of the running `gateway serve` (GATEWAY_SETTINGS), or None: the defaults."""
+    raw = os.environ.get("GATEWAY_SETTINGS")
+    if not raw:
+        return None
+    path = msgspec.json.decode(raw.encode(), type=dict[str, object]).get("config_path")
+    return path if isinstance(path, str) and path else None
+
+
+def _child_main(db_path: str, config_path: str | None) -> int:
     from gateway import logs
-    from gateway.processing.worker import Worker
+    from gateway.processing.worker import Worker, WorkerSettings
     from gateway.store.sqlite import SqliteStore
 
     logs.setup(os.environ.get("GATEWAY_LOG_LEVEL", "info"))
+    settings = WorkerSettings.from_config(config_mod.load(config_path))
     store = SqliteStore(db_path)
-    worker = Worker(store)
+    worker = Worker(store, settings)
     out = sys.stdout.buffer
     out_lock = threading.Lock()
 
@@ -153,4 +172,4 @@ def _child_main(db_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1]))
+    sys.exit(_child_main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None))

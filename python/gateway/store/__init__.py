@@ -1,5 +1,5 @@
 """Durable state behind the `Store` interface: SQLite in embedded mode, PostgreSQL in cluster mode."""
 
-from gateway.store.base import Merchant, Store, WalRecord
+from gateway.store.base import Merchant, Store
 
-__all__ = ["Merchant", "Store", "WalRecord"]
+__all__ = ["Merchant", "Store"]

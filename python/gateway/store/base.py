@@ -7,6 +7,11 @@ from typing import Protocol
 
 import msgspec
 
+# Re-exported for the API's imports; the one definition is in domain/records.py.
+from gateway.domain.records import PAYMENT_CREATED, decode_record
+
+__all__ = ["Merchant", "PaymentRow", "Row", "Store", "wal_rows"]
+
 
 class Merchant(msgspec.Struct, frozen=True):
     id: str
@@ -15,76 +20,28 @@ class Merchant(msgspec.Struct, frozen=True):
     rate_limit_burst: float | None = None
 
 
-class WalRecord(msgspec.Struct, frozen=True):
-    """A `payment.created` record as the fast path writes it to the WAL."""
-
-    type: str
-    merchant_id: str
-    status_code: int
-    created_ms: int
-    payment: msgspec.Raw
-    idempotency_key: str | None = None
-    fingerprint: str | None = None
-
-
-class _PaymentHead(msgspec.Struct):
-    id: str
-    status: str
-    amount: int
-    currency: str
-    created: int
-
-
-_record_decoder = msgspec.json.Decoder(WalRecord)
-_head_decoder = msgspec.json.Decoder(_PaymentHead)
-
 Row = tuple[object, ...]
 
 
 def wal_rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[Row], list[Row]]:
     """The `payments` rows (id, merchant_id, status, amount, currency, idempotency_key, created, lsn,
     body) and `idempotency_keys` rows (merchant_id, key, fingerprint, status_code, response,
-    created_ms) of the `payment.created` records among `records`; every store writes these."""
+    created_ms) of the `payment.created` records among `records`; every store writes these. Raises
+    `msgspec.DecodeError` for bytes that are not a record (domain/records.py)."""
     payments: list[Row] = []
     keys: list[Row] = []
     for lsn, payload in records:
-        rec = _record_decoder.decode(payload)
-        if rec.type != "payment.created":
+        rec = decode_record(payload)
+        if rec.type != PAYMENT_CREATED:
             continue
-        body = bytes(rec.payment)
-        head = _head_decoder.decode(body)
-        text = body.decode()
+        head = rec.head()
+        text = bytes(rec.payment).decode()
         payments.append((head.id, rec.merchant_id, head.status, head.amount, head.currency,
                          rec.idempotency_key, head.created, lsn, text))
         if rec.idempotency_key is not None and rec.fingerprint is not None:
             keys.append((rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, text,
                          rec.created_ms))
     return payments, keys
-
-
-class _Created(msgspec.Struct):
-    id: str
-
-
-class _CreatedRecord(msgspec.Struct):
-    type: str
-    payment: _Created
-
-
-_created_decoder = msgspec.json.Decoder(_CreatedRecord)
-
-
-def created_payment_ids(records: Iterable[tuple[int, bytes]]) -> list[str]:
-    """Ids of the payments the `payment.created` records among `records` accepted."""
-    out = []
-    for _, payload in records:
-        try:
-            rec = _created_decoder.decode(payload)
-        except msgspec.DecodeError:
-            continue
-        if rec.type == "payment.created":
-            out.append(rec.payment.id)
-    return out
 
 
 class PaymentRow(msgspec.Struct, frozen=True):

@@ -1,4 +1,4 @@
-"""Schema of the async payment path (migration 2), kept apart so that the store imports no pipeline code."""
+"""Schema of the async payment path (migration 2), kept apart so that the store modules share one definition."""
 
 # No statement below may contain a semicolon inside it: the migrator splits on them.
 MIGRATION_2_PROCESSING = """

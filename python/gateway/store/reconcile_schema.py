@@ -1,6 +1,6 @@
 """Schema of PSP settlement reconciliation: one row per reconciliation run.
 
-Written only by `gateway.processing.reconcile`. No statement below may contain a semicolon inside it:
+Written only by `gateway.store.reconcile`. No statement below may contain a semicolon inside it:
 the migrator splits on them. The version it is registered under lives in store/sqlite.py (the next
 free number when it was added); this constant does not depend on it.
 """

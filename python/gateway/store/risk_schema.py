@@ -1,7 +1,7 @@
 """Schema of the risk control plane (migration 3): versioned rulesets, persisted lists and an audit trail.
 
-Written only by `gateway.risk.control`. No statement below may contain a semicolon inside it: the
-migrator splits on them.
+Written only by `gateway.store.risk` (for `gateway.risk.control`). No statement below may contain a
+semicolon inside it: the migrator splits on them.
 """
 
 MIGRATION_3_RISK = """

@@ -55,13 +55,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     # Payment processing (async path): state, PSP attempts, merchant operations, the ledger, the
-    # audit log and the idempotency keys of capture/void/refund. Written by store/processing.py.
+    # audit log and the idempotency keys of capture/void/refund. Written by store/payments.py,
+    # store/operations.py and store/ledger.py (the units of work: store/processing.py).
     (2, MIGRATION_2_PROCESSING),
-    # Risk control plane: versioned rulesets, persisted lists, audit trail. Written by risk/control.py.
+    # Risk control plane: versioned rulesets, persisted lists, audit trail. Written by store/risk.py.
     (3, MIGRATION_3_RISK),
-    # (4 is PostgreSQL-only: store/postgres.py.) Events (the transactional outbox of every payment
+    # (4 and 7 are PostgreSQL-only: store/postgres.py.) Events (the transactional outbox of every payment
     # change) and signed webhooks: endpoints and per-endpoint delivery state. Written by
-    # store/processing.py, delivered by gateway/webhooks/dispatcher.py.
+    # store/webhooks.py, delivered by gateway/processing/webhooks.py.
     (5, MIGRATION_5_WEBHOOKS),
     (6, MIGRATION_RECONCILE),  # PSP settlement reconciliation runs: store/reconcile_schema.py
 ]

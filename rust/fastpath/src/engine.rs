@@ -408,6 +408,12 @@ impl Engine {
         out
     }
 
+    /// The idempotency fingerprint of a create body (hex), as `create_payment` computes it; `None`
+    /// for a body it would refuse as invalid.
+    pub fn request_fingerprint(&self, body: &[u8]) -> Option<String> {
+        parse_payment(body, &self.cfg).ok().map(|req| hex(&fingerprint(&req)))
+    }
+
     /// The velocity event of a create request, for the shared store, without deciding or recording
     /// anything; `None` for a body the create would refuse as invalid.
     pub fn velocity_event(&self, merchant: &str, body: &[u8]) -> Option<risk::SharedEvent> {

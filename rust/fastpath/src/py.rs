@@ -60,14 +60,33 @@ fn wal_err(e: WalError) -> PyErr {
 
 type SharedEventTuple = (i64, Vec<Option<String>>);
 
-type Response<'py> = (
-    u16,
-    Bound<'py, PyBytes>,
-    u64,
-    bool,
-    Option<u32>,
-    Option<String>,
-);
+/// What one create call decided: the answer to send and what the caller must wait for before it.
+#[pyclass(module = "gateway._fastpath", frozen, get_all)]
+struct CreateResult {
+    /// HTTP status of the answer.
+    status: u16,
+    /// The answer's body: the payment object (2xx) or the error object.
+    body: Py<PyBytes>,
+    /// WAL position of the record this call wrote; 0 when it wrote none. The answer may only be
+    /// sent once this position is durable.
+    lsn: u64,
+    /// The answer is the stored one of an earlier request with the same Idempotency-Key.
+    replayed: bool,
+    /// Seconds for a `Retry-After` header (429), when set.
+    retry_after_s: Option<u32>,
+    /// Id of the payment this call accepted or declined (a record was written), else None.
+    payment_id: Option<String>,
+}
+
+#[pymethods]
+impl CreateResult {
+    fn __repr__(&self) -> String {
+        format!(
+            "CreateResult(status={}, lsn={}, replayed={}, payment_id={:?})",
+            self.status, self.lsn, self.replayed, self.payment_id
+        )
+    }
+}
 
 #[pyclass(module = "gateway._fastpath", frozen, subclass)]
 struct FastPath {
@@ -83,9 +102,9 @@ impl FastPath {
         Ok(Self { engine })
     }
 
-    /// Returns (status, body, lsn, replayed, retry_after_s, payment_id); lsn > 0 means "answer once
-    /// committed", and payment_id is set for a payment accepted by this call. `velocity`: the counters
-    /// of the shared store (see `velocity_event`), used instead of this process's velocity store.
+    /// Validation, idempotency, rate limit, risk and WAL append in one call (the GIL released); see
+    /// `CreateResult`. `velocity`: the counters of the shared store (see `velocity_event`), used
+    /// instead of this process's velocity store.
     #[pyo3(signature = (merchant_id, idempotency_key, body, now_ms=None, *, velocity=None))]
     fn create_payment<'py>(
         &self,
@@ -95,7 +114,7 @@ impl FastPath {
         body: &[u8],
         now_ms: Option<u64>,
         velocity: Option<Vec<i64>>,
-    ) -> PyResult<Response<'py>> {
+    ) -> PyResult<CreateResult> {
         let now = now_ms.unwrap_or_else(crate::engine::now_ms);
         let shared = velocity
             .map(|v| risk::SharedFeatures::from_counters(&v))
@@ -110,34 +129,41 @@ impl FastPath {
                 shared.as_ref(),
             )
         });
-        match out {
+        Ok(match out {
             Outcome::Immediate {
                 status,
                 body,
                 replayed,
                 retry_after_s,
-            } => Ok((
+            } => CreateResult {
                 status,
-                PyBytes::new(py, &body),
-                0,
+                body: PyBytes::new(py, &body).unbind(),
+                lsn: 0,
                 replayed,
                 retry_after_s,
-                None,
-            )),
+                payment_id: None,
+            },
             Outcome::Pending {
                 status,
                 body,
                 lsn,
                 payment_id,
-            } => Ok((
+            } => CreateResult {
                 status,
-                PyBytes::new(py, &body),
+                body: PyBytes::new(py, &body).unbind(),
                 lsn,
-                false,
-                None,
-                Some(payment_id),
-            )),
-        }
+                replayed: false,
+                retry_after_s: None,
+                payment_id: Some(payment_id),
+            },
+        })
+    }
+
+    /// The request fingerprint that idempotency compares for a create body: the same function the
+    /// create call itself uses (32 hex digits), so other processes' checks (cluster mode's shared
+    /// admission) agree with it; None for a body the create would refuse as invalid.
+    fn request_fingerprint(&self, body: &[u8]) -> Option<String> {
+        self.engine.request_fingerprint(body)
     }
 
     /// (usd_cents, [key hash or None per dimension]) of a create request, deciding and recording
@@ -466,6 +492,7 @@ fn wal_scan(py: Python<'_>, wal_dir: &str) -> PyResult<(u64, u64)> {
 #[pymodule]
 fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<FastPath>()?;
+    m.add_class::<CreateResult>()?;
     m.add_class::<WalReader>()?;
     m.add_class::<RiskEngine>()?;
     m.add("RulesError", m.py().get_type::<RulesError>())?;

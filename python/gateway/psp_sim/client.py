@@ -1,0 +1,103 @@
+"""`InProcessPSPClient`: the `PSPClient` interface over a `SimulatedPSP` in the same event loop.
+
+It lives with the simulator, not in psp/, so that psp/ never imports psp_sim/: the gateway's code
+sees only the `PSPClient` interface, and only the runtime (and tests) choose this implementation.
+The timeout rules are those of the HTTP client: no answer within `timeout_s`, or a response the
+simulator lost, is a TIMEOUT (the effect is unknown), never an error or a decline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+
+from gateway.domain.attempt import Outcome
+from gateway.psp.client import (
+    TIMEOUT_S_DEFAULT,
+    PSPClient,
+    PSPResult,
+    PSPStatus,
+    PSPTimeout,
+    result_of,
+    status_of,
+)
+from gateway.psp.wire import Response
+
+from .core import ResponseLost, SimulatedPSP
+
+
+class InProcessPSPClient(PSPClient):
+    """Calls a `SimulatedPSP` in the same event loop, with the same timeout rules as HTTP."""
+
+    def __init__(self, sim: SimulatedPSP, *, timeout_s: float = TIMEOUT_S_DEFAULT) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.sim = sim
+        self.name = sim.name
+        self.timeout_s = timeout_s
+
+    async def _run(self, operation: str, key: str, call: Awaitable[Response]) -> PSPResult:
+        started = time.perf_counter()
+        try:
+            response = await asyncio.wait_for(call, self.timeout_s)
+        except (TimeoutError, ResponseLost):
+            return PSPResult(
+                outcome=Outcome.TIMEOUT,
+                psp=self.name,
+                operation=operation,
+                idempotency_key=key,
+                code="psp_timeout",
+                message=f"no answer from {self.name} within {self.timeout_s} s",
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+            )
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        return result_of(
+            response, Outcome(response.outcome), response.psp, response.operation, key, latency_ms
+        )
+
+    async def authorize(
+        self, *, reference: str, amount: int, currency: str, token: str, idempotency_key: str
+    ) -> PSPResult:
+        call = self.sim.authorize(
+            reference=reference,
+            amount=amount,
+            currency=currency,
+            token=token,
+            idempotency_key=idempotency_key,
+        )
+        return await self._run("authorize", idempotency_key, call)
+
+    async def capture(
+        self, *, psp_reference: str, amount: int, idempotency_key: str, final: bool = False
+    ) -> PSPResult:
+        call = self.sim.capture(
+            psp_reference=psp_reference, amount=amount, idempotency_key=idempotency_key, final=final
+        )
+        return await self._run("capture", idempotency_key, call)
+
+    async def void(self, *, psp_reference: str, idempotency_key: str) -> PSPResult:
+        call = self.sim.void(psp_reference=psp_reference, idempotency_key=idempotency_key)
+        return await self._run("void", idempotency_key, call)
+
+    async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> PSPResult:
+        call = self.sim.refund(psp_reference=psp_reference, amount=amount, idempotency_key=idempotency_key)
+        return await self._run("refund", idempotency_key, call)
+
+    async def status(
+        self,
+        *,
+        reference: str | None = None,
+        psp_reference: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> PSPStatus | None:
+        try:
+            found = await asyncio.wait_for(
+                self.sim.status(
+                    reference=reference, psp_reference=psp_reference, idempotency_key=idempotency_key
+                ),
+                self.timeout_s,
+            )
+        except TimeoutError as exc:
+            raise PSPTimeout(f"status query to {self.name} timed out") from exc
+        return status_of(found) if found is not None else None

@@ -1,0 +1,332 @@
+"""Payment rows of the async path: the processing state, PSP attempts, the audit log, the payment body.
+
+A payment is accepted into `payments` (its body is the API's JSON); its processing state lives in
+`payment_state`, created from the accepted payment on first use (`ensure_states`). Concurrency is
+optimistic: `payment_state.version` must still be the version a change was computed from
+(`update_states`), or that payment's change is refused and nothing of it is written. `audit_log`
+is append-only. `compose_body` rewrites `payments.body` from the state, attempts and operations at
+write time, so that `GET /v1/payments/{id}` stays a single-row read. Every function runs inside the
+caller's `Db` and commits nothing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from gateway.domain import payment as sm
+from gateway.domain.attempt import AttemptRow, AttemptStatus, ProcessingResult
+from gateway.store.operations import (
+    OP_COLUMNS,
+    OPEN_OPERATION_STATUSES,
+    Operation,
+    OperationFinish,
+    op_from_row,
+)
+from gateway.store.sql import Db, Dialect, chunked, marks, now_ms
+
+ATTEMPTS_IN_BODY_MAX = 32
+OPERATIONS_IN_BODY_MAX = 100
+
+STATE_COLUMNS = (
+    "payment_id, merchant_id, status, amount, currency, amount_authorized, amount_captured,"
+    " amount_refunded, capture_final, psp, psp_reference, failure_code, version, payment_method, auto_capture"
+)
+_ATTEMPT_COLUMNS = (
+    "attempt_id, payment_id, attempt_no, operation, psp, idempotency_key, amount, currency,"
+    " status, started_at_ms, final_capture, psp_reference, code, fee_minor, latency_ms, finished_at_ms"
+)
+
+
+class StaleVersion(Exception):
+    """Another writer changed the payment first; the caller must reload and recompute."""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    payment: sm.Payment
+    token: str
+    auto_capture: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A PSP attempt row to persist, and the merchant operation it belongs to (None: the authorization)."""
+
+    attempt: AttemptRow
+    operation_id: str | None = None
+
+
+def record_from_row(row: Sequence[Any]) -> PaymentRecord:
+    p = sm.Payment(
+        id=row[0],
+        merchant_id=row[1],
+        status=sm.PaymentStatus(row[2]),
+        amount=row[3],
+        currency=row[4],
+        amount_authorized=row[5],
+        amount_captured=row[6],
+        amount_refunded=row[7],
+        capture_final=bool(row[8]),
+        psp=row[9],
+        psp_reference=row[10],
+        failure_code=row[11],
+        version=row[12],
+    )
+    return PaymentRecord(payment=p, token=row[13], auto_capture=bool(row[14]))
+
+
+# -- state rows --------------------------------------------------------------------------------------
+
+
+def ensure_states(db: Db, d: Dialect, payment_ids: Sequence[str]) -> None:
+    """Creates the missing state rows of accepted payments (one statement over the batch)."""
+    t = now_ms()
+    db.executemany(
+        "INSERT INTO payment_state (payment_id, merchant_id, status, amount, currency,"
+        " payment_method, auto_capture, updated_ms)"
+        " SELECT id, merchant_id, status, amount, currency,"
+        f" coalesce({d.json_text('body', 'payment_method')}, ''),"
+        f" coalesce({d.json_bool('body', 'capture')}, 1), ? FROM payments WHERE id = ?"
+        " ON CONFLICT DO NOTHING",
+        [(t, pid) for pid in payment_ids],
+    )
+
+
+def load_states(db: Db, payment_ids: Sequence[str]) -> dict[str, PaymentRecord]:
+    """The state rows there are among `payment_ids`, by payment id."""
+    out: dict[str, PaymentRecord] = {}
+    for part in chunked(list(dict.fromkeys(payment_ids))):
+        if len(part) == 1:
+            rows = db.execute(f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id = ?", tuple(part)).fetchall()
+        else:
+            rows = db.execute(
+                f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id IN ({marks(len(part))})", tuple(part)
+            ).fetchall()
+        for r in rows:
+            out[r[0]] = record_from_row(r)
+    return out
+
+
+def update_states(db: Db, changes: Sequence[tuple[sm.Payment, int]]) -> list[bool]:
+    """Writes each (new payment state, base version) if the stored version is still the base one;
+    returns per change whether it was written (False: stale, nothing of it written). In a pipeline
+    the updates go out together and their row counts are read after one sync."""
+    if not changes:
+        return []
+    t = now_ms()
+    cursors = [
+        db.execute(
+            "UPDATE payment_state SET status = ?, amount_authorized = ?, amount_captured = ?,"
+            " amount_refunded = ?, capture_final = ?, psp = ?, psp_reference = ?, failure_code = ?,"
+            " version = ?, updated_ms = ? WHERE payment_id = ? AND version = ?",
+            (p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded, int(p.capture_final),
+             p.psp, p.psp_reference, p.failure_code, p.version, t, p.id, base_version),
+        )
+        for p, base_version in changes
+    ]
+    db.sync()
+    return [c.rowcount == 1 for c in cursors]
+
+
+def set_statuses(db: Db, payments: Sequence[sm.Payment]) -> None:
+    """The `payments.status` column (what lists and reconciliation filter on) of each changed payment."""
+    db.executemany("UPDATE payments SET status = ? WHERE id = ?", [(p.status.value, p.id) for p in payments])
+
+
+def insert_audit(db: Db, transitions: Sequence[sm.Transition]) -> None:
+    db.executemany(
+        "INSERT INTO audit_log (payment_id, old_status, new_status, actor, reason, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        [(t.audit.payment_id, t.audit.old_status, t.audit.new_status, t.audit.actor, t.audit.reason, t.audit.at_ms)
+         for t in transitions],
+    )
+
+
+def audit_trail(db: Db, payment_id: str) -> list[tuple[str, str, str, str]]:
+    rows = db.execute(
+        "SELECT old_status, new_status, actor, reason FROM audit_log WHERE payment_id = ? ORDER BY id", (payment_id,)
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+# -- attempts ------------------------------------------------------------------------------------------
+
+
+def upsert_attempts(db: Db, intents: Sequence[Intent]) -> None:
+    """Inserts the attempts, or updates their outcome where they exist (one statement over the batch)."""
+    db.executemany(
+        "INSERT INTO payment_attempts (attempt_id, payment_id, operation_id, attempt_no, operation, psp,"
+        " idempotency_key, amount, currency, status, final_capture, psp_reference, code, fee_minor,"
+        " latency_ms, started_at_ms, finished_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (attempt_id) DO UPDATE SET status = excluded.status,"
+        " psp_reference = coalesce(excluded.psp_reference, payment_attempts.psp_reference),"
+        " code = excluded.code, fee_minor = excluded.fee_minor, latency_ms = excluded.latency_ms,"
+        " finished_at_ms = excluded.finished_at_ms",
+        [
+            (a.attempt_id, a.payment_id, i.operation_id, a.attempt_no, a.operation, a.psp, a.idempotency_key,
+             a.amount, a.currency, a.status.value, int(a.final_capture), a.psp_reference, a.code,
+             a.fee_minor, a.latency_ms, a.started_at_ms, a.finished_at_ms)
+            for i in intents
+            for a in (i.attempt,)
+        ],
+    )
+
+
+def attempts(db: Db, payment_id: str, operation_id: str | None) -> list[AttemptRow]:
+    sql = f"SELECT {_ATTEMPT_COLUMNS} FROM payment_attempts WHERE payment_id = ?"
+    args: tuple[Any, ...] = (payment_id,)
+    if operation_id is not None:
+        sql += " AND operation_id = ?"
+        args += (operation_id,)
+    rows = db.execute(sql + " ORDER BY started_at_ms, attempt_id", args).fetchall()
+    return [
+        AttemptRow(
+            attempt_id=r[0], payment_id=r[1], attempt_no=r[2], operation=r[3], psp=r[4],
+            idempotency_key=r[5], amount=r[6], currency=r[7], status=AttemptStatus(r[8]),
+            started_at_ms=r[9], final_capture=bool(r[10]), psp_reference=r[11], code=r[12],
+            fee_minor=r[13], latency_ms=r[14], finished_at_ms=r[15],
+        )
+        for r in rows
+    ]
+
+
+# -- payment reads ---------------------------------------------------------------------------------------
+
+
+def owner(db: Db, payment_id: str) -> str | None:
+    """The merchant of an accepted payment."""
+    row = db.execute("SELECT merchant_id FROM payments WHERE id = ?", (payment_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def ids_with_status(db: Db, status: str, limit: int, created_before_s: int | None) -> list[str]:
+    if created_before_s is None:
+        rows = db.execute("SELECT id FROM payments WHERE status = ? ORDER BY lsn LIMIT ?", (status, limit)).fetchall()
+    else:
+        rows = db.execute(
+            "SELECT id FROM payments WHERE status = ? AND created < ? ORDER BY created LIMIT ?",
+            (status, created_before_s, limit),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def settled(db: Db, payment_id: str) -> bool:
+    """Neither `processing` nor `pending_verification`, and no operation open."""
+    row = db.execute(
+        "SELECT status, (SELECT count(*) FROM payment_operations o WHERE o.payment_id = p.id"
+        " AND o.status IN ('pending', 'pending_verification')) FROM payments p WHERE id = ?",
+        (payment_id,),
+    ).fetchone()
+    return row is not None and row[0] not in ("processing", "pending_verification") and row[1] == 0
+
+
+def list_bodies(db: Db, merchant_id: str, limit: int, starting_after: str | None) -> tuple[list[str], bool] | None:
+    """Bodies newest first; None when `starting_after` is not one of the merchant's payments.
+
+    SQLite orders by the one WAL's LSN; PostgreSQL holds the records of many WALs (one per
+    gateway process), whose LSNs are not comparable, so there the order is (created, id)."""
+    order = "created DESC, id DESC" if db.pg else "lsn DESC"
+    after = "(created, id) < (?, ?)" if db.pg else "lsn < ?"
+    if starting_after is None:
+        rows = db.execute(
+            f"SELECT body FROM payments WHERE merchant_id = ? ORDER BY {order} LIMIT ?", (merchant_id, limit + 1)
+        ).fetchall()
+    else:
+        cursor = db.execute(
+            "SELECT created, id, lsn FROM payments WHERE id = ? AND merchant_id = ?", (starting_after, merchant_id)
+        ).fetchone()
+        if cursor is None:
+            return None
+        key = (cursor[0], cursor[1]) if db.pg else (cursor[2],)
+        rows = db.execute(
+            f"SELECT body FROM payments WHERE merchant_id = ? AND {after} ORDER BY {order} LIMIT ?",
+            (merchant_id, *key, limit + 1),
+        ).fetchall()
+    return [r[0] for r in rows[:limit]], len(rows) > limit
+
+
+# -- the payment body -------------------------------------------------------------------------------------
+
+
+def compose_body(db: Db, payment_id: str) -> bytes:
+    """Rewrite `payments.body` from the processing state: status, amounts, attempts, refunds and
+    the operation in progress. Done at write time so reads stay one indexed row."""
+    # The four reads are sent before any result is read: one round trip in a pipeline.
+    body_cur = db.execute("SELECT body FROM payments WHERE id = ?", (payment_id,))
+    state_cur = db.execute(f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id = ?", (payment_id,))
+    attempts_cur = db.execute(
+        "SELECT attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
+        " FROM payment_attempts WHERE payment_id = ? ORDER BY started_at_ms, attempt_id LIMIT ?",
+        (payment_id, ATTEMPTS_IN_BODY_MAX),
+    )
+    ops_cur = db.execute(
+        f"SELECT {OP_COLUMNS} FROM payment_operations WHERE payment_id = ? ORDER BY created_ms, seq LIMIT ?",
+        (payment_id, OPERATIONS_IN_BODY_MAX),
+    )
+    row = body_cur.fetchone()
+    body: dict[str, Any] = msgspec.json.decode(row[0])
+    state = state_cur.fetchone()
+    if state:
+        p = record_from_row(state).payment
+        body["status"] = p.status.value
+        body["amount_authorized"] = p.amount_authorized
+        body["amount_capturable"] = p.amount_capturable
+        body["amount_captured"] = p.amount_captured
+        body["amount_refunded"] = p.amount_refunded
+        body["capture_final"] = p.capture_final
+        body["psp"] = p.psp
+        body["failure_code"] = p.failure_code
+    body["attempts"] = [
+        {"id": a[0], "operation": a[1], "psp": a[2], "status": a[3], "code": a[4], "amount": a[5],
+         "started_ms": a[6], "finished_ms": a[7]}
+        for a in attempts_cur.fetchall()
+    ]
+    operations = [op_from_row(o) for o in ops_cur.fetchall()]
+    body["refunds"] = [
+        {"id": o.id, "object": "refund", "amount": o.amount, "status": _refund_status(o.status),
+         "reason": o.reason, "failure_code": o.failure_code}
+        for o in operations
+        if o.kind == "refund"
+    ]
+    pending = [o for o in operations if o.status in OPEN_OPERATION_STATUSES]
+    body["pending_operation"] = (
+        {"id": pending[0].id, "type": pending[0].kind, "amount": pending[0].amount, "status": pending[0].status}
+        if pending
+        else None
+    )
+    out = msgspec.json.encode(body)
+    db.execute("UPDATE payments SET body = ? WHERE id = ?", (out.decode(), payment_id))
+    return out
+
+
+def _refund_status(op_status: str) -> str:
+    return {"succeeded": "succeeded", "failed": "failed"}.get(op_status, "pending")
+
+
+# -- a batch of changes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One orchestration result to persist: checked against `base_version`, attributed to
+    `operation_id`, optionally ending an operation (`finish`) and opening a follow-up one
+    (`new_operation`: kind, amount, final_capture, actor; the auto-capture)."""
+
+    result: ProcessingResult
+    base_version: int
+    operation_id: str | None = None
+    finish: OperationFinish | None = None
+    new_operation: tuple[str, int, bool, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What became of one `Change` of a batch: `applied` False means its version was stale and
+    nothing of it was written; `operation` is the follow-up operation it opened, if any."""
+
+    payment_id: str
+    applied: bool
+    operation: Operation | None = None

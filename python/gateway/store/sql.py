@@ -1,0 +1,306 @@
+"""The one SQL layer of the store: every statement is written once, for SQLite and PostgreSQL alike.
+
+Statements use `?` placeholders; for psycopg they become `%s` and a literal `%` becomes `%%` (`pg_sql`),
+so the same text runs on both backends. What really differs sits in one seam, `Dialect`:
+
+- how a transaction begins: SQLite takes `BEGIN IMMEDIATE` under the store's write lock, which
+  serialises every writer of the file; PostgreSQL takes a pooled connection's transaction, optionally
+  in pipeline mode (statements share round trips);
+- row locks where a check and a write must not interleave (`lock_payment`, `for_update`) and
+  transaction-scoped advisory locks (`xact_lock`): no-ops on SQLite, whose writers are serialised;
+- JSON extraction (`json_text`, `json_bool`);
+- notifications to other processes (`notify`, sent only once the transaction has committed);
+- session advisory locks that let one of several worker processes drive a payment (`claim`/`release`).
+
+Invariant: a `Db` is only used inside the `read()` or `tx()` that yielded it; results are fetched
+before the block ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.store.postgres import PostgresStore
+    from gateway.store.sqlite import SqliteStore
+
+log = logging.getLogger("gateway.store.sql")
+
+# Values bound in one `IN (...)` list; longer lists are split (SQLite allows 32,766 variables a statement).
+IN_LIST_MAX = 500
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+_PG_SQL: dict[str, str] = {}
+
+
+def pg_sql(sql: str) -> str:
+    """The statement in psycopg's placeholder style: `?` -> `%s`, `%` -> `%%` (cached per statement)."""
+    out = _PG_SQL.get(sql)
+    if out is None:
+        out = _PG_SQL[sql] = sql.replace("%", "%%").replace("?", "%s")
+    return out
+
+
+def marks(n: int) -> str:
+    """`?, ?, ...` for an `IN (...)` list of `n` values."""
+    return ", ".join("?" * n)
+
+
+def chunked(values: Sequence[Any], size: int = IN_LIST_MAX) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
+
+
+class Db:
+    """One connection inside a read or a transaction, executing the shared SQL on either backend."""
+
+    __slots__ = ("notifications", "pg", "pipeline", "raw")
+
+    def __init__(self, raw: Any, pg: bool) -> None:
+        self.raw = raw
+        self.pg = pg
+        # psycopg pipeline of a pipelined transaction: statements are queued and go out together with
+        # the next one whose result is fetched (one round trip), or at `sync`.
+        self.pipeline: Any = None
+        # (channel, payload) to send once the transaction has committed.
+        self.notifications: list[tuple[str, str]] = []
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        if self.pg:
+            return self.raw.execute(pg_sql(sql), tuple(args))
+        return self.raw.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement over many rows (psycopg pipelines them; SQLite steps one prepared statement)."""
+        if not rows:
+            return
+        if self.pg:
+            with self.raw.cursor() as cur:
+                cur.executemany(pg_sql(sql), rows)
+        else:
+            self.raw.executemany(sql, rows)
+
+    def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of a query (an empty list for a statement that returns none)."""
+        cur = self.execute(sql, args)
+        if self.pg and cur.description is None:
+            return []
+        return [tuple(r) for r in cur.fetchall()]
+
+    def fetchone(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row = self.execute(sql, args).fetchone()
+        return None if row is None else tuple(row)
+
+    def sync(self) -> None:
+        """Sends what a pipeline has queued and waits for its results (so that `rowcount` is known)."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
+
+
+class Dialect:
+    """What differs between SQLite and PostgreSQL; everything else is shared SQL."""
+
+    pg = False
+
+    def json_text(self, column: str, field: str) -> str:
+        return f"json_extract({column}, '$.{field}')"
+
+    def json_bool(self, column: str, field: str) -> str:
+        return f"json_extract({column}, '$.{field}')"
+
+    @contextmanager
+    def read(self) -> Iterator[Db]:
+        raise NotImplementedError
+        yield
+
+    @contextmanager
+    def tx(self, pipelined: bool = False) -> Iterator[Db]:
+        """A transaction; `pipelined`: the caller calls `Db.sync` before any `rowcount` it reads."""
+        raise NotImplementedError
+        yield
+
+    def lock_payment(self, db: Db, payment_id: str) -> None:
+        """Holds the payment's state row until the transaction ends (no-op where writers are serialised)."""
+
+    def xact_lock(self, db: Db, lock_id: int) -> None:
+        """Holds an advisory lock until the transaction ends (no-op where writers are serialised)."""
+
+    def notify(self, db: Db, channel: str, ident: str) -> None:
+        """Announces a committed change to other processes (no-op where there are none)."""
+
+    def for_update(self, alias: str | None = None, skip_locked: bool = False) -> str:
+        """Row-lock suffix of a SELECT (empty where writers are serialised anyway)."""
+        return ""
+
+    def claim(self, payment_id: str) -> bool:
+        return True
+
+    def release(self, payment_id: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class SqliteDialect(Dialect):
+    """SQLite: a connection per thread (`connect`), every writer serialised by one lock and
+    `BEGIN IMMEDIATE` (the WAL tailer writes the same file)."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], write_lock: threading.Lock) -> None:
+        self.connect = connect
+        self.write_lock = write_lock
+
+    @classmethod
+    def of(cls, store: SqliteStore) -> SqliteDialect:
+        return cls(store._conn, store._write_lock)
+
+    @contextmanager
+    def read(self) -> Iterator[Db]:
+        yield Db(self.connect(), False)
+
+    @contextmanager
+    def tx(self, pipelined: bool = False) -> Iterator[Db]:
+        conn = self.connect()
+        with self.write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Db(conn, False)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+
+class PostgresDialect(Dialect):
+    pg = True
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.schema = store.schema
+        # Session advisory locks of the payments this process drives, all on one connection: the
+        # server drops them when the connection dies, so a killed worker's payments are free again.
+        self._claims: Any = None
+        self._claims_lock = threading.Lock()
+
+    def json_text(self, column: str, field: str) -> str:
+        return f"({column}::jsonb ->> '{field}')"
+
+    def json_bool(self, column: str, field: str) -> str:
+        return f"({column}::jsonb ->> '{field}')::boolean::int"
+
+    @contextmanager
+    def read(self) -> Iterator[Db]:
+        with self.store.pool.connection() as conn:
+            yield Db(conn, True)
+
+    @contextmanager
+    def tx(self, pipelined: bool = False) -> Iterator[Db]:
+        with self.store.pool.connection() as conn:
+            db = Db(conn, True)
+            if pipelined:
+                # BEGIN, the statements whose results are not read at once, COMMIT and the notification
+                # share round trips; an error still aborts the transaction (psycopg raises it at the
+                # next fetch or sync, and what follows it in the pipeline is not executed).
+                with conn.pipeline() as pipeline:
+                    db.pipeline = pipeline
+                    with conn.transaction():
+                        yield db
+                    db.pipeline = None
+                    self._notify_committed(conn, db)
+            else:
+                with conn.transaction():
+                    yield db
+                self._notify_committed(conn, db)
+
+    @staticmethod
+    def _notify_committed(conn: Any, db: Db) -> None:
+        if db.notifications:
+            # After the commit, in a statement of its own: PostgreSQL serialises the commits of
+            # transactions that NOTIFY (a global lock held through the WAL flush), which would
+            # queue every payment's commit behind the others'. A notification lost to a crash
+            # right here is covered by the listeners' periodic checks.
+            channels, payloads = zip(*db.notifications, strict=True)
+            conn.execute("SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)",
+                         (list(channels), list(payloads)))
+
+    def lock_payment(self, db: Db, payment_id: str) -> None:
+        db.execute("SELECT 1 FROM payment_state WHERE payment_id = ? FOR UPDATE", (payment_id,))
+
+    def xact_lock(self, db: Db, lock_id: int) -> None:
+        db.execute("SELECT pg_advisory_xact_lock(?)", (lock_id,))
+
+    def for_update(self, alias: str | None = None, skip_locked: bool = False) -> str:
+        return " FOR UPDATE" + (f" OF {alias}" if alias else "") + (" SKIP LOCKED" if skip_locked else "")
+
+    def notify(self, db: Db, channel: str, ident: str) -> None:
+        # Sent once the transaction has committed, and only if it does (see `tx`).
+        db.notifications.append((channel, f"{self.schema} {ident}"))
+
+    def _claim_key(self, payment_id: str) -> str:
+        return f"{self.schema}:{payment_id}"
+
+    def claim(self, payment_id: str) -> bool:
+        import psycopg
+
+        with self._claims_lock:
+            try:
+                if self._claims is None or self._claims.closed:
+                    self._claims = self.store.connect()
+                row = self._claims.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                           (self._claim_key(payment_id),)).fetchone()
+                return bool(row and row[0])
+            except psycopg.Error as e:
+                # Whatever this connection held is gone with it; the version check still guards writes.
+                log.warning("claim of %s failed (%s); the reconciler will retry", payment_id, e)
+                if self._claims is not None:
+                    self._claims.close()
+                self._claims = None
+                return False
+
+    def release(self, payment_id: str) -> None:
+        import psycopg
+
+        with self._claims_lock:
+            if self._claims is None or self._claims.closed:
+                return
+            try:
+                self._claims.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
+                                     (self._claim_key(payment_id),))
+            except psycopg.Error as e:
+                log.warning("release of %s failed (%s); reconnecting drops every claim", payment_id, e)
+                self._claims.close()
+                self._claims = None
+
+    def close(self) -> None:
+        with self._claims_lock:
+            if self._claims is not None:
+                self._claims.close()
+                self._claims = None
+
+
+def dialect_for(store: SqliteStore | PostgresStore) -> Dialect:
+    """The dialect of a backend store: SQLite's connections and write lock, or PostgreSQL's pool."""
+    from gateway.store.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        return SqliteDialect.of(store)
+    return PostgresDialect(store)
+
+
+def is_unique_violation(e: BaseException) -> bool:
+    """A UNIQUE constraint refused the statement (PostgreSQL; SQLite's writers never race)."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency of the package
+        return False
+    return isinstance(e, psycopg.errors.UniqueViolation)
