@@ -21,6 +21,10 @@
 // The full latency distribution would be too large to export at high rates, so each answer is also
 // counted in a log-spaced bucket (`hist`, tag b); a never-failing threshold per bucket makes k6 report
 // every bucket's count in the summary. Status codes are counted the same way (`answers`, tag s).
+//
+// ACK_LOG=1 (bench/pipeline.py) also logs one console line per 2xx answer to a keyed request,
+// `ack <Idempotency-Key> <wall clock ms>`, so that the harness can follow each acknowledged payment to its
+// final status; off by default (a log line per request costs the generator CPU).
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { SharedArray } from 'k6/data';
@@ -35,6 +39,7 @@ const TIMEOUT = __ENV.TIMEOUT || '2s';
 const API_KEYS = (__ENV.API_KEYS || '').split(',');
 const OK = new Set((__ENV.OK || '200,201,202').split(',').map(Number));
 const SUMMARY = __ENV.SUMMARY || 'summary.json';
+const ACK_LOG = __ENV.ACK_LOG === '1';
 // Histogram: HIST_PER_DECADE log-spaced buckets per decade from HIST_MIN_MS to HIST_MAX_MS, plus an
 // underflow bucket (b=0) and an overflow bucket (b=HIST_BUCKETS+1).
 const HIST_MIN_MS = 0.01;
@@ -94,7 +99,8 @@ export default function () {
   genLag.add(Math.max(0, started - intended));
   const t = targets[i % targets.length];
   const headers = { Authorization: `Bearer ${API_KEYS[t[0]]}`, 'Content-Type': 'application/json' };
-  if (t[1] >= 0) headers['Idempotency-Key'] = `${RUN}-${Math.floor(i / targets.length)}-${t[1]}`;
+  const key = t[1] >= 0 ? `${RUN}-${Math.floor(i / targets.length)}-${t[1]}` : null;
+  if (key !== null) headers['Idempotency-Key'] = key;
   const res = http.post(`${BASE}/v1/payments`, t[2], { headers, timeout: TIMEOUT, responseType: 'none' });
   const done = exec.instance.currentTestRunDuration;
   const status = res.status;
@@ -106,6 +112,7 @@ export default function () {
     else transportErrors.add(1);
     return;
   }
+  if (ACK_LOG && key !== null && status >= 200 && status < 300) console.log(`ack ${key} ${Date.now()}`);
   const ms = done - intended;
   latencyCorrected.add(ms);
   hist.add(1, { b: String(bucket(ms)) });

@@ -26,7 +26,8 @@ from gateway.store.sqlite import SqliteStore
 FINAL = ("captured", "failed", "canceled", "authorized")
 
 
-def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...]) -> dict[str, object]:
+def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...],
+        batch_max: int = 256) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         store = SqliteStore(Path(folder) / "gateway.db")
         store.migrate()
@@ -61,8 +62,10 @@ def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...]) 
         for i in range(0, len(records), 1000):
             store.apply_wal_records(records[i : i + 1000])
         # The worker's start-up scan finds every `processing` payment, as after a crash; time from start.
-        worker = Worker(store, WorkerSettings(psp_time_scale=time_scale, psps=psps, inflight_max=inflight))
+        worker = Worker(store, WorkerSettings(psp_time_scale=time_scale, psps=psps, inflight_max=inflight,
+                                              batch_records_max=batch_max))
         started = time.perf_counter()
+        cpu_started = time.process_time()
         worker.start()
         conn = store._conn()
         while True:
@@ -71,12 +74,18 @@ def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...]) 
                 break
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
+        cpu_s = time.process_time() - cpu_started
+        batches = {b.name: round(b.mean_size, 1) for b in (worker.loads, worker.intents, worker.applies)}
         worker.stop()
         store.close()
     return {
         "payments": payments,
         "time_scale": time_scale,
         "inflight_max": inflight,
+        "batch_records_max": batch_max,
+        "mean_batch_size": batches,
+        # The whole process (the worker thread and this poller, which mostly sleeps).
+        "cpu_us_per_payment": round(cpu_s / payments * 1e6),
         "psps": list(psps),
         "elapsed_s": round(elapsed, 3),
         "payments_per_s": round(payments / elapsed, 1),
@@ -91,14 +100,19 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, action="append")
     ap.add_argument("--inflight", type=int, default=256)
     ap.add_argument("--psps", default="psp_a,psp_b")
+    ap.add_argument("--batch-max", type=int, action="append",
+                    help="[worker] batch_records_max; repeat to compare (1 = one transaction per store call)")
     args = ap.parse_args()
     results = [
-        run(args.payments, ts, args.inflight, tuple(args.psps.split(","))) for ts in args.time_scale or [0.0]
+        run(args.payments, ts, args.inflight, tuple(args.psps.split(",")), bm)
+        for ts in args.time_scale or [0.0] for bm in args.batch_max or [256]
     ]
     for r in results:
         print(
             f"time_scale={r['time_scale']}: {r['payments']} payments authorized+captured in {r['elapsed_s']} s"
-            f" = {r['payments_per_s']} payments/s (inflight_max={r['inflight_max']})"
+            f" = {r['payments_per_s']} payments/s, {r['cpu_us_per_payment']} us CPU/payment"
+            f" (inflight_max={r['inflight_max']}, batch_records_max={r['batch_records_max']},"
+            f" mean batch {r['mean_batch_size']})"
         )
     out = Path(__file__).parent / "results" / f"settle_rate-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

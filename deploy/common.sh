@@ -107,3 +107,16 @@ usage_and_exit() {
     echo "usage: $0 install|start|stop|status" >&2
     exit 2
 }
+
+# What `status` prints: running, with the port and pid, or stopped (exit status 3, as for init scripts).
+report_running() { echo "$SERVICE_NAME: running on $SERVICES_HOST:$1 (pid $2)"; }
+report_stopped() { echo "$SERVICE_NAME: stopped"; return 3; }
+
+# The command line of a service script: `install|start|stop|status` runs its cmd_install, cmd_start,
+# cmd_stop or cmd_status.
+service_main() {
+    case "${1:-}" in
+        install | start | stop | status) "cmd_$1" ;;
+        *) usage_and_exit ;;
+    esac
+}

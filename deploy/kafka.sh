@@ -209,20 +209,13 @@ cmd_stop() {
 
 cmd_status() {
     if is_alive && is_ready; then
-        echo "kafka: running on $SERVICES_HOST:$KAFKA_PORT (pid $(cat "$KAFKA_PID"))"
+        report_running "$KAFKA_PORT" "$(cat "$KAFKA_PID")"
     elif is_alive; then
         echo "kafka: process $(cat "$KAFKA_PID") alive but not answering on $SERVICES_HOST:$KAFKA_PORT"
         return 1
     else
-        echo "kafka: stopped"
-        return 3
+        report_stopped
     fi
 }
 
-case "${1:-}" in
-    install) cmd_install ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
-    *) usage_and_exit ;;
-esac
+service_main "$@"

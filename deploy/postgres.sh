@@ -161,17 +161,10 @@ cmd_stop() {
 cmd_status() {
     local bin
     if bin="$(pg_bindir)" && pg_running "$bin"; then
-        echo "postgres: running on $SERVICES_HOST:$POSTGRES_PORT (pid $(head -n 1 "$PG_DATA/postmaster.pid"))"
+        report_running "$POSTGRES_PORT" "$(head -n 1 "$PG_DATA/postmaster.pid")"
     else
-        echo "postgres: stopped"
-        return 3
+        report_stopped
     fi
 }
 
-case "${1:-}" in
-    install) cmd_install ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
-    *) usage_and_exit ;;
-esac
+service_main "$@"

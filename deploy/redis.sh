@@ -96,17 +96,10 @@ cmd_stop() {
 
 cmd_status() {
     if is_running; then
-        echo "redis: running on $SERVICES_HOST:$REDIS_PORT (pid $(cat "$REDIS_PID"))"
+        report_running "$REDIS_PORT" "$(cat "$REDIS_PID")"
     else
-        echo "redis: stopped"
-        return 3
+        report_stopped
     fi
 }
 
-case "${1:-}" in
-    install) cmd_install ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
-    *) usage_and_exit ;;
-esac
+service_main "$@"

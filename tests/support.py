@@ -10,14 +10,20 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from gateway.store.postgres import PostgresStore
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 GATEWAY = str(BIN / "gateway")
 DEMO_KEY = "sk_test_demo"
+DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://gateway:gateway@127.0.0.1:15432/gateway")
 
 
 def free_port() -> int:
@@ -146,13 +152,49 @@ def start_psp_sim(port: int, psps: tuple[str, ...] | list[str], time_scale: floa
         proc = subprocess.Popen([GATEWAY, "psp-sim", "--port", str(port), *(a for p in psps for a in ("--psp", p)),
                                  "--time-scale", str(time_scale)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + PSP_SIM_START_S
+    wait_ready(f"http://127.0.0.1:{port}/health", proc, "psp-sim", PSP_SIM_START_S, log_path.read_text)
+    return proc
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], what: str, timeout_s: float,
+               log: Callable[[], str] = lambda: "", poll_s: float = 0.05) -> None:
+    """Returns once GET `url` answers 200; fails when `proc` exits first or after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None, f"psp-sim exited during start-up:\n{log_path.read_text()[-2000:]}"
-        assert time.monotonic() < deadline, "psp-sim did not start"
-        time.sleep(0.05)
+        assert proc.poll() is None, f"{what} exited during start-up:\n{log()[-2000:]}"
+        assert time.monotonic() < deadline, f"{what} did not start within {timeout_s} s"
+        time.sleep(poll_s)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 30, kill_wait_s: float | None = None) -> None:
+    """SIGTERM, then SIGKILL when it has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=kill_wait_s)
+
+
+def throwaway_pg_store(prefix: str) -> Iterator[PostgresStore]:
+    """For a fixture: a migrated PostgreSQL store in a schema of its own (`<prefix>_<random>`) on the
+    server of deploy/, dropped afterwards; skips the test when the server is not reachable."""
+    import psycopg
+    import pytest
+    from gateway.store.postgres import PostgresStore
+
+    try:
+        psycopg.connect(DATABASE_URL, connect_timeout=3).close()
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL not reachable at {DATABASE_URL} (bash deploy/services.sh up): {e}")
+    store = PostgresStore(DATABASE_URL, f"{prefix}_{uuid.uuid4().hex[:10]}")
+    store.migrate()
+    yield store
+    store.drop_schema()
+    store.close()
+

@@ -1,4 +1,5 @@
-"""Smoke test of the HTTP benchmark harness: a seconds-long k6 run against the floor app only."""
+"""Smoke tests of the benchmark harnesses: seconds-long k6 runs against the floor app (http_bench.py) and the
+embedded gateway (pipeline.py)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,51 @@ def test_quick_k6_bench_against_floor_writes_report_with_every_figure(tmp_path: 
     assert "| floor |" in (out / "report.md").read_text()
     assert (out / "latency_vs_rate.png").stat().st_size > 1000
     assert (out / "latency_histogram.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(150)
+def test_quick_pipeline_bench_embedded_settles_every_accepted_payment(tmp_path: Path) -> None:
+    if shutil.which("go") is None and not (REPO / ".cache" / "tools" / "bin" / "k6").exists():
+        pytest.skip("k6 is built with the Go toolchain (bench/tools.sh)")
+    out = tmp_path / "pipeline"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "pipeline.py"), "--mode", "embedded", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+
+    assert report["mode"] == "embedded" and report["config"]["psp_time_scale"] == 0.0
+    (step,) = report["steps"]
+    # Every acknowledged payment was followed from k6's log to a final status in the store.
+    assert step["acknowledged"] > 0 and step["status_counts"].get("201") == step["acknowledged"]
+    assert step["acknowledged_logged"] == step["acknowledged"]
+    assert step["drained"] is True and step["not_final_at_end"] == 0
+    assert step["final_at_end"] == step["acknowledged"] == report["totals"]["acknowledged"]
+    assert report["totals"]["all_final"] is True
+    assert step["generator_limited"] is False and step["send_rate"] >= 0.95 * step["offered_rate"]
+    # A low rate is settled as fast as it is accepted; latencies are ordered and positive.
+    assert 0.5 * step["offered_rate"] <= step["accepted_per_s"] <= 1.1 * step["offered_rate"]
+    assert step["settled_per_s"] is not None and step["settled_per_s"] > 0.5 * step["accepted_per_s"]
+    ack, final = step["ack_latency"], step["time_to_final"]
+    assert 0 < ack["p50_ms"] <= ack["p99_ms"] <= ack["max_ms"] < 2000
+    assert final["count"] == step["acknowledged"]
+    assert 0 <= final["p50_ms"] <= final["p99_ms"] <= final["max_ms"] < 30_000
+    samples = step["backlog_samples"]
+    assert len(samples) >= 3 and all(s["backlog"] >= 0 for s in samples)
+    assert samples[-1]["backlog"] == 0 and samples[-1]["final"] >= step["acknowledged"]
+    # CPU per payment of the HTTP process(es) and of the worker child, from /proc.
+    assert set(step["cpu"]) == {"http", "worker"}
+    for group in step["cpu"].values():
+        assert group["processes"] >= 1 and 0 < group["cpu_us_per_payment"] < 1_000_000
+    assert step["sql"] is None  # SQLite keeps no statement counters: null, and the report says so
+    assert "SQLite" in report["method"]["sql"]
+    assert step["psp_calls"] is None or sum(step["psp_calls"].values()) >= step["acknowledged"]
+    if report["plots"]:
+        assert (out / "rate_vs_settled.png").stat().st_size > 1000
+        assert (out / "backlog.png").stat().st_size > 1000
+    else:
+        assert any("matplotlib" in n for n in report["notes"])

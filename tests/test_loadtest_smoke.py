@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from support import free_port, stop_process, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 GATEWAY = VENV_BIN / "gateway"
 LOCUST = VENV_BIN / "locust"
 CONFIG = REPO / "bench" / "gateway-bench.toml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -34,7 +26,7 @@ def gateway_url(tmp_path: Path) -> Iterator[str]:
         or subprocess.run([str(GATEWAY), "--help"], check=False, capture_output=True, timeout=30).returncode
     ):
         pytest.skip("the gateway CLI is not importable yet (make install)")
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "gateway.log").open("wb")
     proc = subprocess.Popen(
         [
@@ -53,24 +45,10 @@ def gateway_url(tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "gateway.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "gateway not ready within 60 s"
-            time.sleep(0.2)
+        wait_ready(f"{url}/readyz", proc, "gateway", 60, (tmp_path / "gateway.log").read_text, poll_s=0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, 15, kill_wait_s=5)
         log.close()
 
 

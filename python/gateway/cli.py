@@ -346,6 +346,20 @@ def cmd_reconcile_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The subcommands of `gateway <name>` (one of them is required; its name is in `<name>_command`)."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that opens the store: the embedded one in `--data-dir`, or the one that
+    `--config` names (PostgreSQL in cluster mode)."""
+    p.add_argument("--data-dir")
+    p.add_argument("--config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="High-performance payment gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -359,26 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--demo", action="store_true", help=f"create the demo merchant (key {DEMO_API_KEY})")
     s.set_defaults(func=cmd_serve)
 
-    m = sub.add_parser("merchant", help="manage merchants")
-    msub = m.add_subparsers(dest="merchant_command", required=True)
+    msub = _command_group(sub, "merchant", "manage merchants")
     mc = msub.add_parser("create", help="create a merchant and print its API key once")
     mc.add_argument("--name", required=True)
-    mc.add_argument("--data-dir")
-    mc.add_argument("--config")
+    _store_flags(mc)
     mc.add_argument("--api-key", help=argparse.SUPPRESS)
     mc.add_argument("--rate-limit-per-s", type=float)
     mc.add_argument("--rate-limit-burst", type=float)
     mc.set_defaults(func=cmd_merchant_create)
 
-    c = sub.add_parser("config", help="config file tools")
-    csub = c.add_subparsers(dest="config_command", required=True)
+    csub = _command_group(sub, "config", "config file tools")
     cc = csub.add_parser("check", help="validate a config file (with the GATEWAY_* overrides); exit 2 on an error")
     cc.add_argument("file", nargs="?", help="TOML config file")
     cc.add_argument("--config", help="the same, as an option")
     cc.set_defaults(func=cmd_config_check)
 
-    db = sub.add_parser("db", help="database tools")
-    dbsub = db.add_subparsers(dest="db_command", required=True)
+    dbsub = _command_group(sub, "db", "database tools")
     dm = dbsub.add_parser("migrate", help="apply pending schema migrations (PostgreSQL in cluster mode)")
     dm.add_argument("--config", required=True)
     dm.add_argument("--data-dir")
@@ -399,23 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--transactions-max", type=int, default=100_000)
     ps.set_defaults(func=cmd_psp_sim)
 
-    lg = sub.add_parser("ledger", help="ledger tools")
-    lgsub = lg.add_subparsers(dest="ledger_command", required=True)
+    lgsub = _command_group(sub, "ledger", "ledger tools")
     lc = lgsub.add_parser("check", help="check every stored posting (SQLite, or PostgreSQL in cluster mode); "
                           "exit 1 on any violation")
-    lc.add_argument("--data-dir")
-    lc.add_argument("--config")
+    _store_flags(lc)
     lc.set_defaults(func=cmd_ledger_check)
 
-    rc = sub.add_parser("reconcile", help="reconcile PSP settlement files with the ledger")
-    rcsub = rc.add_subparsers(dest="reconcile_command", required=True)
+    rcsub = _command_group(sub, "reconcile", "reconcile PSP settlement files with the ledger")
     rs = rcsub.add_parser("settlement", help="match a PSP settlement CSV against our captures, refunds and "
                           "ledger; exit 0 all matched, 1 discrepancies, 2 bad file")
     rs.add_argument("--psp", required=True, help="the PSP that produced the file (psp_a, ...)")
     rs.add_argument("--file", required=True, help="settlement CSV: reference,amount,currency,fee,net,status")
     rs.add_argument("--date", help="settlement day YYYY-MM-DD (default: the date in the file name)")
-    rs.add_argument("--data-dir")
-    rs.add_argument("--config")
+    _store_flags(rs)
     rs.add_argument("--json", action="store_true", help="print the report as JSON")
     rs.add_argument("--apply-fee-corrections", action="store_true",
                     help="post a balanced correction for every capture whose settled fee differs from the booked one")
@@ -431,8 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr = rcsub.add_parser("runs", help="list stored reconciliation runs, newest first (JSON lines)")
     rr.add_argument("--psp")
     rr.add_argument("--limit", type=int, default=20, choices=range(1, 1001), metavar="1..1000")
-    rr.add_argument("--data-dir")
-    rr.add_argument("--config")
+    _store_flags(rr)
     rr.set_defaults(func=cmd_reconcile_runs)
 
     from gateway.risk.cli import add_parsers as add_risk_parsers

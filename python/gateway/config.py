@@ -149,11 +149,25 @@ class WorkerConfig(_Section):
     reconcile_interval_ms: Annotated[int, Meta(ge=10, le=3_600_000)] = 1000
     # Cluster workers: PostgreSQL connections (and threads) of the payment path.
     db_connections: Annotated[int, Meta(ge=1, le=100)] = 8
+    # Group commit of the worker's store calls (processing/batching.py): at most this many loads,
+    # intents or outcomes go out as one store call (one transaction) ...
+    batch_records_max: Annotated[int, Meta(ge=1, le=1000)] = 256
+    # ... and a batch waits at most this long for more (0: only for what is ready on the event loop).
+    batch_linger_ms: Annotated[float, Meta(ge=0, le=100)] = 0.0
 
 
 class PSPProfileConfig(_Section):
-    """Overrides of one PSP's simulator profile (`[psp.profiles.<name>]`): no keys yet; capacity, latency
-    and error rates come with the next issue."""
+    """Overrides of one simulated PSP's profile (`[psp.profiles.<name>]`, psp_sim/profiles.py); a key
+    left out keeps the profile's own value. Lets a benchmark simulate a bigger or slower PSP."""
+
+    # Concurrent requests the PSP accepts; its errors start at 80% of it.
+    capacity_inflight_max: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    # Median latency of a call and its jitter (before [psp] time_scale).
+    latency_ms_base: Annotated[float, Meta(ge=0, le=600_000)] | None = None
+    latency_ms_jitter: Annotated[float, Meta(ge=0, le=600_000)] | None = None
+    # Spontaneous failures, independent of load: errors (not processed) and timeouts (unknown).
+    error_rate: Annotated[float, Meta(ge=0, le=1)] | None = None
+    timeout_rate: Annotated[float, Meta(ge=0, le=1)] | None = None
 
 
 PSP_URL_CHARS_MAX = 2048
@@ -176,6 +190,9 @@ class PSPConfig(_Section):
     # Base URL of a simulator served by `gateway psp-sim`; empty: simulators inside the worker process.
     url: Annotated[str, Meta(pattern=r"^(https?://\S+)?$", max_length=PSP_URL_CHARS_MAX)] = ""
     profiles: dict[str, PSPProfileConfig] = {}
+    # The share of each PSP's capacity one worker may use at once (its bulkhead, psp/bulkhead.py); the
+    # simulated PSPs answer with errors above 0.8 of their capacity.
+    inflight_share_max: Annotated[float, Meta(gt=0, le=1)] = 0.75
 
 
 class BreakerSection(_Section):

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
-from support import GATEWAY, REPO, Gateway, auth, same_payment
+from support import GATEWAY, REPO, Gateway, auth, same_payment, stop_process
 
 from .conftest import ServiceUrls, cluster_config
 
@@ -100,12 +100,7 @@ class Cluster:
         self.gateway.stop()
         for w in self.workers:
             if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-                try:
-                    w.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    w.kill()
-                    w.wait()
+                stop_process(w)
 
     def cleanup(self) -> None:
         with psycopg.connect(self.services.database_url, autocommit=True) as conn:

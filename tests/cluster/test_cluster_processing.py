@@ -31,7 +31,7 @@ import psycopg
 import pytest
 import redis
 from confluent_kafka.admin import AdminClient
-from support import GATEWAY, Gateway, auth, free_port, run_cli, start_psp_sim
+from support import GATEWAY, Gateway, auth, free_port, run_cli, start_psp_sim, stop_process
 
 from .conftest import ServiceUrls, cluster_config
 
@@ -104,12 +104,7 @@ class ProcessingCluster:
         self.gateway.stop()
         for p in [*self.workers, self.psp]:
             if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                stop_process(p)
 
     def cleanup(self) -> None:
         with psycopg.connect(self.services.database_url, autocommit=True) as conn:
@@ -123,6 +118,14 @@ class ProcessingCluster:
             if keys:
                 r.delete(*keys)
         r.close()
+
+    def serving(self, workers: int = 2) -> Iterator[ProcessingCluster]:
+        """For a fixture: the cluster started, then stopped and cleaned up."""
+        try:
+            yield self.start(workers)
+        finally:
+            self.stop()
+            self.cleanup()
 
     # -- merchant API ----------------------------------------------------------------------------
 
@@ -187,12 +190,7 @@ class ProcessingCluster:
 
 @pytest.fixture(scope="module")
 def cl(services: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessingCluster]:
-    c = ProcessingCluster(services, tmp_path_factory.mktemp("cproc"), psp_time_scale=0.01)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-        c.cleanup()
+    yield from ProcessingCluster(services, tmp_path_factory.mktemp("cproc"), psp_time_scale=0.01).serving()
 
 
 def code(r: httpx.Response) -> str:

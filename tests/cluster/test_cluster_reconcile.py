@@ -23,12 +23,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
 @pytest.fixture(scope="module")
 def cl(services: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessingCluster]:
-    c = ProcessingCluster(services, tmp_path_factory.mktemp("crecon"), psp_time_scale=0.01)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-        c.cleanup()
+    yield from ProcessingCluster(services, tmp_path_factory.mktemp("crecon"), psp_time_scale=0.01).serving()
 
 
 def reconcile(cl: ProcessingCluster, psp: str, path: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -27,20 +28,28 @@ def admin(cl: Cluster, method: str, path: str, body: Any = None) -> httpx.Respon
     return httpx.request(method, f"{cl.gateway.url}{path}", json=body, headers=ADMIN, timeout=30)
 
 
-def rules_version_by_slot(cl: Cluster, version: int, timeout_s: float = 20) -> dict[str, int]:
-    """Polls /metrics on new connections until both processes (slots) report `version` as the version
-    of the ruleset in their own engine."""
+def metric_by_slot(cl: Cluster, metric: str, until: Callable[[dict[str, int]], bool], want: str,
+                   timeout_s: float = 20) -> dict[str, int]:
+    """Polls /metrics on new connections (the kernel spreads them over both processes) until
+    `until(seen)`, where `seen` maps each process's `gateway_cluster_slot` to its `metric`."""
     seen: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
-    while not (len(seen) == 2 and set(seen.values()) == {version}):
-        assert time.monotonic() < deadline, f"rules version by slot {seen}, want {version}"
+    while not until(seen):
+        assert time.monotonic() < deadline, f"{metric} by slot {seen}, want {want}"
         with httpx.Client(timeout=5) as c:
             text = c.get(f"{cl.gateway.url}/metrics").text
         slot = re.search(r"^gateway_cluster_slot (\d+)$", text, re.MULTILINE)
-        got = re.search(r"^gateway_risk_rules_version (\d+)$", text, re.MULTILINE)
+        got = re.search(rf"^{metric} (\d+)$", text, re.MULTILINE)
         assert slot and got, text[-2000:]
         seen[slot.group(1)] = int(got.group(1))
     return seen
+
+
+def rules_version_by_slot(cl: Cluster, version: int, timeout_s: float = 20) -> dict[str, int]:
+    """Polls /metrics until both processes (slots) report `version` as the version of the ruleset in
+    their own engine."""
+    return metric_by_slot(cl, "gateway_risk_rules_version",
+                          lambda seen: len(seen) == 2 and set(seen.values()) == {version}, str(version), timeout_s)
 
 
 def pay_fresh(cl: Cluster, token: str, n: int = PAYMENTS) -> list[httpx.Response]:

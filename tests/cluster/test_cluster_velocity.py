@@ -4,16 +4,13 @@ rule declines past its threshold in total; with "local" each process counts only
 
 from __future__ import annotations
 
-import re
-import time
-
 import httpx
 import pytest
 import redis
 from support import auth, unique_token
 
 from .test_cluster_mode import Cluster, cluster_factory  # noqa: F401 - the fixture, shared
-from .test_cluster_risk import ADMIN_KEY, admin, decline_codes, rules_version_by_slot
+from .test_cluster_risk import ADMIN_KEY, admin, decline_codes, metric_by_slot, rules_version_by_slot
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -48,17 +45,8 @@ def pay_one_by_one(cl: Cluster, token: str, n: int = PAYMENTS) -> list[httpx.Res
 
 def shared_events_by_slot(cl: Cluster, timeout_s: float = 20) -> dict[str, int]:
     """`gateway_velocity_shared_events_total` of each process, read from /metrics on new connections."""
-    seen: dict[str, int] = {}
-    deadline = time.monotonic() + timeout_s
-    while len(seen) < 2:
-        assert time.monotonic() < deadline, f"only slots {seen} answered /metrics"
-        with httpx.Client(timeout=5) as c:
-            text = c.get(f"{cl.gateway.url}/metrics").text
-        slot = re.search(r"^gateway_cluster_slot (\d+)$", text, re.MULTILINE)
-        got = re.search(r"^gateway_velocity_shared_events_total (\d+)$", text, re.MULTILINE)
-        assert slot and got, text[-2000:]
-        seen[slot.group(1)] = int(got.group(1))
-    return seen
+    return metric_by_slot(cl, "gateway_velocity_shared_events_total", lambda seen: len(seen) >= 2,
+                          "both slots", timeout_s)
 
 
 def test_card_velocity_adds_up_over_both_processes_and_declines_past_the_threshold(

@@ -45,11 +45,7 @@ def cl(services: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Itera
     c = ProcessingCluster(services, tmp_path_factory.mktemp("cwebhooks"), psp_time_scale=0.01)
     c.gateway.extra_env = {"GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS": "1"}
     c.worker_env.update(WEBHOOK_ENV)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-        c.cleanup()
+    yield from c.serving()
 
 
 @pytest.fixture(scope="module")

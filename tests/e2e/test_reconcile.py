@@ -9,7 +9,6 @@ balances (`gateway ledger check`) after fee corrections.
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import subprocess
 from collections import Counter
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import Gateway, auth, free_port, run_cli, start_psp_sim
+from support import Gateway, auth, free_port, run_cli, start_psp_sim, stop_process
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -40,12 +39,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str
         yield g, psp_url, tmp
     finally:
         g.stop()
-        sim.send_signal(signal.SIGTERM)
-        try:
-            sim.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-            sim.wait()
+        stop_process(sim)
 
 
 def create(g: Gateway, amount: int, capture: bool, currency: str = "USD") -> str:

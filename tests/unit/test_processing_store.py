@@ -10,10 +10,8 @@ server of `deploy/services.sh`, one throw-away schema per module, emptied before
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -38,13 +36,13 @@ from gateway.store.processing import (
 from gateway.store.sqlite import SqliteStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import throwaway_pg_store
 
 PID = "pay_" + "a" * 24
 MERCHANT = "acct_model"
 AUTHORIZED = 10_000
 
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://gateway:gateway@127.0.0.1:15432/gateway")
 # Every table the processing path writes, emptied between examples (TRUNCATE skips the append-only triggers).
 PG_TABLES = ("ledger_entries, audit_log, payment_attempts, payment_operations, operation_idempotency_keys,"
              " payment_state, idempotency_keys, payments, merchants")
@@ -56,15 +54,7 @@ Factory = Callable[[str], Store]
 
 @pytest.fixture(scope="module")
 def pg_store() -> Iterator[PostgresStore]:
-    try:
-        psycopg.connect(DATABASE_URL, connect_timeout=3).close()
-    except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL not reachable at {DATABASE_URL} (bash deploy/services.sh up): {e}")
-    store = PostgresStore(DATABASE_URL, f"ut_{uuid.uuid4().hex[:10]}")
-    store.migrate()
-    yield store
-    store.drop_schema()
-    store.close()
+    yield from throwaway_pg_store("ut")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

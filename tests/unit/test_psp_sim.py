@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from gateway.psp_sim import (
     SimulatedPSP,
 )
 from gateway.psp_sim.client import InProcessPSPClient
+from support import free_port, stop_process, wait_ready
 
 DAY = date(2025, 3, 14)
 DAY_TS = datetime(2025, 3, 14, 12, 0, tzinfo=UTC).timestamp()
@@ -285,15 +285,9 @@ def test_profiles_differ_in_cost_latency_and_reliability() -> None:
 # -- HTTP transport, black box: a real granian process on a real port ---------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sim_server() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(gateway.__file__).parents[1]), env.get("PYTHONPATH")])
@@ -306,24 +300,10 @@ def sim_server() -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=0.5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "simulator exited during start-up"
-            assert time.monotonic() < deadline, "simulator did not start"
-            time.sleep(0.1)
+        wait_ready(f"{base}/health", proc, "simulator", 20, poll_s=0.1)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 def test_http_authorize_capture_refund_and_settlement(sim_server: str) -> None:
@@ -381,7 +361,7 @@ def test_http_lost_response_is_a_timeout_and_status_shows_the_charge(sim_server:
 def test_http_unreachable_psp_is_a_retryable_error_not_a_timeout() -> None:
     async def run():
         async with httpx.AsyncClient() as http:
-            client = HTTPPSPClient(f"http://127.0.0.1:{_free_port()}", "psp_a", timeout_s=1.0, client=http)
+            client = HTTPPSPClient(f"http://127.0.0.1:{free_port()}", "psp_a", timeout_s=1.0, client=http)
             return await client.authorize(
                 reference="p", amount=1, currency="EUR", token="tok_visa", idempotency_key="k"
             )

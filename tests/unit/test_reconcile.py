@@ -4,13 +4,11 @@ idempotency by file hash, fee corrections as new balanced postings with an audit
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-import psycopg
 import pytest
 from gateway.domain import ledger
 from gateway.domain import settlement as st
@@ -20,11 +18,11 @@ from gateway.store.ledger import insert_postings
 from gateway.store.postgres import PostgresStore
 from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
+from support import throwaway_pg_store
 
 HEADER = "reference,amount,currency,fee,net,status\n"
 DAY = date(2026, 11, 20)
 DAY_START_MS = int(datetime(2026, 11, 20, tzinfo=UTC).timestamp() * 1000)
-DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://gateway:gateway@127.0.0.1:15432/gateway")
 
 
 def csv_bytes(*lines: str) -> bytes:
@@ -229,15 +227,7 @@ def seed(store: SqliteStore | PostgresStore, payments: list[tuple[str, str, list
 
 @pytest.fixture(scope="module")
 def pg_store() -> Iterator[PostgresStore]:
-    try:
-        psycopg.connect(DATABASE_URL, connect_timeout=3).close()
-    except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL not reachable at {DATABASE_URL}: {e}")
-    store = PostgresStore(DATABASE_URL, f"ut_rc_{uuid.uuid4().hex[:10]}")
-    store.migrate()
-    yield store
-    store.drop_schema()
-    store.close()
+    yield from throwaway_pg_store("ut_rc")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from typing import TypedDict, Unpack
 
 from gateway.domain import payment as sm
 from gateway.domain.attempt import (
@@ -23,6 +24,18 @@ from gateway.psp.client import PSPClient
 from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy
 
 
+class OperationOptions(TypedDict, total=False):
+    """What every operation may be given besides its own arguments. Defaults: `DEFAULT_RETRY_POLICY`, a
+    random generator seeded with the idempotency key, `asyncio.sleep`, no intent recording, and the
+    actor `merchant`."""
+
+    policy: RetryPolicy
+    rng: random.Random | None
+    sleep: Sleep
+    record_intent: RecordIntent | None
+    actor: str
+
+
 async def _process_operation(
     payment: sm.Payment,
     operation: str,
@@ -31,14 +44,17 @@ async def _process_operation(
     client: PSPClient,
     idempotency_key: str,
     now: Callable[[], int],
-    policy: RetryPolicy,
-    rng: random.Random | None,
-    sleep: Sleep,
-    record_intent: RecordIntent | None,
-    actor: str,
+    options: OperationOptions,
 ) -> ProcessingResult:
+    unknown = options.keys() - OperationOptions.__annotations__.keys()
+    if unknown:
+        raise TypeError(f"process_{operation}() got unexpected keyword arguments {sorted(unknown)}")
+    policy = options.get("policy", DEFAULT_RETRY_POLICY)
+    sleep = options.get("sleep", asyncio.sleep)
+    record_intent = options.get("record_intent")
+    actor = options.get("actor", "merchant")
     assert payment.psp == client.name, "operations go to the PSP that authorized the payment"
-    rng = rng or random.Random(idempotency_key)
+    rng = options.get("rng") or random.Random(idempotency_key)
     out = ProcessingResult(payment=payment, outcome=None)
     for attempt_no in range(1, policy.attempts_max + 1):
         row = AttemptRow(
@@ -74,92 +90,29 @@ async def _process_operation(
 
 
 async def process_capture(
-    payment: sm.Payment,
-    client: PSPClient,
-    now: Callable[[], int],
-    *,
-    amount: int,
-    final_capture: bool,
-    idempotency_key: str,
-    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-    rng: random.Random | None = None,
-    sleep: Sleep = asyncio.sleep,
-    record_intent: RecordIntent | None = None,
-    actor: str = "merchant",
+    payment: sm.Payment, client: PSPClient, now: Callable[[], int], *,
+    amount: int, final_capture: bool, idempotency_key: str, **options: Unpack[OperationOptions],
 ) -> ProcessingResult:
     """Capture at the PSP, then transition. Raises TransitionError before any PSP call if the
     capture is not allowed. A timeout leaves the payment unchanged with a `timeout` attempt."""
     sm.check_capture(payment, amount)
-    return await _process_operation(
-        payment,
-        "capture",
-        amount,
-        final_capture,
-        client,
-        idempotency_key,
-        now,
-        policy,
-        rng,
-        sleep,
-        record_intent,
-        actor,
-    )
+    return await _process_operation(payment, "capture", amount, final_capture, client, idempotency_key, now, options)
 
 
 async def process_void(
-    payment: sm.Payment,
-    client: PSPClient,
-    now: Callable[[], int],
-    *,
-    idempotency_key: str,
-    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-    rng: random.Random | None = None,
-    sleep: Sleep = asyncio.sleep,
-    record_intent: RecordIntent | None = None,
-    actor: str = "merchant",
+    payment: sm.Payment, client: PSPClient, now: Callable[[], int], *,
+    idempotency_key: str, **options: Unpack[OperationOptions],
 ) -> ProcessingResult:
+    """Void the authorization at the PSP, then transition (see `process_capture`)."""
     sm.check_void(payment)
-    return await _process_operation(
-        payment,
-        "void",
-        payment.amount_authorized,
-        False,
-        client,
-        idempotency_key,
-        now,
-        policy,
-        rng,
-        sleep,
-        record_intent,
-        actor,
-    )
+    amount = payment.amount_authorized
+    return await _process_operation(payment, "void", amount, False, client, idempotency_key, now, options)
 
 
 async def process_refund(
-    payment: sm.Payment,
-    client: PSPClient,
-    now: Callable[[], int],
-    *,
-    amount: int,
-    idempotency_key: str,
-    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
-    rng: random.Random | None = None,
-    sleep: Sleep = asyncio.sleep,
-    record_intent: RecordIntent | None = None,
-    actor: str = "merchant",
+    payment: sm.Payment, client: PSPClient, now: Callable[[], int], *,
+    amount: int, idempotency_key: str, **options: Unpack[OperationOptions],
 ) -> ProcessingResult:
+    """Refund at the PSP, then transition (see `process_capture`)."""
     sm.check_refund(payment, amount)
-    return await _process_operation(
-        payment,
-        "refund",
-        amount,
-        False,
-        client,
-        idempotency_key,
-        now,
-        policy,
-        rng,
-        sleep,
-        record_intent,
-        actor,
-    )
+    return await _process_operation(payment, "refund", amount, False, client, idempotency_key, now, options)

@@ -45,16 +45,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from msgspec.structs import asdict
-
 from gateway import config as config_mod
-from gateway.config import Config, PSPConfig, RouterConfig, WorkerConfig
-from gateway.domain.events import WebhookSettings
-from gateway.psp_sim import DEFAULT_PROFILES, InProcessPSPClient, SimulatedPSP
 from gateway.psp_sim.export import SettlementExporter
 
 if TYPE_CHECKING:
@@ -63,12 +57,12 @@ if TYPE_CHECKING:
 from gateway.domain import payment as sm
 from gateway.domain.attempt import AttemptRow, AttemptStatus, Outcome
 from gateway.processing.authorize import process_authorization
+from gateway.processing.batching import Batcher
 from gateway.processing.operations import process_capture, process_refund, process_void
 from gateway.processing.resolve import resolve_pending
-from gateway.processing.webhooks import webhook_settings
-from gateway.psp.breaker import BreakerConfig
-from gateway.psp.client import HTTPPSPClient, PSPClient
-from gateway.psp.routing import PSPRoute, RetryPolicy, Router, ScoreWeights
+from gateway.processing.settings import WorkerSettings, build_psps
+from gateway.store.payments import Applied, Change, Intent
+from gateway.store.processing import Operation, PaymentRecord, StaleVersion
 
 log = logging.getLogger("gateway.worker")
 
@@ -85,36 +79,6 @@ SHARED_PROCESSING_STALE_S = 2
 SHARED_KEY_ABANDONED_MS = 60_000
 
 UNRESOLVED = (AttemptStatus.STARTED, AttemptStatus.TIMEOUT)
-
-
-_PSP = PSPConfig()
-_WORKER = WorkerConfig()
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSettings:
-    """What one worker runs with; `from_config` takes it from the validated config (the defaults are the
-    config's), so nothing here checks ranges again."""
-
-    psp_time_scale: float = _PSP.time_scale
-    psps: tuple[str, ...] = _PSP.psps
-    psp_seed: int = _PSP.seed
-    psp_timeout_ms: int = _PSP.timeout_ms
-    inflight_max: int = _WORKER.inflight_max
-    reconcile_interval_ms: int = _WORKER.reconcile_interval_ms
-    psp_url: str | None = None
-    db_connections: int = _WORKER.db_connections
-    router: RouterConfig = field(default_factory=RouterConfig)
-    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> WorkerSettings:
-        w, p = cfg.worker, cfg.psp
-        return cls(
-            psp_time_scale=p.time_scale, psps=p.psps, psp_seed=p.seed, psp_timeout_ms=p.timeout_ms,
-            inflight_max=w.inflight_max, reconcile_interval_ms=w.reconcile_interval_ms, psp_url=p.url or None,
-            db_connections=w.db_connections, router=cfg.router, webhooks=webhook_settings(cfg.webhooks),
-        )
 
 
 def now_ms() -> int:
@@ -139,34 +103,20 @@ class Worker:
             ThreadPoolExecutor(max(1, pool_max), thread_name_prefix="worker-db") if shared and pool_max else None
         )
         s = self.settings
-        self.sims = {
-            name: SimulatedPSP(DEFAULT_PROFILES[name], seed=s.psp_seed, time_scale=s.psp_time_scale)
-            for name in s.psps
-        }
-        self.clients: dict[str, PSPClient] = {
-            name: InProcessPSPClient(sim, timeout_s=s.psp_timeout_ms / 1000) for name, sim in self.sims.items()
-        }
+        psps = build_psps(s)
+        self.sims, self.clients, self.bulkheads = psps.sims, psps.clients, psps.bulkheads
+        self.router, self.policy = psps.router, psps.policy
         # Embedded mode's in-process simulators write their daily settlement files beside the database,
         # for `gateway reconcile settlement` (docs/reconciliation.md).
         self.settlement_dir = (
-            Path(store.path).parent / "settlements" if isinstance(store, SqliteStore) and s.psp_url is None else None
+            Path(store.path).parent / "settlements" if isinstance(store, SqliteStore) and self.sims else None
         )
         self.settlements: SettlementExporter | None = None
-        if s.psp_url is not None:
-            self.sims = {}
-            self.clients = {
-                name: HTTPPSPClient(s.psp_url, name, timeout_s=s.psp_timeout_ms / 1000) for name in s.psps
-            }
-        r = s.router
-        self.router = Router(
-            [
-                PSPRoute(p.name, p.fee_bps, p.fee_fixed_minor, p.latency_ms_base * s.psp_time_scale)
-                for p in (DEFAULT_PROFILES[n] for n in s.psps)
-            ],
-            window_size=r.window_calls, weights=ScoreWeights(**asdict(r.weights)),
-            breaker=BreakerConfig(**asdict(r.breaker)),
-        )
-        self.policy = RetryPolicy(**asdict(r.retry))
+        # Group commit of the store calls of concurrently processed payments (processing/batching.py).
+        batch_max, linger_s = s.batch_records_max, s.batch_linger_ms / 1000
+        self.loads: Batcher[str, PaymentRecord | None] = Batcher(self._load_batch, batch_max, linger_s, "load")
+        self.intents: Batcher[Intent, None] = Batcher(self._intent_batch, batch_max, linger_s, "intent")
+        self.applies: Batcher[Change, Applied] = Batcher(self._apply_batch, batch_max, linger_s, "apply")
         # Called on the worker thread with a payment id after every persisted change to it.
         self.on_change: list[Callable[[str], None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -334,6 +284,23 @@ class Worker:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
+    async def _load_batch(self, payment_ids: list[str]) -> list[PaymentRecord | None]:
+        return await self._db(self.pstore.load_many, payment_ids)
+
+    async def _intent_batch(self, intents: list[Intent]) -> list[None]:
+        await self._db(self.pstore.record_intents, intents)
+        return [None] * len(intents)
+
+    async def _apply_batch(self, changes: list[Change]) -> list[Applied]:
+        return await self._db(self.pstore.apply_many, changes)
+
+    async def _apply(self, change: Change) -> Operation | None:
+        """One outcome, committed with the others of its batch; StaleVersion if the payment changed."""
+        applied = await self.applies.submit(change)
+        if not applied.applied:
+            raise StaleVersion(f"payment {applied.payment_id} changed since version {change.base_version}")
+        return applied.operation
+
     def _lock(self, payment_id: str) -> asyncio.Lock:
         lock = self._locks.get(payment_id)
         if lock is None:
@@ -364,7 +331,7 @@ class Worker:
                     self._locks.pop(payment_id, None)
 
     async def _process_payment(self, payment_id: str) -> None:
-        rec = await self._db(self.pstore.load, payment_id)
+        rec = await self.loads.submit(payment_id)
         if rec is None:
             return
         p = rec.payment
@@ -388,7 +355,7 @@ class Worker:
         elif p.status is sm.PaymentStatus.PROCESSING:
 
             async def intent(row: AttemptRow) -> None:
-                await self._db(self.pstore.record_intent, row)
+                await self.intents.submit(Intent(row))
 
             result = await process_authorization(
                 p, self.router, self.clients, now_ms, token=rec.token, policy=self.policy, record_intent=intent
@@ -399,8 +366,7 @@ class Worker:
         follow_up = None
         if result.payment.status is sm.PaymentStatus.AUTHORIZED and rec.auto_capture:
             follow_up = ("capture", result.payment.amount_authorized, True, "worker")
-        created = await self._db(
-            functools.partial(self.pstore.apply, result, base_version=p.version, new_operation=follow_up))
+        created = await self._apply(Change(result, p.version, new_operation=follow_up))
         if result.payment.status is not sm.PaymentStatus.PENDING_VERIFICATION:
             self.settled += 1
         self._changed(p.id)
@@ -432,7 +398,7 @@ class Worker:
         op = await self._db(self.pstore.operation, operation_id)
         if op is None or op.status not in ("pending", "pending_verification"):
             return
-        rec = await self._db(self.pstore.load, op.payment_id)
+        rec = await self.loads.submit(op.payment_id)
         assert rec is not None
         p = rec.payment
         client = self.clients.get(p.psp or "")
@@ -451,7 +417,7 @@ class Worker:
         else:
 
             async def intent(row: AttemptRow) -> None:
-                await self._db(self.pstore.record_intent, row, op.id)
+                await self.intents.submit(Intent(row, op.id))
 
             try:
                 if op.kind == "capture":
@@ -481,6 +447,5 @@ class Worker:
         else:
             code = result.attempts[-1].code if result.attempts else None
             finish = OperationFinish(op.id, "failed", code or result.outcome.value)
-        await self._db(functools.partial(self.pstore.apply, result, base_version=p.version, operation_id=op.id,
-                                         finish=finish))
+        await self._apply(Change(result, p.version, operation_id=op.id, finish=finish))
         self._changed(p.id)

@@ -57,21 +57,9 @@ class PSPResult:
         return self.outcome is Outcome.TIMEOUT
 
 
-@dataclass(frozen=True, slots=True)
-class PSPStatus:
-    """What the PSP reports about a transaction (`status` is the PSP's own vocabulary:
-    authorized, declined, captured, voided, partially_refunded, refunded)."""
-
-    psp: str
-    psp_reference: str
-    reference: str
-    status: str
-    currency: str
-    amount_authorized: int
-    amount_captured: int
-    amount_refunded: int
-    capture_final: bool
-    decline_code: str | None
+# What the PSP reports about a transaction: the wire type itself (`status` is the PSP's own vocabulary:
+# authorized, declined, captured, voided, partially_refunded, refunded).
+PSPStatus = TransactionStatus
 
 
 class PSPClient(abc.ABC):
@@ -95,7 +83,6 @@ class PSPClient(abc.ABC):
     @abc.abstractmethod
     async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> PSPResult: ...
 
-    @abc.abstractmethod
     async def status(
         self,
         *,
@@ -103,13 +90,27 @@ class PSPClient(abc.ABC):
         psp_reference: str | None = None,
         idempotency_key: str | None = None,
     ) -> PSPStatus | None:
-        """The PSP's record, None when it has none; raises PSPTimeout or PSPUnavailable."""
+        """The PSP's record, found by the keys given; None when it has none; raises PSPTimeout or
+        PSPUnavailable."""
+        query = {
+            k: v
+            for k, v in (
+                ("reference", reference),
+                ("psp_reference", psp_reference),
+                ("idempotency_key", idempotency_key),
+            )
+            if v is not None
+        }
+        return await self._status(query)
+
+    @abc.abstractmethod
+    async def _status(self, query: dict[str, str]) -> PSPStatus | None:
+        """`status` with its keys that are not None, by name."""
 
 
-def result_of(
-    wire: Response, outcome: Outcome, psp: str, operation: str, key: str, latency_ms: float
-) -> PSPResult:
-    """The `PSPResult` of a PSP's answer (over HTTP or from an in-process simulator)."""
+def result_of(wire: Response, outcome: Outcome, psp: str, operation: str, key: str, started: float) -> PSPResult:
+    """The `PSPResult` of a PSP's answer (over HTTP or from an in-process simulator) to a call that
+    started at `started` (`time.perf_counter()`)."""
     return PSPResult(
         outcome=outcome,
         psp=psp,
@@ -121,24 +122,18 @@ def result_of(
         psp_reference=wire.psp_reference,
         amount=wire.amount,
         fee_minor=wire.fee_minor,
-        latency_ms=latency_ms,
+        latency_ms=(time.perf_counter() - started) * 1000.0,
     )
 
 
-def status_of(w: TransactionStatus) -> PSPStatus:
-    """The `PSPStatus` of a PSP's answer to a status query."""
-    return PSPStatus(
-        psp=w.psp,
-        psp_reference=w.psp_reference,
-        reference=w.reference,
-        status=w.status,
-        currency=w.currency,
-        amount_authorized=w.amount_authorized,
-        amount_captured=w.amount_captured,
-        amount_refunded=w.amount_refunded,
-        capture_final=w.capture_final,
-        decline_code=w.decline_code,
-    )
+def failure_of(
+    outcome: Outcome, psp: str, operation: str, key: str, started: float, code: str, message: str,
+    retryable: bool = False,
+) -> PSPResult:
+    """The `PSPResult` of a call that got no usable answer (a timeout, or an error before sending):
+    that of an error body (outcome, code, message, retryable and nothing more)."""
+    body = Response(outcome=outcome.value, code=code, message=message, retryable=retryable)
+    return result_of(body, outcome, psp, operation, key, started)
 
 
 # Failures where the request provably never reached the PSP: safe to retry or fail over.
@@ -181,16 +176,7 @@ class HTTPPSPClient(PSPClient):
         started = time.perf_counter()
 
         def result(outcome: Outcome, code: str, message: str, retryable: bool = False) -> PSPResult:
-            return PSPResult(
-                outcome=outcome,
-                psp=self.name,
-                operation=operation,
-                idempotency_key=key,
-                code=code,
-                message=message,
-                retryable=retryable,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-            )
+            return failure_of(outcome, self.name, operation, key, started, code, message, retryable)
 
         try:
             response = await self._client.post(
@@ -210,7 +196,7 @@ class HTTPPSPClient(PSPClient):
             outcome = Outcome(wire.outcome)
         except (msgspec.DecodeError, ValueError):
             return result(Outcome.TIMEOUT, "psp_bad_response", f"{self.name} answered {response.status_code}")
-        return result_of(wire, outcome, self.name, operation, key, (time.perf_counter() - started) * 1000.0)
+        return result_of(wire, outcome, self.name, operation, key, started)
 
     async def authorize(
         self, *, reference: str, amount: int, currency: str, token: str, idempotency_key: str
@@ -231,24 +217,9 @@ class HTTPPSPClient(PSPClient):
         body = RefundRequest(psp_reference=psp_reference, amount=amount)
         return await self._post("refund", idempotency_key, body)
 
-    async def status(
-        self,
-        *,
-        reference: str | None = None,
-        psp_reference: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> PSPStatus | None:
-        params = {
-            k: v
-            for k, v in (
-                ("reference", reference),
-                ("psp_reference", psp_reference),
-                ("idempotency_key", idempotency_key),
-            )
-            if v is not None
-        }
+    async def _status(self, query: dict[str, str]) -> PSPStatus | None:
         try:
-            response = await self._client.get(f"{self._base}/status", params=params, timeout=self.timeout_s)
+            response = await self._client.get(f"{self._base}/status", params=query, timeout=self.timeout_s)
         except httpx.TimeoutException as exc:
             raise PSPTimeout(f"status query to {self.name} timed out") from exc
         except httpx.TransportError as exc:
@@ -257,4 +228,4 @@ class HTTPPSPClient(PSPClient):
             return None
         if response.status_code != 200:
             raise PSPUnavailable(f"status query to {self.name} answered {response.status_code}")
-        return status_of(_status_decoder.decode(response.content))
+        return _status_decoder.decode(response.content)

@@ -19,8 +19,8 @@ from gateway.psp.client import (
     PSPResult,
     PSPStatus,
     PSPTimeout,
+    failure_of,
     result_of,
-    status_of,
 )
 from gateway.psp.wire import Response
 
@@ -42,19 +42,9 @@ class InProcessPSPClient(PSPClient):
         try:
             response = await asyncio.wait_for(call, self.timeout_s)
         except (TimeoutError, ResponseLost):
-            return PSPResult(
-                outcome=Outcome.TIMEOUT,
-                psp=self.name,
-                operation=operation,
-                idempotency_key=key,
-                code="psp_timeout",
-                message=f"no answer from {self.name} within {self.timeout_s} s",
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-            )
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        return result_of(
-            response, Outcome(response.outcome), response.psp, response.operation, key, latency_ms
-        )
+            message = f"no answer from {self.name} within {self.timeout_s} s"
+            return failure_of(Outcome.TIMEOUT, self.name, operation, key, started, "psp_timeout", message)
+        return result_of(response, Outcome(response.outcome), response.psp, response.operation, key, started)
 
     async def authorize(
         self, *, reference: str, amount: int, currency: str, token: str, idempotency_key: str
@@ -84,20 +74,8 @@ class InProcessPSPClient(PSPClient):
         call = self.sim.refund(psp_reference=psp_reference, amount=amount, idempotency_key=idempotency_key)
         return await self._run("refund", idempotency_key, call)
 
-    async def status(
-        self,
-        *,
-        reference: str | None = None,
-        psp_reference: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> PSPStatus | None:
+    async def _status(self, query: dict[str, str]) -> PSPStatus | None:
         try:
-            found = await asyncio.wait_for(
-                self.sim.status(
-                    reference=reference, psp_reference=psp_reference, idempotency_key=idempotency_key
-                ),
-                self.timeout_s,
-            )
+            return await asyncio.wait_for(self.sim.status(**query), self.timeout_s)
         except TimeoutError as exc:
             raise PSPTimeout(f"status query to {self.name} timed out") from exc
-        return status_of(found) if found is not None else None

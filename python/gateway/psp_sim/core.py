@@ -41,6 +41,13 @@ __all__ = [
 
 IDEMPOTENCY_KEY_LENGTH_MAX = 255
 TRANSACTIONS_MAX_DEFAULT = 100_000
+_RESTART_ADVICE = "; restart the simulator or raise the limit"
+# The operations that move money: their settlement line's status and the sign of its amount, whether
+# they charge a fee, and the token behaviour that loses their response.
+_SETTLES = {
+    "capture": ("captured", 1, True, TokenBehaviour.TIMEOUT_ON_CAPTURE),
+    "refund": ("refunded", -1, False, TokenBehaviour.TIMEOUT_ON_REFUND),
+}
 
 
 class ResponseLost(Exception):
@@ -187,13 +194,7 @@ class SimulatedPSP:
                 retryable=True,
             )
         if len(self._results) >= self.operations_max:
-            return self._error(
-                operation,
-                "simulator_storage_full",
-                f"simulator stored-operations limit reached (operations_max={self.operations_max}); "
-                "restart the simulator or raise the limit",
-                retryable=False,
-            )
+            return self._storage_full(operation, "stored-operations", f"operations_max={self.operations_max}")
         self._inflight += 1
         self._results[slot] = None
         utilisation = self._inflight / p.capacity_inflight_max
@@ -265,13 +266,7 @@ class SimulatedPSP:
 
         def process() -> tuple[SimResponse, bool] | SimResponse:
             if len(self._transactions) >= self.transactions_max:
-                return self._error(
-                    op,
-                    "simulator_storage_full",
-                    f"simulator stored-transactions limit reached (transactions_max={self.transactions_max}); "
-                    "restart the simulator or raise the limit",
-                    retryable=False,
-                )
+                return self._storage_full(op, "stored-transactions", f"transactions_max={self.transactions_max}")
             psp_reference = f"{self.name}_{len(self._transactions) + 1:09d}"
             txn = Transaction.authorized(
                 psp_reference, reference, spec.behaviour, spec.code, currency, amount, self._clock()
@@ -291,27 +286,10 @@ class SimulatedPSP:
     async def capture(
         self, *, psp_reference: str, amount: int, idempotency_key: str, final: bool = False
     ) -> SimResponse:
-        op = "capture"
-        invalid = validate_amount(amount)
-        if invalid:
-            return self._error(op, "invalid_request", invalid, retryable=False)
-
-        def process() -> tuple[SimResponse, bool] | SimResponse:
-            txn = self._transactions.get(psp_reference)
-            if txn is None:
-                return self._unknown(op, psp_reference)
-            refusal = txn.capture_refusal(amount)
-            if refusal is not None:
-                return self._refused(op, refusal)
-            if not self._settlement.has_room():
-                return self._storage_full(op)
-            txn.capture(amount, final)
-            fee = self.profile.fee_minor(amount)
-            self._settle(txn, amount, fee, "captured")
-            response = txn.response(self.name, op, "approved", amount=amount, fee_minor=fee)
-            return response, txn.token_behaviour is TokenBehaviour.TIMEOUT_ON_CAPTURE
-
-        return await self._call(op, idempotency_key, (psp_reference, amount, final), process)
+        return await self._settling(
+            "capture", idempotency_key, (psp_reference, amount, final), psp_reference, amount,
+            lambda txn: txn.capture_refusal(amount), lambda txn: txn.capture(amount, final),
+        )
 
     async def void(self, *, psp_reference: str, idempotency_key: str) -> SimResponse:
         op = "void"
@@ -329,26 +307,44 @@ class SimulatedPSP:
         return await self._call(op, idempotency_key, (psp_reference,), process)
 
     async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> SimResponse:
-        op = "refund"
+        return await self._settling(
+            "refund", idempotency_key, (psp_reference, amount), psp_reference, amount,
+            lambda txn: txn.refund_refusal(amount), lambda txn: txn.refund(amount),
+        )
+
+    async def _settling(
+        self,
+        op: str,
+        key: str,
+        fingerprint: tuple[object, ...],
+        psp_reference: str,
+        amount: int,
+        refusal_of: Callable[[Transaction], Refusal | None],
+        apply: Callable[[Transaction], None],
+    ) -> SimResponse:
+        """A capture or a refund: the amount checked, the transaction asked (`refusal_of`) and changed
+        (`apply`), and a settlement line written (see `_SETTLES`)."""
         invalid = validate_amount(amount)
         if invalid:
             return self._error(op, "invalid_request", invalid, retryable=False)
+        settled, sign, charges_fee, lost_on = _SETTLES[op]
 
         def process() -> tuple[SimResponse, bool] | SimResponse:
             txn = self._transactions.get(psp_reference)
             if txn is None:
                 return self._unknown(op, psp_reference)
-            refusal = txn.refund_refusal(amount)
+            refusal = refusal_of(txn)
             if refusal is not None:
                 return self._refused(op, refusal)
             if not self._settlement.has_room():
-                return self._storage_full(op)
-            txn.refund(amount)
-            self._settle(txn, -amount, 0, "refunded")
-            response = txn.response(self.name, op, "approved", amount=amount)
-            return response, txn.token_behaviour is TokenBehaviour.TIMEOUT_ON_REFUND
+                return self._storage_full(op, "settlement-lines", f"operations_max={self.operations_max}", advice="")
+            apply(txn)
+            fee = self.profile.fee_minor(amount) if charges_fee else 0
+            self._settle(txn, sign * amount, fee, settled)
+            response = txn.response(self.name, op, "approved", amount=amount, fee_minor=fee)
+            return response, txn.token_behaviour is lost_on
 
-        return await self._call(op, idempotency_key, (psp_reference, amount), process)
+        return await self._call(op, key, fingerprint, process)
 
     async def status(
         self,
@@ -377,13 +373,10 @@ class SimulatedPSP:
 
     # -- settlement ------------------------------------------------------------------------------
 
-    def _storage_full(self, op: str) -> SimResponse:
-        return self._error(
-            op,
-            "simulator_storage_full",
-            f"simulator settlement-lines limit reached (operations_max={self.operations_max})",
-            retryable=False,
-        )
+    def _storage_full(self, op: str, stored: str, limit: str, advice: str = _RESTART_ADVICE) -> SimResponse:
+        """The limit on what the simulator stores (`limit`: name=value) is reached: a non-retryable error."""
+        message = f"simulator {stored} limit reached ({limit}){advice}"
+        return self._error(op, "simulator_storage_full", message, retryable=False)
 
     def _settle(self, txn: Transaction, amount: int, fee: int, status: str) -> None:
         self._settlement.settle(

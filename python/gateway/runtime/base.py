@@ -156,6 +156,7 @@ class Runtime:
     config: Config
     data_dir: Path
     fastpath: FastPath | None = None
+    durability: Durability | None = None
     processing: ProcessingStore | None = None
     changes: ChangeBus | None = None
     risk_control: RiskControl | None = None
@@ -169,6 +170,27 @@ class Runtime:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError
+
+    def _start_common(self, loop: asyncio.AbstractEventLoop, store: Any, fastpath: FastPath,
+                      recheck_s: float | None, publish: Any = None) -> None:
+        """What every mode starts over its store and fast path: the wait for durability, the processing
+        store, the change bus (`recheck_s`: None where every change is announced) and the risk control
+        plane (`publish`: how committed risk changes reach the other processes, None for none)."""
+        from gateway.store.processing import ProcessingStore
+
+        self.durability = Durability(fastpath, loop, self.config.server.durable_wait_ms_max)
+        self.durability.start()
+        self.processing = ProcessingStore(store)
+        self.changes = ChangeBus(loop, recheck_s=recheck_s)
+        self.risk_control = start_risk_control(self.config, store, fastpath, publish)
+        self.admin_digests = admin_key_digests(self.config)
+
+    def _stop_fastpath(self) -> None:
+        """Closes the fast path (its WAL flushed) and releases the requests whose records that flushed."""
+        if self.fastpath is not None and self.durability is not None:
+            self.durability.stop()
+            self.fastpath.close()
+            self.durability.on_commit()
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         raise NotImplementedError
@@ -208,9 +230,6 @@ class Runtime:
         fp = self.fastpath
         if fp is None:
             return ""
-        durability = getattr(self, "durability", None)
-        return fp.metrics_text() + (
-            "# TYPE gateway_durable_waiters gauge\n"
-            f"gateway_durable_waiters {len(durability.waiters) if durability is not None else 0}\n"
-        )
+        waiting = len(self.durability.waiters) if self.durability is not None else 0
+        return fp.metrics_text() + f"# TYPE gateway_durable_waiters gauge\ngateway_durable_waiters {waiting}\n"
 

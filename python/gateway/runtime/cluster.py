@@ -46,16 +46,7 @@ from gateway.config import Config
 from gateway.domain.errors import error_body
 from gateway.domain.idempotency import create_fingerprint
 from gateway.feed.relay import Relay, ensure_topic
-from gateway.runtime.base import (
-    CreateAnswer,
-    Durability,
-    Runtime,
-    admin_key_digests,
-    start_risk_control,
-    starting,
-    unavailable,
-)
-from gateway.runtime.changes import ChangeBus
+from gateway.runtime.base import CreateAnswer, Runtime, starting, unavailable
 from gateway.runtime.waiters import LsnWaiters
 from gateway.shared.redis_state import (
     RISK_HANDLERS,
@@ -67,7 +58,7 @@ from gateway.shared.redis_state import (
 from gateway.shared.redis_velocity import VelocityEvent
 from gateway.store.base import Merchant
 from gateway.store.postgres import Listener, PostgresStore
-from gateway.store.processing import CHANGES_CHANNEL, ProcessingStore
+from gateway.store.processing import CHANGES_CHANNEL
 
 if TYPE_CHECKING:
     from gateway.feed.eventlog import EventLog
@@ -114,7 +105,6 @@ class ClusterRuntime(Runtime):
         self.shared: SharedState | None = None
         self.risk: RiskSubscriber | None = None
         self.store: PostgresStore | None = None
-        self.durability: Durability | None = None
         self.listener: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Requests waiting for the broker's ack of their LSN (durability = "kafka"), in LSN order.
@@ -157,21 +147,19 @@ class ClusterRuntime(Runtime):
         self.risk = RiskSubscriber(c.redis_url, c.risk_channel, c.redis_timeout_ms)
         self.risk.start()
         loop.call_later(EXPIRE_TICK_S, self._expire_ack_waiters)
-        self.durability = Durability(fastpath, loop, self.config.server.durable_wait_ms_max)
-        self.durability.start()
-        self._start_risk()
-        self.processing = ProcessingStore(store)
-        self.changes = ChangeBus(loop, recheck_s=CHANGES_RECHECK_S)
+        self._start_common(loop, store, fastpath, CHANGES_RECHECK_S, publish=self._risk_publish())
+        self._follow_risk()
         changes = self.changes
+        assert changes is not None
         self.listener = Listener(store, [CHANGES_CHANNEL], lambda _c, pid: changes.changed(pid))
         self.listener.start()
         self.ready = True
         log.info("cluster mode: pid %d owns WAL slot proc-%d (relay resumes after lsn %d), durability=%s",
                  os.getpid(), self.slot, self.relay.acked_lsn, c.durability)
 
-    def _start_risk(self) -> None:
+    def _risk_publish(self) -> Callable[[dict[str, Any]], None]:
+        """Publishes a committed risk change on the risk channel, for every process's subscriber."""
         c = self.cfg
-        assert self.fastpath is not None
         timeout_s = c.redis_timeout_ms / 1000
         publisher = redis.Redis.from_url(c.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._risk_publisher = publisher
@@ -179,18 +167,19 @@ class ClusterRuntime(Runtime):
         def publish(message: dict[str, Any]) -> None:
             publisher.publish(c.risk_channel, msgspec.json.encode(message))
 
-        control = self.risk_control = start_risk_control(self.config, self.store, self.fastpath, publish)
-        self.admin_digests = admin_key_digests(self.config)
+        return publish
+
+    def _follow_risk(self) -> None:
+        """Applies every process's risk changes (pub/sub), and compares versions every RISK_POLL_S."""
+        control = self.risk_control
+        assert control is not None
         RISK_HANDLERS.append(control.apply_update)
         self._risk_poll_stop = control.start_polling(RISK_POLL_S)
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Closes the fast path (WAL flushed), ships what is left to Kafka, then closes the clients."""
         self.ready = False
-        if self.fastpath is not None and self.durability is not None:
-            self.durability.stop()
-            self.fastpath.close()
-            self.durability.on_commit()
+        self._stop_fastpath()
         if self.listener is not None:
             self.listener.stop()
         if self._risk_poll_stop is not None:

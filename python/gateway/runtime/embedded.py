@@ -20,18 +20,9 @@ from gateway._fastpath import FastPath
 from gateway.config import Config
 from gateway.domain.records import created_payment_ids
 from gateway.feed.tailer import Tailer
-from gateway.runtime.base import (
-    CreateAnswer,
-    Durability,
-    Runtime,
-    admin_key_digests,
-    start_risk_control,
-    starting,
-)
-from gateway.runtime.changes import ChangeBus
+from gateway.runtime.base import CreateAnswer, Runtime, starting
 from gateway.runtime.worker_process import WorkerProcess
 from gateway.store.base import Merchant
-from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -49,7 +40,6 @@ class EmbeddedRuntime(Runtime):
         self.store: SqliteStore | None = None
         self.tailer: Tailer | None = None
         self.worker: WorkerProcess | None = None
-        self.durability: Durability | None = None
         # Payments acknowledged but not yet in the store: payment id -> (merchant id, body).
         self.recent: dict[str, tuple[str, bytes]] = {}
 
@@ -62,16 +52,13 @@ class EmbeddedRuntime(Runtime):
                              on_applied=self._applied)
         caught_up = self.tailer.catch_up()
         self.tailer.start()
-        self.durability = Durability(fastpath, loop, self.config.server.durable_wait_ms_max)
-        self.durability.start()
-        self.processing = ProcessingStore(store)
-        self.changes = ChangeBus(loop, recheck_s=None)
+        # One process owns the store and its worker announces every change: no periodic re-read.
+        self._start_common(loop, store, fastpath, recheck_s=None)
+        assert self.changes is not None
         # Payments applied before the worker exists are found by its first scan.
         self.worker = WorkerProcess(str(store.path), loop)
         self.worker.on_change.append(self.changes.changed)
         self.worker.start()
-        self.risk_control = start_risk_control(self.config, store, fastpath)
-        self.admin_digests = admin_key_digests(self.config)
         self.ready = True
         log.info("gateway ready: %d WAL records recovered (%d torn bytes cut), %d applied on start",
                  fastpath.recovered_records, fastpath.truncated_bytes, caught_up)
@@ -80,10 +67,7 @@ class EmbeddedRuntime(Runtime):
         self.ready = False
         if self.worker is not None:
             self.worker.stop()
-        if self.fastpath is not None and self.durability is not None:
-            self.durability.stop()
-            self.fastpath.close()
-            self.durability.on_commit()  # what the close flushed
+        self._stop_fastpath()
         if self.tailer is not None:
             self.tailer.stop()
         if self.store is not None:

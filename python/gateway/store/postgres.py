@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, LiteralString, cast
 
 import msgspec
 import psycopg
@@ -20,8 +21,9 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from gateway.config import Config
-from gateway.store.base import Merchant, wal_rows
+from gateway.store.base import wal_rows
 from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+from gateway.store.sqlite import SharedQueries
 
 log = logging.getLogger("gateway.store.postgres")
 
@@ -30,6 +32,11 @@ SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 MIGRATION_LOCK_ID = 0x6761_7465_7761_79  # "gateway"
 EVENTS_BATCH_MAX = 10_000
 POOL_MAX = 100
+
+
+def _pg(statement: str) -> LiteralString:
+    """A shared statement (`?` placeholders, no literal `%`) in psycopg's placeholder style."""
+    return cast(LiteralString, statement.replace("?", "%s"))
 
 
 def _to_postgres(ddl: str) -> str:
@@ -91,7 +98,7 @@ _INSERT_KEY = (
 )
 
 
-class PostgresStore:
+class PostgresStore(SharedQueries):
     """A pool of connections whose `search_path` is the configured schema."""
 
     def __init__(
@@ -153,41 +160,16 @@ class PostgresStore:
         with self.pool.connection() as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
 
-    # -- merchants -------------------------------------------------------------------------------
+    # -- the statements of SharedQueries (merchants, payments by id) -----------------------------
 
-    def create_merchant(
-        self,
-        name: str,
-        api_key_hash: str,
-        merchant_id: str | None = None,
-        rate_limit_per_s: float | None = None,
-        rate_limit_burst: float | None = None,
-    ) -> Merchant:
-        from gateway.domain.secrets import new_id
-
-        mid = merchant_id or new_id("acct")
+    def _fetchone(self, statement: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
         with self.pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO merchants (id, name, api_key_hash, rate_limit_per_s, rate_limit_burst, created)"
-                " VALUES (%s, %s, %s, %s, %s, %s)",
-                (mid, name, api_key_hash, rate_limit_per_s, rate_limit_burst, int(time.time())),
-            )
-        return Merchant(mid, name, rate_limit_per_s, rate_limit_burst)
+            row = conn.execute(_pg(statement), args).fetchone()
+        return None if row is None else tuple(row)
 
-    def merchant_by_id(self, merchant_id: str) -> Merchant | None:
+    def _execute(self, statement: str, args: tuple[object, ...]) -> None:
         with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE id = %s", (merchant_id,)
-            ).fetchone()
-        return Merchant(*row) if row else None
-
-    def merchant_by_key_hash(self, api_key_hash: str) -> Merchant | None:
-        with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE api_key_hash = %s",
-                (api_key_hash,),
-            ).fetchone()
-        return Merchant(*row) if row else None
+            conn.execute(_pg(statement), args)
 
     # -- payments --------------------------------------------------------------------------------
 
@@ -266,26 +248,6 @@ class PostgresStore:
     def checkpoint(self) -> int:
         with self.pool.connection() as conn:
             row = conn.execute("SELECT lsn FROM wal_checkpoint WHERE id = 1").fetchone()
-        return int(row[0]) if row else 0
-
-    def get_payment(self, merchant_id: str, payment_id: str) -> bytes | None:
-        with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT body FROM payments WHERE id = %s AND merchant_id = %s", (payment_id, merchant_id)
-            ).fetchone()
-        return row[0].encode() if row else None
-
-    def payment_ids_present(self, payment_ids: list[str]) -> set[str]:
-        with self.pool.connection() as conn:
-            rows = conn.execute("SELECT id FROM payments WHERE id = ANY(%s)", (payment_ids,)).fetchall()
-        return {r[0] for r in rows}
-
-    def count_payments(self, merchant_id: str | None = None) -> int:
-        with self.pool.connection() as conn:
-            if merchant_id is None:
-                row = conn.execute("SELECT count(*) FROM payments").fetchone()
-            else:
-                row = conn.execute("SELECT count(*) FROM payments WHERE merchant_id = %s", (merchant_id,)).fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:

@@ -211,7 +211,6 @@ class ProcessingStore:
                     sm.check_invariants(t.payment)
         if not changes:
             return []
-        out: list[Applied] = []
         with self._tx(pipelined=True) as db:
             moving = [c for c in changes if c.result.transitions]
             written = pay.update_states(db, [(c.result.transitions[-1].payment, c.base_version) for c in moving])
@@ -222,22 +221,27 @@ class ProcessingStore:
             pay.insert_audit(db, [t for c in live for t in c.result.transitions])
             ledger_rows.insert_postings(db, [p for c in live for p in c.result.postings])
             ops.finish_operations(db, [c.finish for c in live if c.finish is not None])
-            for c in changes:
-                if c.result.payment.id in stale:
-                    out.append(Applied(c.result.payment.id, False))
-                else:
-                    out.append(Applied(c.result.payment.id, True, self._after_change(db, c)))
+            created = {c.result.payment.id: self._follow_up(db, c) for c in live}
+            bodies = pay.compose_bodies(db, [c.result.payment.id for c in live])
+            for c in live:
+                self._announce(db, c, bodies[c.result.payment.id])
+            out = [Applied(c.result.payment.id, False) if c.result.payment.id in stale
+                   else Applied(c.result.payment.id, True, created[c.result.payment.id]) for c in changes]
         return out
 
-    def _after_change(self, db: Db, c: Change) -> Operation | None:
-        """The rest of one written change: its follow-up operation, its body, its events, its notification."""
+    @staticmethod
+    def _follow_up(db: Db, c: Change) -> Operation | None:
+        """The follow-up operation a change opens (the auto-capture), if any."""
+        if c.new_operation is None:
+            return None
         p = c.result.payment
-        created: Operation | None = None
-        if c.new_operation is not None:
-            kind, amount, final, actor = c.new_operation
-            created = ops.insert_operation(db, p.id, p.merchant_id, kind, amount, final, None, actor)
-        body = pay.compose_body(db, p.id)
-        # The outbox: the events of this change commit with it, or not at all.
+        kind, amount, final, actor = c.new_operation
+        return ops.insert_operation(db, p.id, p.merchant_id, kind, amount, final, None, actor)
+
+    def _announce(self, db: Db, c: Change, body: bytes) -> None:
+        """The events of one written change (the outbox: they commit with it, or not at all) and its
+        notification."""
+        p = c.result.payment
         if c.result.transitions:
             event_type = ev.event_type_for_status(c.result.transitions[-1].payment.status.value)
             if event_type is not None:
@@ -245,7 +249,6 @@ class ProcessingStore:
         if c.finish is not None and c.finish.status == "failed":
             self._emit(db, p.merchant_id, p.id, ev.OPERATION_FAILED, body)
         self._d.notify(db, CHANGES_CHANNEL, p.id)
-        return created
 
     def finish_operation(self, finish: OperationFinish, payment_id: str,
                          attempts: Sequence[AttemptRow] = ()) -> None:
@@ -315,58 +318,42 @@ class ProcessingStore:
         gateway processes cannot both pass the one-operation-at-a-time check, and a second request
         with the same key waits for the first to commit and then sees it in flight (409)."""
         try:
-            return self._accept_operation(merchant_id, payment_id, kind, amount, final_capture, reason,
-                                          idempotency_key, request_fingerprint)
+            with self._tx() as db:
+                mine = pay.owner(db, payment_id) == merchant_id
+                if mine:
+                    pay.ensure_states(db, self._d, [payment_id])
+                    self._d.lock_payment(db, payment_id)
+                if idempotency_key is not None:
+                    stored = ops.stored_key(db, merchant_id, idempotency_key)
+                    if stored is not None:
+                        return _replay(stored, request_fingerprint)
+                if not mine:
+                    return None
+                rec = pay.load_states(db, [payment_id]).get(payment_id)
+                assert rec is not None, payment_id
+                amount, refusal = _check_operation(db, rec.payment, kind, amount)
+                if refusal is not None:
+                    if idempotency_key is not None and refusal.store_for_replay:
+                        from gateway.domain.errors import error_body
+
+                        error = error_body(refusal.status_code, refusal.code, refusal.message, refusal.param)
+                        ops.insert_done_key(db, merchant_id, idempotency_key, request_fingerprint, payment_id,
+                                            refusal.status_code, error)
+                    return refusal
+                if amount <= 0:
+                    raise ValueError(f"an operation's amount must be positive, not {amount}")
+                op = ops.insert_operation(db, payment_id, merchant_id, kind, amount, final_capture, reason, "merchant")
+                if idempotency_key is not None:
+                    ops.insert_in_flight_key(db, merchant_id, idempotency_key, request_fingerprint, payment_id)
+                body = pay.compose_body(db, payment_id)
+                self._d.notify(db, OPERATIONS_CHANNEL, op.id)
+                self._d.notify(db, CHANGES_CHANNEL, payment_id)
+            return Accepted(op, body)
         except Exception as e:
             if self.pg and is_unique_violation(e):
                 # The same key for another payment at the same instant, or a racing follow-up operation.
-                return Refused(409, "idempotency_key_in_use",
-                               "A request with this Idempotency-Key is still being processed.",
-                               store_for_replay=False)
+                return _KEY_IN_USE
             raise
-
-    def _accept_operation(
-        self,
-        merchant_id: str,
-        payment_id: str,
-        kind: str,
-        amount: int | None,
-        final_capture: bool,
-        reason: str | None,
-        idempotency_key: str | None,
-        request_fingerprint: str,
-    ) -> Accepted | Replayed | Refused | None:
-        with self._tx() as db:
-            mine = pay.owner(db, payment_id) == merchant_id
-            if mine:
-                pay.ensure_states(db, self._d, [payment_id])
-                self._d.lock_payment(db, payment_id)
-            if idempotency_key is not None:
-                stored = ops.stored_key(db, merchant_id, idempotency_key)
-                if stored is not None:
-                    return _replay(stored, request_fingerprint)
-            if not mine:
-                return None
-            rec = pay.load_states(db, [payment_id]).get(payment_id)
-            assert rec is not None, payment_id
-            amount, refusal = _check_operation(db, rec.payment, kind, amount)
-            if refusal is not None:
-                if idempotency_key is not None and refusal.store_for_replay:
-                    from gateway.domain.errors import error_body
-
-                    ops.insert_done_key(db, merchant_id, idempotency_key, request_fingerprint, payment_id,
-                                        refusal.status_code,
-                                        error_body(refusal.status_code, refusal.code, refusal.message, refusal.param))
-                return refusal
-            if amount <= 0:
-                raise ValueError(f"an operation's amount must be positive, not {amount}")
-            op = ops.insert_operation(db, payment_id, merchant_id, kind, amount, final_capture, reason, "merchant")
-            if idempotency_key is not None:
-                ops.insert_in_flight_key(db, merchant_id, idempotency_key, request_fingerprint, payment_id)
-            body = pay.compose_body(db, payment_id)
-            self._d.notify(db, OPERATIONS_CHANNEL, op.id)
-            self._d.notify(db, CHANGES_CHANNEL, payment_id)
-        return Accepted(op, body)
 
     def finish_idempotency(self, merchant_id: str, key: str, status_code: int, body: bytes) -> None:
         with self._tx() as db:
@@ -380,14 +367,17 @@ class ProcessingStore:
             return ops.finish_abandoned_keys(db, created_before_ms)
 
 
+_KEY_IN_USE = Refused(409, "idempotency_key_in_use", "A request with this Idempotency-Key is still being processed.",
+                      store_for_replay=False)
+
+
 def _replay(stored: ops.StoredKey, request_fingerprint: str) -> Replayed | Refused:
     """The answer to a request whose idempotency key is already stored."""
     if stored.fingerprint != request_fingerprint:
         return Refused(400, "idempotency_key_reused", "This Idempotency-Key was used with different parameters.",
                        store_for_replay=False)
     if stored.state == "in_flight":
-        return Refused(409, "idempotency_key_in_use", "A request with this Idempotency-Key is still being processed.",
-                       store_for_replay=False)
+        return _KEY_IN_USE
     assert stored.status_code is not None and stored.response is not None
     return Replayed(int(stored.status_code), stored.response.encode())
 

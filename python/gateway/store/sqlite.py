@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from gateway.store.base import Merchant, wal_rows
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING, MIGRATION_5_WEBHOOKS
@@ -67,7 +68,59 @@ MIGRATIONS: list[tuple[int, str]] = [
     (6, MIGRATION_RECONCILE),  # PSP settlement reconciliation runs: store/reconcile_schema.py
 ]
 
-class SqliteStore:
+_MERCHANT_COLUMNS = "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE"
+
+
+class SharedQueries:
+    """The queries both backends run as they are, with `?` placeholders; each store supplies
+    `_fetchone` and `_execute` in its own placeholder style and connection handling."""
+
+    def _fetchone(self, statement: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
+        raise NotImplementedError
+
+    def _execute(self, statement: str, args: tuple[object, ...]) -> None:
+        """A write of its own (committed when it returns)."""
+        raise NotImplementedError
+
+    def create_merchant(
+        self,
+        name: str,
+        api_key_hash: str,
+        merchant_id: str | None = None,
+        rate_limit_per_s: float | None = None,
+        rate_limit_burst: float | None = None,
+    ) -> Merchant:
+        from gateway.domain.secrets import new_id
+
+        mid = merchant_id or new_id("acct")
+        self._execute(
+            "INSERT INTO merchants (id, name, api_key_hash, rate_limit_per_s, rate_limit_burst, created)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (mid, name, api_key_hash, rate_limit_per_s, rate_limit_burst, int(time.time())),
+        )
+        return Merchant(mid, name, rate_limit_per_s, rate_limit_burst)
+
+    def merchant_by_id(self, merchant_id: str) -> Merchant | None:
+        row = self._fetchone(f"{_MERCHANT_COLUMNS} id = ?", (merchant_id,))
+        return Merchant(*row) if row else None
+
+    def merchant_by_key_hash(self, api_key_hash: str) -> Merchant | None:
+        row = self._fetchone(f"{_MERCHANT_COLUMNS} api_key_hash = ?", (api_key_hash,))
+        return Merchant(*row) if row else None
+
+    def get_payment(self, merchant_id: str, payment_id: str) -> bytes | None:
+        row = self._fetchone("SELECT body FROM payments WHERE id = ? AND merchant_id = ?", (payment_id, merchant_id))
+        return row[0].encode() if row else None
+
+    def count_payments(self, merchant_id: str | None = None) -> int:
+        if merchant_id is None:
+            row = self._fetchone("SELECT count(*) FROM payments")
+        else:
+            row = self._fetchone("SELECT count(*) FROM payments WHERE merchant_id = ?", (merchant_id,))
+        return int(row[0]) if row else 0
+
+
+class SqliteStore(SharedQueries):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -108,37 +161,13 @@ class SqliteStore:
                 current = version
         return current
 
-    def create_merchant(
-        self,
-        name: str,
-        api_key_hash: str,
-        merchant_id: str | None = None,
-        rate_limit_per_s: float | None = None,
-        rate_limit_burst: float | None = None,
-    ) -> Merchant:
-        from gateway.domain.secrets import new_id
+    def _fetchone(self, statement: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
+        row = self._conn().execute(statement, args).fetchone()
+        return None if row is None else tuple(row)
 
-        mid = merchant_id or new_id("acct")
+    def _execute(self, statement: str, args: tuple[object, ...]) -> None:
         with self._write_lock:
-            self._conn().execute(
-                "INSERT INTO merchants (id, name, api_key_hash, rate_limit_per_s, rate_limit_burst, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (mid, name, api_key_hash, rate_limit_per_s, rate_limit_burst, int(time.time())),
-            )
-        return Merchant(mid, name, rate_limit_per_s, rate_limit_burst)
-
-    def merchant_by_id(self, merchant_id: str) -> Merchant | None:
-        row = self._conn().execute(
-            "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE id = ?", (merchant_id,)
-        ).fetchone()
-        return Merchant(*row) if row else None
-
-    def merchant_by_key_hash(self, api_key_hash: str) -> Merchant | None:
-        row = self._conn().execute(
-            "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE api_key_hash = ?",
-            (api_key_hash,),
-        ).fetchone()
-        return Merchant(*row) if row else None
+            self._conn().execute(statement, args)
 
     def apply_wal_records(self, records: list[tuple[int, bytes]]) -> int:
         if not records:
@@ -171,19 +200,6 @@ class SqliteStore:
 
     def checkpoint(self) -> int:
         return int(self._conn().execute("SELECT lsn FROM wal_checkpoint WHERE id = 1").fetchone()[0])
-
-    def get_payment(self, merchant_id: str, payment_id: str) -> bytes | None:
-        row = self._conn().execute(
-            "SELECT body FROM payments WHERE id = ? AND merchant_id = ?", (payment_id, merchant_id)
-        ).fetchone()
-        return row[0].encode() if row else None
-
-    def count_payments(self, merchant_id: str | None = None) -> int:
-        if merchant_id is None:
-            return int(self._conn().execute("SELECT count(*) FROM payments").fetchone()[0])
-        return int(
-            self._conn().execute("SELECT count(*) FROM payments WHERE merchant_id = ?", (merchant_id,)).fetchone()[0]
-        )
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
