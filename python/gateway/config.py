@@ -154,6 +154,9 @@ class WorkerConfig(_Section):
     batch_records_max: Annotated[int, Meta(ge=1, le=1000)] = 256
     # ... and a batch waits at most this long for more (0: only for what is ready on the event loop).
     batch_linger_ms: Annotated[float, Meta(ge=0, le=100)] = 0.0
+    # Embedded mode: payments acknowledged and not finished yet (not stored, queued or in progress in
+    # the worker) at most; at the bound a create answers 503 `backlog_full` with Retry-After.
+    backlog_max: Annotated[int, Meta(ge=100, le=10_000_000)] = 200_000
 
 
 class PSPProfileConfig(_Section):

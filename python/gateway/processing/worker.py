@@ -132,6 +132,11 @@ class Worker:
         self.settled = 0
         self.errors = 0
 
+    @property
+    def backlog(self) -> int:
+        """Payments and operations queued or in progress (read from other threads: a len is atomic)."""
+        return len(self._queued)
+
     # -- lifecycle (called from other threads) ----------------------------------------------------
 
     def start(self) -> None:

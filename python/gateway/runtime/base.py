@@ -97,6 +97,8 @@ class Durability:
         self.loop = loop
         self.wait_s_max = wait_ms_max / 1000
         self.waiters = LsnWaiters("WAL commit took longer than durable_wait_ms_max")
+        # Called with the committed LSN after each group commit (embedded: the materialising child).
+        self.on_committed: list[Callable[[int], None]] = []
         self._running = False
 
     def start(self) -> None:
@@ -112,7 +114,10 @@ class Durability:
     def on_commit(self) -> None:
         fp = self.fastpath
         fp.drain_notify()
-        self.waiters.release(fp.committed_lsn())
+        committed = fp.committed_lsn()
+        self.waiters.release(committed)
+        for hook in self.on_committed:
+            hook(committed)
         if len(self.waiters) and fp.wal_error() is not None:
             self.waiters.fail_all(OSError(fp.wal_error()))
 
@@ -123,16 +128,16 @@ class Durability:
 
     async def accept(self, merchant: Merchant, idem_key: str | None, body: bytes,
                      velocity: list[int] | None = None,
-                     remember: Callable[[str, bytes], None] | None = None) -> CreateAnswer:
+                     remember: Callable[[str, bytes, int], None] | None = None) -> CreateAnswer:
         """The Rust call and the wait for the group commit. `velocity`: the payment's velocity counters
         from a shared store (cluster mode), used by the risk stage instead of the fast path's own.
-        `remember(payment_id, body)` is called for an accepted payment BEFORE the wait, so that the
+        `remember(payment_id, body, lsn)` is called for an accepted payment BEFORE the wait, so that the
         feed, which may apply the record before this request resumes, always finds it to forget."""
         fp = self.fastpath
         r = fp.create_payment(merchant.id, idem_key, body, velocity=velocity)
         # Only a 2xx body is the payment object; a 402 body is the decline error.
         if remember is not None and r.lsn and r.payment_id is not None and r.status < 300:
-            remember(r.payment_id, r.body)
+            remember(r.payment_id, r.body, r.lsn)
         if r.lsn and fp.committed_lsn() < r.lsn:
             fut = self.waiters.add(self.loop, r.lsn, self.wait_s_max)
             try:

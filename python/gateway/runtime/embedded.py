@@ -1,26 +1,28 @@
-"""Embedded mode: one gateway process, zero external services.
+"""Embedded mode: one gateway, zero external services.
 
-The fast path's WAL is the event log; an in-process tailer materialises committed records into
-SQLite; the payment worker runs in a child process (runtime/worker_process.py) and announces every
-change it persists on the change bus. Between the acknowledgement of a payment and the tailer's
-commit, `recent` keeps the payment readable (read-your-writes); the tailer forgets it once the
-store has it, so `recent` never holds more than what the tailer has not applied yet (and at most
-`RECENT_MAX`).
+The fast path's WAL is the event log. The HTTP process does only fast-path work: a child process
+(runtime/worker_process.py) materialises the committed records into SQLite (told the committed LSN
+after each group commit) and runs the payment worker, announcing every change it persists on the
+change bus. Between the acknowledgement of a payment and the child's commit of its record, `recent`
+keeps the payment readable (read-your-writes); the child reports the LSN it has applied and every
+payment at or below it is forgotten, so `recent` holds only what is not in the store yet (and at most
+`RECENT_MAX`). The backlog (acknowledged and not yet finished by the worker) is bounded by
+`[worker] backlog_max`: at the bound a create answers `503 backlog_full` with `Retry-After`, and
+nothing is written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway._fastpath import FastPath
 from gateway.config import Config
-from gateway.domain.records import created_payment_ids
-from gateway.feed.tailer import Tailer
-from gateway.runtime.base import CreateAnswer, Runtime, starting
+from gateway.runtime.base import CreateAnswer, Runtime, starting, unavailable
 from gateway.runtime.worker_process import WorkerProcess
 from gateway.store.base import Merchant
 from gateway.store.sqlite import SqliteStore
@@ -38,53 +40,53 @@ class EmbeddedRuntime(Runtime):
     def __init__(self, config: Config, data_dir: Path) -> None:
         super().__init__(config, data_dir)
         self.store: SqliteStore | None = None
-        self.tailer: Tailer | None = None
         self.worker: WorkerProcess | None = None
-        # Payments acknowledged but not yet in the store: payment id -> (merchant id, body).
+        # Payments acknowledged but not yet in the store: payment id -> (merchant id, body), and their
+        # (lsn, id) in LSN order (the fast path gives LSNs out in the order of the calls).
         self.recent: dict[str, tuple[str, bytes]] = {}
+        self._recent_order: deque[tuple[int, str]] = deque()
+        self.backlog_refused = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = self.store = SqliteStore(self.data_dir / "gateway.db")
         store.migrate()
         fastpath = self.fastpath = FastPath(self.config.fastpath_json(self.data_dir))
-        self.tailer = Tailer(str(self.data_dir / "wal"), store, fastpath, self.config.tailer.batch_records_max,
-                             on_applied=self._applied)
-        caught_up = self.tailer.catch_up()
-        self.tailer.start()
         # One process owns the store and its worker announces every change: no periodic re-read.
         self._start_common(loop, store, fastpath, recheck_s=None)
-        assert self.changes is not None
-        # Payments applied before the worker exists are found by its first scan.
-        self.worker = WorkerProcess(str(store.path), loop)
-        self.worker.on_change.append(self.changes.changed)
-        self.worker.start()
+        assert self.changes is not None and self.durability is not None
+        worker = self.worker = WorkerProcess(str(store.path), loop, wal_dir=str(self.data_dir / "wal"))
+        worker.on_change.append(self.changes.changed)
+        worker.on_applied.append(self._applied)
+        self.durability.on_committed.append(worker.committed)
+        caught_up = worker.start(fastpath.committed_lsn())  # materialises what the WAL holds first
         self.ready = True
         log.info("gateway ready: %d WAL records recovered (%d torn bytes cut), %d applied on start",
                  fastpath.recovered_records, fastpath.truncated_bytes, caught_up)
 
     def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         self.ready = False
+        self._stop_fastpath()  # the last group commit reaches the child, which applies it, then stops
         if self.worker is not None:
             self.worker.stop()
-        self._stop_fastpath()
-        if self.tailer is not None:
-            self.tailer.stop()
         if self.store is not None:
             self.store.close()
         log.info("gateway stopped; WAL flushed")
 
-    def _applied(self, records: list[tuple[int, bytes]]) -> None:
-        # Tailer thread. dict.pop is atomic under the GIL.
-        ids = created_payment_ids(records)
-        if self.worker is not None:
-            self.worker.submit_payments(ids)
-        for pid in ids:
-            self.recent.pop(pid, None)
+    def _applied(self, lsn: int) -> None:
+        """The child has stored every record up to `lsn`: those payments are read from the store now."""
+        order = self._recent_order
+        while order and order[0][0] <= lsn:
+            self.recent.pop(order.popleft()[1], None)
 
-    def _remember(self, payment_id: str, body: bytes, merchant_id: str) -> None:
+    def _remember(self, payment_id: str, body: bytes, lsn: int, merchant_id: str) -> None:
         if len(self.recent) < RECENT_MAX:
             self.recent[payment_id] = (merchant_id, body)
+            self._recent_order.append((lsn, payment_id))
+
+    def backlog(self) -> int:
+        """Acknowledged payments not yet finished: not yet stored, or queued and in progress in the worker."""
+        return len(self.recent) + (self.worker.backlog if self.worker is not None else 0)
 
     def merchant_by_key_hash(self, digest: str) -> Merchant | None:
         return self.store.merchant_by_key_hash(digest) if self.store is not None else None
@@ -92,7 +94,14 @@ class EmbeddedRuntime(Runtime):
     async def create(self, merchant: Merchant, idem_key: str | None, body: bytes) -> CreateAnswer:
         if not self.ready or self.durability is None:
             return starting()
-        remember: Callable[[str, bytes], None] = lambda pid, out: self._remember(pid, out, merchant.id)
+        if self.backlog() >= self.config.worker.backlog_max:
+            self.backlog_refused += 1
+            return unavailable("backlog_full", "The gateway has more accepted payments in progress than its"
+                               " [worker] backlog_max; nothing was created. Retry with the same Idempotency-Key.")
+
+        def remember(pid: str, out: bytes, lsn: int) -> None:
+            self._remember(pid, out, lsn, merchant.id)
+
         return await self.durability.accept(merchant, idem_key, body, remember=remember)
 
     async def read_payment(self, merchant_id: str, payment_id: str, fresh: bool = False) -> bytes | None:
@@ -116,7 +125,15 @@ class EmbeddedRuntime(Runtime):
         return WalEventLog(str(self.data_dir / "wal"), self.fastpath.committed_lsn()), "wal"
 
     def metrics_text(self) -> str:
+        worker = self.worker
         return super().metrics_text() + (
             "# TYPE gateway_tailer_applied_lsn gauge\n"
-            f"gateway_tailer_applied_lsn {self.tailer.applied_lsn if self.tailer else 0}\n"
+            f"gateway_tailer_applied_lsn {worker.applied_lsn if worker else 0}\n"
+            "# HELP gateway_backlog_payments Acknowledged payments not finished yet (bound: [worker] backlog_max).\n"
+            "# TYPE gateway_backlog_payments gauge\n"
+            f"gateway_backlog_payments {self.backlog()}\n"
+            "# TYPE gateway_backlog_refused_total counter\n"
+            f"gateway_backlog_refused_total {self.backlog_refused}\n"
+            "# TYPE gateway_worker_respawns_total counter\n"
+            f"gateway_worker_respawns_total {worker.respawns if worker else 0}\n"
         )
