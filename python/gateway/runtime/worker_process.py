@@ -10,7 +10,8 @@ stdout, one line per message:
                      O <operation id>       an accepted capture, void or refund
     child → parent   R <lsn> <n>            start-up materialisation done: applied up to lsn, n records
                      A <lsn>                records up to lsn are in the store (read-your-writes ends)
-                     C <payment id>         a persisted change (wakes `Prefer: wait` requests)
+                     C <payment id> ...     persisted changes (wake `Prefer: wait` requests), one
+                                            line per round of the worker's event loop
                      B <n>                  the worker's backlog: payments and operations not finished
 
 The child reads the WAL read-only (it never truncates or repairs it: the parent's fast path recovered
@@ -162,9 +163,9 @@ class WorkerProcess:
     def _handle(self, line: bytes) -> None:
         kind, rest = line[:2], line[2:]
         if kind == b"C ":
-            pid = rest.decode()
-            for cb in self.on_change:
-                cb(pid)
+            for pid in rest.decode().split():
+                for cb in self.on_change:
+                    cb(pid)
         elif kind == b"A ":
             self.applied_lsn = int(rest)
             for applied in self.on_applied:
@@ -287,7 +288,7 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
     out.write(b"R %d %d" % (tailer.applied_lsn if tailer is not None else 0, caught_up))
     stopping = threading.Event()
     if worker is not None:
-        worker.on_change.append(lambda pid: out.write(b"C " + pid.encode()))
+        worker.on_change.append(_ChangeLines(worker, out).changed)
         worker.start()  # its start-up scan finds every payment still `processing`
         threading.Thread(target=_report_backlog, args=(worker, out, stopping), daemon=True).start()
     if tailer is not None:
@@ -308,6 +309,29 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
             worker.stop()
         store.close()
     return 0
+
+
+class _ChangeLines:
+    """The worker's changes as `C` lines: the ids changed in one round of its event loop go out as one
+    line (a write per payment would cost more than the change), at most `IDS_PER_LINE_MAX` a line."""
+
+    IDS_PER_LINE_MAX = 128
+
+    def __init__(self, worker: object, out: _Out) -> None:
+        self.worker = worker
+        self.out = out
+        self.pending: list[bytes] = []
+
+    def changed(self, payment_id: str) -> None:
+        # Called on the worker's event loop thread.
+        if not self.pending:
+            self.worker.loop.call_soon(self.flush)  # type: ignore[attr-defined]
+        self.pending.append(payment_id.encode())
+
+    def flush(self) -> None:
+        ids, self.pending = self.pending, []
+        for i in range(0, len(ids), self.IDS_PER_LINE_MAX):
+            self.out.write(b"C " + b" ".join(ids[i:i + self.IDS_PER_LINE_MAX]))
 
 
 def _report_backlog(worker: object, out: _Out, stopping: threading.Event) -> None:
