@@ -117,6 +117,10 @@ class Worker:
         self.loads: Batcher[str, PaymentRecord | None] = Batcher(self._load_batch, batch_max, linger_s, "load")
         self.intents: Batcher[Intent, None] = Batcher(self._intent_batch, batch_max, linger_s, "intent")
         self.applies: Batcher[Change, Applied] = Batcher(self._apply_batch, batch_max, linger_s, "apply")
+        self.attempt_reads: Batcher[tuple[str, str | None], list[AttemptRow]] = Batcher(
+            self._attempts_batch, batch_max, linger_s, "attempts")
+        self.operation_reads: Batcher[str, Operation | None] = Batcher(
+            self._operations_batch, batch_max, linger_s, "operations")
         # Called on the worker thread with a payment id after every persisted change to it.
         self.on_change: list[Callable[[str], None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -292,6 +296,12 @@ class Worker:
     async def _load_batch(self, payment_ids: list[str]) -> list[PaymentRecord | None]:
         return await self._db(self.pstore.load_many, payment_ids)
 
+    async def _attempts_batch(self, keys: list[tuple[str, str | None]]) -> list[list[AttemptRow]]:
+        return await self._db(self.pstore.attempts_many, keys)
+
+    async def _operations_batch(self, operation_ids: list[str]) -> list[Operation | None]:
+        return await self._db(self.pstore.operations_many, operation_ids)
+
     async def _intent_batch(self, intents: list[Intent]) -> list[None]:
         await self._db(self.pstore.record_intents, intents)
         return [None] * len(intents)
@@ -343,7 +353,7 @@ class Worker:
         if p.status not in (sm.PaymentStatus.PROCESSING, sm.PaymentStatus.PENDING_VERIFICATION):
             return
         unresolved = [
-            a for a in await self._db(self.pstore.attempts, payment_id)
+            a for a in await self.attempt_reads.submit((payment_id, None))
             if a.operation == "authorize" and a.status in UNRESOLVED
         ]
         if unresolved:
@@ -381,7 +391,7 @@ class Worker:
     # -- capture, void, refund -------------------------------------------------------------------
 
     async def process_operation(self, operation_id: str) -> None:
-        op = await self._db(self.pstore.operation, operation_id)
+        op = await self.operation_reads.submit(operation_id)
         if op is None:
             return
         lock = self._lock(op.payment_id)
@@ -400,7 +410,7 @@ class Worker:
     async def _process_operation(self, operation_id: str) -> None:
         from gateway.store.processing import OperationFinish
 
-        op = await self._db(self.pstore.operation, operation_id)
+        op = await self.operation_reads.submit(operation_id)
         if op is None or op.status not in ("pending", "pending_verification"):
             return
         rec = await self.loads.submit(op.payment_id)
@@ -411,7 +421,7 @@ class Worker:
             await self._db(self.pstore.finish_operation, OperationFinish(op.id, "failed", "psp_not_configured"), p.id)
             self._changed(p.id)
             return
-        unresolved = [a for a in await self._db(self.pstore.attempts, p.id, op.id) if a.status in UNRESOLVED]
+        unresolved = [a for a in await self.attempt_reads.submit((p.id, op.id)) if a.status in UNRESOLVED]
         if unresolved:
             result = await resolve_pending(p, unresolved[-1], client, now_ms)
             if result.outcome is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.domain.idempotency import fingerprint
-from gateway.store.sql import Db, now_ms
+from gateway.store.sql import Db, chunked, marks, now_ms
 
 __all__ = ["Accepted", "Operation", "OperationFinish", "Refused", "Replayed", "StoredKey", "fingerprint"]
 
@@ -158,8 +158,17 @@ def open_operations(db: Db, limit: int) -> list[Operation]:
 
 
 def operation(db: Db, operation_id: str) -> Operation | None:
-    row = db.execute(f"SELECT {OP_COLUMNS} FROM payment_operations WHERE id = ?", (operation_id,)).fetchone()
-    return op_from_row(row) if row else None
+    return operations_many(db, [operation_id])[0]
+
+
+def operations_many(db: Db, operation_ids: Sequence[str]) -> list[Operation | None]:
+    """Each operation by id (None: no such operation), one statement for the whole list."""
+    found: dict[str, Operation] = {}
+    for chunk in chunked(list(dict.fromkeys(operation_ids))):
+        rows = db.execute(f"SELECT {OP_COLUMNS} FROM payment_operations WHERE id IN ({marks(len(chunk))})",
+                          chunk).fetchall()
+        found.update((r[0], op_from_row(r)) for r in rows)
+    return [found.get(i) for i in operation_ids]
 
 
 # -- idempotency keys of operation requests --------------------------------------------------------

@@ -176,21 +176,27 @@ def upsert_attempts(db: Db, intents: Sequence[Intent]) -> None:
 
 
 def attempts(db: Db, payment_id: str, operation_id: str | None) -> list[AttemptRow]:
-    sql = f"SELECT {_ATTEMPT_COLUMNS} FROM payment_attempts WHERE payment_id = ?"
-    args: tuple[Any, ...] = (payment_id,)
-    if operation_id is not None:
-        sql += " AND operation_id = ?"
-        args += (operation_id,)
-    rows = db.execute(sql + " ORDER BY started_at_ms, attempt_id", args).fetchall()
-    return [
-        AttemptRow(
-            attempt_id=r[0], payment_id=r[1], attempt_no=r[2], operation=r[3], psp=r[4],
-            idempotency_key=r[5], amount=r[6], currency=r[7], status=AttemptStatus(r[8]),
-            started_at_ms=r[9], final_capture=bool(r[10]), psp_reference=r[11], code=r[12],
-            fee_minor=r[13], latency_ms=r[14], finished_at_ms=r[15],
-        )
-        for r in rows
-    ]
+    return attempts_many(db, [(payment_id, operation_id)])[0]
+
+
+def attempts_many(db: Db, keys: Sequence[tuple[str, str | None]]) -> list[list[AttemptRow]]:
+    """For each (payment id, operation id or None for all), the payment's attempts in the order they
+    started: one statement for the whole list."""
+    by_payment: dict[str, list[tuple[str | None, AttemptRow]]] = {pid: [] for pid, _ in keys}
+    for chunk in chunked(list(by_payment)):
+        rows = db.execute(
+            f"SELECT {_ATTEMPT_COLUMNS}, operation_id FROM payment_attempts WHERE payment_id IN ({marks(len(chunk))})"
+            " ORDER BY payment_id, started_at_ms, attempt_id", chunk,
+        ).fetchall()
+        for r in rows:
+            by_payment[r[1]].append((r[16], AttemptRow(
+                attempt_id=r[0], payment_id=r[1], attempt_no=r[2], operation=r[3], psp=r[4],
+                idempotency_key=r[5], amount=r[6], currency=r[7], status=AttemptStatus(r[8]),
+                started_at_ms=r[9], final_capture=bool(r[10]), psp_reference=r[11], code=r[12],
+                fee_minor=r[13], latency_ms=r[14], finished_at_ms=r[15],
+            )))
+    return [[a for op, a in by_payment[pid] if operation_id is None or op == operation_id]
+            for pid, operation_id in keys]
 
 
 # -- payment reads ---------------------------------------------------------------------------------------

@@ -138,6 +138,16 @@ class ProcessingStore:
         with self._read() as db:
             return pay.attempts(db, payment_id, operation_id)
 
+    def attempts_many(self, keys: Sequence[tuple[str, str | None]]) -> list[list[AttemptRow]]:
+        """`attempts` of each (payment id, operation id or None), in one read."""
+        with self._read() as db:
+            return pay.attempts_many(db, keys)
+
+    def operations_many(self, operation_ids: Sequence[str]) -> list[Operation | None]:
+        """`operation` of each id, in one read."""
+        with self._read() as db:
+            return ops.operations_many(db, operation_ids)
+
     def audit_trail(self, payment_id: str) -> list[tuple[str, str, str, str]]:
         """(old_status, new_status, actor, reason) in the order they happened."""
         with self._read() as db:
