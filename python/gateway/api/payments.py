@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.api.http import JSON, PAYMENT_ID, Api, Response, not_found, prefer_wait_ms, read_body, starting
+from gateway.api.http import JSON, PAYMENT_ID, Api, Response, not_found, prefer_wait_ms, read_body
 from gateway.runtime.base import CreateAnswer
 from gateway.store.base import Merchant
 
@@ -23,11 +23,9 @@ async def create_payment(app: Api, scope: Any, proto: Any) -> Response:
     body = await read_body(scope, proto, app.config.limits.body_bytes_max)
     if not isinstance(body, bytes):
         return body
-    rt = app.runtime
-    if not rt.ready:
-        return starting()
     idem_key = scope.headers.get("idempotency-key")
-    return respond(await rt.create(auth, idem_key, body), idem_key)
+    # (A runtime that is not ready answers 503 `starting` itself.)
+    return respond(await app.runtime.create(auth, idem_key, body), idem_key)
 
 
 def respond(a: CreateAnswer, idem_key: str | None) -> Response:

@@ -15,11 +15,8 @@ exception of the batch call fails every item of that batch, and only those.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
-
-log = logging.getLogger("gateway.worker")
 
 In = TypeVar("In")
 Out = TypeVar("Out")

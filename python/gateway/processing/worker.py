@@ -43,7 +43,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -67,6 +67,8 @@ from gateway.store.processing import Operation, PaymentRecord, StaleVersion
 log = logging.getLogger("gateway.worker")
 
 T = TypeVar("T")
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 WORKER_QUEUE_MAX = 100_000
 RECONCILE_BATCH_MAX = 1000
@@ -112,15 +114,15 @@ class Worker:
             Path(store.path).parent / "settlements" if isinstance(store, SqliteStore) and self.sims else None
         )
         self.settlements: SettlementExporter | None = None
-        # Group commit of the store calls of concurrently processed payments (processing/batching.py).
-        batch_max, linger_s = s.batch_records_max, s.batch_linger_ms / 1000
-        self.loads: Batcher[str, PaymentRecord | None] = Batcher(self._load_batch, batch_max, linger_s, "load")
-        self.intents: Batcher[Intent, None] = Batcher(self._intent_batch, batch_max, linger_s, "intent")
-        self.applies: Batcher[Change, Applied] = Batcher(self._apply_batch, batch_max, linger_s, "apply")
-        self.attempt_reads: Batcher[tuple[str, str | None], list[AttemptRow]] = Batcher(
-            self._attempts_batch, batch_max, linger_s, "attempts")
-        self.operation_reads: Batcher[str, Operation | None] = Batcher(
-            self._operations_batch, batch_max, linger_s, "operations")
+        # Group commit of the store calls of concurrently processed payments (processing/batching.py):
+        # each batcher makes one `*_many` store call (one statement or transaction) for a whole batch.
+        ps = self.pstore
+        self.loads: Batcher[str, PaymentRecord | None] = self._store_batcher(ps.load_many, "load")
+        self.intents: Batcher[Intent, None] = self._store_batcher(self._record_intents, "intent")
+        self.applies: Batcher[Change, Applied] = self._store_batcher(ps.apply_many, "apply")
+        self.attempt_reads: Batcher[tuple[str, str | None], list[AttemptRow]] = self._store_batcher(
+            ps.attempts_many, "attempts")
+        self.operation_reads: Batcher[str, Operation | None] = self._store_batcher(ps.operations_many, "operations")
         # Called on the worker thread with a payment id after every persisted change to it.
         self.on_change: list[Callable[[str], None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -293,21 +295,16 @@ class Worker:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
-    async def _load_batch(self, payment_ids: list[str]) -> list[PaymentRecord | None]:
-        return await self._db(self.pstore.load_many, payment_ids)
+    def _store_batcher(self, many: Callable[[list[In]], Sequence[Out]], name: str) -> Batcher[In, Out]:
+        async def run(items: list[In]) -> list[Out]:
+            return list(await self._db(many, items))
 
-    async def _attempts_batch(self, keys: list[tuple[str, str | None]]) -> list[list[AttemptRow]]:
-        return await self._db(self.pstore.attempts_many, keys)
+        s = self.settings
+        return Batcher(run, s.batch_records_max, s.batch_linger_ms / 1000, name)
 
-    async def _operations_batch(self, operation_ids: list[str]) -> list[Operation | None]:
-        return await self._db(self.pstore.operations_many, operation_ids)
-
-    async def _intent_batch(self, intents: list[Intent]) -> list[None]:
-        await self._db(self.pstore.record_intents, intents)
+    def _record_intents(self, intents: list[Intent]) -> list[None]:
+        self.pstore.record_intents(intents)
         return [None] * len(intents)
-
-    async def _apply_batch(self, changes: list[Change]) -> list[Applied]:
-        return await self._db(self.pstore.apply_many, changes)
 
     async def _apply(self, change: Change) -> Operation | None:
         """One outcome, committed with the others of its batch; StaleVersion if the payment changed."""

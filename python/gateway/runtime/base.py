@@ -128,16 +128,16 @@ class Durability:
 
     async def accept(self, merchant: Merchant, idem_key: str | None, body: bytes,
                      velocity: list[int] | None = None,
-                     remember: Callable[[str, bytes, int], None] | None = None) -> CreateAnswer:
+                     remember: Callable[[str, str, bytes, int], None] | None = None) -> CreateAnswer:
         """The Rust call and the wait for the group commit. `velocity`: the payment's velocity counters
         from a shared store (cluster mode), used by the risk stage instead of the fast path's own.
-        `remember(payment_id, body, lsn)` is called for an accepted payment BEFORE the wait, so that the
+        `remember(merchant_id, payment_id, body, lsn)` is called for an accepted payment BEFORE the wait, so that the
         feed, which may apply the record before this request resumes, always finds it to forget."""
         fp = self.fastpath
         r = fp.create_payment(merchant.id, idem_key, body, velocity=velocity)
         # Only a 2xx body is the payment object; a 402 body is the decline error.
         if remember is not None and r.lsn and r.payment_id is not None and r.status < 300:
-            remember(r.payment_id, r.body, r.lsn)
+            remember(merchant.id, r.payment_id, r.body, r.lsn)
         if r.lsn and fp.committed_lsn() < r.lsn:
             fut = self.waiters.add(self.loop, r.lsn, self.wait_s_max)
             try:

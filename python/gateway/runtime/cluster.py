@@ -247,7 +247,7 @@ class ClusterRuntime(Runtime):
 
     async def create(self, merchant: Merchant, idem_key: str | None, body: bytes) -> CreateAnswer:
         shared = self.shared
-        if shared is None:
+        if shared is None or not self.ready:
             return starting()
         cfg = self.config
         fp = self._fingerprint(body) if idem_key is not None else ""
@@ -328,8 +328,6 @@ class ClusterRuntime(Runtime):
                 hit = None  # PostgreSQL is the truth; Redis only covers the worker's lag
             if hit is not None and hit[0] == merchant_id:
                 return hit[1]
-        if fresh and self.processing is not None:
-            return await asyncio.to_thread(self.processing.payment_body, merchant_id, payment_id)
         return await asyncio.to_thread(self.store.get_payment, merchant_id, payment_id)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -79,7 +79,7 @@ class EmbeddedRuntime(Runtime):
         while order and order[0][0] <= lsn:
             self.recent.pop(order.popleft()[1], None)
 
-    def _remember(self, payment_id: str, body: bytes, lsn: int, merchant_id: str) -> None:
+    def _remember(self, merchant_id: str, payment_id: str, body: bytes, lsn: int) -> None:
         if len(self.recent) < RECENT_MAX:
             self.recent[payment_id] = (merchant_id, body)
             self._recent_order.append((lsn, payment_id))
@@ -98,11 +98,7 @@ class EmbeddedRuntime(Runtime):
             self.backlog_refused += 1
             return unavailable("backlog_full", "The gateway has more accepted payments in progress than its"
                                " [worker] backlog_max; nothing was created. Retry with the same Idempotency-Key.")
-
-        def remember(pid: str, out: bytes, lsn: int) -> None:
-            self._remember(pid, out, lsn, merchant.id)
-
-        return await self.durability.accept(merchant, idem_key, body, remember=remember)
+        return await self.durability.accept(merchant, idem_key, body, remember=self._remember)
 
     async def read_payment(self, merchant_id: str, payment_id: str, fresh: bool = False) -> bytes | None:
         hit = self.recent.get(payment_id)

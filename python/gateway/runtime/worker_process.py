@@ -288,9 +288,11 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
     out.write(b"R %d %d" % (tailer.applied_lsn if tailer is not None else 0, caught_up))
     stopping = threading.Event()
     if worker is not None:
-        worker.on_change.append(_ChangeLines(worker, out).changed)
+        worker.on_change.append(_ChangeLines(out).changed)
         worker.start()  # its start-up scan finds every payment still `processing`
-        threading.Thread(target=_report_backlog, args=(worker, out, stopping), daemon=True).start()
+        backlog = worker  # read by the reporter thread
+        threading.Thread(target=_report_backlog, args=(lambda: backlog.backlog, out, stopping),
+                         daemon=True).start()
     if tailer is not None:
         tailer.on_applied = applied
         tailer.start()
@@ -317,15 +319,14 @@ class _ChangeLines:
 
     IDS_PER_LINE_MAX = 128
 
-    def __init__(self, worker: object, out: _Out) -> None:
-        self.worker = worker
+    def __init__(self, out: _Out) -> None:
         self.out = out
         self.pending: list[bytes] = []
 
     def changed(self, payment_id: str) -> None:
-        # Called on the worker's event loop thread.
+        # Called by the worker's coroutines: the flush runs once this round of its event loop is done.
         if not self.pending:
-            self.worker.loop.call_soon(self.flush)  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_soon(self.flush)
         self.pending.append(payment_id.encode())
 
     def flush(self) -> None:
@@ -334,10 +335,10 @@ class _ChangeLines:
             self.out.write(b"C " + b" ".join(ids[i:i + self.IDS_PER_LINE_MAX]))
 
 
-def _report_backlog(worker: object, out: _Out, stopping: threading.Event) -> None:
+def _report_backlog(backlog: Callable[[], int], out: _Out, stopping: threading.Event) -> None:
     last = -1
     while not stopping.wait(BACKLOG_REPORT_S):
-        n = worker.backlog  # type: ignore[attr-defined]
+        n = backlog()
         if n != last:
             out.write(b"B %d" % n)
             last = n
