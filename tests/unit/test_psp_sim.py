@@ -161,6 +161,26 @@ def test_same_idempotency_key_never_charges_twice() -> None:
     assert len(sim.settlement_lines()) == 1
 
 
+def test_a_restarted_simulator_never_reuses_a_reference_and_knows_none_of_the_old_ones() -> None:
+    # The embedded worker child's simulators die with it; the new ones must not hand a new transaction
+    # the reference of an old one (a capture resumed after the restart would land on the wrong payment).
+    old = SimulatedPSP(PSP_B, time_scale=0.0, clock=lambda: DAY_TS)
+    new = SimulatedPSP(PSP_B, time_scale=0.0, clock=lambda: DAY_TS + 1.5)
+
+    async def run():
+        before = await auth(old, "pay_1", "pay_1:auth:1")
+        after = await auth(new, "pay_2", "pay_2:auth:1")
+        resumed = await new.capture(psp_reference=before.psp_reference, amount=1000, idempotency_key="pay_1:capture:1")
+        own = await new.capture(psp_reference=after.psp_reference, amount=1000, idempotency_key="pay_2:capture:1")
+        return before, after, resumed, own
+
+    before, after, resumed, own = asyncio.run(run())
+    assert before.outcome == after.outcome == "approved"
+    assert before.psp_reference != after.psp_reference
+    assert resumed.outcome == "error" and resumed.code == "no_such_transaction"
+    assert own.outcome == "approved"
+
+
 def test_concurrent_request_with_same_key_is_refused_while_in_flight() -> None:
     sim = SimulatedPSP(PSP_A, time_scale=0.001)
 

@@ -100,6 +100,10 @@ class SimulatedPSP:
         self._key_to_psp_reference: dict[str, str] = {}
         self._errored_references: set[str] = set()
         self._settlement = SettlementBook(self.operations_max, clock)
+        # A real PSP never hands out a reference twice. This simulator lives in a process that may be
+        # restarted (the embedded worker child is respawned), so its references carry the instant it
+        # started: a restarted simulator cannot give a new transaction a reference an old one had.
+        self._epoch = _base36(int(clock() * 1000))
 
     # -- introspection --------------------------------------------------------------------------
 
@@ -267,7 +271,7 @@ class SimulatedPSP:
         def process() -> tuple[SimResponse, bool] | SimResponse:
             if len(self._transactions) >= self.transactions_max:
                 return self._storage_full(op, "stored-transactions", f"transactions_max={self.transactions_max}")
-            psp_reference = f"{self.name}_{len(self._transactions) + 1:09d}"
+            psp_reference = f"{self.name}_{self._epoch}_{len(self._transactions) + 1:09d}"
             txn = Transaction.authorized(
                 psp_reference, reference, spec.behaviour, spec.code, currency, amount, self._clock()
             )
@@ -395,3 +399,13 @@ class SimulatedPSP:
         minor units; lines in processing order.
         """
         return self._settlement.csv(day)
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
