@@ -99,38 +99,62 @@ def op_from_row(row: Sequence[Any]) -> Operation:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class NewOperation:
+    """An operation to open on a payment."""
+
+    payment_id: str
+    merchant_id: str
+    kind: str
+    amount: int
+    final_capture: bool
+    reason: str | None
+    actor: str
+
+
 def insert_operation(db: Db, payment_id: str, merchant_id: str, kind: str, amount: int, final_capture: bool,
                      reason: str | None, actor: str) -> Operation:
     """A new `pending` operation, numbered after the payment's previous ones of the same kind."""
-    seq = int(
-        db.execute(
-            "SELECT coalesce(max(seq), 0) + 1 FROM payment_operations WHERE payment_id = ? AND kind = ?",
-            (payment_id, kind),
-        ).fetchone()[0]
-    )
-    op = Operation(
-        id=f"{OPERATION_ID_PREFIX[kind]}_{secrets.token_hex(12)}",
-        payment_id=payment_id,
-        merchant_id=merchant_id,
-        kind=kind,
-        seq=seq,
-        amount=amount,
-        final_capture=final_capture,
-        reason=reason,
-        actor=actor,
-        status="pending",
-        # The PSP idempotency key of the operation, reused on every retry and on recovery.
-        psp_idempotency_key=f"{payment_id}:{kind}:{seq}",
-        failure_code=None,
-    )
+    [op] = insert_operations(db, [NewOperation(payment_id, merchant_id, kind, amount, final_capture, reason, actor)])
+    return op
+
+
+def insert_operations(db: Db, new: Sequence[NewOperation]) -> list[Operation]:
+    """New `pending` operations, each numbered after its payment's previous ones of the same kind: one
+    query for the numbers of the whole batch, one statement for the rows."""
+    last: dict[tuple[str, str], int] = {}
+    for chunk in chunked(sorted({n.payment_id for n in new})):
+        last.update(((r[0], r[1]), int(r[2])) for r in db.fetchall(
+            "SELECT payment_id, kind, max(seq) FROM payment_operations"
+            f" WHERE payment_id IN ({marks(len(chunk))}) GROUP BY payment_id, kind",
+            chunk,
+        ))
     t = now_ms()
-    db.execute(
+    out = []
+    for n in new:
+        seq = last[(n.payment_id, n.kind)] = last.get((n.payment_id, n.kind), 0) + 1
+        out.append(Operation(
+            id=f"{OPERATION_ID_PREFIX[n.kind]}_{secrets.token_hex(12)}",
+            payment_id=n.payment_id,
+            merchant_id=n.merchant_id,
+            kind=n.kind,
+            seq=seq,
+            amount=n.amount,
+            final_capture=n.final_capture,
+            reason=n.reason,
+            actor=n.actor,
+            status="pending",
+            # The PSP idempotency key of the operation, reused on every retry and on recovery.
+            psp_idempotency_key=f"{n.payment_id}:{n.kind}:{seq}",
+            failure_code=None,
+        ))
+    db.executemany(
         f"INSERT INTO payment_operations ({OP_COLUMNS}, created_ms, updated_ms)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (op.id, op.payment_id, op.merchant_id, op.kind, op.seq, op.amount, int(op.final_capture), op.reason,
-         op.actor, op.status, op.psp_idempotency_key, op.failure_code, t, t),
+        [(op.id, op.payment_id, op.merchant_id, op.kind, op.seq, op.amount, int(op.final_capture), op.reason,
+          op.actor, op.status, op.psp_idempotency_key, op.failure_code, t, t) for op in out],
     )
-    return op
+    return out
 
 
 def finish_operations(db: Db, finishes: Sequence[OperationFinish]) -> None:

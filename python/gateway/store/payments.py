@@ -111,25 +111,52 @@ def load_states(db: Db, payment_ids: Sequence[str]) -> dict[str, PaymentRecord]:
     return out
 
 
-def update_states(db: Db, changes: Sequence[tuple[sm.Payment, int]]) -> list[bool]:
-    """Writes each (new payment state, base version) if the stored version is still the base one;
-    returns per change whether it was written (False: stale, nothing of it written). In a pipeline
-    the updates go out together and their row counts are read after one sync."""
-    if not changes:
-        return []
+# Rows of one multi-row VALUES list in a batched UPDATE (12 parameters each: well under SQLite's 32,766).
+STATE_ROWS_PER_STATEMENT = 500
+_STATE_ROW = ("(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT),"
+              " CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT),"
+              " CAST(? AS BIGINT), CAST(? AS BIGINT))")
+
+
+def update_states(db: Db, changes: Sequence[tuple[sm.Payment, int, int]]) -> dict[str, int]:
+    """Writes each (new payment state, base version, events it adds) if the stored version is still the
+    base one, in one statement per `STATE_ROWS_PER_STATEMENT` changes (`UPDATE ... FROM (VALUES ...)`:
+    the same SQL on SQLite and PostgreSQL). Returns the events count after the change of each payment
+    written; a payment missing from it was stale, and nothing of its change was written."""
     t = now_ms()
-    cursors = [
-        db.execute(
-            "UPDATE payment_state SET status = ?, amount_authorized = ?, amount_captured = ?,"
-            " amount_refunded = ?, capture_final = ?, psp = ?, psp_reference = ?, failure_code = ?,"
-            " version = ?, updated_ms = ? WHERE payment_id = ? AND version = ?",
-            (p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded, int(p.capture_final),
-             p.psp, p.psp_reference, p.failure_code, p.version, t, p.id, base_version),
+    out: dict[str, int] = {}
+    for chunk in chunked(changes, STATE_ROWS_PER_STATEMENT):
+        args: list[Any] = []
+        for p, base_version, events in chunk:
+            args += (p.id, p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded,
+                     int(p.capture_final), p.psp, p.psp_reference, p.failure_code, p.version, base_version, events)
+        rows = db.fetchall(
+            "UPDATE payment_state SET status = v.column2, amount_authorized = v.column3,"
+            " amount_captured = v.column4, amount_refunded = v.column5, capture_final = v.column6,"
+            " psp = v.column7, psp_reference = v.column8, failure_code = v.column9, version = v.column10,"
+            f" events_count = payment_state.events_count + v.column12, updated_ms = {int(t)}"
+            f" FROM (VALUES {', '.join([_STATE_ROW] * len(chunk))}) AS v"
+            " WHERE payment_state.payment_id = v.column1 AND payment_state.version = v.column11"
+            " RETURNING payment_id, events_count",
+            args,
         )
-        for p, base_version in changes
-    ]
-    db.sync()
-    return [c.rowcount == 1 for c in cursors]
+        out.update((r[0], int(r[1])) for r in rows)
+    return out
+
+
+def count_events(db: Db, counts: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Adds (payment id, events) to each payment's events count, in one statement per chunk; returns the
+    counts after."""
+    out: dict[str, int] = {}
+    for chunk in chunked(counts, STATE_ROWS_PER_STATEMENT):
+        rows = db.fetchall(
+            "UPDATE payment_state SET events_count = payment_state.events_count + v.column2"
+            f" FROM (VALUES {', '.join(['(CAST(? AS TEXT), CAST(? AS BIGINT))'] * len(chunk))}) AS v"
+            " WHERE payment_state.payment_id = v.column1 RETURNING payment_id, events_count",
+            [a for pid, n in chunk for a in (pid, n)],
+        )
+        out.update((r[0], int(r[1])) for r in rows)
+    return out
 
 
 def set_statuses(db: Db, payments: Sequence[sm.Payment]) -> None:

@@ -54,7 +54,7 @@ from gateway.store.payments import (
 )
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING
 from gateway.store.sql import Db, Dialect, dialect_for, is_unique_violation, now_ms
-from gateway.store.webhooks import ERROR_CHARS_MAX, Delivery, WebhookRows, emit
+from gateway.store.webhooks import ERROR_CHARS_MAX, Delivery, NewEvent, WebhookRows, emit, emit_many
 
 if TYPE_CHECKING:
     from gateway.store.postgres import PostgresStore
@@ -94,6 +94,15 @@ class ProcessingStore:
 
     def release(self, payment_id: str) -> None:
         self._d.release(payment_id)
+
+    def claim_many(self, payment_ids: Sequence[str]) -> list[bool]:
+        """`claim` of each payment of a batch, in one statement."""
+        return self._d.claim_many(payment_ids)
+
+    def release_many(self, payment_ids: Sequence[str]) -> list[None]:
+        """`release` of each payment of a batch, in one statement."""
+        self._d.release_many(payment_ids)
+        return [None] * len(payment_ids)
 
     def close(self) -> None:
         self._d.close()
@@ -221,44 +230,55 @@ class ProcessingStore:
                     sm.check_invariants(t.payment)
         if not changes:
             return []
+        events_of = {c.result.payment.id: self._event_types(c) for c in changes}
         with self._tx(pipelined=True) as db:
             moving = [c for c in changes if c.result.transitions]
-            written = pay.update_states(db, [(c.result.transitions[-1].payment, c.base_version) for c in moving])
-            stale = {c.result.payment.id for c, ok in zip(moving, written, strict=True) if not ok}
+            counts = pay.update_states(db, [(c.result.transitions[-1].payment, c.base_version,
+                                             len(events_of[c.result.payment.id])) for c in moving])
+            stale = {c.result.payment.id for c in moving if c.result.payment.id not in counts}
             live = [c for c in changes if c.result.payment.id not in stale]
+            still = [c.result.payment.id for c in live if not c.result.transitions and events_of[c.result.payment.id]]
+            counts.update(pay.count_events(db, [(pid, len(events_of[pid])) for pid in still]))
             pay.upsert_attempts(db, [Intent(a, c.operation_id) for c in live for a in c.result.attempts])
             pay.set_statuses(db, [c.result.transitions[-1].payment for c in live if c.result.transitions])
             pay.insert_audit(db, [t for c in live for t in c.result.transitions])
             ledger_rows.insert_postings(db, [p for c in live for p in c.result.postings])
             ops.finish_operations(db, [c.finish for c in live if c.finish is not None])
-            created = {c.result.payment.id: self._follow_up(db, c) for c in live}
+            following = [c for c in live if c.new_operation is not None]
+            opened = ops.insert_operations(db, [self._follow_up(c) for c in following])
+            created = {c.result.payment.id: op for c, op in zip(following, opened, strict=True)}
             bodies = pay.compose_bodies(db, [c.result.payment.id for c in live])
+            events = []
             for c in live:
-                self._announce(db, c, bodies[c.result.payment.id])
+                p = c.result.payment
+                types = events_of[p.id]
+                before = counts.get(p.id, 0) - len(types)
+                events += [NewEvent(p.merchant_id, p.id, before + i, t, bodies[p.id]) for i, t in enumerate(types, 1)]
+                self._d.notify(db, CHANGES_CHANNEL, p.id)
+            if emit_many(db, events)[1]:
+                self.new_deliveries = True
             out = [Applied(c.result.payment.id, False) if c.result.payment.id in stale
-                   else Applied(c.result.payment.id, True, created[c.result.payment.id]) for c in changes]
+                   else Applied(c.result.payment.id, True, created.get(c.result.payment.id)) for c in changes]
         return out
 
     @staticmethod
-    def _follow_up(db: Db, c: Change) -> Operation | None:
-        """The follow-up operation a change opens (the auto-capture), if any."""
-        if c.new_operation is None:
-            return None
-        p = c.result.payment
+    def _follow_up(c: Change) -> ops.NewOperation:
+        """The follow-up operation a change opens (the auto-capture)."""
+        assert c.new_operation is not None
         kind, amount, final, actor = c.new_operation
-        return ops.insert_operation(db, p.id, p.merchant_id, kind, amount, final, None, actor)
+        return ops.NewOperation(c.result.payment.id, c.result.payment.merchant_id, kind, amount, final, None, actor)
 
-    def _announce(self, db: Db, c: Change, body: bytes) -> None:
-        """The events of one written change (the outbox: they commit with it, or not at all) and its
-        notification."""
-        p = c.result.payment
+    @staticmethod
+    def _event_types(c: Change) -> list[str]:
+        """The events a change announces: its new status's, and an operation's failure."""
+        types = []
         if c.result.transitions:
             event_type = ev.event_type_for_status(c.result.transitions[-1].payment.status.value)
             if event_type is not None:
-                self._emit(db, p.merchant_id, p.id, event_type, body)
+                types.append(event_type)
         if c.finish is not None and c.finish.status == "failed":
-            self._emit(db, p.merchant_id, p.id, ev.OPERATION_FAILED, body)
-        self._d.notify(db, CHANGES_CHANNEL, p.id)
+            types.append(ev.OPERATION_FAILED)
+        return types
 
     def finish_operation(self, finish: OperationFinish, payment_id: str,
                          attempts: Sequence[AttemptRow] = ()) -> None:

@@ -93,6 +93,8 @@ class Db:
     def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a query (an empty list for a statement that returns none)."""
         cur = self.execute(sql, args)
+        if self.pg and self.pipeline is not None:
+            self.pipeline.sync()  # in a pipeline a cursor knows its result's shape only once it has arrived
         if self.pg and cur.description is None:
             return []
         return [tuple(r) for r in cur.fetchall()]
@@ -144,6 +146,13 @@ class Dialect:
 
     def claim(self, payment_id: str) -> bool:
         return True
+
+    def claim_many(self, payment_ids: Sequence[str]) -> list[bool]:
+        """`claim` of each payment, in one statement."""
+        return [True] * len(payment_ids)
+
+    def release_many(self, payment_ids: Sequence[str]) -> None:
+        """`release` of each payment, in one statement."""
 
     def release(self, payment_id: str) -> None:
         return None
@@ -278,6 +287,38 @@ class PostgresDialect(Dialect):
                                      (self._claim_key(payment_id),))
             except psycopg.Error as e:
                 log.warning("release of %s failed (%s); reconnecting drops every claim", payment_id, e)
+                self._claims.close()
+                self._claims = None
+
+    def claim_many(self, payment_ids: Sequence[str]) -> list[bool]:
+        import psycopg
+
+        with self._claims_lock:
+            try:
+                if self._claims is None or self._claims.closed:
+                    self._claims = self.store.connect()
+                rows = self._claims.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(k, 0)) FROM unnest(%s::text[]) WITH ORDINALITY"
+                    " AS u(k, i) ORDER BY i", ([self._claim_key(pid) for pid in payment_ids],)).fetchall()
+                return [bool(r[0]) for r in rows]
+            except psycopg.Error as e:
+                log.warning("claim of %d payments failed (%s); the reconciler will retry", len(payment_ids), e)
+                if self._claims is not None:
+                    self._claims.close()
+                self._claims = None
+                return [False] * len(payment_ids)
+
+    def release_many(self, payment_ids: Sequence[str]) -> None:
+        import psycopg
+
+        with self._claims_lock:
+            if self._claims is None or self._claims.closed:
+                return
+            try:
+                self._claims.execute("SELECT pg_advisory_unlock(hashtextextended(k, 0)) FROM unnest(%s::text[]) AS k",
+                                     ([self._claim_key(pid) for pid in payment_ids],))
+            except psycopg.Error as e:
+                log.warning("release of %d payments failed (%s); reconnecting drops every claim", len(payment_ids), e)
                 self._claims.close()
                 self._claims = None
 

@@ -18,7 +18,7 @@ import msgspec
 
 from gateway.domain import events as ev
 from gateway.domain.secrets import Secret
-from gateway.store.sql import Db, Dialect, now_ms
+from gateway.store.sql import Db, Dialect, chunked, marks, now_ms
 
 ERROR_CHARS_MAX = 200
 DELIVERY_STATUSES = ("delivered", "failed", "pending")
@@ -36,36 +36,66 @@ class Delivery:
     secret: Secret
 
 
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to write: the payment's `number`-th (its events count after it), of `event_type`,
+    carrying the payment's JSON as it is after the change."""
+
+    merchant_id: str
+    payment_id: str
+    number: int
+    event_type: str
+    payment_body: bytes
+
+
 def emit(db: Db, merchant_id: str, payment_id: str, event_type: str, payment_body: bytes) -> tuple[str, bool]:
     """Writes one event (inside the caller's transaction) and a pending delivery for each of the
     merchant's endpoints subscribed to its type. Returns the event id and whether any delivery was written."""
-    count_cur = db.execute(
+    n = db.fetchone(
         "UPDATE payment_state SET events_count = events_count + 1 WHERE payment_id = ? RETURNING events_count",
         (payment_id,),
     )
-    # Sent with the counter's update (one round trip in a pipeline): the endpoints do not depend on it.
-    endpoints_cur = db.execute(
-        "SELECT id, enabled_events FROM webhook_endpoints WHERE merchant_id = ? AND deleted_ms IS NULL",
-        (merchant_id,),
-    )
-    n = count_cur.fetchone()[0]
-    event_id = ev.event_id(payment_id, int(n))
+    assert n is not None, payment_id
+    [event_id], delivered = emit_many(db, [NewEvent(merchant_id, payment_id, int(n[0]), event_type, payment_body)])
+    return event_id, delivered
+
+
+def emit_many(db: Db, events: Sequence[NewEvent]) -> tuple[list[str], bool]:
+    """Writes the events of a batch (inside the caller's transaction, their numbers already counted in
+    `payment_state.events_count`) and their pending deliveries: one query for the endpoints of every
+    merchant of the batch, one statement per table. Returns the event ids and whether any delivery was
+    written."""
+    if not events:
+        return [], False
+    subscriptions: dict[str, list[tuple[str, list[str]]]] = {}
+    for chunk in chunked(sorted({e.merchant_id for e in events})):
+        for merchant_id, endpoint_id, enabled in db.fetchall(
+            f"SELECT merchant_id, id, enabled_events FROM webhook_endpoints WHERE merchant_id IN ({marks(len(chunk))})"
+            " AND deleted_ms IS NULL ORDER BY merchant_id, id",
+            chunk,
+        ):
+            subscriptions.setdefault(merchant_id, []).append((endpoint_id, msgspec.json.decode(enabled)))
     t = now_ms()
-    body = b'{"id":"%s","object":"event","type":"%s","created":%d,"data":{"object":%s}}' % (
-        event_id.encode(), event_type.encode(), t // 1000, payment_body)
-    db.execute(
+    ids, event_rows, deliveries = [], [], []
+    for e in events:
+        event_id = ev.event_id(e.payment_id, e.number)
+        ids.append(event_id)
+        body = b'{"id":"%s","object":"event","type":"%s","created":%d,"data":{"object":%s}}' % (
+            event_id.encode(), e.event_type.encode(), t // 1000, e.payment_body)
+        event_rows.append((event_id, e.merchant_id, e.payment_id, e.event_type, t, body.decode()))
+        deliveries += [(event_id, endpoint_id, e.payment_id, t, t)
+                       for endpoint_id, enabled in subscriptions.get(e.merchant_id, ())
+                       if ev.subscribed(enabled, e.event_type)]
+    db.executemany(
         "INSERT INTO payment_events (id, merchant_id, payment_id, type, created_ms, body) VALUES (?, ?, ?, ?, ?, ?)",
-        (event_id, merchant_id, payment_id, event_type, t, body.decode()),
+        event_rows,
     )
-    endpoints = endpoints_cur.fetchall()
-    targets = [e[0] for e in endpoints if ev.subscribed(msgspec.json.decode(e[1]), event_type)]
-    if targets:
-        db.executemany(
-            "INSERT INTO webhook_deliveries (event_id, endpoint_id, payment_id, status, attempts, next_attempt_ms,"
-            " updated_ms) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
-            [(event_id, endpoint_id, payment_id, t, t) for endpoint_id in targets],
-        )
-    return event_id, bool(targets)
+    db.executemany(
+        "INSERT INTO webhook_deliveries (event_id, endpoint_id, payment_id, status, attempts, next_attempt_ms,"
+        " updated_ms) VALUES (?, ?, ?, 'pending', 0, ?, ?)",
+        deliveries,
+    )
+    return ids, bool(deliveries)
 
 
 def endpoint_dict(row: Sequence[Any]) -> dict[str, Any]:
