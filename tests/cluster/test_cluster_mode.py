@@ -322,6 +322,29 @@ def test_acknowledged_payments_reach_postgres_once_across_a_kafka_broker_restart
     assert "the relay rewinds to lsn" in cl.gateway.log()
 
 
+def test_a_worker_started_while_kafka_is_away_waits_for_it_then_drains(cluster_factory) -> None:
+    cl = cluster_factory()
+    cl.start_gateway()
+    try:
+        with Burst(cl.gateway.url) as burst:
+            burst.wait_acked(50)
+            subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "stop"], check=True, timeout=120)
+            worker = cl.start_worker()
+            log = cl.tmp / "worker-0.log"
+            deadline = time.monotonic() + 60
+            # More than one attempt to reach Kafka: the worker neither exits nor gives up.
+            while log.read_text(errors="replace").count("not reachable to check topic") < 2:
+                assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(0.5)
+            subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "start"], check=True, timeout=180)
+            burst.wait_acked(50)
+    finally:
+        subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "start"], check=False, timeout=180)
+    assert worker.poll() is None
+    cl.assert_each_key_once(burst.outcome)
+
+
 def test_redis_stopped_mid_burst_never_produces_a_duplicate(cluster_factory) -> None:
     cl = cluster_factory()
     cl.start_gateway()

@@ -52,12 +52,14 @@ def record_key(payload: bytes) -> bytes | None:
     return pid.encode() if pid is not None else None
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    """Creates the topic when it does not exist yet (an existing topic is left as it is)."""
+def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float = TOPIC_CREATE_TIMEOUT_S) -> None:
+    """Creates the topic when it does not exist yet (an existing topic is left as it is); TimeoutError
+    when the brokers do not answer within `timeout_s`."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+                                  request_timeout=timeout_s)
     try:
-        futures[topic].result(timeout=TOPIC_CREATE_TIMEOUT_S)
+        futures[topic].result(timeout=timeout_s)
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise

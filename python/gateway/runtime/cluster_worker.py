@@ -47,6 +47,8 @@ POLL_TIMEOUT_S = 0.2
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = 1_000
 STORE_RETRY_S = 1.0
+TOPIC_RETRY_S = 2.0
+TOPIC_ATTEMPT_TIMEOUT_S = 5.0
 
 
 def _lsn(message: Message) -> int:
@@ -167,19 +169,31 @@ def run_worker(cfg: Config) -> int:
     from gateway.store.postgres import open_postgres
 
     c = cfg.cluster
-    ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after the current batch", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    # A worker started while Kafka is away (a broker restart, a cluster coming up in any order) waits for
+    # it instead of exiting; a signal still stops it at once.
+    while True:
+        try:
+            ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, TOPIC_ATTEMPT_TIMEOUT_S)
+            break
+        except (KafkaException, TimeoutError) as e:
+            log.warning("Kafka at %s not reachable to check topic %s (%s); retrying in %.0f s",
+                        c.kafka_bootstrap, c.topic, e or type(e).__name__, TOPIC_RETRY_S)
+            if stopping.wait(TOPIC_RETRY_S):
+                return 0
     store = open_postgres(cfg)
     store.migrate()
     # worker.enabled = false (GATEWAY_WORKER=off): materialise only (benchmarks of the Kafka -> PostgreSQL
     # path alone).
     worker = KafkaWorker(cfg, store, processing=cfg.worker.enabled)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping after the current batch", signum)
-        worker.stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    worker.stopping = stopping
     print(f"gateway worker: consuming {c.topic} into PostgreSQL schema {c.database_schema}", flush=True)
     try:
         worker.run()
