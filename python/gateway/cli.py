@@ -164,7 +164,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print("error: `gateway worker` consumes Kafka: it needs server.mode = \"cluster\"", file=sys.stderr)
         return 2
     logs.setup(cfg.log.level)
-    return run_worker(cfg)
+    return run_worker(cfg, args.metrics_port)
 
 
 def cmd_psp_sim(args: argparse.Namespace) -> int:
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="cluster mode: consume the payments topic into PostgreSQL")
     wk.add_argument("--config", required=True)
+    wk.add_argument("--metrics-port", type=int, default=None,
+                    help="serve /metrics on this port (default [metrics] worker_port; 0: none)")
     wk.set_defaults(func=cmd_worker)
 
     ps = sub.add_parser("psp-sim", help="serve the simulated PSPs over HTTP")

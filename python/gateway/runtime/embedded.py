@@ -122,6 +122,7 @@ class EmbeddedRuntime(Runtime):
 
     def metrics_text(self) -> str:
         worker = self.worker
+        committed = self.fastpath.committed_lsn() if self.fastpath is not None else 0
         return super().metrics_text() + (
             "# TYPE gateway_tailer_applied_lsn gauge\n"
             f"gateway_tailer_applied_lsn {worker.applied_lsn if worker else 0}\n"
@@ -132,4 +133,7 @@ class EmbeddedRuntime(Runtime):
             f"gateway_backlog_refused_total {self.backlog_refused}\n"
             "# TYPE gateway_worker_respawns_total counter\n"
             f"gateway_worker_respawns_total {worker.respawns if worker else 0}\n"
-        )
+            "# HELP gateway_feed_lag_lsn WAL records committed but not yet applied to the store by the tailer.\n"
+            "# TYPE gateway_feed_lag_lsn gauge\n"
+            f"gateway_feed_lag_lsn {max(0, committed - (worker.applied_lsn if worker else 0))}\n"
+        ) + (worker.metrics_text if worker is not None else "")

@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::geo::GeoTable;
 use crate::idempotency::{table_key, Fingerprint, IdempotencyTable, Lookup};
 use crate::ids;
-use crate::metrics::Histogram;
+use crate::metrics::{DecisionCounts, Histogram};
 use crate::ratelimit::RateLimiter;
 use crate::validate::{parse_payment, Customer, PaymentRequest};
 use crate::wal::{self, AppendError, CommitListener, WalError, WalWriter, WriterConfig};
@@ -198,6 +198,7 @@ impl CommitListener for Committer {
 
 pub struct StageMetrics {
     pub stages: Vec<Histogram>,
+    pub decisions: DecisionCounts,
 }
 
 pub struct Engine {
@@ -315,6 +316,7 @@ impl Engine {
             event_fd,
             metrics: StageMetrics {
                 stages: STAGES.iter().map(|_| Histogram::latency()).collect(),
+                decisions: DecisionCounts::new(),
             },
             recovered_records: recovered.records,
             truncated_bytes: recovered.truncated_bytes,
@@ -507,6 +509,9 @@ impl Engine {
             self.metrics.stages[6 + i].observe(ns);
         }
         t = self.observe(3, t);
+        self.metrics
+            .decisions
+            .record(decision.action.as_str(), decision.rule.as_ref());
         let (status, failure_code, next_action) = match decision.action {
             risk::Action::Block => ("failed", Some("card_declined"), None),
             risk::Action::Challenge => (
@@ -646,6 +651,7 @@ impl Engine {
             "# TYPE gateway_idempotency_entries gauge\ngateway_idempotency_entries {}",
             self.idempotency.len()
         );
+        self.metrics.decisions.render(&mut out);
         out
     }
 
