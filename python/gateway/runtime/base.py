@@ -152,6 +152,20 @@ class Durability:
                             echo_key=idem_key is not None and r.status < 500)
 
 
+def disk_metrics(data_dir: Path) -> str:
+    """Free and total bytes of the file system that holds the data dir (WAL, database): a statvfs per scrape."""
+    try:
+        st = os.statvfs(data_dir)
+    except OSError:
+        return ""
+    return (
+        "# HELP gateway_disk_free_bytes Bytes available to the gateway on the data dir's file system.\n"
+        f"# TYPE gateway_disk_free_bytes gauge\ngateway_disk_free_bytes {st.f_bavail * st.f_frsize}\n"
+        "# HELP gateway_disk_size_bytes Size of the data dir's file system.\n"
+        f"# TYPE gateway_disk_size_bytes gauge\ngateway_disk_size_bytes {st.f_blocks * st.f_frsize}\n"
+    )
+
+
 class Runtime:
     """The interface the API is built from; `EmbeddedRuntime` and `ClusterRuntime` implement it.
 
@@ -236,5 +250,7 @@ class Runtime:
         if fp is None:
             return ""
         waiting = len(self.durability.waiters) if self.durability is not None else 0
-        return fp.metrics_text() + f"# TYPE gateway_durable_waiters gauge\ngateway_durable_waiters {waiting}\n"
+        return fp.metrics_text() + disk_metrics(self.data_dir) + (
+            "# HELP gateway_durable_waiters Requests waiting for their WAL record to be durable.\n"
+            f"# TYPE gateway_durable_waiters gauge\ngateway_durable_waiters {waiting}\n")
 

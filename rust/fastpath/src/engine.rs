@@ -413,7 +413,9 @@ impl Engine {
     /// The idempotency fingerprint of a create body (hex), as `create_payment` computes it; `None`
     /// for a body it would refuse as invalid.
     pub fn request_fingerprint(&self, body: &[u8]) -> Option<String> {
-        parse_payment(body, &self.cfg).ok().map(|req| hex(&fingerprint(&req)))
+        parse_payment(body, &self.cfg)
+            .ok()
+            .map(|req| hex(&fingerprint(&req)))
     }
 
     /// The velocity event of a create request, for the shared store, without deciding or recording
@@ -637,18 +639,18 @@ impl Engine {
             .render(&mut out, "gateway_wal_batch_records", "", 1.0);
         let _ = writeln!(
             out,
-            "# TYPE gateway_wal_committed_lsn gauge\ngateway_wal_committed_lsn {}",
+            "# HELP gateway_wal_committed_lsn Highest WAL LSN durable on disk.\n# TYPE gateway_wal_committed_lsn gauge\ngateway_wal_committed_lsn {}",
             self.committed_lsn()
         );
         let _ =
             writeln!(
             out,
-            "# TYPE gateway_wal_bytes_written_total counter\ngateway_wal_bytes_written_total {}",
+            "# HELP gateway_wal_bytes_written_total Bytes appended to the WAL.\n# TYPE gateway_wal_bytes_written_total counter\ngateway_wal_bytes_written_total {}",
             stats.bytes_written.load(std::sync::atomic::Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
-            "# TYPE gateway_idempotency_entries gauge\ngateway_idempotency_entries {}",
+            "# HELP gateway_idempotency_entries Idempotency keys held in memory.\n# TYPE gateway_idempotency_entries gauge\ngateway_idempotency_entries {}",
             self.idempotency.len()
         );
         self.metrics.decisions.render(&mut out);

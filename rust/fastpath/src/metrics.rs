@@ -120,7 +120,8 @@ pub const DECISION_SERIES_MAX: usize = 512;
 /// allow, by far the most frequent, is one atomic add; a decision made by a rule takes a short lock.
 pub struct DecisionCounts {
     default_allow: AtomicU64,
-    by_rule: parking_lot::Mutex<std::collections::HashMap<(&'static str, std::sync::Arc<str>), u64>>,
+    by_rule:
+        parking_lot::Mutex<std::collections::HashMap<(&'static str, std::sync::Arc<str>), u64>>,
 }
 
 impl Default for DecisionCounts {
@@ -152,13 +153,16 @@ impl DecisionCounts {
         } else if map.len() < DECISION_SERIES_MAX {
             map.insert(key, 1);
         } else {
-            *map.entry((action, std::sync::Arc::from("_other"))).or_insert(0) += 1;
+            *map.entry((action, std::sync::Arc::from("_other")))
+                .or_insert(0) += 1;
         }
     }
 
     /// `gateway_risk_decisions_total{action,rule}`; rule names are escaped for the text format.
     pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP gateway_risk_decisions_total Risk decisions by action and deciding rule.\n");
+        out.push_str(
+            "# HELP gateway_risk_decisions_total Risk decisions by action and deciding rule.\n",
+        );
         out.push_str("# TYPE gateway_risk_decisions_total counter\n");
         let _ = writeln!(
             out,
@@ -169,7 +173,10 @@ impl DecisionCounts {
         let mut rows: Vec<_> = map.iter().collect();
         rows.sort();
         for ((action, rule), n) in rows {
-            let rule = rule.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let rule = rule
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
             let _ = writeln!(
                 out,
                 "gateway_risk_decisions_total{{action=\"{action}\",rule=\"{rule}\"}} {n}"
@@ -190,13 +197,21 @@ mod decision_tests {
         let r: std::sync::Arc<str> = std::sync::Arc::from("big_amount");
         d.record("block", Some(&r));
         for i in 0..(DECISION_SERIES_MAX + 5) {
-            d.record("review", Some(&std::sync::Arc::from(format!("r{i}").as_str())));
+            d.record(
+                "review",
+                Some(&std::sync::Arc::from(format!("r{i}").as_str())),
+            );
         }
         let mut out = String::new();
         d.render(&mut out);
         assert!(out.contains("gateway_risk_decisions_total{action=\"allow\",rule=\"\"} 2\n"));
-        assert!(out.contains("gateway_risk_decisions_total{action=\"block\",rule=\"big_amount\"} 1\n"));
+        assert!(
+            out.contains("gateway_risk_decisions_total{action=\"block\",rule=\"big_amount\"} 1\n")
+        );
         assert!(out.contains("rule=\"_other\"} 6\n"));
-        assert_eq!(out.matches("gateway_risk_decisions_total{").count(), DECISION_SERIES_MAX + 2);
+        assert_eq!(
+            out.matches("gateway_risk_decisions_total{").count(),
+            DECISION_SERIES_MAX + 2
+        );
     }
 }
