@@ -117,6 +117,9 @@ def cmd_merchant_create(args: argparse.Namespace) -> int:
     try:
         m = store.create_merchant(args.name, hash_api_key(key.expose()), rate_limit_per_s=args.rate_limit_per_s,
                                   rate_limit_burst=args.rate_limit_burst)
+        from gateway.store.merchants import MerchantAdmin
+
+        MerchantAdmin(store).record_created(m.id, "cli", key.expose())
     finally:
         store.close()
     # The only place a key is ever shown in clear: to the operator who created it.
@@ -381,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--rate-limit-per-s", type=float)
     mc.add_argument("--rate-limit-burst", type=float)
     mc.set_defaults(func=cmd_merchant_create)
+    from gateway.api.merchant_cli import add_parsers as add_merchant_parsers
+
+    add_merchant_parsers(msub, _store_flags, _open_configured_store)  # list, show, update, rotate-key, ...
 
     csub = _command_group(sub, "config", "config file tools")
     cc = csub.add_parser("check", help="validate a config file (with the GATEWAY_* overrides); exit 2 on an error")

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from gateway import config as config_mod
-from gateway.api import operations, payments, risk_admin, webhooks
+from gateway.api import merchant_admin, operations, payments, risk_admin, webhooks
 from gateway.api.http import JSON, Response, Route, error
 from gateway.api.metrics import HttpMetrics
 from gateway.domain.secrets import hash_api_key
@@ -46,7 +46,7 @@ class Settings(msgspec.Struct):
 
 def build_routes() -> list[Route]:
     """The route table: every endpoint beside the hot create and read, in matching order."""
-    return [*operations.routes(), *risk_admin.routes(), *webhooks.routes()]
+    return [*operations.routes(), *risk_admin.routes(), *webhooks.routes(), *merchant_admin.routes()]
 
 
 class GatewayApp:
@@ -57,13 +57,21 @@ class GatewayApp:
         self.metrics = HttpMetrics()
         self._merchants: dict[str, Merchant] = {}
         self._unknown_keys: dict[str, float] = {}
+        # Keys whose merchant had a custom rate limit when last seen (to restore the default if removed).
+        self._limited: set[str] = set()
+        self._merchant_refresh: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.runtime.start(loop)
+        # Merchant changes (rate limits, key rotation and revocation) made anywhere reach this cache.
+        self._merchant_refresh = loop.create_task(merchant_admin.refresh_loop(
+            self.runtime, self.forget_merchants, self.config.merchants.refresh_ms / 1000))
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._merchant_refresh is not None:
+            self._merchant_refresh.cancel()
         self.runtime.stop(loop)
 
     # -- request handling ------------------------------------------------------------------------
@@ -123,7 +131,7 @@ class GatewayApp:
                          headers=(challenge,))
         digest = hash_api_key(key)
         merchant = self._merchants.get(digest)
-        if merchant is not None:
+        if merchant is not None and (merchant.key_expires_ms is None or merchant.key_expires_ms > time.time() * 1000):
             return merchant
         now = time.monotonic()
         merchant = None if self._unknown_keys.get(digest, 0.0) > now else self.runtime.merchant_by_key_hash(digest)
@@ -134,11 +142,24 @@ class GatewayApp:
             return error(401, "invalid_api_key", "Invalid API key provided.", kind="authentication_error",
                          headers=(challenge,))
         fastpath = self.runtime.fastpath
-        if merchant.rate_limit_per_s is not None and fastpath is not None:
-            burst = merchant.rate_limit_burst or max(1.0, merchant.rate_limit_per_s)
-            fastpath.set_rate_limit(merchant.id, merchant.rate_limit_per_s, burst)
+        if fastpath is not None:
+            if merchant.rate_limit_per_s is not None:
+                burst = merchant.rate_limit_burst or max(1.0, merchant.rate_limit_per_s)
+                fastpath.set_rate_limit(merchant.id, merchant.rate_limit_per_s, burst)
+            elif digest in self._limited:
+                # A custom limit was removed: back to the configured default.
+                fastpath.set_rate_limit(merchant.id, self.config.rate_limit.per_s, self.config.rate_limit.burst)
+        if merchant.rate_limit_per_s is not None:
+            self._limited.add(digest)
+        else:
+            self._limited.discard(digest)
         self._merchants[digest] = merchant
         return merchant
+
+    def forget_merchants(self) -> None:
+        """A merchant changed somewhere: authenticate every key against the store again."""
+        self._merchants.clear()
+        self._unknown_keys.clear()
 
     def _metrics(self) -> bytes:
         return (self.metrics.render() + self.runtime.metrics_text()).encode()

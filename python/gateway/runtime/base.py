@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gateway._fastpath import FastPath
     from gateway.feed.eventlog import EventLog
     from gateway.risk.control import RiskControl
+    from gateway.store.merchants import MerchantAdmin
     from gateway.store.processing import ProcessingStore
 
 log = logging.getLogger("gateway.runtime")
@@ -181,6 +182,7 @@ class Runtime:
     risk_control: RiskControl | None = None
     admin_digests: list[str]
     ready: bool = False
+    _merchant_admin: MerchantAdmin | None = None
 
     def __init__(self, config: Config, data_dir: Path) -> None:
         self.config = config
@@ -216,6 +218,17 @@ class Runtime:
 
     def merchant_by_key_hash(self, digest: str) -> Merchant | None:
         raise NotImplementedError
+
+    def merchant_admin(self) -> MerchantAdmin | None:
+        """Merchant management (store/merchants.py) over the mode's store; None before it is open."""
+        store = getattr(self, "store", None)
+        if store is None:
+            return None
+        if self._merchant_admin is None:
+            from gateway.store.merchants import MerchantAdmin
+
+            self._merchant_admin = MerchantAdmin(store)
+        return self._merchant_admin
 
     async def create(self, merchant: Merchant, idem_key: str | None, body: bytes) -> CreateAnswer:
         raise NotImplementedError
