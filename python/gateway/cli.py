@@ -166,7 +166,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if cfg.server.mode != "cluster":
         print("error: `gateway worker` consumes Kafka: it needs server.mode = \"cluster\"", file=sys.stderr)
         return 2
-    logs.setup(cfg.log.level)
+    logs.setup(cfg.log.level, cfg.log.format)
     return run_worker(cfg, args.metrics_port)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from gateway import config as config_mod
+from gateway import logs
 from gateway.api import merchant_admin, operations, payments, risk_admin, webhooks
 from gateway.api.http import JSON, Response, Route, error
 from gateway.api.metrics import HttpMetrics
@@ -60,6 +61,8 @@ class GatewayApp:
         # Keys whose merchant had a custom rate limit when last seen (to restore the default if removed).
         self._limited: set[str] = set()
         self._merchant_refresh: asyncio.Task[None] | None = None
+        # [log] format = "json": a request id on every line and in the `Request-Id` header.
+        self._request_ids = self.config.log.format == "json"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -77,6 +80,21 @@ class GatewayApp:
     # -- request handling ------------------------------------------------------------------------
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        if self._request_ids:
+            await self._serve_with_request_id(scope, proto)
+            return
+        await self._serve(scope, proto)
+
+    async def _serve_with_request_id(self, scope: Any, proto: Any) -> None:
+        """JSON-log mode: every log line of the request carries its id, sent back as `Request-Id`."""
+        rid = logs.request_id(scope.headers.get("request-id"))
+        token = logs.REQUEST_ID.set(rid)
+        try:
+            await self._serve(scope, proto, rid)
+        finally:
+            logs.REQUEST_ID.reset(token)
+
+    async def _serve(self, scope: Any, proto: Any, rid: str | None = None) -> None:
         started = time.perf_counter()
         path = scope.path
         method = scope.method
@@ -103,6 +121,10 @@ class GatewayApp:
         except Exception:
             log.exception("unhandled error on %s %s", method, path)
             status, headers, body = error(500, "internal_error", "Internal error.", kind="api_error")
+        if rid is not None:
+            headers = [*headers, ("request-id", rid)]
+            if status >= 400:
+                log.info("%s %s answered %d (%s)", method, route, status, path[:128])
         proto.response_bytes(status, headers, body)
         self.metrics.observe(route, status, time.perf_counter() - started)
 
@@ -167,11 +189,9 @@ class GatewayApp:
 
 def create_app() -> GatewayApp:
     """Granian factory: settings come from the environment set by `gateway serve`."""
-    from gateway import logs
-
     raw = os.environ.get("GATEWAY_SETTINGS", "{}")
     settings = msgspec.json.decode(raw.encode(), type=Settings)
     cfg = config_mod.load(settings.config_path)
     app = GatewayApp(build_runtime(cfg, Path(settings.data_dir or cfg.server.data_dir)))
-    logs.setup(cfg.log.level)
+    logs.setup(cfg.log.level, cfg.log.format)
     return app

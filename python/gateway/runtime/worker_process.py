@@ -282,7 +282,7 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
     from gateway.store.sqlite import SqliteStore
 
     cfg = config_mod.load(config_path)
-    logs.setup(os.environ.get("GATEWAY_LOG_LEVEL", "info"))
+    logs.setup(os.environ.get("GATEWAY_LOG_LEVEL", "info"), cfg.log.format)
     store = SqliteStore(db_path)
     out = _Out()
     worker = Worker(store, WorkerSettings.from_config(cfg)) if worker_on else None
