@@ -107,7 +107,7 @@ async def _call(app: Api, scope: Any, proto: Any, body_type: type[Any] | None, f
 
 
 async def list_merchants(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
-    return await _call(app, scope, proto, None, lambda a, _b: {"object": "list", "data": a.list()})
+    return await _call(app, scope, proto, None, lambda a, _b: {"object": "list", "data": a.all()})
 
 
 async def show_merchant(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:

@@ -61,7 +61,7 @@ def add_parsers(msub: Any, store_flags: Callable[[argparse.ArgumentParser], None
         return p
 
     command("list", "print every merchant as a JSON array (id, name, rate limits, key prefixes; never a key)",
-            lambda a: lambda admin, _cfg: admin.list(), merchant=False)
+            lambda a: lambda admin, _cfg: admin.all(), merchant=False)
     command("show", "print one merchant with the state of each of its keys",
             lambda a: lambda admin, _cfg: admin.show(a.merchant_id))
     up = command("update", "change a merchant's name or rate limit (live)",

@@ -83,7 +83,7 @@ class MerchantAdmin:
             row = db.fetchone("SELECT max(id) FROM merchant_audit")
         return int(row[0]) if row and row[0] is not None else 0
 
-    def list(self) -> list[dict[str, Any]]:
+    def all(self) -> list[dict[str, Any]]:
         with self._d.read() as db:
             merchants = db.fetchall(
                 "SELECT id, name, rate_limit_per_s, rate_limit_burst, created FROM merchants ORDER BY created, id")
