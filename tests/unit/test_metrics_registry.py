@@ -4,7 +4,9 @@ follows the Prometheus exposition format, label sets are bounded, and the PSP bu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 
 from gateway.domain.metrics import SERIES_MAX, Registry
 from gateway.logs import REQUEST_ID, JsonFormatter
@@ -70,8 +72,6 @@ def test_json_log_lines_carry_the_request_id_and_mask_card_numbers_in_tracebacks
     try:
         raise ValueError("card 4242 4242 4242 4242 refused")
     except ValueError:
-        import sys
-
         record = logging.LogRecord("gateway.api", logging.ERROR, __file__, 1, "key %s", ("sk_live_abcdefgh",),
                                    sys.exc_info())
     token = REQUEST_ID.set("req_1")
@@ -79,8 +79,6 @@ def test_json_log_lines_carry_the_request_id_and_mask_card_numbers_in_tracebacks
         line = fmt.format(record)
     finally:
         REQUEST_ID.reset(token)
-    import json
-
     out = json.loads(line)
     assert out["request_id"] == "req_1" and out["level"] == "error"
     assert "sk_live_abcdefgh" not in line and "4242 4242 4242 4242" not in line
