@@ -53,13 +53,12 @@ class Counter:
 
     def inc(self, labels: Labels = (), n: float = 1) -> None:
         values = self.values
-        if labels in values:
-            values[labels] += n
-        elif len(values) < SERIES_MAX:
-            values[labels] = n
-        else:
-            other = tuple("_other" for _ in labels)
-            values[other] = values.get(other, 0) + n
+        try:
+            values[labels] += n  # one lookup on the common path: a label set seen before
+        except KeyError:
+            if len(values) >= SERIES_MAX:
+                labels = tuple("_other" for _ in labels)
+            values[labels] = values.get(labels, 0) + n
 
     def value(self, labels: Labels = ()) -> float:
         return self.values.get(labels, 0)
@@ -100,7 +99,7 @@ class Histogram:
 
     def observe(self, value: float, labels: Labels = ()) -> None:
         row = self.series.get(labels)
-        if row is None:
+        if row is None:  # a new label set (rare): bounded by SERIES_MAX
             if len(self.series) >= SERIES_MAX:
                 labels = tuple("_other" for _ in labels)
                 row = self.series.get(labels)
