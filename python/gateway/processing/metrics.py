@@ -84,7 +84,7 @@ class PipelineMetrics:
         r = self.registry
 
         def breakers() -> Iterable[tuple[Labels, float]]:
-            return [((name, ), BREAKER_STATE_VALUE[b.state.value]) for name, b in router.breakers.items()]
+            return [((name, ), BREAKER_STATE_VALUE[b.observed_state().value]) for name, b in router.breakers.items()]
 
         r.gauge("gateway_psp_breaker_state", "Circuit breaker per PSP: 0 closed, 1 half-open, 2 open.",
                 ("psp",), breakers)
