@@ -58,8 +58,6 @@ class GatewayApp:
         self.metrics = HttpMetrics()
         self._merchants: dict[str, Merchant] = {}
         self._unknown_keys: dict[str, float] = {}
-        # Keys whose merchant had a custom rate limit when last seen (to restore the default if removed).
-        self._limited: set[str] = set()
         self._merchant_refresh: asyncio.Task[None] | None = None
         # [log] format = "json": a request id on every line and in the `Request-Id` header.
         self._request_ids = self.config.log.format == "json"
@@ -80,22 +78,13 @@ class GatewayApp:
     # -- request handling ------------------------------------------------------------------------
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
-        if self._request_ids:
-            await self._serve_with_request_id(scope, proto)
-            return
-        await self._serve(scope, proto)
-
-    async def _serve_with_request_id(self, scope: Any, proto: Any) -> None:
-        """JSON-log mode: every log line of the request carries its id, sent back as `Request-Id`."""
-        rid = logs.request_id(scope.headers.get("request-id"))
-        token = logs.REQUEST_ID.set(rid)
-        try:
-            await self._serve(scope, proto, rid)
-        finally:
-            logs.REQUEST_ID.reset(token)
-
-    async def _serve(self, scope: Any, proto: Any, rid: str | None = None) -> None:
         started = time.perf_counter()
+        rid = None
+        if self._request_ids:
+            # JSON-log mode: every log line of this request carries its id (the request runs in a task
+            # of its own, so the context variable is this request's), sent back as `Request-Id`.
+            rid = logs.request_id(scope.headers.get("request-id"))
+            logs.REQUEST_ID.set(rid)
         path = scope.path
         method = scope.method
         route = "other"
@@ -164,17 +153,10 @@ class GatewayApp:
             return error(401, "invalid_api_key", "Invalid API key provided.", kind="authentication_error",
                          headers=(challenge,))
         fastpath = self.runtime.fastpath
-        if fastpath is not None:
-            if merchant.rate_limit_per_s is not None:
-                burst = merchant.rate_limit_burst or max(1.0, merchant.rate_limit_per_s)
-                fastpath.set_rate_limit(merchant.id, merchant.rate_limit_per_s, burst)
-            elif digest in self._limited:
-                # A custom limit was removed: back to the configured default.
-                fastpath.set_rate_limit(merchant.id, self.config.rate_limit.per_s, self.config.rate_limit.burst)
-        if merchant.rate_limit_per_s is not None:
-            self._limited.add(digest)
-        else:
-            self._limited.discard(digest)
+        if merchant.rate_limit_per_s is not None and fastpath is not None:
+            # Set again after every merchant change (the cache is dropped): an updated limit applies.
+            burst = merchant.rate_limit_burst or max(1.0, merchant.rate_limit_per_s)
+            fastpath.set_rate_limit(merchant.id, merchant.rate_limit_per_s, burst)
         self._merchants[digest] = merchant
         return merchant
 
