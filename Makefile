@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: venv deps build-dev build-prod install run test test-rust test-python lint fmt services-up services-down bench bench-micro clean
+.PHONY: venv deps build-dev build-prod install run test test-rust test-python test-alerts lint fmt services-up services-down bench bench-micro clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,7 +38,14 @@ test-rust:
 test-python: install
 	pytest -q $(PYTEST_ARGS)
 
-test: install test-rust test-python
+# Alert rules: promtool (Debian's prometheus package, installed by deploy/prometheus.sh) checks them and
+# runs their unit tests (deploy/prometheus/alerts_test.yml).
+test-alerts:
+	bash deploy/prometheus.sh install
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+
+test: install test-rust test-alerts test-python
 
 lint: deps
 	cargo fmt --check

@@ -117,6 +117,9 @@ def cmd_merchant_create(args: argparse.Namespace) -> int:
     try:
         m = store.create_merchant(args.name, hash_api_key(key.expose()), rate_limit_per_s=args.rate_limit_per_s,
                                   rate_limit_burst=args.rate_limit_burst)
+        from gateway.store.merchants import MerchantAdmin
+
+        MerchantAdmin(store).record_created(m.id, "cli", key.expose())
     finally:
         store.close()
     # The only place a key is ever shown in clear: to the operator who created it.
@@ -163,8 +166,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if cfg.server.mode != "cluster":
         print("error: `gateway worker` consumes Kafka: it needs server.mode = \"cluster\"", file=sys.stderr)
         return 2
-    logs.setup(cfg.log.level)
-    return run_worker(cfg)
+    logs.setup(cfg.log.level, cfg.log.format)
+    return run_worker(cfg, args.metrics_port)
 
 
 def cmd_psp_sim(args: argparse.Namespace) -> int:
@@ -381,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--rate-limit-per-s", type=float)
     mc.add_argument("--rate-limit-burst", type=float)
     mc.set_defaults(func=cmd_merchant_create)
+    from gateway.api.merchant_cli import add_parsers as add_merchant_parsers
+
+    add_merchant_parsers(msub, _store_flags, _open_configured_store)  # list, show, update, rotate-key, ...
 
     csub = _command_group(sub, "config", "config file tools")
     cc = csub.add_parser("check", help="validate a config file (with the GATEWAY_* overrides); exit 2 on an error")
@@ -396,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="cluster mode: consume the payments topic into PostgreSQL")
     wk.add_argument("--config", required=True)
+    wk.add_argument("--metrics-port", type=int, default=None,
+                    help="serve /metrics on this port (default [metrics] worker_port; 0: none)")
     wk.set_defaults(func=cmd_worker)
 
     ps = sub.add_parser("psp-sim", help="serve the simulated PSPs over HTTP")

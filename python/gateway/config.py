@@ -76,6 +76,30 @@ class TailerConfig(_Section):
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # "json": one JSON object per line (time, level, logger, message, request_id); "text": plain lines.
+    format: Literal["text", "json"] = "text"
+
+
+class MetricsConfig(_Section):
+    """The async path's metrics (docs/operations.md): what the worker reads from the store on an interval,
+    and where a cluster `gateway worker` serves its /metrics."""
+
+    # Store counts (pending_verification, oldest undelivered webhook, reconciliation discrepancies).
+    check_interval_ms: Annotated[int, Meta(ge=100, le=3_600_000)] = 5_000
+    # The ledger check scans every ledger line: on its own, longer interval.
+    ledger_check_interval_ms: Annotated[int, Meta(ge=100, le=86_400_000)] = 30_000
+    # Cluster `gateway worker`: serve /metrics on this port (0: not served; `--metrics-port` overrides).
+    worker_port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    worker_host: str = "127.0.0.1"
+
+
+class MerchantsConfig(_Section):
+    """Merchants managed live (`gateway merchant ...`, `/v1/admin/merchants`)."""
+
+    # After `rotate-key`, the old key keeps working this long (`--overlap-s` overrides per rotation).
+    key_overlap_s: Annotated[int, Meta(ge=0, le=30 * 86_400)] = 86_400
+    # Every gateway process re-reads merchant changes this often (changes take effect within it).
+    refresh_ms: Annotated[int, Meta(ge=100, le=60_000)] = 1_000
 
 
 class ClusterConfig(_Section):
@@ -267,6 +291,8 @@ class Config(_Section):
     psp: PSPConfig = msgspec.field(default_factory=PSPConfig)
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    merchants: MerchantsConfig = msgspec.field(default_factory=MerchantsConfig)
 
     def fastpath_json(self, data_dir: Path) -> str:
         """The settings the Rust fast path takes, as the JSON its `Config` decodes."""
@@ -341,6 +367,9 @@ ENV_OVERRIDES: tuple[tuple[str, str, str, Callable[[str], Any]], ...] = (
     ("GATEWAY_WEBHOOK_CONCURRENCY", "webhooks", "concurrency", _int),
     ("GATEWAY_WEBHOOK_POLL_MS", "webhooks", "poll_ms", _int),
     (ENV_ALLOW_PRIVATE_URLS, "webhooks", "allow_private_urls", _on_off),
+    ("GATEWAY_METRICS_CHECK_INTERVAL_MS", "metrics", "check_interval_ms", _int),
+    ("GATEWAY_LEDGER_CHECK_INTERVAL_MS", "metrics", "ledger_check_interval_ms", _int),
+    ("GATEWAY_LOG_FORMAT", "log", "format", str),
 )
 
 

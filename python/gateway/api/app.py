@@ -19,7 +19,8 @@ from typing import Any
 import msgspec
 
 from gateway import config as config_mod
-from gateway.api import operations, payments, risk_admin, webhooks
+from gateway import logs
+from gateway.api import merchant_admin, operations, payments, risk_admin, webhooks
 from gateway.api.http import JSON, Response, Route, error
 from gateway.api.metrics import HttpMetrics
 from gateway.domain.secrets import hash_api_key
@@ -46,7 +47,7 @@ class Settings(msgspec.Struct):
 
 def build_routes() -> list[Route]:
     """The route table: every endpoint beside the hot create and read, in matching order."""
-    return [*operations.routes(), *risk_admin.routes(), *webhooks.routes()]
+    return [*operations.routes(), *risk_admin.routes(), *webhooks.routes(), *merchant_admin.routes()]
 
 
 class GatewayApp:
@@ -57,19 +58,36 @@ class GatewayApp:
         self.metrics = HttpMetrics()
         self._merchants: dict[str, Merchant] = {}
         self._unknown_keys: dict[str, float] = {}
+        # The rate limit last given to the fast path per merchant: set again only when it changed, so a
+        # merchant change elsewhere (which drops the key cache) does not refill the merchant's bucket.
+        self._limits_set: dict[str, tuple[float, float]] = {}
+        self._merchant_refresh: asyncio.Task[None] | None = None
+        # [log] format = "json": a request id on every line and in the `Request-Id` header.
+        self._request_ids = self.config.log.format == "json"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.runtime.start(loop)
+        # Merchant changes (rate limits, key rotation and revocation) made anywhere reach this cache.
+        self._merchant_refresh = loop.create_task(merchant_admin.refresh_loop(
+            self.runtime, self.forget_merchants, self.config.merchants.refresh_ms / 1000))
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._merchant_refresh is not None:
+            self._merchant_refresh.cancel()
         self.runtime.stop(loop)
 
     # -- request handling ------------------------------------------------------------------------
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         started = time.perf_counter()
+        rid = None
+        if self._request_ids:
+            # JSON-log mode: every log line of this request carries its id (the request runs in a task
+            # of its own, so the context variable is this request's), sent back as `Request-Id`.
+            rid = logs.request_id(scope.headers.get("request-id"))
+            logs.REQUEST_ID.set(rid)
         path = scope.path
         method = scope.method
         route = "other"
@@ -95,6 +113,10 @@ class GatewayApp:
         except Exception:
             log.exception("unhandled error on %s %s", method, path)
             status, headers, body = error(500, "internal_error", "Internal error.", kind="api_error")
+        if rid is not None:
+            headers = [*headers, ("request-id", rid)]
+            if status >= 400:
+                log.info("%s %s answered %d (%s)", method, route, status, path[:128])
         proto.response_bytes(status, headers, body)
         self.metrics.observe(route, status, time.perf_counter() - started)
 
@@ -123,7 +145,7 @@ class GatewayApp:
                          headers=(challenge,))
         digest = hash_api_key(key)
         merchant = self._merchants.get(digest)
-        if merchant is not None:
+        if merchant is not None and (merchant.key_expires_ms is None or merchant.key_expires_ms > time.time() * 1000):
             return merchant
         now = time.monotonic()
         merchant = None if self._unknown_keys.get(digest, 0.0) > now else self.runtime.merchant_by_key_hash(digest)
@@ -135,10 +157,18 @@ class GatewayApp:
                          headers=(challenge,))
         fastpath = self.runtime.fastpath
         if merchant.rate_limit_per_s is not None and fastpath is not None:
-            burst = merchant.rate_limit_burst or max(1.0, merchant.rate_limit_per_s)
-            fastpath.set_rate_limit(merchant.id, merchant.rate_limit_per_s, burst)
+            # Looked at again after every merchant change (the cache is dropped): an updated limit applies.
+            limit = (merchant.rate_limit_per_s, merchant.rate_limit_burst or max(1.0, merchant.rate_limit_per_s))
+            if self._limits_set.get(merchant.id) != limit:
+                fastpath.set_rate_limit(merchant.id, *limit)
+                self._limits_set[merchant.id] = limit
         self._merchants[digest] = merchant
         return merchant
+
+    def forget_merchants(self) -> None:
+        """A merchant changed somewhere: authenticate every key against the store again."""
+        self._merchants.clear()
+        self._unknown_keys.clear()
 
     def _metrics(self) -> bytes:
         return (self.metrics.render() + self.runtime.metrics_text()).encode()
@@ -146,11 +176,9 @@ class GatewayApp:
 
 def create_app() -> GatewayApp:
     """Granian factory: settings come from the environment set by `gateway serve`."""
-    from gateway import logs
-
     raw = os.environ.get("GATEWAY_SETTINGS", "{}")
     settings = msgspec.json.decode(raw.encode(), type=Settings)
     cfg = config_mod.load(settings.config_path)
     app = GatewayApp(build_runtime(cfg, Path(settings.data_dir or cfg.server.data_dir)))
-    logs.setup(cfg.log.level)
+    logs.setup(cfg.log.level, cfg.log.format)
     return app

@@ -150,3 +150,15 @@ def created_payment_ids(records: Iterable[tuple[int, bytes]]) -> list[str]:
         if s is not None and s.type == PAYMENT_CREATED and s.payment is not None:
             out.append(s.payment.id)
     return out
+
+
+def created_payments(records: Iterable[tuple[int, bytes]]) -> tuple[list[str], list[int]]:
+    """`created_payment_ids` and, beside each id, when its record was written (ms: the acknowledgement)."""
+    ids: list[str] = []
+    created_ms: list[int] = []
+    for _, payload in records:
+        s = decode_summary(payload)
+        if s is not None and s.type == PAYMENT_CREATED and s.payment is not None:
+            ids.append(s.payment.id)
+            created_ms.append(s.created_ms)
+    return ids, created_ms

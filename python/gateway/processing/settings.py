@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from msgspec.structs import asdict
 
-from gateway.config import Config, PSPConfig, PSPProfileConfig, RouterConfig, WorkerConfig
+from gateway.config import Config, MetricsConfig, PSPConfig, PSPProfileConfig, RouterConfig, WorkerConfig
 from gateway.domain.events import WebhookSettings
 from gateway.processing.webhooks import webhook_settings
 from gateway.psp.breaker import BreakerConfig
-from gateway.psp.bulkhead import Bulkhead
+from gateway.psp.bulkhead import Bulkhead, CallObserver
 from gateway.psp.client import HTTPPSPClient, PSPClient
 from gateway.psp.routing import PSPRoute, RetryPolicy, Router, ScoreWeights
 from gateway.psp_sim import DEFAULT_PROFILES, InProcessPSPClient, SimulatedPSP
@@ -26,6 +26,7 @@ from gateway.psp_sim.profiles import PSPProfile
 
 _PSP = PSPConfig()
 _WORKER = WorkerConfig()
+_METRICS = MetricsConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class WorkerSettings:
     psp_inflight_share_max: float = _PSP.inflight_share_max
     router: RouterConfig = field(default_factory=RouterConfig)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    metrics_check_interval_ms: int = _METRICS.check_interval_ms
+    ledger_check_interval_ms: int = _METRICS.ledger_check_interval_ms
 
     @classmethod
     def from_config(cls, cfg: Config) -> WorkerSettings:
@@ -57,6 +60,8 @@ class WorkerSettings:
             db_connections=w.db_connections, batch_records_max=w.batch_records_max,
             batch_linger_ms=w.batch_linger_ms, psp_profiles=dict(p.profiles),
             psp_inflight_share_max=p.inflight_share_max, router=cfg.router, webhooks=webhook_settings(cfg.webhooks),
+            metrics_check_interval_ms=cfg.metrics.check_interval_ms,
+            ledger_check_interval_ms=cfg.metrics.ledger_check_interval_ms,
         )
 
 
@@ -77,7 +82,7 @@ def profile(s: WorkerSettings, name: str) -> PSPProfile:
     return dataclasses.replace(DEFAULT_PROFILES[name], **changes)
 
 
-def build_psps(s: WorkerSettings) -> PSPs:
+def build_psps(s: WorkerSettings, observer: CallObserver | None = None) -> PSPs:
     profiles = {name: profile(s, name) for name in s.psps}
     timeout_s = s.psp_timeout_ms / 1000
     sims: dict[str, SimulatedPSP] = {}
@@ -88,7 +93,8 @@ def build_psps(s: WorkerSettings) -> PSPs:
         sims = {name: SimulatedPSP(p, seed=s.psp_seed, time_scale=s.psp_time_scale) for name, p in profiles.items()}
         inner = {name: InProcessPSPClient(sim, timeout_s=timeout_s) for name, sim in sims.items()}
     bulkheads = {
-        name: Bulkhead(client, max(1, int(profiles[name].capacity_inflight_max * s.psp_inflight_share_max)))
+        name: Bulkhead(client, max(1, int(profiles[name].capacity_inflight_max * s.psp_inflight_share_max)),
+                       capacity_inflight=profiles[name].capacity_inflight_max, observer=observer)
         for name, client in inner.items()
     }
     r = s.router

@@ -28,6 +28,7 @@ import msgspec
 
 from gateway.config import WebhooksConfig
 from gateway.domain.events import WebhookSettings, private_address
+from gateway.domain.metrics import Counter
 from gateway.domain.signature import SIGNATURE_HEADER, sign
 from gateway.store.processing import Delivery, ProcessingStore, now_ms
 
@@ -51,8 +52,10 @@ DbCall = Callable[..., Awaitable[Any]]
 
 class Dispatcher:
     def __init__(self, pstore: ProcessingStore, settings: WebhookSettings | None = None,
-                 db: DbCall | None = None) -> None:
+                 db: DbCall | None = None, outcomes: Counter | None = None) -> None:
         self.pstore = pstore
+        # `gateway_webhook_deliveries_total{outcome}`: delivered, retrying, failed.
+        self.outcomes = outcomes
         self.settings = settings or WebhookSettings()
         self._db_call = db
         self._wake = asyncio.Event()
@@ -65,6 +68,10 @@ class Dispatcher:
             return fn(*args)
         out: T = await self._db_call(fn, *args)
         return out
+
+    def _count(self, outcome: str) -> None:
+        if self.outcomes is not None:
+            self.outcomes.inc((outcome,))
 
     def wake(self) -> None:
         """Something new may be due (a payment changed in this process): look now, not at the next poll."""
@@ -152,6 +159,7 @@ class Dispatcher:
             if status_code is not None and 200 <= status_code < 300:
                 await self._db(self.pstore.finish_delivery, d, "delivered", status_code, None, None)
                 self.delivered += 1
+                self._count("delivered")
                 return
             self.failed_attempts += 1
             if error is None:
@@ -160,9 +168,11 @@ class Dispatcher:
                 log.warning("webhook %s to endpoint %s failed after %d attempts (%s)", d.event_id, d.endpoint_id,
                             attempts, error)
                 await self._db(self.pstore.finish_delivery, d, "failed", status_code, error, None)
+                self._count("failed")
             else:
                 retry_at = now_ms() + self.settings.retry_delay_ms(attempts)
                 await self._db(self.pstore.finish_delivery, d, "pending", status_code, error, retry_at)
+                self._count("retrying")
         except Exception:
             # Not recorded: the lease runs out and the delivery is sent again.
             log.exception("recording webhook delivery %s/%s failed", d.event_id, d.endpoint_id)

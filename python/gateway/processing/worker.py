@@ -58,6 +58,7 @@ from gateway.domain import payment as sm
 from gateway.domain.attempt import AttemptRow, AttemptStatus, Outcome
 from gateway.processing.authorize import process_authorization
 from gateway.processing.batching import Batcher
+from gateway.processing.metrics import PipelineMetrics, refresh_loop
 from gateway.processing.operations import process_capture, process_refund, process_void
 from gateway.processing.resolve import resolve_pending
 from gateway.processing.settings import WorkerSettings, build_psps
@@ -105,9 +106,14 @@ class Worker:
             ThreadPoolExecutor(max(1, pool_max), thread_name_prefix="worker-db") if shared and pool_max else None
         )
         s = self.settings
-        psps = build_psps(s)
+        # The async path's metrics (processing/metrics.py): counters here, live state read when rendered.
+        self.metrics = PipelineMetrics()
+        psps = build_psps(s, observer=self.metrics)
         self.sims, self.clients, self.bulkheads = psps.sims, psps.clients, psps.bulkheads
         self.router, self.policy = psps.router, psps.policy
+        self.metrics.bind(self.router, self.bulkheads, lambda: self.backlog)
+        # Acknowledgement time (ms) of the payments handed over by the feed, until they leave processing.
+        self._accepted_ms: dict[str, int] = {}
         # Embedded mode's in-process simulators write their daily settlement files beside the database,
         # for `gateway reconcile settlement` (docs/reconciliation.md).
         self.settlement_dir = (
@@ -164,12 +170,13 @@ class Worker:
         if self.settlements is not None:
             self.settlements.stop()  # writes what the last operations settled
 
-    def submit_payments(self, payment_ids: list[str]) -> None:
-        """Thread-safe: queue new payments for authorization."""
+    def submit_payments(self, payment_ids: list[str], accepted_ms: list[int] | None = None) -> None:
+        """Thread-safe: queue new payments for authorization; `accepted_ms`: when each was acknowledged
+        (the time to a final status is measured from it)."""
         loop = self.loop
         if loop is None or not payment_ids:
             return
-        loop.call_soon_threadsafe(self._enqueue_many, [("payment", pid) for pid in payment_ids])
+        loop.call_soon_threadsafe(self._enqueue_many, [("payment", pid) for pid in payment_ids], accepted_ms)
 
     def submit_operation(self, operation_id: str) -> None:
         loop = self.loop
@@ -194,15 +201,17 @@ class Worker:
         from gateway.processing.webhooks import Dispatcher
 
         # Webhooks of the events this worker's changes wrote (and of any other worker's, in cluster mode).
-        self.webhooks = Dispatcher(self.pstore, self.settings.webhooks, db=self._db)
+        self.webhooks = Dispatcher(self.pstore, self.settings.webhooks, db=self._db, outcomes=self.metrics.webhooks)
         self._ready.set()
         dispatcher = asyncio.ensure_future(self._dispatch())
         reconciler = asyncio.ensure_future(self._reconcile_loop())
         webhooks = asyncio.ensure_future(self.webhooks.run())
+        s = self.settings
+        health = asyncio.ensure_future(refresh_loop(self.metrics, self._db, self.pstore, s.metrics_check_interval_ms,
+                                                    s.ledger_check_interval_ms))
         await self._stopping.wait()
-        dispatcher.cancel()
-        reconciler.cancel()
-        webhooks.cancel()
+        for task in (dispatcher, reconciler, webhooks, health):
+            task.cancel()
         if self._tasks:
             # In-flight PSP calls get a moment to finish; anything cut short left a `started` attempt
             # that the next start resolves by its key.
@@ -210,14 +219,14 @@ class Worker:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(dispatcher, reconciler, webhooks, return_exceptions=True)
+        await asyncio.gather(dispatcher, reconciler, webhooks, health, return_exceptions=True)
         self.pstore.close()  # drops this worker's claims at once instead of at process exit
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    def _enqueue_many(self, items: list[tuple[str, str]]) -> None:
+    def _enqueue_many(self, items: list[tuple[str, str]], accepted_ms: list[int] | None = None) -> None:
         assert self._queue is not None
-        for item in items:
+        for i, item in enumerate(items):
             if item in self._queued:
                 continue
             try:
@@ -227,6 +236,8 @@ class Worker:
                 self._rescan = True
                 return
             self._queued.add(item)
+            if accepted_ms is not None:
+                self._accepted_ms[item[1]] = accepted_ms[i]
 
     def _finish_abandoned_keys(self) -> None:
         before = now_ms() - SHARED_KEY_ABANDONED_MS if self.shared else None
@@ -275,6 +286,7 @@ class Worker:
             def done(t: asyncio.Task[None], item: tuple[str, str] = item) -> None:
                 self._tasks.discard(t)
                 self._queued.discard(item)
+                self._accepted_ms.pop(item[1], None)
                 sem.release()
 
             task.add_done_callback(done)
@@ -288,6 +300,7 @@ class Worker:
                 await self.process_operation(ident)
         except Exception:
             self.errors += 1
+            self.metrics.worker_errors.inc()
             log.exception("processing %s %s failed; the reconciler will retry it", kind, ident)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -391,6 +404,10 @@ class Worker:
         created = await self._apply(Change(result, p.version, new_operation=follow_up))
         if result.payment.status is not sm.PaymentStatus.PENDING_VERIFICATION:
             self.settled += 1
+            self.metrics.payment_final(result.payment.status.value, result.payment.failure_code,
+                                       self._accepted_ms.pop(p.id, None))
+        else:
+            self.metrics.pending_verification_total.inc()
         self._changed(p.id)
         if created is not None:
             # The auto-capture, in the same round: the operation and the payment are what this apply
@@ -434,6 +451,7 @@ class Worker:
         client = self.clients.get(p.psp or "")
         if client is None:
             await self._db(self.pstore.finish_operation, OperationFinish(op.id, "failed", "psp_not_configured"), p.id)
+            self.metrics.operations.inc((op.kind, "failed"))
             self._changed(p.id)
             return
         if unresolved:
@@ -467,6 +485,7 @@ class Worker:
                     )
             except sm.TransitionError as e:
                 await self._db(self.pstore.finish_operation, OperationFinish(op.id, "failed", e.code), p.id)
+                self.metrics.operations.inc((op.kind, "failed"))
                 self._changed(p.id)
                 return
         if result.outcome is Outcome.APPROVED:
@@ -477,4 +496,5 @@ class Worker:
             code = result.attempts[-1].code if result.attempts else None
             finish = OperationFinish(op.id, "failed", code or result.outcome.value)
         await self._apply(Change(result, p.version, operation_id=op.id, finish=finish))
+        self.metrics.operations.inc((op.kind, finish.status))
         self._changed(p.id)

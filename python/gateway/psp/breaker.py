@@ -59,6 +59,12 @@ class CircuitBreaker:
             self._probes_inflight = 0
         return self._state
 
+    def observed_state(self) -> BreakerState:
+        """The state as `state` would report it, without moving it (safe from another thread: metrics)."""
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.config.cooldown_s:
+            return BreakerState.HALF_OPEN
+        return self._state
+
     def can_try(self) -> bool:
         """Whether a call would be allowed now (does not reserve a half-open probe)."""
         state = self.state

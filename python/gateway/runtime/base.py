@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gateway._fastpath import FastPath
     from gateway.feed.eventlog import EventLog
     from gateway.risk.control import RiskControl
+    from gateway.store.merchants import MerchantAdmin
     from gateway.store.processing import ProcessingStore
 
 log = logging.getLogger("gateway.runtime")
@@ -152,6 +153,20 @@ class Durability:
                             echo_key=idem_key is not None and r.status < 500)
 
 
+def disk_metrics(data_dir: Path) -> str:
+    """Free and total bytes of the file system that holds the data dir (WAL, database): a statvfs per scrape."""
+    try:
+        st = os.statvfs(data_dir)
+    except OSError:
+        return ""
+    return (
+        "# HELP gateway_disk_free_bytes Bytes available to the gateway on the data dir's file system.\n"
+        f"# TYPE gateway_disk_free_bytes gauge\ngateway_disk_free_bytes {st.f_bavail * st.f_frsize}\n"
+        "# HELP gateway_disk_size_bytes Size of the data dir's file system.\n"
+        f"# TYPE gateway_disk_size_bytes gauge\ngateway_disk_size_bytes {st.f_blocks * st.f_frsize}\n"
+    )
+
+
 class Runtime:
     """The interface the API is built from; `EmbeddedRuntime` and `ClusterRuntime` implement it.
 
@@ -167,6 +182,7 @@ class Runtime:
     risk_control: RiskControl | None = None
     admin_digests: list[str]
     ready: bool = False
+    _merchant_admin: MerchantAdmin | None = None
 
     def __init__(self, config: Config, data_dir: Path) -> None:
         self.config = config
@@ -203,6 +219,17 @@ class Runtime:
     def merchant_by_key_hash(self, digest: str) -> Merchant | None:
         raise NotImplementedError
 
+    def merchant_admin(self) -> MerchantAdmin | None:
+        """Merchant management (store/merchants.py) over the mode's store; None before it is open."""
+        store = getattr(self, "store", None)
+        if store is None:
+            return None
+        if self._merchant_admin is None:
+            from gateway.store.merchants import MerchantAdmin
+
+            self._merchant_admin = MerchantAdmin(store)
+        return self._merchant_admin
+
     async def create(self, merchant: Merchant, idem_key: str | None, body: bytes) -> CreateAnswer:
         raise NotImplementedError
 
@@ -236,5 +263,7 @@ class Runtime:
         if fp is None:
             return ""
         waiting = len(self.durability.waiters) if self.durability is not None else 0
-        return fp.metrics_text() + f"# TYPE gateway_durable_waiters gauge\ngateway_durable_waiters {waiting}\n"
+        return fp.metrics_text() + disk_metrics(self.data_dir) + (
+            "# HELP gateway_durable_waiters Requests waiting for their WAL record to be durable.\n"
+            f"# TYPE gateway_durable_waiters gauge\ngateway_durable_waiters {waiting}\n")
 

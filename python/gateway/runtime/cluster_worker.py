@@ -32,6 +32,7 @@ import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from gateway.config import Config
+from gateway.domain.metrics import Registry
 from gateway.domain.records import payment_id_of
 from gateway.feed.relay import ensure_topic
 from gateway.processing.worker import Worker, WorkerSettings
@@ -49,6 +50,8 @@ HEARTBEAT_INTERVAL_MS = 1_000
 STORE_RETRY_S = 1.0
 TOPIC_RETRY_S = 2.0
 TOPIC_ATTEMPT_TIMEOUT_S = 5.0
+# The consumer's lag per partition (for /metrics) is read from its cached watermarks this often.
+LAG_REFRESH_S = 1.0
 
 
 def _lsn(message: Message) -> int:
@@ -82,6 +85,14 @@ class KafkaWorker:
         self.stopping = threading.Event()
         self.applied_records = 0
         self.inserted_payments = 0
+        # The feed's own metrics, beside the payment worker's (served on `[metrics] worker_port`).
+        self.feed_metrics = Registry()
+        self.records_total = self.feed_metrics.counter(
+            "gateway_feed_records_total", "Kafka records this worker consumed and wrote to PostgreSQL.")
+        self.consumer_lag = self.feed_metrics.gauge(
+            "gateway_feed_consumer_lag_messages", "Kafka consumer lag of this worker per assigned partition.",
+            ("partition",))
+        self._lag_at = 0.0
         # The async payment path of this process (None: materialise only, e.g. a benchmark of that), on
         # a pool of its own: its transactions run on threads, many at once.
         self.processor: Worker | None = None
@@ -101,7 +112,11 @@ class KafkaWorker:
     def step(self) -> int:
         """Consumes one batch, writes it, then commits its offsets; returns the records consumed."""
         messages: list[Message] = self.consumer.consume(self.batch_records_max, POLL_TIMEOUT_S)
+        if time.monotonic() >= self._lag_at:
+            self._lag_at = time.monotonic() + LAG_REFRESH_S
+            self._refresh_lag()
         payloads: list[tuple[int, bytes]] = []
+        produced_ms: list[int] = []
         for m in messages:
             err = m.error()
             if err is not None:
@@ -111,6 +126,7 @@ class KafkaWorker:
             value = m.value()
             if value is not None:
                 payloads.append((_lsn(m), value))
+                produced_ms.append(m.timestamp()[1])
         if not payloads:
             return 0
         while True:
@@ -128,15 +144,48 @@ class KafkaWorker:
         except KafkaException as e:
             # Not fatal: the records will be delivered again and applied as no-ops.
             log.warning("offset commit failed: %s", e)
-        ids = [pid for _, p in payloads if (pid := payment_id_of(p)) is not None]
+        ids: list[str] = []
+        accepted_ms: list[int] = []
+        for (_, p), ms in zip(payloads, produced_ms):
+            pid = payment_id_of(p)
+            if pid is not None:
+                ids.append(pid)
+                accepted_ms.append(ms)
         forget_recent(self.redis, self.prefix, ids)
         if self.processor is not None:
             # Every id, new or not: a record delivered again after a crash may be a payment that is
-            # still `processing`; one already settled is skipped at its first read.
-            self.processor.submit_payments(ids)
+            # still `processing`; one already settled is skipped at its first read. The record's
+            # broker timestamp (its production, right after the acknowledgement) starts the
+            # ack-to-final clock.
+            self.processor.submit_payments(ids, accepted_ms)
         self.applied_records += len(payloads)
+        self.records_total.inc(n=len(payloads))
         self.inserted_payments += inserted
         return len(payloads)
+
+    def _refresh_lag(self) -> None:
+        """Lag per assigned partition: the high watermark (as last fetched) minus the position."""
+        try:
+            assigned = self.consumer.assignment()
+            positions = self.consumer.position(assigned) if assigned else []
+        except KafkaException:
+            return
+        self.consumer_lag.values.clear()
+        for tp in positions:
+            try:
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                position = max(tp.offset, 0)
+                self.consumer_lag.set(max(0, high - position), (str(tp.partition),))
+
+    def metrics_text(self) -> str:
+        """What the worker's /metrics serves: the feed's metrics and the payment worker's."""
+        text = self.feed_metrics.render()
+        if self.processor is not None:
+            text += self.processor.metrics.registry.render()
+        return text
 
     def _on_operation(self, _channel: str, operation_id: str) -> None:
         if self.processor is not None:
@@ -165,7 +214,10 @@ class KafkaWorker:
                      self.processor.settled if self.processor is not None else 0)
 
 
-def run_worker(cfg: Config) -> int:
+def run_worker(cfg: Config, metrics_port: int | None = None) -> int:
+    """Runs one cluster worker until SIGTERM/SIGINT; `metrics_port` (default `[metrics] worker_port`,
+    0: none) serves its /metrics."""
+    metrics_port = cfg.metrics.worker_port if metrics_port is None else metrics_port
     from gateway.store.postgres import open_postgres
 
     c = cfg.cluster
@@ -195,8 +247,16 @@ def run_worker(cfg: Config) -> int:
     worker = KafkaWorker(cfg, store, processing=cfg.worker.enabled)
     worker.stopping = stopping
     print(f"gateway worker: consuming {c.topic} into PostgreSQL schema {c.database_schema}", flush=True)
+    server = None
+    if metrics_port:
+        from gateway.runtime.metrics_server import MetricsServer
+
+        server = MetricsServer(cfg.metrics.worker_host, metrics_port, worker.metrics_text).start()
+        print(f"gateway worker: metrics on http://{cfg.metrics.worker_host}:{server.port}/metrics", flush=True)
     try:
         worker.run()
     finally:
+        if server is not None:
+            server.stop()
         store.close()
     return 0

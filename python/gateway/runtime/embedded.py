@@ -122,14 +122,21 @@ class EmbeddedRuntime(Runtime):
 
     def metrics_text(self) -> str:
         worker = self.worker
+        committed = self.fastpath.committed_lsn() if self.fastpath is not None else 0
         return super().metrics_text() + (
+            "# HELP gateway_tailer_applied_lsn Highest WAL LSN the worker child has applied to the store.\n"
             "# TYPE gateway_tailer_applied_lsn gauge\n"
             f"gateway_tailer_applied_lsn {worker.applied_lsn if worker else 0}\n"
             "# HELP gateway_backlog_payments Acknowledged payments not finished yet (bound: [worker] backlog_max).\n"
             "# TYPE gateway_backlog_payments gauge\n"
             f"gateway_backlog_payments {self.backlog()}\n"
+            "# HELP gateway_backlog_refused_total Creates refused with 503 backlog_full.\n"
             "# TYPE gateway_backlog_refused_total counter\n"
             f"gateway_backlog_refused_total {self.backlog_refused}\n"
+            "# HELP gateway_worker_respawns_total Times the worker child was started again after it died.\n"
             "# TYPE gateway_worker_respawns_total counter\n"
             f"gateway_worker_respawns_total {worker.respawns if worker else 0}\n"
-        )
+            "# HELP gateway_feed_lag_lsn WAL records committed but not yet applied to the store by the tailer.\n"
+            "# TYPE gateway_feed_lag_lsn gauge\n"
+            f"gateway_feed_lag_lsn {max(0, committed - (worker.applied_lsn if worker else 0))}\n"
+        ) + (worker.metrics_text if worker is not None else "")

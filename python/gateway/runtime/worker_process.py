@@ -13,6 +13,8 @@ stdout, one line per message:
                      C <payment id> ...     persisted changes (wake `Prefer: wait` requests), one
                                             line per round of the worker's event loop
                      B <n>                  the worker's backlog: payments and operations not finished
+                     M <JSON string>        the worker's metrics as Prometheus text (every
+                                            METRICS_REPORT_S), served on the gateway's /metrics
 
 The child reads the WAL read-only (it never truncates or repairs it: the parent's fast path recovered
 it before the child starts) and only up to the committed LSN the parent sent, so it never applies a
@@ -40,7 +42,7 @@ from collections.abc import Callable
 import msgspec
 
 from gateway import config as config_mod
-from gateway.domain.records import created_payment_ids
+from gateway.domain.records import created_payments
 
 log = logging.getLogger("gateway.worker")
 
@@ -49,6 +51,10 @@ STOP_WAIT_S = 15.0
 READY_WAIT_S = 600.0
 RESPAWN_DELAY_S = 0.5
 BACKLOG_REPORT_S = 0.2
+# The worker's metrics reach the HTTP process this often: a scrape sees them at most this old.
+METRICS_REPORT_S = 1.0
+# A metrics line longer than this is dropped (and logged): the pipe is not for unbounded text.
+METRICS_LINE_BYTES_MAX = 4 * 1024 * 1024
 
 
 class WorkerProcess:
@@ -67,6 +73,8 @@ class WorkerProcess:
         self.applied_lsn = 0
         self.backlog = 0
         self.respawns = 0
+        # The child's metrics text (its last `M` line); empty until it reports.
+        self.metrics_text = ""
         self._committed_lsn = 0
         self._sent_lsn = -1
         self._stopping = False
@@ -172,6 +180,8 @@ class WorkerProcess:
                 applied(self.applied_lsn)
         elif kind == b"B ":
             self.backlog = int(rest)
+        elif kind == b"M ":
+            self.metrics_text = msgspec.json.decode(rest, type=str)
 
     def _respawn_later(self, proc: subprocess.Popen[bytes]) -> None:
         code = proc.wait()
@@ -272,7 +282,7 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
     from gateway.store.sqlite import SqliteStore
 
     cfg = config_mod.load(config_path)
-    logs.setup(os.environ.get("GATEWAY_LOG_LEVEL", "info"))
+    logs.setup(os.environ.get("GATEWAY_LOG_LEVEL", "info"), cfg.log.format)
     store = SqliteStore(db_path)
     out = _Out()
     worker = Worker(store, WorkerSettings.from_config(cfg)) if worker_on else None
@@ -280,7 +290,7 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
 
     def applied(records: list[tuple[int, bytes]]) -> None:
         if worker is not None:
-            worker.submit_payments(created_payment_ids(records))
+            worker.submit_payments(*created_payments(records))
         out.write(b"A %d" % records[-1][0])
 
     tailer = Tailer(wal_dir, store, source, cfg.tailer.batch_records_max) if wal_dir else None
@@ -292,6 +302,8 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
         worker.start()  # its start-up scan finds every payment still `processing`
         backlog = worker  # read by the reporter thread
         threading.Thread(target=_report_backlog, args=(lambda: backlog.backlog, out, stopping),
+                         daemon=True).start()
+        threading.Thread(target=_report_metrics, args=(worker.metrics.registry.render, out, stopping),
                          daemon=True).start()
     if tailer is not None:
         tailer.on_applied = applied
@@ -333,6 +345,19 @@ class _ChangeLines:
         ids, self.pending = self.pending, []
         for i in range(0, len(ids), self.IDS_PER_LINE_MAX):
             self.out.write(b"C " + b" ".join(ids[i:i + self.IDS_PER_LINE_MAX]))
+
+
+def _report_metrics(render: Callable[[], str], out: _Out, stopping: threading.Event) -> None:
+    """Renders the worker's metrics on this thread (a scrape never waits for the child) and sends them."""
+    while not stopping.wait(METRICS_REPORT_S):
+        try:
+            line = b"M " + msgspec.json.encode(render())
+        except RuntimeError:  # a dict resized while it was copied: the next round sends them
+            continue
+        if len(line) > METRICS_LINE_BYTES_MAX:
+            log.error("worker metrics text is %d bytes, over %d: not sent", len(line), METRICS_LINE_BYTES_MAX)
+            continue
+        out.write(line)
 
 
 def _report_backlog(backlog: Callable[[], int], out: _Out, stopping: threading.Event) -> None:

@@ -18,6 +18,8 @@ class Merchant(msgspec.Struct, frozen=True):
     name: str
     rate_limit_per_s: float | None = None
     rate_limit_burst: float | None = None
+    # When the key this merchant was found by stops working (ms; None: no expiry): an overlap window.
+    key_expires_ms: int | None = None
 
 
 Row = tuple[object, ...]

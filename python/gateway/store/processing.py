@@ -29,6 +29,7 @@ from gateway.domain import events as ev
 from gateway.domain import ledger
 from gateway.domain import payment as sm
 from gateway.domain.attempt import AttemptRow, ProcessingResult
+from gateway.store import health
 from gateway.store import ledger as ledger_rows
 from gateway.store import operations as ops
 from gateway.store import payments as pay
@@ -161,6 +162,16 @@ class ProcessingStore:
         """(old_status, new_status, actor, reason) in the order they happened."""
         with self._read() as db:
             return pay.audit_trail(db, payment_id)
+
+    def health_snapshot(self) -> health.Snapshot:
+        """The counts the operators' metrics show (store/health.py): a few aggregate queries."""
+        with self._read() as db:
+            return health.snapshot(db, now_ms())
+
+    def ledger_check(self) -> health.LedgerCheck:
+        """Debits equal credits per currency and per posting, over the whole ledger (a scan)."""
+        with self._read() as db:
+            return health.ledger_check(db)
 
     def all_postings(self) -> tuple[list[ledger.Posting], list[ledger.Violation]]:
         """Every stored posting, rebuilt from its rows; rows that cannot form a posting are violations."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.store.base import Merchant, wal_rows
+from gateway.store.merchants_schema import KEY_LOOKUP, MIGRATION_MERCHANT_KEYS
 from gateway.store.processing_schema import MIGRATION_2_PROCESSING, MIGRATION_5_WEBHOOKS
 from gateway.store.reconcile_schema import MIGRATION_RECONCILE
 from gateway.store.risk_schema import MIGRATION_3_RISK
@@ -66,6 +67,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     # store/webhooks.py, delivered by gateway/processing/webhooks.py.
     (5, MIGRATION_5_WEBHOOKS),
     (6, MIGRATION_RECONCILE),  # PSP settlement reconciliation runs: store/reconcile_schema.py
+    # (7 is PostgreSQL-only.) Merchants managed live: API keys with expiry and revocation, audit trail.
+    (8, MIGRATION_MERCHANT_KEYS),  # store/merchants.py
 ]
 
 _MERCHANT_COLUMNS = "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE"
@@ -98,6 +101,8 @@ class SharedQueries:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (mid, name, api_key_hash, rate_limit_per_s, rate_limit_burst, int(time.time())),
         )
+        self._execute("INSERT INTO merchant_keys (key_hash, merchant_id, created_ms) VALUES (?, ?, ?)",
+                      (api_key_hash, mid, int(time.time() * 1000)))
         return Merchant(mid, name, rate_limit_per_s, rate_limit_burst)
 
     def merchant_by_id(self, merchant_id: str) -> Merchant | None:
@@ -105,7 +110,8 @@ class SharedQueries:
         return Merchant(*row) if row else None
 
     def merchant_by_key_hash(self, api_key_hash: str) -> Merchant | None:
-        row = self._fetchone(f"{_MERCHANT_COLUMNS} api_key_hash = ?", (api_key_hash,))
+        """The merchant of a key that is neither revoked nor expired (store/merchants.py)."""
+        row = self._fetchone(KEY_LOOKUP, (api_key_hash, int(time.time() * 1000)))
         return Merchant(*row) if row else None
 
     def get_payment(self, merchant_id: str, payment_id: str) -> bytes | None:

@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::geo::GeoTable;
 use crate::idempotency::{table_key, Fingerprint, IdempotencyTable, Lookup};
 use crate::ids;
-use crate::metrics::Histogram;
+use crate::metrics::{DecisionCounts, Histogram};
 use crate::ratelimit::RateLimiter;
 use crate::validate::{parse_payment, Customer, PaymentRequest};
 use crate::wal::{self, AppendError, CommitListener, WalError, WalWriter, WriterConfig};
@@ -198,6 +198,7 @@ impl CommitListener for Committer {
 
 pub struct StageMetrics {
     pub stages: Vec<Histogram>,
+    pub decisions: DecisionCounts,
 }
 
 pub struct Engine {
@@ -315,6 +316,7 @@ impl Engine {
             event_fd,
             metrics: StageMetrics {
                 stages: STAGES.iter().map(|_| Histogram::latency()).collect(),
+                decisions: DecisionCounts::new(),
             },
             recovered_records: recovered.records,
             truncated_bytes: recovered.truncated_bytes,
@@ -411,7 +413,9 @@ impl Engine {
     /// The idempotency fingerprint of a create body (hex), as `create_payment` computes it; `None`
     /// for a body it would refuse as invalid.
     pub fn request_fingerprint(&self, body: &[u8]) -> Option<String> {
-        parse_payment(body, &self.cfg).ok().map(|req| hex(&fingerprint(&req)))
+        parse_payment(body, &self.cfg)
+            .ok()
+            .map(|req| hex(&fingerprint(&req)))
     }
 
     /// The velocity event of a create request, for the shared store, without deciding or recording
@@ -507,6 +511,9 @@ impl Engine {
             self.metrics.stages[6 + i].observe(ns);
         }
         t = self.observe(3, t);
+        self.metrics
+            .decisions
+            .record(decision.action.as_str(), decision.rule.as_ref());
         let (status, failure_code, next_action) = match decision.action {
             risk::Action::Block => ("failed", Some("card_declined"), None),
             risk::Action::Challenge => (
@@ -632,20 +639,21 @@ impl Engine {
             .render(&mut out, "gateway_wal_batch_records", "", 1.0);
         let _ = writeln!(
             out,
-            "# TYPE gateway_wal_committed_lsn gauge\ngateway_wal_committed_lsn {}",
+            "# HELP gateway_wal_committed_lsn Highest WAL LSN durable on disk.\n# TYPE gateway_wal_committed_lsn gauge\ngateway_wal_committed_lsn {}",
             self.committed_lsn()
         );
         let _ =
             writeln!(
             out,
-            "# TYPE gateway_wal_bytes_written_total counter\ngateway_wal_bytes_written_total {}",
+            "# HELP gateway_wal_bytes_written_total Bytes appended to the WAL.\n# TYPE gateway_wal_bytes_written_total counter\ngateway_wal_bytes_written_total {}",
             stats.bytes_written.load(std::sync::atomic::Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
-            "# TYPE gateway_idempotency_entries gauge\ngateway_idempotency_entries {}",
+            "# HELP gateway_idempotency_entries Idempotency keys held in memory.\n# TYPE gateway_idempotency_entries gauge\ngateway_idempotency_entries {}",
             self.idempotency.len()
         );
+        self.metrics.decisions.render(&mut out);
         out
     }
 
