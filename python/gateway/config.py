@@ -48,6 +48,11 @@ class WalConfig(_Section):
     batch_records_max: Annotated[int, Meta(ge=1, le=100_000)] = 512
     segment_bytes_max: Annotated[int, Meta(ge=4096)] = 64 * 1024 * 1024
     pending_records_max: Annotated[int, Meta(ge=1, le=10_000_000)] = 65_536
+    # Sealed segments whose records are all materialised (embedded) or relayed (cluster) are removed
+    # once their last write is older than this; 0 keeps every segment.
+    retention_s: Annotated[int, Meta(ge=0, le=365 * 24 * 3600)] = 24 * 3600
+    # Removed segments are moved here instead of deleted; empty: deleted.
+    archive_dir: str = ""
 
 
 class LimitsConfig(_Section):
@@ -60,9 +65,27 @@ class LimitsConfig(_Section):
     idempotency_key_chars_max: Annotated[int, Meta(ge=1, le=255)] = 255
 
 
+FILTER_BLOCK_KEYS_MAX = 16_777_216
+
+
 class IdempotencyConfig(_Section):
     ttl_s: Annotated[int, Meta(ge=60)] = 24 * 3600
     entries_max: Annotated[int, Meta(ge=1000, le=100_000_000)] = 1_000_000
+    # Embedded mode: the key filter in front of the store's durable record of every key. Sized for
+    # `filter_keys_per_s` keyed creates per second over `ttl_s` at `filter_false_positive_rate` (the
+    # share of new keys that cost a store read), see docs/idempotency.md.
+    filter_keys_per_s: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+    filter_false_positive_rate: Annotated[float, Meta(gt=0, le=0.2)] = 0.01
+    # Period of the filter's persistence and of WAL retention (recovery re-reads at most this much WAL
+    # for the filter).
+    maintenance_interval_ms: Annotated[int, Meta(ge=10, le=600_000)] = 1000
+
+    def filter_shape(self) -> tuple[int, float]:
+        """(keys per filter block, false-positive rate per block): a block holds at most an hour of
+        keys, and a lookup asks every block of the TTL, so the total rate is split between them."""
+        block_keys = min(FILTER_BLOCK_KEYS_MAX, max(1000, self.filter_keys_per_s * 3600))
+        blocks = max(-(-self.ttl_s // 3600), -(-self.filter_keys_per_s * self.ttl_s // block_keys))
+        return block_keys, self.filter_false_positive_rate / blocks
 
 
 class RateLimitConfig(_Section):
@@ -268,10 +291,20 @@ class Config(_Section):
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
-    def fastpath_json(self, data_dir: Path) -> str:
-        """The settings the Rust fast path takes, as the JSON its `Config` decodes."""
+    def fastpath_json(self, data_dir: Path, recover_after_lsn: int = 0, key_filter: bool = False) -> str:
+        """The settings the Rust fast path takes, as the JSON its `Config` decodes. `recover_after_lsn`:
+        the store's checkpoint; `key_filter`: the memory table is a cache in front of the store's
+        record of every key (embedded mode), with its filter persisted in data_dir/idempotency."""
+        block_keys, block_rate = self.idempotency.filter_shape()
         return msgspec.json.encode(
             {
+                "idempotency_filter_dir": str(data_dir / "idempotency") if key_filter else "",
+                "idempotency_filter_false_positive_rate": block_rate,
+                "idempotency_filter_block_keys": block_keys,
+                "recover_after_lsn": recover_after_lsn,
+                "wal_retention_s": self.wal.retention_s,
+                "wal_archive_dir": self.wal.archive_dir,
+                "maintenance_interval_ms": self.idempotency.maintenance_interval_ms,
                 "wal_dir": str(data_dir / "wal"),
                 "fsync_interval_us": self.wal.fsync_interval_us,
                 "batch_records_max": self.wal.batch_records_max,

@@ -112,6 +112,12 @@ class SharedQueries:
         row = self._fetchone("SELECT body FROM payments WHERE id = ? AND merchant_id = ?", (payment_id, merchant_id))
         return row[0].encode() if row else None
 
+    def idempotency_record(self, merchant_id: str, key: str) -> tuple[str, int, bytes, int] | None:
+        """The durable record of a create's key: (fingerprint, status code, response body, created_ms)."""
+        row = self._fetchone("SELECT fingerprint, status_code, response, created_ms FROM idempotency_keys"
+                             " WHERE merchant_id = ? AND key = ?", (merchant_id, key))
+        return None if row is None else (row[0], int(row[1]), row[2].encode(), int(row[3]))
+
     def count_payments(self, merchant_id: str | None = None) -> int:
         if merchant_id is None:
             row = self._fetchone("SELECT count(*) FROM payments")
