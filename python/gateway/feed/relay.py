@@ -174,6 +174,11 @@ class Relay:
     def _on_delivery(self, generation: int, lsn: int, err: KafkaError | None, _msg: object) -> None:
         self._delivered(generation, lsn, err)
 
+    @property
+    def checkpointed_lsn(self) -> int:
+        """The LSN of the checkpoint file: a restarted relay never reads the WAL at or below it."""
+        return self._stored_lsn
+
     def _save_checkpoint(self, force: bool = False) -> None:
         lsn = self.acked_lsn
         now = time.monotonic()
