@@ -78,7 +78,7 @@ class IdempotencyConfig(_Section):
     filter_false_positive_rate: Annotated[float, Meta(gt=0, le=0.2)] = 0.01
     # Period of the filter's persistence and of WAL retention (recovery re-reads at most this much WAL
     # for the filter).
-    maintenance_interval_ms: Annotated[int, Meta(ge=10, le=600_000)] = 1000
+    maintenance_interval_ms: Annotated[int, Meta(ge=10, le=600_000)] = 5000
 
     def filter_shape(self) -> tuple[int, float]:
         """(keys per filter block, false-positive rate per block): a block holds at most an hour of
@@ -123,6 +123,9 @@ class ClusterConfig(_Section):
     database_pool_min: Annotated[int, Meta(ge=1, le=100)] = 1
     database_pool_max: Annotated[int, Meta(ge=1, le=100)] = 4
     database_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 5_000
+    # How long Kafka keeps the `payments` topic (its `retention.ms`, set at every start); backtests in
+    # cluster mode read this window. At least the longest consumer outage to survive.
+    topic_retention_ms: Annotated[int, Meta(ge=3_600_000, le=365 * 24 * 3_600_000)] = 7 * 24 * 3_600_000
     # Cached create responses and locks: replays within this window are served from Redis.
     idempotency_ttl_s: Annotated[int, Meta(ge=60, le=30 * 24 * 3600)] = 24 * 3600
     # Accepted payments are readable from Redis until a worker has written them to PostgreSQL.

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from gateway._fastpath import WalReader
 from gateway.domain.records import payment_id_of
@@ -52,15 +52,23 @@ def record_key(payload: bytes) -> bytes | None:
     return pid.encode() if pid is not None else None
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    """Creates the topic when it does not exist yet (an existing topic is left as it is)."""
+def ensure_topic(bootstrap: str, topic: str, partitions: int, retention_ms: int | None = None) -> None:
+    """Creates the topic when it does not exist yet (an existing topic keeps its partitions); with
+    `retention_ms` (`[cluster] topic_retention_ms`) the topic's `retention.ms` is set to it, on an
+    existing topic too, so the config file decides how long Kafka keeps the event log."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    extra = {"retention.ms": str(retention_ms)} if retention_ms is not None else {}
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1, config=extra)])
     try:
         futures[topic].result(timeout=TOPIC_CREATE_TIMEOUT_S)
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
+        if retention_ms is not None:
+            resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
+                ConfigEntry("retention.ms", str(retention_ms), incremental_operation=AlterConfigOpType.SET)])
+            for fut in admin.incremental_alter_configs([resource]).values():
+                fut.result(timeout=TOPIC_CREATE_TIMEOUT_S)
 
 
 class Checkpoint:

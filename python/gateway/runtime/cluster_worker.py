@@ -167,7 +167,7 @@ def run_worker(cfg: Config) -> int:
     from gateway.store.postgres import open_postgres
 
     c = cfg.cluster
-    ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
+    ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms)
     store = open_postgres(cfg)
     store.migrate()
     # worker.enabled = false (GATEWAY_WORKER=off): materialise only (benchmarks of the Kafka -> PostgreSQL

@@ -368,4 +368,87 @@ mod tests {
         assert!(t.len() <= 64 * 4 + 64, "len {}", t.len());
         assert_eq!(t.begin(&inflight, FP, 2), Lookup::InFlight);
     }
+
+    fn filtered(dir: &std::path::Path, entries_max: usize) -> IdempotencyTable {
+        let (f, _) = KeyFilter::open(
+            crate::keyfilter::FilterConfig {
+                dir: dir.to_path_buf(),
+                false_positive_rate: 0.001,
+                block_keys: 100_000,
+                ttl_ms: 3_600_000,
+            },
+            0,
+        )
+        .unwrap();
+        IdempotencyTable::with_filter(3600, entries_max, Some(Arc::new(f)))
+    }
+
+    /// A first use as the engine makes it: a filter false positive is answered "no record".
+    fn begin_new(t: &IdempotencyTable, k: &str, now: u64) -> Lookup {
+        match t.begin_with(k, FP, now, Durable::Unchecked) {
+            Lookup::Check => t.begin_with(k, FP, now, Durable::Checked(None)),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn evicted_key_asks_for_the_durable_record_and_answers_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = filtered(dir.path(), 64);
+        let k = table_key("m", "k0");
+        assert_eq!(t.begin_with(&k, FP, 1, Durable::Unchecked), Lookup::New);
+        t.complete(&k, 201, Arc::from(&b"first"[..]), 1);
+        t.set_materialised_lsn(u64::MAX);
+        for i in 0..10_000 {
+            let o = table_key("m", &format!("k{}", i + 1));
+            assert_eq!(begin_new(&t, &o, 2), Lookup::New, "{i}");
+            t.complete(&o, 201, Arc::from(&b"x"[..]), i + 2);
+        }
+        assert_eq!(t.begin_with(&k, FP, 3, Durable::Unchecked), Lookup::Check);
+        let rec = DurableRecord {
+            fingerprint: FP,
+            status: 201,
+            body: Arc::from(&b"first"[..]),
+            created_ms: 1,
+        };
+        assert_eq!(
+            t.begin_with(&k, [7; 16], 3, Durable::Checked(Some(rec.clone()))),
+            Lookup::Mismatch
+        );
+        assert_eq!(
+            t.begin_with(&k, FP, 3, Durable::Unchecked),
+            Lookup::Replay {
+                status: 201,
+                body: Arc::from(&b"first"[..])
+            },
+            "cached again"
+        );
+        // No record after all (a false positive): the key is new, and owned by one caller.
+        let fresh = table_key("m", "never-seen");
+        assert_eq!(
+            t.begin_with(&fresh, FP, 4, Durable::Checked(None)),
+            Lookup::New
+        );
+        assert_eq!(
+            t.begin_with(&fresh, FP, 4, Durable::Checked(None)),
+            Lookup::InFlight
+        );
+    }
+
+    #[test]
+    fn entries_not_yet_in_the_store_are_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = filtered(dir.path(), 64);
+        t.set_materialised_lsn(0);
+        for i in 0..5_000u64 {
+            let o = table_key("m", &format!("k{i}"));
+            assert_eq!(begin_new(&t, &o, 1), Lookup::New);
+            t.complete(&o, 201, Arc::from(&b"x"[..]), i + 1);
+        }
+        assert_eq!(t.len(), 5_000, "nothing is materialised yet");
+        t.set_materialised_lsn(5_000);
+        let o = table_key("m", "one-more");
+        t.begin_with(&o, FP, 1, Durable::Unchecked);
+        assert!(t.len() < 5_000, "evictable once materialised");
+    }
 }
