@@ -91,9 +91,10 @@ def postgres_bytes(db: Path, dsn: str) -> dict[str, int]:
     try:
         with sqlite3.connect(db) as src, psycopg.connect(dsn, autocommit=True) as pg:
             pg.execute(f"SET search_path = {store.schema}")
-            pg.execute("SET session_replication_role = replica")  # copy as is: no triggers, no FK checks
+            # In creation order, so that every foreign key finds its row.
             tables = [r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
-                                                " AND name NOT LIKE 'sqlite_%' AND name <> 'schema_version'")]
+                                                " AND name NOT LIKE 'sqlite_%' AND name <> 'schema_version'"
+                                                " ORDER BY rowid")]
             for t in tables:
                 cur = src.execute(f"SELECT * FROM {t}")
                 cols = [d[0] for d in cur.description]
