@@ -66,6 +66,7 @@ class LimitsConfig(_Section):
 
 
 FILTER_BLOCK_KEYS_MAX = 16_777_216
+FILTER_BLOCKS_HEADROOM = 4
 
 
 class IdempotencyConfig(_Section):
@@ -80,12 +81,13 @@ class IdempotencyConfig(_Section):
     # for the filter).
     maintenance_interval_ms: Annotated[int, Meta(ge=10, le=600_000)] = 5000
 
-    def filter_shape(self) -> tuple[int, float]:
-        """(keys per filter block, false-positive rate per block): a block holds at most an hour of
-        keys, and a lookup asks every block of the TTL, so the total rate is split between them."""
+    def filter_shape(self) -> tuple[int, float, int]:
+        """(keys per filter block, false-positive rate per block, blocks at most): a block holds at most
+        an hour of keys, and a lookup asks every block of the TTL, so the total rate is split between
+        them. Memory is bounded at FILTER_BLOCKS_HEADROOM times the sized blocks (then: store reads)."""
         block_keys = min(FILTER_BLOCK_KEYS_MAX, max(1000, self.filter_keys_per_s * 3600))
         blocks = max(-(-self.ttl_s // 3600), -(-self.filter_keys_per_s * self.ttl_s // block_keys))
-        return block_keys, self.filter_false_positive_rate / blocks
+        return block_keys, self.filter_false_positive_rate / blocks, FILTER_BLOCKS_HEADROOM * blocks + 2
 
 
 class RateLimitConfig(_Section):
@@ -298,12 +300,13 @@ class Config(_Section):
         """The settings the Rust fast path takes, as the JSON its `Config` decodes. `recover_after_lsn`:
         the store's checkpoint; `key_filter`: the memory table is a cache in front of the store's
         record of every key (embedded mode), with its filter persisted in data_dir/idempotency."""
-        block_keys, block_rate = self.idempotency.filter_shape()
+        block_keys, block_rate, blocks_max = self.idempotency.filter_shape()
         return msgspec.json.encode(
             {
                 "idempotency_filter_dir": str(data_dir / "idempotency") if key_filter else "",
                 "idempotency_filter_false_positive_rate": block_rate,
                 "idempotency_filter_block_keys": block_keys,
+                "idempotency_filter_blocks_max": blocks_max,
                 "recover_after_lsn": recover_after_lsn,
                 "wal_retention_s": self.wal.retention_s,
                 "wal_archive_dir": self.wal.archive_dir,

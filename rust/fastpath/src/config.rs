@@ -42,6 +42,8 @@ pub struct Config {
     pub idempotency_filter_false_positive_rate: f64,
     /// Keys per filter block (a block also ends after an hour).
     pub idempotency_filter_block_keys: u64,
+    /// Live filter blocks at most; past it the filter turns cold (the store answers every miss).
+    pub idempotency_filter_blocks_max: usize,
     /// Records up to this LSN are materialised in the store (its checkpoint): recovery rebuilds the
     /// idempotency table only from later records and does not read segments that hold none.
     pub recover_after_lsn: u64,
@@ -76,6 +78,7 @@ impl Default for Config {
             idempotency_filter_dir: String::new(),
             idempotency_filter_false_positive_rate: 0.01,
             idempotency_filter_block_keys: 1_000_000,
+            idempotency_filter_blocks_max: 1024,
             recover_after_lsn: 0,
             wal_retention_s: 0,
             wal_archive_dir: String::new(),
@@ -126,6 +129,9 @@ impl Config {
         let p = self.idempotency_filter_false_positive_rate;
         if !(p > 0.0 && p < 0.5) {
             return Err("idempotency_filter_false_positive_rate must be > 0 and < 0.5".into());
+        }
+        if self.idempotency_filter_blocks_max == 0 {
+            return Err("idempotency_filter_blocks_max must be greater than 0".into());
         }
         if self.idempotency_filter_block_keys < 1000 {
             return Err("idempotency_filter_block_keys must be at least 1000".into());

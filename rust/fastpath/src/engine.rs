@@ -274,6 +274,7 @@ impl Engine {
                     false_positive_rate: cfg.idempotency_filter_false_positive_rate,
                     block_keys: cfg.idempotency_filter_block_keys,
                     ttl_ms,
+                    blocks_max: cfg.idempotency_filter_blocks_max,
                 },
                 now,
             )?;

@@ -376,6 +376,7 @@ mod tests {
                 false_positive_rate: 0.001,
                 block_keys: 100_000,
                 ttl_ms: 3_600_000,
+                blocks_max: 10,
             },
             0,
         )

@@ -33,6 +33,9 @@ pub struct FilterConfig {
     pub false_positive_rate: f64,
     pub block_keys: u64,
     pub ttl_ms: u64,
+    /// Live blocks at most (memory bound). At the bound no block is added: the filter turns cold
+    /// (every miss reads the store) until a TTL has passed, so a key is never falsely "new".
+    pub blocks_max: usize,
 }
 
 struct Block {
@@ -296,6 +299,11 @@ impl KeyFilter {
         let reuse = blocks.last().filter(|b| self.accepts(b, now_ms)).cloned();
         let b = match reuse {
             Some(b) => b,
+            None if blocks.len() >= self.cfg.blocks_max => {
+                drop(blocks);
+                self.set_cold(now_ms);
+                return;
+            }
             None => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let b = Arc::new(Block::new(id, now_ms, self.nbits, self.k));
@@ -382,6 +390,7 @@ mod tests {
             false_positive_rate: 0.01,
             block_keys: 10_000,
             ttl_ms: 86_400_000,
+            blocks_max: 4,
         }
     }
 
@@ -442,6 +451,17 @@ mod tests {
         f.set_cold(0);
         assert!(f.maybe_contains("m\0never", 1));
         assert!(!f.maybe_contains("m\0never", 86_400_000));
+    }
+
+    #[test]
+    fn past_its_block_bound_the_filter_turns_cold_instead_of_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _) = KeyFilter::open(cfg(dir.path()), 0).unwrap();
+        for i in 0..40_001 {
+            f.add(&format!("m\0k{i}"), 10);
+        }
+        assert_eq!(f.blocks(), 4);
+        assert!(f.is_cold(10) && f.maybe_contains("m\0new", 10));
     }
 
     #[test]
