@@ -47,7 +47,8 @@ class Record(msgspec.Struct, frozen=True):
     payment: msgspec.Raw
     idempotency_key: str | None = None
     fingerprint: str | None = None
-    response: msgspec.Raw | None = None
+    # Empty when the record has none (msgspec decodes no `Raw | None`).
+    response: msgspec.Raw = msgspec.Raw(b"")
 
     def head(self) -> PaymentHead:
         return _head_decoder.decode(self.payment)

@@ -40,7 +40,8 @@ def wal_rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[Row], list[Row]
                          rec.idempotency_key, head.created, lsn, text))
         if rec.idempotency_key is not None and rec.fingerprint is not None:
             # The answer a replay sends: the payment, or the error body of a 402 decline.
-            response = bytes(rec.response).decode() if rec.response is not None else text
+            declined = bytes(rec.response)
+            response = declined.decode() if declined else text
             keys.append((rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, response,
                          rec.created_ms))
     return payments, keys
