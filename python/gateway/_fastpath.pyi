@@ -47,6 +47,10 @@ class CreateResult:
     @property
     def payment_id(self) -> str | None:
         """Set when this call wrote a payment's record (accepted or declined)."""
+    @property
+    def check_durable(self) -> bool:
+        """The memory table missed a key the filter may have seen: call again with checked=True and
+        durable= the store's record of the key (status is 0, nothing was decided)."""
 
 class FastPath:
     def __init__(self, config_json: str) -> None: ...
@@ -58,6 +62,8 @@ class FastPath:
         now_ms: int | None = None,
         *,
         velocity: list[int] | None = None,
+        checked: bool = False,
+        durable: tuple[str, int, bytes, int] | None = None,
     ) -> CreateResult: ...
     def request_fingerprint(self, body: bytes) -> str | None:
         """The idempotency fingerprint create_payment compares (hex); None for an invalid body."""
@@ -70,6 +76,13 @@ class FastPath:
     def set_rate_limit(self, merchant_id: str, rate_per_s: float, burst: float) -> None: ...
     def metrics_text(self) -> str: ...
     def idempotency_entries(self) -> int: ...
+    def set_materialised_lsn(self, lsn: int) -> None:
+        """Records up to `lsn` are in the store (embedded) or acknowledged by the broker (cluster)."""
+    def run_maintenance(self) -> None:
+        """One round of key-filter persistence and WAL retention, now."""
+    def maintenance_error(self) -> str | None: ...
+    @property
+    def filter_cold(self) -> bool: ...
     @property
     def recovered_records(self) -> int: ...
     @property

@@ -345,6 +345,57 @@ def test_a_worker_started_while_kafka_is_away_waits_for_it_then_drains(cluster_f
     cl.assert_each_key_once(burst.outcome)
 
 
+def test_keys_hold_after_redis_restarts_empty(cluster_factory, services: ServiceUrls) -> None:
+    """Redis is a cache in front of PostgreSQL's record of every key: restarted without its data, the
+    same key replays (same body), is refused (other body) and never makes a second payment."""
+    cl = cluster_factory()
+    cl.start_gateway()
+    cl.start_worker()
+    keys = [uuid.uuid4().hex for _ in range(2)]
+    first = {k: post(cl.gateway.url, k) for k in keys}
+    assert all(r.status_code == 201 for r in first.values())
+    ids = {k: r.json()["id"] for k, r in first.items()}
+    cl.wait_in_postgres(set(ids.values()))
+    try:
+        subprocess.run(["bash", str(REPO / "deploy" / "redis.sh"), "stop"], check=True, timeout=60)
+        subprocess.run(["bash", str(REPO / "deploy" / "redis.sh"), "start"], check=True, timeout=60)
+    finally:
+        subprocess.run(["bash", str(REPO / "deploy" / "redis.sh"), "start"], check=False, timeout=60)
+    redis.Redis.from_url(services.redis_url).flushall()  # whatever the restart kept: empty now
+    deadline = time.monotonic() + 30
+    # The pooled connections broke with the restart: 503 (nothing written) until they are renewed.
+    while (other := post(cl.gateway.url, keys[0], {**BODY, "amount": 5555})).status_code == 503:
+        assert time.monotonic() < deadline, other.text
+        time.sleep(0.2)
+    assert other.status_code == 400 and other.json()["error"]["code"] == "idempotency_key_reused", other.text
+    again = post(cl.gateway.url, keys[0])
+    assert again.status_code == 201 and again.json()["id"] == ids[keys[0]], again.text
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["amount"] == BODY["amount"]
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=20, limits=limits) as c:
+            return await asyncio.gather(*[
+                c.post(f"{cl.gateway.url}/v1/payments", json=BODY, headers={**auth(), "Idempotency-Key": keys[1]})
+                for _ in range(50)])
+
+    answers = asyncio.run(burst())
+    statuses = [r.status_code for r in answers]
+    # 503: a process whose pooled Redis connections the restart broke refused before writing anything.
+    assert set(statuses) <= {201, 409, 503} and 201 in statuses, statuses
+    assert {r.json()["id"] for r in answers if r.status_code == 201} == {ids[keys[1]]}
+    replay = post(cl.gateway.url, keys[1])
+    assert replay.status_code == 201 and replay.json()["id"] == ids[keys[1]]
+    time.sleep(1)  # anything a duplicate would have written has reached PostgreSQL by now
+    for k in keys:
+        assert cl.query("SELECT amount FROM payments WHERE idempotency_key = %s", k) == [(BODY["amount"],)]
+    # Each process counts its own lookups; new connections reach both.
+    lookups = [re.search(r"^gateway_idempotency_durable_lookups_total (\d+)$",
+                         httpx.get(f"{cl.gateway.url}/metrics", timeout=5, headers={"Connection": "close"}).text,
+                         re.MULTILINE) for _ in range(10)]
+    assert any(m is not None and int(m.group(1)) > 0 for m in lookups), "answered from PostgreSQL"
+
+
 def test_redis_stopped_mid_burst_never_produces_a_duplicate(cluster_factory) -> None:
     cl = cluster_factory()
     cl.start_gateway()

@@ -37,8 +37,8 @@ class PaymentHead(msgspec.Struct, frozen=True):
 
 class Record(msgspec.Struct, frozen=True):
     """A whole record as the fast path writes it. `payment` stays raw JSON: it is stored as it is and
-    decoded further only by `head()`. The 402 body of a decline (`response`) is not modelled: no reader
-    needs it (a replay answers from the fast path's own recovery)."""
+    decoded further only by `head()`. `response`: the 402 body of a decline, raw (the store keeps it
+    as the answer a replay of the key sends)."""
 
     type: str
     merchant_id: str
@@ -47,6 +47,8 @@ class Record(msgspec.Struct, frozen=True):
     payment: msgspec.Raw
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    # Empty when the record has none (msgspec decodes no `Raw | None`).
+    response: msgspec.Raw = msgspec.Raw(b"")
 
     def head(self) -> PaymentHead:
         return _head_decoder.decode(self.payment)

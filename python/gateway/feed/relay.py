@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from gateway._fastpath import WalReader
 from gateway.domain.records import payment_id_of
@@ -52,17 +52,26 @@ def record_key(payload: bytes) -> bytes | None:
     return pid.encode() if pid is not None else None
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float = TOPIC_CREATE_TIMEOUT_S) -> None:
-    """Creates the topic when it does not exist yet (an existing topic is left as it is); TimeoutError
+def ensure_topic(bootstrap: str, topic: str, partitions: int, retention_ms: int | None = None,
+                 timeout_s: float = TOPIC_CREATE_TIMEOUT_S) -> None:
+    """Creates the topic when it does not exist yet (an existing topic keeps its partitions); with
+    `retention_ms` (`[cluster] topic_retention_ms`) the topic's `retention.ms` is set to it, on an
+    existing topic too, so the config file decides how long Kafka keeps the event log. TimeoutError
     when the brokers do not answer within `timeout_s`."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+    extra = {"retention.ms": str(retention_ms)} if retention_ms is not None else {}
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1, config=extra)],
                                   request_timeout=timeout_s)
     try:
         futures[topic].result(timeout=timeout_s)
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
+        if retention_ms is not None:
+            resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
+                ConfigEntry("retention.ms", str(retention_ms), incremental_operation=AlterConfigOpType.SET)])
+            for fut in admin.incremental_alter_configs([resource], request_timeout=timeout_s).values():
+                fut.result(timeout=timeout_s)
 
 
 class Checkpoint:
@@ -175,6 +184,11 @@ class Relay:
 
     def _on_delivery(self, generation: int, lsn: int, err: KafkaError | None, _msg: object) -> None:
         self._delivered(generation, lsn, err)
+
+    @property
+    def checkpointed_lsn(self) -> int:
+        """The LSN of the checkpoint file: a restarted relay never reads the WAL at or below it."""
+        return self._stored_lsn
 
     def _save_checkpoint(self, force: bool = False) -> None:
         lsn = self.acked_lsn

@@ -100,6 +100,10 @@ class Durability:
         self.waiters = LsnWaiters("WAL commit took longer than durable_wait_ms_max")
         # Called with the committed LSN after each group commit (embedded: the materialising child).
         self.on_committed: list[Callable[[int], None]] = []
+        # The store's record of a key, (fingerprint, status, body, created_ms), read when the fast
+        # path's memory table misses a key its filter may have seen (embedded mode).
+        self.durable_lookup: Callable[[str, str], tuple[str, int, bytes, int] | None] | None = None
+        self.durable_lookups = 0
         self._running = False
 
     def start(self) -> None:
@@ -136,6 +140,12 @@ class Durability:
         feed, which may apply the record before this request resumes, always finds it to forget."""
         fp = self.fastpath
         r = fp.create_payment(merchant.id, idem_key, body, velocity=velocity)
+        if r.check_durable and idem_key is not None:
+            # Rare: evicted from the memory table (or a filter false positive). One indexed read of the
+            # store, then the same call with its answer: replay, mismatch, or a first use after all.
+            self.durable_lookups += 1
+            record = self.durable_lookup(merchant.id, idem_key) if self.durable_lookup is not None else None
+            r = fp.create_payment(merchant.id, idem_key, body, velocity=velocity, checked=True, durable=record)
         # Only a 2xx body is the payment object; a 402 body is the decline error.
         if remember is not None and r.lsn and r.payment_id is not None and r.status < 300:
             remember(merchant.id, r.payment_id, r.body, r.lsn)

@@ -34,6 +34,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -114,6 +115,8 @@ class ClusterRuntime(Runtime):
         # cluster.velocity = "shared": velocity counted in Redis by the admission script (redis_velocity.py).
         self.velocity_shared = self.cfg.velocity == "shared"
         self.velocity_shared_events = 0
+        # Keyed creates answered from PostgreSQL's record because Redis may have forgotten the key.
+        self.durable_lookups = 0
         self._risk_poll_stop: Any = None
         self._risk_publisher: redis.Redis | None = None
 
@@ -132,7 +135,7 @@ class ClusterRuntime(Runtime):
                                            c.database_pool_max, c.database_timeout_ms)
         store.migrate()
         fastpath = self.fastpath = FastPath(self.config.fastpath_json(proc_dir))
-        ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions)
+        ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms)
         self.relay = Relay(
             str(proc_dir / "wal"), proc_dir / "relay.checkpoint", fastpath, c.kafka_bootstrap, c.topic,
             inflight_records_max=c.relay_inflight_records_max, batch_records_max=c.relay_batch_records_max,
@@ -217,6 +220,9 @@ class ClusterRuntime(Runtime):
 
     def _expire_ack_waiters(self) -> None:
         self._ack_waiters.expire()
+        if self.relay is not None and self.fastpath is not None:
+            # WAL retention may remove segments the relay's checkpoint file has passed (in Kafka).
+            self.fastpath.set_materialised_lsn(self.relay.checkpointed_lsn)
         if self._loop is not None and self.ready and not self._loop.is_closed():
             self._loop.call_later(EXPIRE_TICK_S, self._expire_ack_waiters)
 
@@ -278,6 +284,10 @@ class ClusterRuntime(Runtime):
             return CreateAnswer(429, error_body(
                 429, "rate_limit_exceeded", "Too many requests for this merchant; slow down.",
                 kind="rate_limit_error"), retry_after_s=adm.retry_after_s)
+        if idem_key is not None:
+            durable = await self._durable_answer(merchant.id, idem_key, fp, adm.keys_since_ms)
+            if durable is not None:
+                return durable
         if adm.velocity is not None:
             self.velocity_shared_events += 1
         # With shared velocity the fast path decides with this payment's counters from the admission script.
@@ -304,6 +314,37 @@ class ClusterRuntime(Runtime):
             self.shared_unavailable += 1
             log.warning("could not cache the response of %s: %s", answer.payment_id, e)
         return answer
+
+    async def _durable_answer(self, merchant_id: str, idem_key: str, fp: str,
+                              keys_since_ms: int | None) -> CreateAnswer | None:
+        """After Redis missed a key it may have forgotten (it lost its data less than a TTL ago), the
+        answer from PostgreSQL's record of the key: a replay, a mismatch, or None (a first use). The
+        lock taken by `admit` is released (and a replay cached again) before returning an answer."""
+        ttl_ms = self.cfg.idempotency_ttl_s * 1000
+        now = int(time.time() * 1000)
+        if keys_since_ms is not None and keys_since_ms + ttl_ms <= now:
+            return None  # the common case: Redis has held every key of the last TTL
+        shared, store = self.shared, self.store
+        assert shared is not None and store is not None
+        if keys_since_ms is None:
+            # Redis has no mark for this merchant: it lost its data or is new. One probe decides
+            # whether anything it could have held is still within the TTL.
+            recent = await self.run(store.has_idempotency_keys_since, merchant_id, now - ttl_ms)
+            keys_since_ms = await shared.mark_keys_since(merchant_id, now if recent else 0)
+        if keys_since_ms + ttl_ms <= now:
+            return None
+        self.durable_lookups += 1
+        record = await self.run(store.idempotency_record, merchant_id, idem_key)
+        if record is None or record[3] + ttl_ms <= now:
+            return None
+        stored_fp, status, body, _created = record
+        if stored_fp != fp:
+            await shared.release(merchant_id, idem_key)
+            return CreateAnswer(400, error_body(
+                400, "idempotency_key_reused",
+                "This Idempotency-Key was already used with other parameters.", kind="idempotency_error"))
+        await shared.finish(merchant_id, idem_key, fp, status, body, None, cache=True)
+        return CreateAnswer(status, body, replayed=True, echo_key=status < 500)
 
     def _fingerprint(self, body: bytes) -> str:
         """The create's idempotency fingerprint: the fast path's own function (domain/idempotency.py)."""
@@ -361,6 +402,9 @@ class ClusterRuntime(Runtime):
             "# HELP gateway_tailer_applied_lsn Always 0 in cluster mode (workers apply the Kafka topic).\n"
             "# TYPE gateway_tailer_applied_lsn gauge\n"
             "gateway_tailer_applied_lsn 0\n"
+            "# HELP gateway_idempotency_durable_lookups_total Keys answered from the store's durable record (a miss of the memory table or Redis).\n"
+            "# TYPE gateway_idempotency_durable_lookups_total counter\n"
+            f"gateway_idempotency_durable_lookups_total {self.durable_lookups}\n"
             "# HELP gateway_cluster_slot This process's WAL slot (proc-<n>).\n"
             "# TYPE gateway_cluster_slot gauge\n"
             f"gateway_cluster_slot {self.slot}\n"

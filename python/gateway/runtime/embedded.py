@@ -51,7 +51,13 @@ class EmbeddedRuntime(Runtime):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = self.store = SqliteStore(self.data_dir / "gateway.db")
         store.migrate()
-        fastpath = self.fastpath = FastPath(self.config.fastpath_json(self.data_dir))
+        # Recovery rebuilds the idempotency table only from what the store does not hold yet; the
+        # store's record of every key answers for the rest (docs/idempotency.md).
+        fastpath = self.fastpath = FastPath(
+            self.config.fastpath_json(self.data_dir, recover_after_lsn=store.checkpoint(), key_filter=True))
+        if fastpath.filter_cold:
+            log.warning("idempotency key filter lost and its WAL already removed: every keyed create that"
+                        " the memory table misses reads the store until [idempotency] ttl_s has passed")
         # One process owns the store and its worker announces every change: no periodic re-read.
         self._start_common(loop, store, fastpath, recheck_s=None)
         assert self.changes is not None and self.durability is not None
@@ -59,7 +65,9 @@ class EmbeddedRuntime(Runtime):
         worker.on_change.append(self.changes.changed)
         worker.on_applied.append(self._applied)
         self.durability.on_committed.append(worker.committed)
+        self.durability.durable_lookup = store.idempotency_record
         caught_up = worker.start(fastpath.committed_lsn())  # materialises what the WAL holds first
+        fastpath.set_materialised_lsn(store.checkpoint())
         self.ready = True
         log.info("gateway ready: %d WAL records recovered (%d torn bytes cut), %d applied on start",
                  fastpath.recovered_records, fastpath.truncated_bytes, caught_up)
@@ -75,6 +83,8 @@ class EmbeddedRuntime(Runtime):
 
     def _applied(self, lsn: int) -> None:
         """The child has stored every record up to `lsn`: those payments are read from the store now."""
+        if self.fastpath is not None:
+            self.fastpath.set_materialised_lsn(lsn)
         order = self._recent_order
         while order and order[0][0] <= lsn:
             self.recent.pop(order.popleft()[1], None)

@@ -54,6 +54,9 @@ class Admission(msgspec.Struct, frozen=True):
     # With a velocity event, kind "ok": the payment's velocity counters after it was counted (for
     # `FastPath.create_payment(velocity=...)`); None: the fast path counts velocity itself.
     velocity: list[int] | None = None
+    # Kind "ok" with a key: since when (ms) Redis has remembered the merchant's keys; None when Redis
+    # has no such mark (it lost its data, or never had it): the caller decides, see `mark_keys_since`.
+    keys_since_ms: int | None = None
 
 
 _ADMIT = """
@@ -81,12 +84,16 @@ if KEYS[3] ~= '' then
         return {'in_flight'}
     end
 end
-return {'ok'}
+local since = ''
+if KEYS[3] ~= '' then
+    since = redis.call('GET', KEYS[#KEYS]) or ''
+end
+return {'ok', since}
 """
 
 # `_ADMIT` that also counts an admitted payment in the shared velocity windows: KEYS[4..15] and
 # ARGV[5..13] are those of `velocity` (shared/redis_velocity.py). A refused request counts nothing.
-_ADMIT_VELOCITY = VELOCITY_LUA + _ADMIT.replace("return {'ok'}\n", "return {'ok', velocity(3, 4)}\n")
+_ADMIT_VELOCITY = VELOCITY_LUA + _ADMIT.replace("return {'ok', since}\n", "return {'ok', since, velocity(3, 4)}\n")
 assert _ADMIT_VELOCITY.count("velocity(3, 4)") == 1
 
 
@@ -110,6 +117,8 @@ class SharedState(Protocol):
 
     async def release(self, merchant_id: str, idem_key: str) -> None: ...
 
+    async def mark_keys_since(self, merchant_id: str, since_ms: int) -> int: ...
+
     async def recent_payment(self, payment_id: str) -> tuple[str, bytes] | None: ...
 
     async def close(self) -> None: ...
@@ -130,6 +139,10 @@ class Keys:
 
     def recent(self, payment_id: str) -> str:
         return f"{self.prefix}:pay:{payment_id}"
+
+    def keys_since(self, merchant_id: str) -> str:
+        """Since when (ms) Redis has held every key of the merchant (the last KEYS entry of `admit`)."""
+        return f"{self.prefix}:{{{merchant_id}}}:idem_since"
 
 
 class RedisSharedState:
@@ -152,17 +165,20 @@ class RedisSharedState:
         keys = [self.keys.rate(merchant_id), self.keys.idem(merchant_id, idem_key) if idem_key else "",
                 self.keys.lock(merchant_id, idem_key) if idem_key else ""]
         args: list[str | int | float] = [rate_per_s, burst, lock_ttl_ms, fingerprint]
+        since_key = [self.keys.keys_since(merchant_id)]
         try:
             if velocity is None:
-                out = await self._admit(keys=keys, args=args)
+                out = await self._admit(keys=keys + since_key, args=args)
             else:
-                out = await self._admit_velocity(keys=keys + script_keys(self.keys.prefix, velocity),
+                out = await self._admit_velocity(keys=keys + script_keys(self.keys.prefix, velocity) + since_key,
                                                  args=[*args, *script_args(velocity)])
         except RedisError as e:
             raise SharedStateUnavailable(str(e)) from None
         kind = out[0].decode() if isinstance(out[0], bytes) else out[0]
         if kind == "ok":
-            return Admission("ok", velocity=check_counters(out[1]) if velocity is not None else None)
+            since = out[1].decode() if isinstance(out[1], bytes) else str(out[1])
+            return Admission("ok", velocity=check_counters(out[2]) if velocity is not None else None,
+                             keys_since_ms=int(since) if since else None)
         if kind == "cached":
             return _decode_cached(out[1], fingerprint)
         if kind == "limited":
@@ -183,6 +199,17 @@ class RedisSharedState:
                 await pipe.execute()
         except RedisError as e:
             raise SharedStateUnavailable(str(e)) from None
+
+    async def mark_keys_since(self, merchant_id: str, since_ms: int) -> int:
+        """Marks since when Redis holds the merchant's keys, unless another process did first; returns
+        the mark that holds."""
+        key = self.keys.keys_since(merchant_id)
+        try:
+            await self.redis.set(key, str(since_ms), nx=True)
+            got = await self.redis.get(key)
+        except RedisError as e:
+            raise SharedStateUnavailable(str(e)) from None
+        return int(got) if got is not None else since_ms
 
     async def release(self, merchant_id: str, idem_key: str) -> None:
         try:
@@ -247,7 +274,7 @@ class InMemorySharedState:
             if self._get(lock) is not None:
                 return Admission("in_flight")
             self._set(lock, b"1", lock_ttl_ms / 1000)
-        return Admission("ok")
+        return Admission("ok", keys_since_ms=0)
 
     async def finish(self, merchant_id: str, idem_key: str | None, fingerprint: str, status: int, body: bytes,
                      payment_id: str | None, cache: bool) -> None:
@@ -259,6 +286,9 @@ class InMemorySharedState:
             self._set(self.keys.recent(payment_id), merchant_id.encode() + b"\n" + body, self.recent_ttl_s)
         if idem_key is not None:
             self.values.pop(self.keys.lock(merchant_id, idem_key), None)
+
+    async def mark_keys_since(self, merchant_id: str, since_ms: int) -> int:
+        return since_ms
 
     async def release(self, merchant_id: str, idem_key: str) -> None:
         self._check()

@@ -41,7 +41,10 @@ def wal_rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[Row], list[Row]
         payments.append((head.id, rec.merchant_id, head.status, head.amount, head.currency,
                          rec.idempotency_key, head.created, lsn, text))
         if rec.idempotency_key is not None and rec.fingerprint is not None:
-            keys.append((rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, text,
+            # The answer a replay sends: the payment, or the error body of a 402 decline.
+            declined = bytes(rec.response)
+            response = declined.decode() if declined else text
+            keys.append((rec.merchant_id, rec.idempotency_key, rec.fingerprint, rec.status_code, response,
                          rec.created_ms))
     return payments, keys
 

@@ -118,6 +118,18 @@ class SharedQueries:
         row = self._fetchone("SELECT body FROM payments WHERE id = ? AND merchant_id = ?", (payment_id, merchant_id))
         return row[0].encode() if row else None
 
+    def idempotency_record(self, merchant_id: str, key: str) -> tuple[str, int, bytes, int] | None:
+        """The durable record of a create's key: (fingerprint, status code, response body, created_ms)."""
+        row = self._fetchone("SELECT fingerprint, status_code, response, created_ms FROM idempotency_keys"
+                             " WHERE merchant_id = ? AND key = ?", (merchant_id, key))
+        return None if row is None else (row[0], int(row[1]), row[2].encode(), int(row[3]))
+
+    def has_idempotency_keys_since(self, merchant_id: str, since_ms: int) -> bool:
+        """Whether the merchant has a create key recorded at or after `since_ms` (a one-off probe after
+        Redis lost its data: none means Redis forgot nothing that still counts)."""
+        return self._fetchone("SELECT 1 FROM idempotency_keys WHERE merchant_id = ? AND created_ms >= ? LIMIT 1",
+                              (merchant_id, since_ms)) is not None
+
     def count_payments(self, merchant_id: str | None = None) -> int:
         if merchant_id is None:
             row = self._fetchone("SELECT count(*) FROM payments")

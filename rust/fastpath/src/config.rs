@@ -35,6 +35,24 @@ pub struct Config {
     pub rate_limit_burst: f64,
     /// Velocity keys the risk engine tracks per dimension.
     pub risk_velocity_keys_per_dimension_max: usize,
+    /// Folder of the persisted idempotency key filter; empty: no filter, the table alone answers
+    /// (cluster mode, where Redis and PostgreSQL hold the keys).
+    pub idempotency_filter_dir: String,
+    /// False-positive rate each filter block is sized for.
+    pub idempotency_filter_false_positive_rate: f64,
+    /// Keys per filter block (a block also ends after an hour).
+    pub idempotency_filter_block_keys: u64,
+    /// Live filter blocks at most; past it the filter turns cold (the store answers every miss).
+    pub idempotency_filter_blocks_max: usize,
+    /// Records up to this LSN are materialised in the store (its checkpoint): recovery rebuilds the
+    /// idempotency table only from later records and does not read segments that hold none.
+    pub recover_after_lsn: u64,
+    /// Sealed WAL segments older than this whose records are all materialised are removed; 0: kept.
+    pub wal_retention_s: u64,
+    /// Removed segments are moved here instead of deleted, when set.
+    pub wal_archive_dir: String,
+    /// Period of the maintenance thread: filter persistence and WAL retention.
+    pub maintenance_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -57,6 +75,14 @@ impl Default for Config {
             rate_limit_per_s: 1000.0,
             rate_limit_burst: 2000.0,
             risk_velocity_keys_per_dimension_max: 16_384,
+            idempotency_filter_dir: String::new(),
+            idempotency_filter_false_positive_rate: 0.01,
+            idempotency_filter_block_keys: 1_000_000,
+            idempotency_filter_blocks_max: 1024,
+            recover_after_lsn: 0,
+            wal_retention_s: 0,
+            wal_archive_dir: String::new(),
+            maintenance_interval_ms: 1000,
         }
     }
 }
@@ -99,6 +125,19 @@ impl Config {
         }
         if self.fsync_interval_us > 1_000_000 {
             return Err("fsync_interval_us must be at most 1000000 (1 s)".into());
+        }
+        let p = self.idempotency_filter_false_positive_rate;
+        if !(p > 0.0 && p < 0.5) {
+            return Err("idempotency_filter_false_positive_rate must be > 0 and < 0.5".into());
+        }
+        if self.idempotency_filter_blocks_max == 0 {
+            return Err("idempotency_filter_blocks_max must be greater than 0".into());
+        }
+        if self.idempotency_filter_block_keys < 1000 {
+            return Err("idempotency_filter_block_keys must be at least 1000".into());
+        }
+        if !(10..=3_600_000).contains(&self.maintenance_interval_ms) {
+            return Err("maintenance_interval_ms must be 10 to 3600000".into());
         }
         if self.rate_limit_per_s <= 0.0 || self.rate_limit_burst < 1.0 {
             return Err("rate_limit_per_s must be > 0 and rate_limit_burst >= 1".into());

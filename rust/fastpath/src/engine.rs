@@ -7,8 +7,12 @@
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::geo::GeoTable;
-use crate::idempotency::{table_key, Fingerprint, IdempotencyTable, Lookup};
+use crate::idempotency::{
+    table_key, Durable, DurableRecord, Fingerprint, IdempotencyTable, Lookup,
+};
 use crate::ids;
+use crate::keyfilter::{FilterConfig, KeyFilter};
+use crate::maintenance::Maintenance;
 use crate::metrics::{DecisionCounts, Histogram};
 use crate::ratelimit::RateLimiter;
 use crate::validate::{parse_payment, Customer, PaymentRequest};
@@ -45,6 +49,9 @@ pub enum Outcome {
         replayed: bool,
         retry_after_s: Option<u32>,
     },
+    /// The key is not in the memory table but the filter may have seen it: call again with what
+    /// the store holds for it (`create_payment_with`, `Durable::Checked`).
+    CheckDurable,
     /// Answer once `lsn` is committed.
     Pending {
         status: u16,
@@ -183,7 +190,7 @@ impl CommitListener for Committer {
         let mut q = self.completions.lock();
         while q.front().is_some_and(|c| c.lsn <= committed_lsn) {
             let c = q.pop_front().expect("front exists");
-            self.idempotency.complete(&c.key, c.status, c.body);
+            self.idempotency.complete(&c.key, c.status, c.body, c.lsn);
         }
     }
 
@@ -213,6 +220,10 @@ pub struct Engine {
     pub metrics: StageMetrics,
     pub recovered_records: u64,
     pub truncated_bytes: u64,
+    /// The key filter could not be rebuilt at start-up: every miss reads the store for one TTL.
+    pub filter_cold: bool,
+    maintenance: Option<Maintenance>,
+    durable_checks: std::sync::atomic::AtomicU64,
 }
 
 pub fn now_ms() -> u64 {
@@ -249,38 +260,69 @@ fn unhex16(s: &str) -> Option<Fingerprint> {
 }
 
 impl Engine {
-    /// Recovers the WAL (rebuilding the idempotency table from it) and starts the flusher.
+    /// Recovers the WAL (rebuilding the idempotency table and key filter from what is not yet
+    /// checkpointed) and starts the flusher and the maintenance thread.
     pub fn open(cfg: Config) -> Result<Self, WalError> {
         let dir = PathBuf::from(&cfg.wal_dir);
-        let idempotency = Arc::new(IdempotencyTable::new(
+        let now = now_ms();
+        let ttl_ms = cfg.idempotency_ttl_s * 1000;
+        let (filter, filter_lsn) = if cfg.idempotency_filter_dir.is_empty() {
+            (None, u64::MAX)
+        } else {
+            let (f, lsn) = KeyFilter::open(
+                FilterConfig {
+                    dir: PathBuf::from(&cfg.idempotency_filter_dir),
+                    false_positive_rate: cfg.idempotency_filter_false_positive_rate,
+                    block_keys: cfg.idempotency_filter_block_keys,
+                    ttl_ms,
+                    blocks_max: cfg.idempotency_filter_blocks_max,
+                },
+                now,
+            )?;
+            (Some(Arc::new(f)), lsn.unwrap_or(0))
+        };
+        let idempotency = Arc::new(IdempotencyTable::with_filter(
             cfg.idempotency_ttl_s,
             cfg.idempotency_entries_max,
+            filter.clone(),
         ));
-        let now = now_ms();
-        let recovered = wal::recover(&dir, |_, payload| {
+        let table_after = cfg.recover_after_lsn;
+        idempotency.set_materialised_lsn(table_after);
+        let recovered = wal::recover_after(&dir, table_after.min(filter_lsn), |lsn, payload| {
             let Ok(rec) = serde_json::from_slice::<RecoveredRecord>(payload) else {
                 return;
             };
             if rec.kind != "payment.created" {
                 return;
             }
-            if let (Some(key), Some(fp)) = (rec.idempotency_key, rec.fingerprint.and_then(unhex16))
-            {
+            let (Some(key), Some(fp)) = (rec.idempotency_key, rec.fingerprint.and_then(unhex16))
+            else {
+                return;
+            };
+            let k = table_key(rec.merchant_id, key);
+            if let Some(f) = filter.as_ref().filter(|_| lsn > filter_lsn) {
+                if rec.created_ms + ttl_ms > now {
+                    f.add(&k, rec.created_ms);
+                }
+            }
+            if lsn > table_after {
                 let body: Arc<[u8]> =
                     Arc::from(rec.response.unwrap_or(rec.payment).get().as_bytes());
-                idempotency.restore(
-                    &table_key(rec.merchant_id, key),
-                    fp,
-                    rec.status_code,
-                    body,
-                    rec.created_ms,
-                    now,
-                );
+                idempotency.restore(&k, fp, rec.status_code, body, rec.created_ms, now, lsn);
             }
         })?;
+        // Keys of records the WAL no longer holds and the filter never persisted are unknown: the
+        // store answers for every miss until they have expired.
+        let filter_cold = filter.as_ref().is_some_and(|f| {
+            let gap = filter_lsn.saturating_add(1) < recovered.first_lsn;
+            if gap {
+                f.set_cold(now);
+            }
+            gap
+        });
         let wal = WalWriter::open(
             WriterConfig {
-                dir,
+                dir: dir.clone(),
                 fsync_interval_us: cfg.fsync_interval_us,
                 batch_records_max: cfg.batch_records_max,
                 segment_bytes_max: cfg.segment_bytes_max,
@@ -294,6 +336,18 @@ impl Engine {
         if event_fd < 0 {
             return Err(WalError::Io(std::io::Error::last_os_error()));
         }
+        let retention = (cfg.wal_retention_s > 0).then(|| wal::RetentionConfig {
+            dir: dir.clone(),
+            retention: Duration::from_secs(cfg.wal_retention_s),
+            archive_dir: (!cfg.wal_archive_dir.is_empty())
+                .then(|| PathBuf::from(&cfg.wal_archive_dir)),
+        });
+        let maintenance = Maintenance::start(
+            idempotency.clone(),
+            wal.committed_handle(),
+            retention,
+            Duration::from_millis(cfg.maintenance_interval_ms),
+        )?;
         let completions = Arc::new(Mutex::new(VecDeque::new()));
         wal.set_listener(Arc::new(Committer {
             idempotency: idempotency.clone(),
@@ -320,7 +374,23 @@ impl Engine {
             },
             recovered_records: recovered.records,
             truncated_bytes: recovered.truncated_bytes,
+            filter_cold,
+            maintenance,
+            durable_checks: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Records up to `lsn` are in the store (embedded) or acknowledged by the broker (cluster): their
+    /// memory-table entries may be evicted and their segments removed once past the retention.
+    pub fn set_materialised_lsn(&self, lsn: u64) {
+        self.idempotency.set_materialised_lsn(lsn);
+    }
+
+    /// One maintenance round now (filter persistence, retention), on the caller's thread.
+    pub fn run_maintenance(&self) {
+        if let Some(m) = &self.maintenance {
+            m.run_once();
+        }
     }
 
     pub fn notify_fd(&self) -> i32 {
@@ -368,6 +438,22 @@ impl Engine {
         self.idempotency.len()
     }
 
+    /// A key's record as the store holds it (fingerprint in hex), for `Durable::Checked`; None for a
+    /// fingerprint this build did not write.
+    pub fn durable_record(
+        fingerprint_hex: &str,
+        status: u16,
+        body: &[u8],
+        created_ms: u64,
+    ) -> Option<DurableRecord> {
+        Some(DurableRecord {
+            fingerprint: unhex16(fingerprint_hex)?,
+            status,
+            body: Arc::from(body),
+            created_ms,
+        })
+    }
+
     fn observe(&self, stage: usize, since: Instant) -> Instant {
         let now = Instant::now();
         self.metrics.stages[stage].observe((now - since).as_nanos() as u64);
@@ -391,11 +477,12 @@ impl Engine {
         body: &[u8],
         now_ms: u64,
     ) -> Outcome {
-        self.create_payment_with(merchant, idem_key, body, now_ms, None)
+        self.create_payment_with(merchant, idem_key, body, now_ms, None, Durable::Unchecked)
     }
 
     /// `create_payment` whose risk stage reads `velocity` (features from the store shared by the
-    /// processes of a cluster) instead of this process's velocity store, when given.
+    /// processes of a cluster) instead of this process's velocity store, when given; `durable`: what
+    /// the store holds for the key, after an `Outcome::CheckDurable`.
     pub fn create_payment_with(
         &self,
         merchant: &str,
@@ -403,9 +490,11 @@ impl Engine {
         body: &[u8],
         now_ms: u64,
         velocity: Option<&risk::SharedFeatures>,
+        durable: Durable,
     ) -> Outcome {
         let start = Instant::now();
-        let out = self.create_payment_inner(merchant, idem_key, body, now_ms, velocity, start);
+        let out =
+            self.create_payment_inner(merchant, idem_key, body, now_ms, velocity, durable, start);
         self.observe(5, start);
         out
     }
@@ -429,6 +518,7 @@ impl Engine {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_payment_inner(
         &self,
         merchant: &str,
@@ -436,6 +526,7 @@ impl Engine {
         body: &[u8],
         now_ms: u64,
         velocity: Option<&risk::SharedFeatures>,
+        durable: Durable,
         start: Instant,
     ) -> Outcome {
         let req = match parse_payment(body, &self.cfg) {
@@ -462,7 +553,7 @@ impl Engine {
         let fp = idem_key.map(|_| fingerprint(&req));
         let table = idem_key.map(|k| table_key(merchant, k));
         if let (Some(tk), Some(fp)) = (&table, fp) {
-            let looked = self.idempotency.begin(tk, fp, now_ms);
+            let looked = self.idempotency.begin_with(tk, fp, now_ms, durable);
             t = self.observe(1, t);
             match looked {
                 Lookup::New => {}
@@ -476,6 +567,11 @@ impl Engine {
                 }
                 Lookup::Mismatch => return Self::error(ApiError::idempotency_mismatch()),
                 Lookup::InFlight => return Self::error(ApiError::idempotency_in_flight()),
+                Lookup::Check => {
+                    self.durable_checks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Outcome::CheckDurable;
+                }
             }
         }
         let release = |e: ApiError| {
@@ -654,18 +750,71 @@ impl Engine {
             self.idempotency.len()
         );
         self.metrics.decisions.render(&mut out);
+        self.maintenance_metrics(&mut out);
         out
     }
 
-    /// Flushes every queued record and stops the flusher.
+    fn maintenance_metrics(&self, out: &mut String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(
+            out,
+            "# HELP gateway_idempotency_durable_checks_total Keyed creates the memory table missed and the key filter may have seen (answered from the store).\n\
+             # TYPE gateway_idempotency_durable_checks_total counter\ngateway_idempotency_durable_checks_total {}",
+            self.durable_checks.load(Relaxed)
+        );
+        if let Some(f) = self.idempotency.filter() {
+            let now = now_ms();
+            let _ = writeln!(
+                out,
+                "# HELP gateway_idempotency_filter_bytes Memory of the idempotency key filter.\n\
+                 # TYPE gateway_idempotency_filter_bytes gauge\ngateway_idempotency_filter_bytes {}\n\
+                 # HELP gateway_idempotency_filter_keys Keys in the idempotency key filter's live blocks.\n\
+                 # TYPE gateway_idempotency_filter_keys gauge\ngateway_idempotency_filter_keys {}\n\
+                 # HELP gateway_idempotency_filter_blocks Hourly blocks of the idempotency key filter.\n\
+                 # TYPE gateway_idempotency_filter_blocks gauge\ngateway_idempotency_filter_blocks {}\n\
+                 # HELP gateway_idempotency_filter_persisted_lsn WAL position the saved key filter covers.\n\
+                 # TYPE gateway_idempotency_filter_persisted_lsn gauge\ngateway_idempotency_filter_persisted_lsn {}\n\
+                 # HELP gateway_idempotency_filter_cold 1 while the key filter answers maybe to every key.\n\
+                 # TYPE gateway_idempotency_filter_cold gauge\ngateway_idempotency_filter_cold {}",
+                f.memory_bytes(),
+                f.keys(),
+                f.blocks(),
+                f.persisted_lsn(),
+                u8::from(f.is_cold(now))
+            );
+        }
+        if let Some(m) = &self.maintenance {
+            let _ = writeln!(
+                out,
+                "# HELP gateway_wal_segments_removed_total WAL segments deleted or archived by retention.\n\
+                 # TYPE gateway_wal_segments_removed_total counter\ngateway_wal_segments_removed_total {}\n\
+                 # HELP gateway_maintenance_errors_total Failed runs of the fast path's maintenance (filter save, retention).\n\
+                 # TYPE gateway_maintenance_errors_total counter\ngateway_maintenance_errors_total {}",
+                m.stats.segments_removed.load(Relaxed),
+                m.stats.errors.load(Relaxed)
+            );
+        }
+    }
+
+    /// The last error of the maintenance thread (filter persistence, retention), if any.
+    pub fn maintenance_error(&self) -> Option<String> {
+        self.maintenance
+            .as_ref()
+            .and_then(|m| m.stats.last_error.lock().clone())
+    }
+
+    /// Flushes every queued record, stops the flusher, then persists the key filter.
     pub fn close(&self) {
         self.wal.close();
+        if let Some(m) = &self.maintenance {
+            m.close();
+        }
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.wal.close();
+        self.close();
         // SAFETY: closing the eventfd created in `open`.
         unsafe {
             libc::close(self.event_fd);
@@ -861,7 +1010,7 @@ mod tests {
         let mut raw = vec![-1i64; risk::VELOCITY_FEATURES];
         raw[2] = 4; // card_count_1h
         let shared = risk::SharedFeatures::from_counters(&raw).unwrap();
-        match e.create_payment_with("m", None, BODY, now_ms(), Some(&shared)) {
+        match e.create_payment_with("m", None, BODY, now_ms(), Some(&shared), Durable::Unchecked) {
             Outcome::Pending { status: 402, .. } => {}
             other => panic!("{other:?}"),
         }

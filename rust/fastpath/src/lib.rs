@@ -9,6 +9,8 @@ pub mod engine;
 pub mod error;
 pub mod idempotency;
 pub mod ids;
+pub mod keyfilter;
+pub mod maintenance;
 pub mod metrics;
 pub mod ratelimit;
 pub mod validate;

@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::engine::{Engine, Outcome};
+use crate::idempotency::Durable;
 use crate::wal::{self, WalError};
 use parking_lot::Mutex;
 use pyo3::create_exception;
@@ -76,6 +77,9 @@ struct CreateResult {
     retry_after_s: Option<u32>,
     /// Id of the payment this call accepted or declined (a record was written), else None.
     payment_id: Option<String>,
+    /// The memory table missed a key the filter may have seen: call again with `durable=` what the
+    /// store holds for it (status is 0 and nothing was decided).
+    check_durable: bool,
 }
 
 #[pymethods]
@@ -104,8 +108,10 @@ impl FastPath {
 
     /// Validation, idempotency, rate limit, risk and WAL append in one call (the GIL released); see
     /// `CreateResult`. `velocity`: the counters of the shared store (see `velocity_event`), used
-    /// instead of this process's velocity store.
-    #[pyo3(signature = (merchant_id, idempotency_key, body, now_ms=None, *, velocity=None))]
+    /// instead of this process's velocity store. `checked=True` after a `check_durable` answer, with
+    /// `durable` = (fingerprint hex, status, body, created_ms) of the store's record or None.
+    #[pyo3(signature = (merchant_id, idempotency_key, body, now_ms=None, *, velocity=None, checked=false, durable=None))]
+    #[allow(clippy::too_many_arguments)]
     fn create_payment<'py>(
         &self,
         py: Python<'py>,
@@ -114,8 +120,17 @@ impl FastPath {
         body: &[u8],
         now_ms: Option<u64>,
         velocity: Option<Vec<i64>>,
+        checked: bool,
+        durable: Option<(String, u16, Vec<u8>, u64)>,
     ) -> PyResult<CreateResult> {
         let now = now_ms.unwrap_or_else(crate::engine::now_ms);
+        let durable = if checked || durable.is_some() {
+            Durable::Checked(durable.and_then(|(fp, status, body, created_ms)| {
+                Engine::durable_record(&fp, status, &body, created_ms)
+            }))
+        } else {
+            Durable::Unchecked
+        };
         let shared = velocity
             .map(|v| risk::SharedFeatures::from_counters(&v))
             .transpose()
@@ -127,6 +142,7 @@ impl FastPath {
                 body,
                 now,
                 shared.as_ref(),
+                durable,
             )
         });
         Ok(match out {
@@ -142,6 +158,16 @@ impl FastPath {
                 replayed,
                 retry_after_s,
                 payment_id: None,
+                check_durable: false,
+            },
+            Outcome::CheckDurable => CreateResult {
+                status: 0,
+                body: PyBytes::new(py, b"").unbind(),
+                lsn: 0,
+                replayed: false,
+                retry_after_s: None,
+                payment_id: None,
+                check_durable: true,
             },
             Outcome::Pending {
                 status,
@@ -155,6 +181,7 @@ impl FastPath {
                 replayed: false,
                 retry_after_s: None,
                 payment_id: Some(payment_id),
+                check_durable: false,
             },
         })
     }
@@ -214,6 +241,26 @@ impl FastPath {
 
     fn idempotency_entries(&self) -> usize {
         self.engine.idempotency_entries()
+    }
+
+    /// Records up to `lsn` are in the store (embedded) or acknowledged by the broker (cluster).
+    fn set_materialised_lsn(&self, lsn: u64) {
+        self.engine.set_materialised_lsn(lsn)
+    }
+
+    /// One maintenance round now: persist the key filter, apply WAL retention.
+    fn run_maintenance(&self, py: Python<'_>) {
+        py.allow_threads(|| self.engine.run_maintenance())
+    }
+
+    fn maintenance_error(&self) -> Option<String> {
+        self.engine.maintenance_error()
+    }
+
+    /// The key filter could not be rebuilt at start-up (the store answers every miss for one TTL).
+    #[getter]
+    fn filter_cold(&self) -> bool {
+        self.engine.filter_cold
     }
 
     #[getter]

@@ -3,16 +3,20 @@
 //! A record on disk is `[len u32 LE][crc32 u32 LE][lsn u64 LE][payload]`, where the CRC covers the LSN
 //! and the payload. Records live in segment files named by the LSN of their first record
 //! (`00000000000000000001.wal`), each starting with an 8-byte magic. LSNs start at 1 and have no gaps.
-//! Recovery replays every complete record and truncates a torn tail of the last segment; damage
-//! anywhere else is refused, because silently dropping acknowledged records would break the promise.
+//! Recovery replays every complete record (or only those after a checkpoint: earlier segments are
+//! not read) and truncates a torn tail of the last segment; damage anywhere else is refused, because
+//! silently dropping acknowledged records would break the promise. Retention (`retention.rs`)
+//! removes the oldest segments once nothing needs them, so the first segment may start after LSN 1.
 
 mod reader;
 mod recovery;
+mod retention;
 mod writer;
 
 pub use reader::WalReader;
-pub use recovery::{recover, scan_read_only, Recovered};
-pub use writer::{AppendError, CommitListener, WalStats, WalWriter, WriterConfig};
+pub use recovery::{recover, recover_after, scan_read_only, Recovered};
+pub use retention::{apply_retention, RetentionConfig};
+pub use writer::{AppendError, CommitListener, CommittedLsn, WalStats, WalWriter, WriterConfig};
 
 use std::fs;
 use std::io;

@@ -73,14 +73,18 @@ impl WalReader {
 
     fn open_segment(&mut self) -> Result<bool, WalError> {
         let segments = list_segments(&self.dir)?;
-        let Some((first_lsn, path)) = segments
+        let found = segments
             .iter()
             .rev()
             .find(|(l, _)| *l <= self.next_lsn)
-            .cloned()
-        else {
+            .or_else(|| segments.first())
+            .cloned();
+        let Some((first_lsn, path)) = found else {
             return Ok(false);
         };
+        // Retention removed the segments before it: the reader starts at the oldest record held
+        // (backtests report the window they read by its first LSN and time).
+        self.next_lsn = self.next_lsn.max(first_lsn);
         let mut file = File::open(&path)?;
         file.seek(SeekFrom::Start(SEGMENT_MAGIC.len() as u64))?;
         self.current = Some(Cursor {

@@ -58,6 +58,16 @@ struct Shared {
     listener: Mutex<Option<Arc<dyn CommitListener>>>,
 }
 
+/// A handle that reads the committed LSN from another thread (the maintenance thread).
+#[derive(Clone)]
+pub struct CommittedLsn(Arc<Shared>);
+
+impl CommittedLsn {
+    pub fn get(&self) -> u64 {
+        self.0.committed.load(Ordering::Acquire)
+    }
+}
+
 pub struct WalWriter {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -147,6 +157,10 @@ impl WalWriter {
 
     pub fn committed_lsn(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)
+    }
+
+    pub fn committed_handle(&self) -> CommittedLsn {
+        CommittedLsn(self.shared.clone())
     }
 
     pub fn error(&self) -> Option<String> {

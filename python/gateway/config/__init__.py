@@ -4,7 +4,7 @@ Every setting lives here, with its default and its range; config/gateway.toml do
 `load()` parses a file strictly (unknown keys, wrong types, out-of-range values and inconsistent pairs
 are refused), then applies the few environment overrides of `ENV_OVERRIDES` (tests and benchmarks use
 them), and validates the result again: any error is a `ConfigurationError` naming the file, the key
-(and the variable, for an override) and the reason. This is the only module that reads those variables.
+(and the variable, for an override) and the reason. This package is the only place that reads those variables (`env.py` lists them).
 """
 
 from __future__ import annotations
@@ -12,20 +12,21 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
+from gateway.config.env import ENV_ALLOW_PRIVATE_URLS, ENV_OVERRIDES, apply_env
+from gateway.config.errors import ConfigurationError
+
+__all__ = ["ENV_ALLOW_PRIVATE_URLS", "ENV_OVERRIDES", "Config", "ConfigurationError", "load", "parse"]
+
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
-
-
-class ConfigurationError(Exception):
-    """A config file that cannot be used; the message names the file, the key and the reason."""
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -48,6 +49,11 @@ class WalConfig(_Section):
     batch_records_max: Annotated[int, Meta(ge=1, le=100_000)] = 512
     segment_bytes_max: Annotated[int, Meta(ge=4096)] = 64 * 1024 * 1024
     pending_records_max: Annotated[int, Meta(ge=1, le=10_000_000)] = 65_536
+    # Sealed segments whose records are all materialised (embedded) or relayed (cluster) are removed
+    # once their last write is older than this; 0 keeps every segment.
+    retention_s: Annotated[int, Meta(ge=0, le=365 * 24 * 3600)] = 24 * 3600
+    # Removed segments are moved here instead of deleted; empty: deleted.
+    archive_dir: str = ""
 
 
 class LimitsConfig(_Section):
@@ -60,9 +66,29 @@ class LimitsConfig(_Section):
     idempotency_key_chars_max: Annotated[int, Meta(ge=1, le=255)] = 255
 
 
+FILTER_BLOCK_KEYS_MAX = 16_777_216
+FILTER_BLOCKS_HEADROOM = 4
+
+
 class IdempotencyConfig(_Section):
     ttl_s: Annotated[int, Meta(ge=60)] = 24 * 3600
     entries_max: Annotated[int, Meta(ge=1000, le=100_000_000)] = 1_000_000
+    # Embedded mode: the key filter in front of the store's durable record of every key. Sized for
+    # `filter_keys_per_s` keyed creates per second over `ttl_s` at `filter_false_positive_rate` (the
+    # share of new keys that cost a store read), see docs/idempotency.md.
+    filter_keys_per_s: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+    filter_false_positive_rate: Annotated[float, Meta(gt=0, le=0.2)] = 0.01
+    # Period of the filter's persistence and of WAL retention (recovery re-reads at most this much WAL
+    # for the filter).
+    maintenance_interval_ms: Annotated[int, Meta(ge=10, le=600_000)] = 5000
+
+    def filter_shape(self) -> tuple[int, float, int]:
+        """(keys per filter block, false-positive rate per block, blocks at most): a block holds at most
+        an hour of keys, and a lookup asks every block of the TTL, so the total rate is split between
+        them. Memory is bounded at FILTER_BLOCKS_HEADROOM times the sized blocks (then: store reads)."""
+        block_keys = min(FILTER_BLOCK_KEYS_MAX, max(1000, self.filter_keys_per_s * 3600))
+        blocks = max(-(-self.ttl_s // 3600), -(-self.filter_keys_per_s * self.ttl_s // block_keys))
+        return block_keys, self.filter_false_positive_rate / blocks, FILTER_BLOCKS_HEADROOM * blocks + 2
 
 
 class RateLimitConfig(_Section):
@@ -124,6 +150,9 @@ class ClusterConfig(_Section):
     database_pool_min: Annotated[int, Meta(ge=1, le=100)] = 1
     database_pool_max: Annotated[int, Meta(ge=1, le=100)] = 4
     database_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 5_000
+    # How long Kafka keeps the `payments` topic (its `retention.ms`, set at every start); backtests in
+    # cluster mode read this window. At least the longest consumer outage to survive.
+    topic_retention_ms: Annotated[int, Meta(ge=3_600_000, le=365 * 24 * 3_600_000)] = 7 * 24 * 3_600_000
     # Cached create responses and locks: replays within this window are served from Redis.
     idempotency_ttl_s: Annotated[int, Meta(ge=60, le=30 * 24 * 3600)] = 24 * 3600
     # Accepted payments are readable from Redis until a worker has written them to PostgreSQL.
@@ -294,10 +323,21 @@ class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     merchants: MerchantsConfig = msgspec.field(default_factory=MerchantsConfig)
 
-    def fastpath_json(self, data_dir: Path) -> str:
-        """The settings the Rust fast path takes, as the JSON its `Config` decodes."""
+    def fastpath_json(self, data_dir: Path, recover_after_lsn: int = 0, key_filter: bool = False) -> str:
+        """The settings the Rust fast path takes, as the JSON its `Config` decodes. `recover_after_lsn`:
+        the store's checkpoint; `key_filter`: the memory table is a cache in front of the store's
+        record of every key (embedded mode), with its filter persisted in data_dir/idempotency."""
+        block_keys, block_rate, blocks_max = self.idempotency.filter_shape()
         return msgspec.json.encode(
             {
+                "idempotency_filter_dir": str(data_dir / "idempotency") if key_filter else "",
+                "idempotency_filter_false_positive_rate": block_rate,
+                "idempotency_filter_block_keys": block_keys,
+                "idempotency_filter_blocks_max": blocks_max,
+                "recover_after_lsn": recover_after_lsn,
+                "wal_retention_s": self.wal.retention_s,
+                "wal_archive_dir": self.wal.archive_dir,
+                "maintenance_interval_ms": self.idempotency.maintenance_interval_ms,
                 "wal_dir": str(data_dir / "wal"),
                 "fsync_interval_us": self.wal.fsync_interval_us,
                 "batch_records_max": self.wal.batch_records_max,
@@ -317,79 +357,6 @@ class Config(_Section):
                 "risk_velocity_keys_per_dimension_max": self.risk.velocity_keys_per_dimension_max,
             }
         ).decode()
-
-
-def _on_off(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected on or off (also 1/0, true/false, yes/no)")
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("not an integer") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError("not a number") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-# Named in the API's refusal of a private endpoint URL.
-ENV_ALLOW_PRIVATE_URLS = "GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS"
-# Environment variables that override a key of the file (tests and benchmarks use them; an empty value
-# counts as unset). The same list is in the header of config/gateway.toml.
-ENV_OVERRIDES: tuple[tuple[str, str, str, Callable[[str], Any]], ...] = (
-    ("GATEWAY_WORKER", "worker", "enabled", _on_off),
-    ("GATEWAY_WORKER_INFLIGHT_MAX", "worker", "inflight_max", _int),
-    ("GATEWAY_RECONCILE_INTERVAL_MS", "worker", "reconcile_interval_ms", _int),
-    ("GATEWAY_WORKER_DB_CONNECTIONS", "worker", "db_connections", _int),
-    ("GATEWAY_PSP_TIME_SCALE", "psp", "time_scale", _float),
-    ("GATEWAY_PSPS", "psp", "psps", _names),
-    ("GATEWAY_PSP_SEED", "psp", "seed", _int),
-    ("GATEWAY_PSP_TIMEOUT_MS", "psp", "timeout_ms", _int),
-    ("GATEWAY_PSP_URL", "psp", "url", str),
-    ("GATEWAY_WEBHOOK_ATTEMPTS_MAX", "webhooks", "attempts_max", _int),
-    ("GATEWAY_WEBHOOK_RETRY_BASE_MS", "webhooks", "retry_base_ms", _int),
-    ("GATEWAY_WEBHOOK_RETRY_MAX_MS", "webhooks", "retry_max_ms", _int),
-    ("GATEWAY_WEBHOOK_TIMEOUT_MS", "webhooks", "timeout_ms", _int),
-    ("GATEWAY_WEBHOOK_CONCURRENCY", "webhooks", "concurrency", _int),
-    ("GATEWAY_WEBHOOK_POLL_MS", "webhooks", "poll_ms", _int),
-    (ENV_ALLOW_PRIVATE_URLS, "webhooks", "allow_private_urls", _on_off),
-    ("GATEWAY_METRICS_CHECK_INTERVAL_MS", "metrics", "check_interval_ms", _int),
-    ("GATEWAY_LEDGER_CHECK_INTERVAL_MS", "metrics", "ledger_check_interval_ms", _int),
-    ("GATEWAY_LOG_FORMAT", "log", "format", str),
-)
-
-
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str], path: str) -> dict[str, str]:
-    """Writes the overrides found in `env` into the parsed file; returns {"section.key": variable}."""
-    applied: dict[str, str] = {}
-    for var, section, key, kind in ENV_OVERRIDES:
-        text = env.get(var, "")
-        if not text:
-            continue
-        dotted = f"{section}.{key}"
-        try:
-            value = kind(text)
-        except ValueError as e:
-            raise ConfigurationError(f"{path}: {dotted} (environment {var}={text!r}): {e}") from None
-        table = raw.setdefault(section, {})
-        if isinstance(table, dict):  # otherwise the strict conversion names the section as not a table
-            table[key] = value
-            applied[dotted] = var
-    return applied
 
 
 def _inconsistency(cfg: Config) -> tuple[str, str] | None:
@@ -450,7 +417,7 @@ def _profile_error(raw: dict[str, Any], path: str) -> ConfigurationError | None:
 
 
 def _build(raw: dict[str, Any], path: str, env: Mapping[str, str]) -> Config:
-    applied = _apply_env(raw, env, path)
+    applied = apply_env(raw, env, path)
     try:
         cfg = msgspec.convert(raw, Config)
     except msgspec.ValidationError as e:
