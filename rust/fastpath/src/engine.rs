@@ -411,7 +411,9 @@ impl Engine {
     /// The idempotency fingerprint of a create body (hex), as `create_payment` computes it; `None`
     /// for a body it would refuse as invalid.
     pub fn request_fingerprint(&self, body: &[u8]) -> Option<String> {
-        parse_payment(body, &self.cfg).ok().map(|req| hex(&fingerprint(&req)))
+        parse_payment(body, &self.cfg)
+            .ok()
+            .map(|req| hex(&fingerprint(&req)))
     }
 
     /// The velocity event of a create request, for the shared store, without deciding or recording
@@ -439,18 +441,23 @@ impl Engine {
             Err(e) => return Self::error(e),
         };
         if let Some(k) = idem_key {
+            // Printable ASCII only (as Stripe): a key is echoed in a header and stored in the WAL.
             if k.is_empty()
-                || k.chars().count() > self.cfg.idempotency_key_chars_max
-                || k.chars().any(|c| c.is_control())
+                || k.len() > self.cfg.idempotency_key_chars_max
+                || !k.bytes().all(|b| (0x20..0x7f).contains(&b))
             {
                 return Self::error(ApiError::invalid(
                     "idempotency_key_invalid",
                     "Idempotency-Key",
                     format!(
-                        "The Idempotency-Key header must be 1 to {} printable characters.",
+                        "The Idempotency-Key header must be 1 to {} printable ASCII characters.",
                         self.cfg.idempotency_key_chars_max
                     ),
                 ));
+            }
+            // Nor a card number: the key is written to the WAL and the database.
+            if crate::guard::contains_pan(k) {
+                return Self::error(crate::validate::pan_error());
             }
         }
         let mut t = self.observe(0, start);

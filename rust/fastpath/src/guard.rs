@@ -1,0 +1,306 @@
+//! The one card-number guard: the detector, its masking form, and a strict scan of JSON bodies.
+//!
+//! Every part of the gateway that must refuse or hide card numbers calls these functions (the Python
+//! side through `gateway._fastpath`), so that "looks like a card number" means one thing everywhere.
+//! A card-number-like run is a Luhn-valid run of 12 to 19 ASCII digits, with single spaces or dashes
+//! allowed between digits (`4242 4242 4242 4242`). A run is a maximal digit sequence: longer runs are
+//! not card numbers, and checking every window of them would refuse one in ten long order numbers.
+//!
+//! JSON bodies are scanned as they are parsed, before any value is kept: every key and every string
+//! (after its escapes are decoded, so `\u0034` is a `4`), and optionally every number. A key that
+//! appears twice in one object is refused: a decoder that keeps the last value would otherwise let
+//! the first one through unscanned, and the two sides of the gateway could disagree on which is meant.
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+
+/// Nesting is refused beyond this depth so a hostile body cannot make the scan expensive.
+pub const JSON_DEPTH_MAX: usize = 8;
+/// The digits of a card number: shorter or longer runs are not card numbers.
+pub const PAN_DIGITS_MIN: usize = 12;
+pub const PAN_DIGITS_MAX: usize = 19;
+/// What a masked run is replaced with.
+pub const PAN_MASK: &str = "[REDACTED]";
+
+/// True when `digits` (ASCII digits only) passes the Luhn check.
+pub fn luhn_valid(digits: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (i, d) in digits.iter().rev().enumerate() {
+        let mut v = (d - b'0') as u32;
+        if !i.is_multiple_of(2) {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+    }
+    sum.is_multiple_of(10)
+}
+
+/// Calls `found(start, end)` (byte offsets into `text`) for every card-number-like run, in order;
+/// stops early when `found` returns false.
+fn scan(text: &str, mut found: impl FnMut(usize, usize) -> bool) {
+    let bytes = text.as_bytes();
+    let mut digits: Vec<u8> = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i <= bytes.len() {
+        match bytes.get(i).copied() {
+            Some(c) if c.is_ascii_digit() => {
+                if digits.is_empty() {
+                    start = i;
+                }
+                digits.push(c);
+            }
+            Some(b' ') | Some(b'-')
+                if !digits.is_empty() && bytes.get(i + 1).is_some_and(|n| n.is_ascii_digit()) => {}
+            _ => {
+                if (PAN_DIGITS_MIN..=PAN_DIGITS_MAX).contains(&digits.len())
+                    && luhn_valid(&digits)
+                    && !found(start, i)
+                {
+                    return;
+                }
+                digits.clear();
+            }
+        }
+        i += 1;
+    }
+}
+
+/// True when `text` contains a card-number-like run.
+pub fn contains_pan(text: &str) -> bool {
+    let mut any = false;
+    scan(text, |_, _| {
+        any = true;
+        false
+    });
+    any
+}
+
+/// `text` with every card-number-like run replaced by `PAN_MASK` (borrowed when there is none).
+pub fn mask_pans(text: &str) -> Cow<'_, str> {
+    let mut out: Option<String> = None;
+    let mut last = 0;
+    scan(text, |start, end| {
+        let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+        o.push_str(&text[last..start]);
+        o.push_str(PAN_MASK);
+        last = end;
+        true
+    });
+    match out {
+        None => Cow::Borrowed(text),
+        Some(mut o) => {
+            o.push_str(&text[last..]);
+            Cow::Owned(o)
+        }
+    }
+}
+
+/// Why a JSON body was refused by `scan_json`.
+#[derive(Debug)]
+pub enum JsonRefusal {
+    /// A key, string (or number, when scanned) contains a card-number-like run. Where is not said.
+    CardNumber,
+    /// A key appears twice in one object (the key, cut to 64 characters; it passed the card scan).
+    DuplicateKey(String),
+    /// Nested deeper than `JSON_DEPTH_MAX`.
+    TooDeep,
+    /// Not JSON at all: the parser's error (line and column, never the text).
+    Invalid(serde_json::Error),
+}
+
+impl fmt::Display for JsonRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::CardNumber => write!(f, "card number"),
+            Self::DuplicateKey(k) => write!(f, "duplicate key {k:?}"),
+            Self::TooDeep => write!(f, "nested deeper than {JSON_DEPTH_MAX} levels"),
+            Self::Invalid(e) => {
+                write!(f, "invalid JSON (line {}, column {})", e.line(), e.column())
+            }
+        }
+    }
+}
+
+/// Parses `body` only to scan it (nothing is kept): refuses card numbers in keys and strings (and
+/// numbers when `numbers`), duplicate keys, and nesting deeper than `JSON_DEPTH_MAX`.
+pub fn scan_json(body: &[u8], numbers: bool) -> Result<(), JsonRefusal> {
+    let mut refusal = None;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let seed = Scan {
+        depth: 0,
+        numbers,
+        refusal: &mut refusal,
+    };
+    let parsed = seed.deserialize(&mut de).and_then(|()| de.end());
+    match (refusal, parsed) {
+        (Some(r), _) => Err(r),
+        (None, Err(e)) => Err(JsonRefusal::Invalid(e)),
+        (None, Ok(())) => Ok(()),
+    }
+}
+
+struct Scan<'r> {
+    depth: usize,
+    numbers: bool,
+    refusal: &'r mut Option<JsonRefusal>,
+}
+
+impl Scan<'_> {
+    fn refuse<E: serde::de::Error>(&mut self, r: JsonRefusal) -> Result<(), E> {
+        *self.refusal = Some(r);
+        Err(E::custom("refused"))
+    }
+
+    fn text<E: serde::de::Error>(&mut self, s: &str) -> Result<(), E> {
+        if contains_pan(s) {
+            return self.refuse(JsonRefusal::CardNumber);
+        }
+        Ok(())
+    }
+
+    fn number<E: serde::de::Error>(&mut self, n: impl fmt::Display) -> Result<(), E> {
+        if self.numbers {
+            return self.text(&n.to_string());
+        }
+        Ok(())
+    }
+
+    fn child(&mut self) -> Scan<'_> {
+        Scan {
+            depth: self.depth + 1,
+            numbers: self.numbers,
+            refusal: self.refusal,
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Scan<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(mut self, d: D) -> Result<(), D::Error> {
+        if self.depth > JSON_DEPTH_MAX {
+            return self.refuse(JsonRefusal::TooDeep);
+        }
+        d.deserialize_any(self)
+    }
+}
+
+/// A key, scanned and remembered by its object's visitor.
+struct Key<'a, 'r>(&'a mut Scan<'r>, &'a mut HashSet<String>);
+
+impl<'de> DeserializeSeed<'de> for Key<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        let key: Cow<'de, str> = serde::Deserialize::deserialize(d)?;
+        self.0.text(&key)?;
+        if !self.1.insert(key.to_string()) {
+            let shown: String = key.chars().take(64).collect();
+            return self.0.refuse(JsonRefusal::DuplicateKey(shown));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for Scan<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: serde::de::Error>(mut self, v: i64) -> Result<(), E> {
+        self.number(v)
+    }
+
+    fn visit_u64<E: serde::de::Error>(mut self, v: u64) -> Result<(), E> {
+        self.number(v)
+    }
+
+    fn visit_f64<E: serde::de::Error>(mut self, v: f64) -> Result<(), E> {
+        self.number(v)
+    }
+
+    fn visit_str<E: serde::de::Error>(mut self, v: &str) -> Result<(), E> {
+        self.text(v)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self.child())?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let mut keys = HashSet::new();
+        while map.next_key_seed(Key(&mut self, &mut keys))?.is_some() {
+            map.next_value_seed(self.child())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_and_masks_runs() {
+        assert!(contains_pan("card 4242 4242 4242 4242 here"));
+        assert!(!contains_pan("order 4242424242424241"));
+        assert!(!contains_pan("42424242424242424242424")); // a run longer than 19 digits
+        assert_eq!(mask_pans("a 4242-4242-4242-4242 b"), "a [REDACTED] b");
+        assert_eq!(
+            mask_pans("x4242424242424242y4242424242424242"),
+            "x[REDACTED]y[REDACTED]"
+        );
+        assert!(matches!(mask_pans("nothing 12"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn scan_json_refuses_duplicates_escapes_and_depth() {
+        assert!(scan_json(br#"{"a":1,"b":{"c":[1,"x"]}}"#, true).is_ok());
+        assert!(matches!(
+            scan_json(br#"{"amount":9223372036854775809,"amount":2}"#, true),
+            Err(JsonRefusal::CardNumber)
+        ));
+        assert!(matches!(
+            scan_json(br#"{"amount":1,"amount":2}"#, true),
+            Err(JsonRefusal::DuplicateKey(k)) if k == "amount"
+        ));
+        assert!(matches!(
+            scan_json(br#"{"d":"\u0034242424242424242"}"#, false),
+            Err(JsonRefusal::CardNumber)
+        ));
+        assert!(scan_json(br#"{"since_ms":4242424242424242}"#, false).is_ok());
+        assert!(matches!(
+            scan_json(br#"{"4242424242424242":1}"#, false),
+            Err(JsonRefusal::CardNumber)
+        ));
+        assert!(matches!(
+            scan_json(&[b'['; 20], true),
+            Err(JsonRefusal::TooDeep)
+        ));
+        assert!(matches!(
+            scan_json(b"{\"a\":", true),
+            Err(JsonRefusal::Invalid(_))
+        ));
+        assert!(matches!(
+            scan_json(b"{} x", true),
+            Err(JsonRefusal::Invalid(_))
+        ));
+    }
+}
