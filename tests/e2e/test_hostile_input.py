@@ -187,8 +187,8 @@ def test_webhook_url_with_card_number_is_refused(gw: Gateway, url: str) -> None:
 
 
 @pytest.mark.parametrize("body", [
-    '{"amount":%s,"amount":2,"currency":"USD","payment_method":"tok_visa"}' % PAN_19,
-    '{"amount":1000,"currency":"USD","payment_method":"tok_visa","description":"%s","description":"x"}' % PAN,
+    '{"amount":' + PAN_19 + ',"amount":2,"currency":"USD","payment_method":"tok_visa"}',
+    '{"amount":1000,"currency":"USD","payment_method":"tok_visa","description":"' + PAN + '","description":"x"}',
     '{"amount":1000,"currency":"USD","payment_method":"tok_visa","description":"\\u0034242424242424242"}',
 ])
 def test_card_number_in_duplicated_key_or_escape_is_refused(gw: Gateway, body: str) -> None:

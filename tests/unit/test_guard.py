@@ -1,0 +1,114 @@
+"""The API's guard (gateway.api.guard), the Rust detector it exposes, the masking of error objects and
+the rate limit on tracebacks, without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gateway._fastpath import json_refusal, mask_pans
+from gateway.api import guard
+from gateway.api.app import TracebackLimiter
+from gateway.domain.errors import error_body
+
+PAN = "4242424242424242"
+
+
+class _Headers:
+    def __init__(self, values: dict[str, str | None]) -> None:
+        self._values = values
+
+    def get(self, key: str, default: object = None) -> object:
+        value = self._values.get(key)
+        return default if value is None else value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+
+class _Scope:
+    def __init__(self, headers: dict[str, str | None]) -> None:
+        self.headers = _Headers(headers)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("5", 5), ("100", 100), ("0", None), ("101", None), ("²", None), ("٣", None), ("５", None), ("-1", None),
+    ("+1", None), (" 1", None), ("1e2", None), ("", None), ("9" * 40, None),
+])
+def test_strict_int_takes_ascii_digits_in_range_only(raw: str, expected: int | None) -> None:
+    assert guard.strict_int(raw, 1, 100) == expected
+
+
+@pytest.mark.parametrize("text", [
+    PAN, "4242 4242 4242 4242", "4242-4242-4242-4242", "4242%204242%204242%204242", "4242+4242+4242+4242",
+    "4242%25204242%25204242%25204242", "pay_4242424242424242",
+])
+def test_card_numbers_are_found_in_every_written_form(text: str) -> None:
+    assert guard.has_card_number(text)
+
+
+def test_order_numbers_and_long_runs_are_not_card_numbers() -> None:
+    assert not guard.has_card_number("order 4242424242424241")
+    assert not guard.has_card_number("42424242424242424242424242")
+    assert not guard.has_card_number("%ZZ%")
+
+
+@pytest.mark.parametrize(("headers", "param"), [
+    ({"idempotency-key": None}, "Idempotency-Key"),  # present, but not visible ASCII: the server hides it
+    ({"idempotency-key": ""}, "Idempotency-Key"),
+    ({"idempotency-key": "k" * 256}, "Idempotency-Key"),
+    ({"idempotency-key": "a\u00e9"}, "Idempotency-Key"),
+])
+def test_unusable_idempotency_keys_are_refused(headers: dict[str, str | None], param: str) -> None:
+    answer = guard.idempotency_key(_Scope(headers))
+    assert isinstance(answer, tuple) and answer[0] == 400
+    assert json.loads(answer[2])["error"]["param"] == param
+
+
+def test_idempotency_key_with_card_number_is_refused_without_echo() -> None:
+    answer = guard.idempotency_key(_Scope({"idempotency-key": f"k-{PAN}"}))
+    assert isinstance(answer, tuple) and answer[0] == 400
+    assert json.loads(answer[2])["error"]["code"] == "card_number_not_allowed" and PAN not in answer[2].decode()
+
+
+def test_absent_and_good_idempotency_keys_pass() -> None:
+    assert guard.idempotency_key(_Scope({})) is None
+    assert guard.idempotency_key(_Scope({"idempotency-key": "order-1001"})) == "order-1001"
+
+
+def test_json_scan_refuses_duplicates_escapes_and_depth() -> None:
+    assert json_refusal(b'{"a":1,"b":[1,2]}') is None
+    assert json_refusal(b'{"a":1,"a":2}') == ("duplicate_key", "a")
+    assert json_refusal(b'{"a":4242424242424242,"a":2}') == ("card_number", None)
+    assert json_refusal(b'{"a":"\\u0034242424242424242"}') == ("card_number", None)
+    assert json_refusal(b'{"since_ms":4242424242424242}', numbers=False) is None
+    assert json_refusal(b"[" * 50 + b"]" * 50) == ("too_deep", None)
+    assert json_refusal(b'{"a":')[0] == "invalid"
+
+
+def test_error_objects_never_repeat_a_card_number() -> None:
+    body = json.loads(error_body(404, "resource_missing", f"No such payment: 'pay_{PAN}'", f"x{PAN}"))
+    assert PAN not in json.dumps(body)
+    assert body["error"]["message"] == "No such payment: 'pay_[REDACTED]'"
+    assert mask_pans("no digits here") == "no digits here"
+
+
+def _raise_at_one_place() -> None:
+    raise ValueError("boom")
+
+
+def test_tracebacks_are_logged_once_per_cause_per_interval() -> None:
+    limiter = TracebackLimiter(interval_s=60.0)
+    errors = []
+    for _ in range(5):
+        try:
+            _raise_at_one_place()
+        except ValueError as e:
+            errors.append(e)
+    assert limiter.admit(errors[0], now=0.0) == 0
+    assert [limiter.admit(e, now=1.0) for e in errors[1:]] == [None] * 4
+    assert limiter.admit(errors[0], now=61.0) == 4  # the next report counts the ones not logged
+    try:
+        raise KeyError("other")
+    except KeyError as other:
+        assert limiter.admit(other, now=61.5) == 0  # another cause is reported at once
