@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: venv deps build-dev build-prod install run test test-rust test-python lint fmt services-up services-down bench bench-micro clean
+.PHONY: venv deps build-dev build-prod install run test test-rust test-python fuzz-rust lint fmt services-up services-down bench bench-micro clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -39,6 +39,12 @@ test-python: install
 	pytest -q $(PYTEST_ARGS)
 
 test: install test-rust test-python
+
+# libFuzzer targets of the parser and the card-number guard (nightly + cargo-fuzz; rust/fuzz/README.md).
+FUZZ_SECONDS ?= 60
+fuzz-rust:
+	cd rust/fuzz && cargo +nightly fuzz run parse_payment -- -max_total_time=$(FUZZ_SECONDS)
+	cd rust/fuzz && cargo +nightly fuzz run card_scan -- -max_total_time=$(FUZZ_SECONDS)
 
 lint: deps
 	cargo fmt --check
