@@ -112,3 +112,55 @@ def test_tracebacks_are_logged_once_per_cause_per_interval() -> None:
         raise KeyError("other")
     except KeyError as other:
         assert limiter.admit(other, now=61.5) == 0  # another cause is reported at once
+
+
+# -- the app's guard before the cluster runtime ----------------------------------------------------
+
+
+class _Proto:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.answer: tuple[int, list[tuple[str, str]], bytes] | None = None
+
+    async def __call__(self) -> bytes:
+        return self.body
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.answer = (status, headers, body)
+
+
+class _RsgiHeaders(_Headers):
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def values(self) -> list[str]:
+        return [v or "" for v in self._values.values()]
+
+
+class _RsgiScope:
+    def __init__(self, path: str, headers: dict[str, str | None], query: str = "") -> None:
+        self.path = path
+        self.method = "POST"
+        self.query_string = query
+        self.headers = _RsgiHeaders(headers)
+
+
+@pytest.mark.parametrize("key", [None, f"k-{PAN}", "k" * 256, ""])
+def test_cluster_mode_refuses_bad_keys_before_the_shared_state(key: str | None) -> None:
+    """A key the server hides (non-ASCII bytes: None with the header present), a card number, or one
+    over 255 characters never reaches Redis or the fast path in cluster mode."""
+    import asyncio
+
+    from gateway.api.app import GatewayApp
+    from gateway.domain.secrets import hash_api_key
+    from test_cluster_api import BODY, MERCHANT, make
+
+    cluster, stub, shared = make()
+    app = GatewayApp(cluster)
+    app._merchants[hash_api_key("sk_test_x")] = MERCHANT
+    proto = _Proto(BODY)
+    scope = _RsgiScope("/v1/payments", {"authorization": "Bearer sk_test_x", "idempotency-key": key})
+    asyncio.run(app.__rsgi__(scope, proto))
+    assert proto.answer is not None and proto.answer[0] == 400
+    assert PAN not in proto.answer[2].decode()
+    assert stub.accepted == [] and shared.values == {}
