@@ -256,13 +256,21 @@ def request(ctx: Context, seed: int, i: int) -> Request:
     rng = random.Random(f"{seed}:{i}")
     pans: list[str] = []
     family = rng.choice(("create", "create", "create", "create", "read", "list", "events", "operation",
-                         "operation", "webhook", "admin", "admin", FRAMING, "headers"))
+                         "operation", "webhook", "admin", "admin", FRAMING, "headers", "replay", "routes"))
     headers: list[tuple[bytes, bytes]] = [_auth(ctx)]
     method, path, body = "GET", "/v1/payments", None
     if family == "create":
         method, body = "POST", create_body(rng, pans)
         if rng.random() < 0.5:
             headers.append((b"Idempotency-Key", idem_key(rng, pans)))
+    elif family == "replay":  # the same keyed create twice: the second answer is the first one
+        method = "POST"
+        body = json.dumps({"amount": rng.randint(1, 10_000), "currency": "EUR", "payment_method": "tok_visa"}).encode()
+        headers.append((b"Idempotency-Key", f"replay-{seed}-{i}".encode()))
+    elif family == "routes":
+        method, path, body = _route_request(rng, pans, ctx)
+        if path.startswith("/v1/admin/"):
+            headers = [_admin(ctx)]
     elif family == "read":
         roll = rng.random()
         if roll < 0.4 and ctx.payments:
@@ -274,7 +282,10 @@ def request(ctx: Context, seed: int, i: int) -> Request:
         else:
             path = "/v1/payments/" + quote(weird_text(rng))[:300]
     elif family == "list":
-        path = "/v1/payments?" + list_query(rng, pans, ("limit", "starting_after", "limit", "x"))
+        if rng.random() < 0.3:
+            path = f"/v1/payments?limit={rng.randint(1, 100)}"
+        else:
+            path = "/v1/payments?" + list_query(rng, pans, ("limit", "starting_after", "limit", "x"))
     elif family == "events":
         pid = rng.choice(ctx.payments) if ctx.payments else "pay_" + "a" * 24
         path = f"/v1/events?payment={pid}&" + list_query(rng, pans, ("limit", "payment", "y"))
@@ -304,7 +315,7 @@ def request(ctx: Context, seed: int, i: int) -> Request:
         method, path, body = _admin_request(rng, pans)
         headers = [_admin(ctx)]
     elif family == "headers":
-        n = rng.choice((70, 99, 120))
+        n = rng.choice((5, 70, 99, 120))
         headers += [(f"X-F{k}".encode(), b"v") for k in range(n)]
         if rng.random() < 0.5:
             headers.append((b"Upgrade", b"websocket"))
@@ -332,6 +343,32 @@ def request(ctx: Context, seed: int, i: int) -> Request:
                    + b"\r\n0\r\nX-Bad trailer\r\n\r\n")
         return Request(family, raw, method, path, pans)
     return Request(family, build(method, path, headers, body), method, path, pans)
+
+
+def _segment(rng: random.Random, pans: list[str]) -> str:
+    roll = rng.random()
+    if roll < 0.4:
+        pan = new_pan(rng)
+        pans.append(pan)
+        return rng.choice((pan, _groups(pan, "%20"), f"evt_{pan}", quote(_groups(pan, "-"))))
+    if roll < 0.6:
+        return rng.choice(("%00", "%2F", "..", "%C2%B2", "a" * 300, "evt_" + "a" * 24, "we_x"))
+    return quote(weird_text(rng))[:200]
+
+
+def _route_request(rng: random.Random, pans: list[str], ctx: Context) -> tuple[str, str, bytes | None]:
+    seg = _segment(rng, pans)
+    return rng.choice((
+        ("GET", f"/v1/events/{seg}", None),
+        ("DELETE", f"/v1/webhook_endpoints/{seg}", None),
+        ("GET", "/v1/webhook_endpoints", None),
+        ("DELETE", f"/v1/admin/rules/merchants/{seg}", None),
+        ("GET", f"/v1/admin/lists/{seg}", None),
+        ("POST", f"/v1/admin/lists/{seg}/add", b'{"values":["x"]}'),
+        (rng.choice(("PUT", "PATCH", "OPTIONS", "DELETE")), "/v1/payments", None),
+        ("GET", f"/v1/{seg}", None),
+        ("POST", f"/v1/payments/{seg}/capture", b"{}"),
+    ))
 
 
 def _admin_request(rng: random.Random, pans: list[str]) -> tuple[str, str, bytes | None]:
