@@ -43,8 +43,8 @@ test: install test-rust test-python
 # libFuzzer targets of the parser and the card-number guard (nightly + cargo-fuzz; rust/fuzz/README.md).
 FUZZ_SECONDS ?= 60
 fuzz-rust:
-	cd rust/fuzz && cargo +nightly fuzz run parse_payment -- -max_total_time=$(FUZZ_SECONDS)
-	cd rust/fuzz && cargo +nightly fuzz run card_scan -- -max_total_time=$(FUZZ_SECONDS)
+	cargo +nightly fuzz run --fuzz-dir rust/fuzz parse_payment -- -max_total_time=$(FUZZ_SECONDS)
+	cargo +nightly fuzz run --fuzz-dir rust/fuzz card_scan -- -max_total_time=$(FUZZ_SECONDS)
 
 lint: deps
 	cargo fmt --check

@@ -12,6 +12,7 @@
 //! the first one through unscanned, and the two sides of the gateway could disagree on which is meant.
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
@@ -41,34 +42,62 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
 }
 
 /// Calls `found(start, end)` (byte offsets into `text`) for every card-number-like run, in order;
-/// stops early when `found` returns false.
+/// stops early when `found` returns false. Allocates nothing: a run's digits are kept on the stack
+/// (a run longer than `PAN_DIGITS_MAX` is only counted), and a text with fewer than
+/// `PAN_DIGITS_MIN` digits in all is passed over in one pass.
 fn scan(text: &str, mut found: impl FnMut(usize, usize) -> bool) {
     let bytes = text.as_bytes();
-    let mut digits: Vec<u8> = Vec::new();
+    if bytes.len() < PAN_DIGITS_MIN
+        || bytes.iter().filter(|b| b.is_ascii_digit()).count() < PAN_DIGITS_MIN
+    {
+        return;
+    }
+    let mut digits = [0u8; PAN_DIGITS_MAX];
+    let mut n = 0usize;
     let mut start = 0;
     let mut i = 0;
     while i <= bytes.len() {
         match bytes.get(i).copied() {
             Some(c) if c.is_ascii_digit() => {
-                if digits.is_empty() {
+                if n == 0 {
                     start = i;
                 }
-                digits.push(c);
+                if n < PAN_DIGITS_MAX {
+                    digits[n] = c;
+                }
+                n += 1;
             }
             Some(b' ') | Some(b'-')
-                if !digits.is_empty() && bytes.get(i + 1).is_some_and(|n| n.is_ascii_digit()) => {}
+                if n > 0 && bytes.get(i + 1).is_some_and(|d| d.is_ascii_digit()) => {}
             _ => {
-                if (PAN_DIGITS_MIN..=PAN_DIGITS_MAX).contains(&digits.len())
-                    && luhn_valid(&digits)
+                if (PAN_DIGITS_MIN..=PAN_DIGITS_MAX).contains(&n)
+                    && luhn_valid(&digits[..n])
                     && !found(start, i)
                 {
                     return;
                 }
-                digits.clear();
+                n = 0;
             }
         }
         i += 1;
     }
+}
+
+/// True when the decimal digits of `v` are a card-number-like run (a number in a JSON body).
+pub fn integer_is_pan(v: u64) -> bool {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    let mut rest = v;
+    loop {
+        digits[n] = b'0' + (rest % 10) as u8;
+        n += 1;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    digits[..n].reverse();
+    (PAN_DIGITS_MIN..=PAN_DIGITS_MAX).contains(&n) && luhn_valid(&digits[..n])
 }
 
 /// True when `text` contains a card-number-like run.
@@ -145,6 +174,24 @@ pub fn scan_json(body: &[u8], numbers: bool) -> Result<(), JsonRefusal> {
     }
 }
 
+/// `scan_json` (numbers scanned) that also returns the parsed value: the create path's one pass over
+/// its body.
+pub fn scan_value(body: &[u8]) -> Result<Value, JsonRefusal> {
+    let mut refusal = None;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let seed = Build(Scan {
+        depth: 0,
+        numbers: true,
+        refusal: &mut refusal,
+    });
+    let parsed = seed.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    match (refusal, parsed) {
+        (Some(r), _) => Err(r),
+        (None, Err(e)) => Err(JsonRefusal::Invalid(e)),
+        (None, Ok(v)) => Ok(v),
+    }
+}
+
 struct Scan<'r> {
     depth: usize,
     numbers: bool,
@@ -153,8 +200,13 @@ struct Scan<'r> {
 
 impl Scan<'_> {
     fn refuse<E: serde::de::Error>(&mut self, r: JsonRefusal) -> Result<(), E> {
+        Err(self.fail(r))
+    }
+
+    /// Records why the body is refused, and the error that stops the parser.
+    fn fail<E: serde::de::Error>(&mut self, r: JsonRefusal) -> E {
         *self.refusal = Some(r);
-        Err(E::custom("refused"))
+        E::custom("refused")
     }
 
     fn text<E: serde::de::Error>(&mut self, s: &str) -> Result<(), E> {
@@ -164,9 +216,16 @@ impl Scan<'_> {
         Ok(())
     }
 
-    fn number<E: serde::de::Error>(&mut self, n: impl fmt::Display) -> Result<(), E> {
+    fn integer<E: serde::de::Error>(&mut self, v: u64) -> Result<(), E> {
+        if self.numbers && integer_is_pan(v) {
+            return self.refuse(JsonRefusal::CardNumber);
+        }
+        Ok(())
+    }
+
+    fn float<E: serde::de::Error>(&mut self, v: f64) -> Result<(), E> {
         if self.numbers {
-            return self.text(&n.to_string());
+            return self.text(&v.to_string());
         }
         Ok(())
     }
@@ -191,20 +250,74 @@ impl<'de> DeserializeSeed<'de> for Scan<'_> {
     }
 }
 
-/// A key, scanned and remembered by its object's visitor.
-struct Key<'a, 'r>(&'a mut Scan<'r>, &'a mut HashSet<String>);
+/// The keys seen in one object: a short list searched in place (most objects have a few keys, and
+/// the keys are borrowed from the body when they have no escapes), a set past `FEW_KEYS_MAX` so that
+/// an object with many keys stays linear.
+#[derive(Default)]
+struct Keys<'de> {
+    few: Vec<Cow<'de, str>>,
+    many: Option<HashSet<Cow<'de, str>>>,
+}
 
-impl<'de> DeserializeSeed<'de> for Key<'_, '_> {
+const FEW_KEYS_MAX: usize = 16;
+
+impl<'de> Keys<'de> {
+    /// False when `key` was seen before.
+    fn insert(&mut self, key: Cow<'de, str>) -> bool {
+        if let Some(set) = &mut self.many {
+            return set.insert(key);
+        }
+        if self.few.contains(&key) {
+            return false;
+        }
+        if self.few.len() < FEW_KEYS_MAX {
+            self.few.push(key);
+        } else {
+            let mut set: HashSet<Cow<'de, str>> = self.few.drain(..).collect();
+            set.insert(key);
+            self.many = Some(set);
+        }
+        true
+    }
+}
+
+/// A key, scanned and remembered by its object's visitor.
+struct Key<'a, 'r, 'de>(&'a mut Scan<'r>, &'a mut Keys<'de>);
+
+impl<'de> DeserializeSeed<'de> for Key<'_, '_, 'de> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        let key: Cow<'de, str> = serde::Deserialize::deserialize(d)?;
+        let key = d.deserialize_str(KeyText)?;
         self.0.text(&key)?;
-        if !self.1.insert(key.to_string()) {
+        if !self.1.insert(key.clone()) {
             let shown: String = key.chars().take(64).collect();
             return self.0.refuse(JsonRefusal::DuplicateKey(shown));
         }
         Ok(())
+    }
+}
+
+/// A key's text, borrowed from the body when it has no escapes.
+struct KeyText;
+
+impl<'de> Visitor<'de> for KeyText {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
     }
 }
 
@@ -224,15 +337,15 @@ impl<'de> Visitor<'de> for Scan<'_> {
     }
 
     fn visit_i64<E: serde::de::Error>(mut self, v: i64) -> Result<(), E> {
-        self.number(v)
+        self.integer(v.unsigned_abs())
     }
 
     fn visit_u64<E: serde::de::Error>(mut self, v: u64) -> Result<(), E> {
-        self.number(v)
+        self.integer(v)
     }
 
     fn visit_f64<E: serde::de::Error>(mut self, v: f64) -> Result<(), E> {
-        self.number(v)
+        self.float(v)
     }
 
     fn visit_str<E: serde::de::Error>(mut self, v: &str) -> Result<(), E> {
@@ -245,11 +358,100 @@ impl<'de> Visitor<'de> for Scan<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
-        let mut keys = HashSet::new();
+        let mut keys = Keys::default();
         while map.next_key_seed(Key(&mut self, &mut keys))?.is_some() {
             map.next_value_seed(self.child())?;
         }
         Ok(())
+    }
+}
+
+/// The value-building form of `Scan`: the same checks, in the same order, on the way to a `Value`.
+struct Build<'r>(Scan<'r>);
+
+impl<'de> DeserializeSeed<'de> for Build<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(mut self, d: D) -> Result<Value, D::Error> {
+        if self.0.depth > JSON_DEPTH_MAX {
+            return Err(self.0.fail(JsonRefusal::TooDeep));
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Build<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_i64<E: serde::de::Error>(mut self, v: i64) -> Result<Value, E> {
+        self.0.integer(v.unsigned_abs())?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(mut self, v: u64) -> Result<Value, E> {
+        self.0.integer(v)?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(mut self, v: f64) -> Result<Value, E> {
+        self.0.float(v)?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(mut self, v: &str) -> Result<Value, E> {
+        self.0.text(v)?;
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(mut self, v: String) -> Result<Value, E> {
+        self.0.text(&v)?;
+        Ok(Value::String(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Build(self.0.child()))? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key_seed(BuildKey(&mut self.0))? {
+            if out.contains_key(key.as_str()) {
+                let shown: String = key.chars().take(64).collect();
+                return Err(self.0.fail(JsonRefusal::DuplicateKey(shown)));
+            }
+            let v = map.next_value_seed(Build(self.0.child()))?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// A key of the value-building form: scanned, then kept.
+struct BuildKey<'a, 'r>(&'a mut Scan<'r>);
+
+impl<'de> DeserializeSeed<'de> for BuildKey<'_, '_> {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        let key = d.deserialize_str(KeyText)?;
+        self.0.text(&key)?;
+        Ok(key.into_owned())
     }
 }
 
@@ -268,6 +470,11 @@ mod tests {
             "x[REDACTED]y[REDACTED]"
         );
         assert!(matches!(mask_pans("nothing 12"), Cow::Borrowed(_)));
+        assert!(integer_is_pan(4242424242424242));
+        assert!(!integer_is_pan(4242424242424241));
+        assert!(!integer_is_pan(0));
+        assert!(!integer_is_pan(u64::MAX));
+        assert!(!contains_pan("4242 4242 4242 4242 4242 4242")); // one run of 24 digits
     }
 
     #[test]
@@ -302,5 +509,35 @@ mod tests {
             scan_json(b"{} x", true),
             Err(JsonRefusal::Invalid(_))
         ));
+        let many: Vec<String> = (0..100).map(|i| format!("\"k{i}\":1")).collect();
+        let object = format!("{{{}}}", many.join(","));
+        assert!(scan_json(object.as_bytes(), true).is_ok());
+        let again = format!("{{{},\"k3\":2}}", many.join(","));
+        assert!(
+            matches!(scan_json(again.as_bytes(), true), Err(JsonRefusal::DuplicateKey(k)) if k == "k3")
+        );
+        assert!(matches!(
+            scan_json(br#"{"a\u0062":1,"ab":2}"#, true),
+            Err(JsonRefusal::DuplicateKey(_))
+        ));
+    }
+
+    #[test]
+    fn scan_value_refuses_what_scan_json_refuses_and_parses_the_rest() {
+        let body = br#"{"a":1,"b":{"c":[1,"x",null,true,-2,1.5]}}"#;
+        let v = scan_value(body).unwrap();
+        assert_eq!(v, serde_json::from_slice::<Value>(body).unwrap());
+        for bad in [
+            &br#"{"amount":9223372036854775809,"amount":2}"#[..],
+            br#"{"amount":1,"amount":2}"#,
+            br#"{"d":"\u0034242424242424242"}"#,
+            br#"{"4242424242424242":1}"#,
+            br#"[[[[[[[[[[[1]]]]]]]]]]]"#,
+            b"{\"a\":",
+        ] {
+            let a = scan_json(bad, true).unwrap_err().to_string();
+            let b = scan_value(bad).unwrap_err().to_string();
+            assert_eq!(a, b, "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

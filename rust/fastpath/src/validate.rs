@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::currency;
 use crate::error::ApiError;
 pub use crate::guard::{contains_pan, luhn_valid, JSON_DEPTH_MAX};
-use crate::guard::{scan_json, JsonRefusal};
+use crate::guard::{scan_value, JsonRefusal};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -111,8 +111,8 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
         return Err(ApiError::body_too_large(cfg.body_bytes_max));
     }
     // One pass that refuses card numbers (every key, string and number, duplicates included),
-    // duplicate keys and deep nesting before anything is decoded into a value.
-    scan_json(body, true).map_err(|r| match r {
+    // duplicate keys and deep nesting while it parses, before any field is looked at.
+    let value = scan_value(body).map_err(|r| match r {
         JsonRefusal::CardNumber => pan_error(),
         JsonRefusal::DuplicateKey(k) => ApiError::invalid(
             "parameter_duplicate",
@@ -128,8 +128,6 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
             e.column()
         )),
     })?;
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| ApiError::malformed("The body is not valid JSON."))?;
     let Value::Object(mut obj) = value else {
         return Err(ApiError::malformed("The body must be a JSON object."));
     };
