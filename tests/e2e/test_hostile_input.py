@@ -251,3 +251,13 @@ def test_refused_card_numbers_are_written_nowhere(tmp_path: Path) -> None:
         g.stop()
     assert files_with_pans(g.data_dir, [PAN]) == {}
     assert PAN not in g.log().replace(" ", "")
+
+
+def test_nul_in_stored_merchant_text_is_refused(gw: Gateway) -> None:
+    """PostgreSQL refuses a NUL in text (a 500 in cluster mode): refused as a bad parameter in both."""
+    pid = new_payment(gw)
+    r = httpx.post(f"{gw.url}/v1/payments/{pid}/void", json={"reason": "a\u0000b"}, headers=auth(), timeout=10)
+    assert r.status_code == 400 and error_of(r)["param"] == "reason"
+    r = httpx.post(f"{gw.url}/v1/webhook_endpoints", json={"url": "https://example.com/h", "description": "\u0000"},
+                   headers=auth(), timeout=10)
+    assert r.status_code == 400 and error_of(r)["param"] == "description"

@@ -63,8 +63,8 @@ LIST_LIMIT_DEFAULT = 10
 LIST_LIMIT_MAX = 100
 
 Amount = Annotated[int, msgspec.Meta(ge=1, le=AMOUNT_MINOR_MAX)]
-# No control characters: PostgreSQL refuses a NUL in text, and nothing else needs them.
-Reason = Annotated[str, msgspec.Meta(max_length=REASON_CHARS_MAX, pattern=r"^[^\x00-\x1f\x7f]*$")]
+# No control characters but line breaks and tabs: PostgreSQL refuses a NUL in text.
+Reason = Annotated[str, msgspec.Meta(max_length=REASON_CHARS_MAX, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 
 
 class CaptureRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -37,8 +37,8 @@ EVENTS_LIST_LIMIT_MAX = 100
 
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.ENDPOINT_URL_CHARS_MAX)]
 EventName = Annotated[str, msgspec.Meta(max_length=64)]
-# No control characters: PostgreSQL refuses a NUL in text, and nothing else needs them.
-Description = Annotated[str, msgspec.Meta(max_length=ev.DESCRIPTION_CHARS_MAX, pattern=r"^[^\x00-\x1f\x7f]*$")]
+# No control characters but line breaks and tabs: PostgreSQL refuses a NUL in text.
+Description = Annotated[str, msgspec.Meta(max_length=ev.DESCRIPTION_CHARS_MAX, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 
 
 class CreateEndpoint(msgspec.Struct, forbid_unknown_fields=True):

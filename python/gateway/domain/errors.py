@@ -13,7 +13,7 @@ from gateway._fastpath import mask_pans
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                  405: "invalid_request_error", 409: "idempotency_error", 413: "invalid_request_error",
-                 422: "invalid_request_error", 503: "api_error"}
+                 422: "invalid_request_error", 431: "invalid_request_error", 503: "api_error"}
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None, kind: str | None = None) -> bytes:
