@@ -100,10 +100,11 @@ def check_request(path: str, query: str) -> Response | None:
     return None
 
 
-def json_body_refusal(raw: bytes, numbers: bool = True) -> Response | None:
+def json_body_refusal(raw: bytes, numbers: bool = True, invalid_code: str = "invalid_json") -> Response | None:
     """The 400 that refuses a JSON body for a card number (keys, strings, and numbers when `numbers`),
-    a duplicated key or deep nesting; None when the body may be decoded. A body that is not JSON at
-    all is left to the caller's decoder, once its raw text is scanned too."""
+    a duplicated key, deep nesting, or for not being JSON at all (`invalid_code`; its raw text is
+    scanned first, so that the answer cannot be told apart from a card number's by a probe); None
+    when the body may be decoded. An empty body is left to the caller (most treat it as `{}`)."""
     refusal = json_refusal(raw, numbers)
     if refusal is None:
         return None
@@ -114,6 +115,10 @@ def json_body_refusal(raw: bytes, numbers: bool = True) -> Response | None:
         return error(400, "parameter_duplicate", f"Received the parameter {detail} more than once.", detail)
     if why == "too_deep":
         return error(400, "invalid_json", "The request body is nested too deeply.")
-    if raw.strip() and contains_pan(raw.decode("utf-8", errors="replace")):
+    if not raw.strip():
+        return None
+    if contains_pan(raw.decode("utf-8", errors="replace")):
         return card_number_refused()
-    return None
+    # Refused here rather than left to the handler's decoder: a body the scan could not read is never
+    # decoded by a more lenient parser, so nothing in it escapes the scan.
+    return error(400, invalid_code, f"The request body is not valid JSON ({detail}).")

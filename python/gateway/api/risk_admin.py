@@ -109,7 +109,7 @@ async def _body(scope: Any, proto: Any, typ: type[Any]) -> Any:
         raise _Refused(raw)
     # Strings and keys only: admin numbers are times, versions and positions (a 13-digit ms time is
     # Luhn-valid one time in ten); rules sources, list values and audit text are strings.
-    refused = guard.json_body_refusal(raw, numbers=False)
+    refused = guard.json_body_refusal(raw, numbers=False, invalid_code="body_invalid")
     if refused is not None:
         raise _Refused(refused)
     try:
