@@ -261,3 +261,12 @@ def test_nul_in_stored_merchant_text_is_refused(gw: Gateway) -> None:
     r = httpx.post(f"{gw.url}/v1/webhook_endpoints", json={"url": "https://example.com/h", "description": "\u0000"},
                    headers=auth(), timeout=10)
     assert r.status_code == 400 and error_of(r)["param"] == "description"
+
+
+def test_two_idempotency_keys_are_refused(gw: Gateway) -> None:
+    before = payment_count(gw)
+    raw = build("POST", "/v1/payments", [AUTH_RAW, (b"Idempotency-Key", b"first"), (b"Idempotency-Key", b"second")],
+                json.dumps(BODY).encode())
+    ans = send(gw.port, raw)
+    assert ans.status == 400 and json.loads(ans.body)["error"]["param"] == "Idempotency-Key", ans.raw
+    assert payment_count(gw) == before

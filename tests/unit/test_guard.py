@@ -25,6 +25,12 @@ class _Headers:
     def __contains__(self, key: str) -> bool:
         return key in self._values
 
+    def get_all(self, key: str) -> list[str]:
+        value = self._values.get(key)
+        if isinstance(value, list):
+            return value
+        return [] if value is None else [value]
+
 
 class _Scope:
     def __init__(self, headers: dict[str, str | None]) -> None:
@@ -63,6 +69,17 @@ def test_unusable_idempotency_keys_are_refused(headers: dict[str, str | None], p
     answer = guard.idempotency_key(_Scope(headers))
     assert isinstance(answer, tuple) and answer[0] == 400
     assert json.loads(answer[2])["error"]["param"] == param
+
+
+def test_idempotency_key_given_twice_is_refused() -> None:
+    class Twice(_Headers):
+        def get_all(self, key: str) -> list[str]:
+            return ["a", "b"] if key == "idempotency-key" else []
+
+    scope = _Scope({"idempotency-key": "a"})
+    scope.headers = Twice({"idempotency-key": "a"})
+    answer = guard.idempotency_key(scope)
+    assert isinstance(answer, tuple) and answer[0] == 400
 
 
 def test_idempotency_key_with_card_number_is_refused_without_echo() -> None:

@@ -81,6 +81,10 @@ def idempotency_key(scope: Any) -> str | None | Response:
         if "idempotency-key" not in headers:
             return None
         key = ""
+    if len(headers.get_all("idempotency-key")) > 1:
+        # Two keys: which one the merchant meant cannot be known, and each side could pick another.
+        return error(400, "idempotency_key_invalid", f"{IDEMPOTENCY_HEADER} must be given once.",
+                     IDEMPOTENCY_HEADER)
     if not 1 <= len(key) <= IDEMPOTENCY_KEY_CHARS_MAX or not printable_ascii(key):
         return error(400, "idempotency_key_invalid",
                      f"{IDEMPOTENCY_HEADER} must be 1 to {IDEMPOTENCY_KEY_CHARS_MAX} printable ASCII characters.",
