@@ -450,14 +450,22 @@ def _check_shape(ans: Answer) -> list[str]:
 
 
 def files_with_pans(data_dir: Path, pans: list[str]) -> dict[str, list[str]]:
-    """Every file under `data_dir` that holds one of `pans` (in any written form), with the numbers."""
+    """Every file under `data_dir` that holds one of `pans` (in any written form), with the numbers.
+
+    Each file is read once: every window of each digit run (separators removed) as long as a card
+    number is looked up in the set of numbers sent, so a long run's many numbers cost no more than a
+    few."""
     found = {}
-    wanted = [p.encode() for p in pans]
+    wanted = set(pans)
+    lengths = sorted({len(p) for p in wanted})
     for path in sorted(data_dir.rglob("*")):
         if not path.is_file():
             continue
-        flat = _digits(path.read_bytes())
-        hits = [w.decode() for w in wanted if w in flat]
+        hits: set[str] = set()
+        for m in re.finditer(rb"[0-9]{%d,}" % (lengths[0] if lengths else 12), _digits(path.read_bytes())):
+            run = m.group(0).decode()
+            for n in lengths:
+                hits.update(run[i:i + n] for i in range(len(run) - n + 1) if run[i:i + n] in wanted)
         if hits:
-            found[str(path)] = hits
+            found[str(path)] = sorted(hits)
     return found
