@@ -67,6 +67,8 @@ def test_hostile_requests_get_deliberate_answers_and_leave_no_card_number(fuzz_g
             created.append(pid)
             if pid not in ctx.payments:
                 ctx.payments.append(pid)
+    print(f"fuzz: {sum(statuses.values())} requests, {len(pans)} card numbers sent, {len(created)} payments"
+          f" created, {len(failures)} failures")
     print("fuzz: answers by family and status:", dict(sorted(statuses.items(), key=str)))
     assert not failures, "\n".join(failures)
     assert created, "no request of the run created a payment: the generator is broken"
@@ -76,5 +78,7 @@ def test_hostile_requests_get_deliberate_answers_and_leave_no_card_number(fuzz_g
     assert httpx.get(f"{g.url}/readyz", timeout=5).status_code == 200
     g.stop()
     leaked = files_with_pans(g.data_dir, pans)
+    print(f"fuzz: data dir scanned ({sum(f.stat().st_size for f in g.data_dir.rglob('*') if f.is_file())} bytes):"
+          f" {len(leaked)} files with a card number")
     assert not leaked, f"card numbers written under the data dir: {leaked}"
     assert len(pans) > FUZZ_REQUESTS // 10, "the run sent too few card numbers to prove anything"
