@@ -181,3 +181,22 @@ def test_cluster_mode_refuses_bad_keys_before_the_shared_state(key: str | None) 
     assert proto.answer is not None and proto.answer[0] == 400
     assert PAN not in proto.answer[2].decode()
     assert stub.accepted == [] and shared.values == {}
+
+
+def test_uuid_keys_are_never_read_as_card_numbers() -> None:
+    """One UUID in 300 has digit groups that form a Luhn-valid run; such keys are accepted (a UUID is
+    an opaque identifier), while a card number anywhere else in a key is refused."""
+    import random
+    import uuid
+
+    from gateway._fastpath import contains_pan
+
+    rng = random.Random(16)
+    keys = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(20_000)]
+    runs = [k for k in keys if contains_pan(str(k)) or contains_pan(k.hex)]
+    assert len(runs) > 20  # the detector alone would refuse these
+    for k in runs:
+        for form in (str(k), k.hex, str(k).upper(), f"order-{k}"):
+            assert guard.idempotency_key(_Scope({"idempotency-key": form})) == form
+    refused = guard.idempotency_key(_Scope({"idempotency-key": f"{PAN}:{keys[0]}"}))
+    assert isinstance(refused, tuple) and refused[0] == 400

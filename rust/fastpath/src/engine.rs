@@ -456,7 +456,7 @@ impl Engine {
                 ));
             }
             // Nor a card number: the key is written to the WAL and the database.
-            if crate::guard::contains_pan(k) {
+            if crate::guard::key_contains_pan(k) {
                 return Self::error(crate::validate::pan_error());
             }
         }

@@ -467,6 +467,12 @@ fn contains_pan(text: &str) -> bool {
     crate::guard::contains_pan(text)
 }
 
+/// True when an idempotency key holds a card-number-like run outside a UUID or long hex token.
+#[pyfunction]
+fn key_contains_pan(key: &str) -> bool {
+    crate::guard::key_contains_pan(key)
+}
+
 /// `text` with every card-number-like run replaced by `[REDACTED]` (`text` itself when none).
 #[pyfunction]
 fn mask_pans(text: &str) -> String {
@@ -528,6 +534,7 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RiskListError", m.py().get_type::<RiskListError>())?;
     m.add_function(wrap_pyfunction!(contains_pan, m)?)?;
     m.add_function(wrap_pyfunction!(mask_pans, m)?)?;
+    m.add_function(wrap_pyfunction!(key_contains_pan, m)?)?;
     m.add_function(wrap_pyfunction!(json_refusal, m)?)?;
     m.add("JSON_DEPTH_MAX", crate::guard::JSON_DEPTH_MAX)?;
     m.add_function(wrap_pyfunction!(currency_exponent, m)?)?;
