@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: venv deps build-dev build-prod install run test test-rust test-python test-alerts lint fmt services-up services-down bench bench-micro clean
+.PHONY: venv deps build-dev build-prod install run test test-rust test-python test-alerts fuzz-rust lint fmt services-up services-down bench bench-micro clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -46,6 +46,12 @@ test-alerts:
 	promtool test rules deploy/prometheus/alerts_test.yml
 
 test: install test-rust test-alerts test-python
+
+# libFuzzer targets of the parser and the card-number guard (nightly + cargo-fuzz; rust/fuzz/README.md).
+FUZZ_SECONDS ?= 60
+fuzz-rust:
+	cargo +nightly fuzz run --fuzz-dir rust/fuzz parse_payment -- -max_total_time=$(FUZZ_SECONDS)
+	cargo +nightly fuzz run --fuzz-dir rust/fuzz card_scan -- -max_total_time=$(FUZZ_SECONDS)
 
 lint: deps
 	cargo fmt --check

@@ -87,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from granian import Granian
     from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
 
     print(f"gateway: serving on http://{host}:{port} (data in {data_dir})", flush=True)
     Granian(
@@ -98,6 +99,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=workers,
         loop=Loops.uvloop,
         http=HTTPModes.http1,
+        # No WebSocket routes: an `Upgrade: websocket` request reaches the app like any other request
+        # (and gets the error object) instead of granian's plain-text handshake refusal.
+        websockets=False,
+        http1_settings=HTTP1Settings(header_read_timeout=cfg.server.header_read_timeout_ms,
+                                     max_buffer_size=cfg.server.http1_buffer_bytes_max),
         backlog=cfg.server.backlog,
         log_level="warning",  # type: ignore[arg-type]
         log_access=False,

@@ -3,8 +3,15 @@
 The app knows nothing of the mode: `create_app` builds the runtime (runtime/__init__.py, embedded or
 cluster) and the route table from the handler modules' `routes()`, once. The create and read routes
 are matched first, without a regex, because they are the hot path; every other route is matched in
-table order (a path that matches with another method is 405). Any exception a handler lets escape is
-a 500 with the error object, logged with its traceback.
+table order (a path that matches with another method is 405).
+
+Before routing, every `/v1/` request passes the guard (`api/guard.py`): header count and bytes
+(`[limits] headers_count_max`, `headers_bytes_max`: 431), card numbers in the path or query string
+(400 `card_number_not_allowed`), and the `Idempotency-Key` header (400 with `param:
+"Idempotency-Key"` when it is not 1 to 255 printable ASCII characters: a key is never ignored).
+Any exception a handler lets escape is a bug: a 500 with the error object, and its traceback logged
+once per cause (exception type and raising line) every `TRACEBACK_INTERVAL_S`, with a count of the
+ones not logged, so that a flood of one bad request cannot flood the log.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import msgspec
 
 from gateway import config as config_mod
 from gateway import logs
-from gateway.api import merchant_admin, operations, payments, risk_admin, webhooks
+from gateway._fastpath import mask_pans
+from gateway.api import guard, merchant_admin, operations, payments, risk_admin, webhooks
 from gateway.api.http import JSON, Response, Route, error
 from gateway.api.metrics import HttpMetrics
 from gateway.domain.secrets import hash_api_key
@@ -35,6 +43,39 @@ API_KEY_CHARS_MAX = 128
 UNKNOWN_KEYS_MAX = 10_000
 UNKNOWN_KEY_TTL_S = 5.0
 PAYMENTS_PREFIX = "/v1/payments/"
+# Tracebacks of unhandled errors: at most one per cause in this interval, and a bound on the causes
+# remembered (past it the memory is cleared and counting starts again).
+TRACEBACK_INTERVAL_S = 60.0
+TRACEBACK_CAUSES_MAX = 1_000
+
+
+class TracebackLimiter:
+    """Decides whether an unhandled error's traceback is logged: once per cause per interval."""
+
+    def __init__(self, interval_s: float = TRACEBACK_INTERVAL_S, causes_max: int = TRACEBACK_CAUSES_MAX) -> None:
+        self.interval_s = interval_s
+        self.causes_max = causes_max
+        self._last: dict[tuple[str, str, int], tuple[float, int]] = {}
+
+    @staticmethod
+    def cause(exc: BaseException) -> tuple[str, str, int]:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb is not None else ("?", 0)
+        return type(exc).__qualname__, *where
+
+    def admit(self, exc: BaseException, now: float) -> int | None:
+        """None to stay quiet; else the number of the same cause's errors not logged since the last."""
+        key = self.cause(exc)
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        if len(self._last) >= self.causes_max:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return last[1] if last is not None else 0
 
 
 class Settings(msgspec.Struct):
@@ -64,6 +105,10 @@ class GatewayApp:
         self._merchant_refresh: asyncio.Task[None] | None = None
         # [log] format = "json": a request id on every line and in the `Request-Id` header.
         self._request_ids = self.config.log.format == "json"
+        self.tracebacks = TracebackLimiter()
+        limits = self.config.limits
+        self._headers_count_max = limits.headers_count_max
+        self._headers_bytes_max = limits.headers_bytes_max
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -92,7 +137,10 @@ class GatewayApp:
         method = scope.method
         route = "other"
         try:
-            if path == "/v1/payments" and method == "POST":
+            refused = self._guard(scope, path) if path.startswith("/v1/") else None
+            if refused is not None:
+                status, headers, body = refused
+            elif path == "/v1/payments" and method == "POST":
                 route = "create_payment"
                 status, headers, body = await payments.create_payment(self, scope, proto)
             elif path.startswith(PAYMENTS_PREFIX) and method == "GET" and path.count("/") == 3:
@@ -110,15 +158,36 @@ class GatewayApp:
                 status, headers, body = 200, [("content-type", "text/plain; version=0.0.4")], self._metrics()
             else:
                 route, (status, headers, body) = await self._dispatch(method, path, scope, proto)
-        except Exception:
-            log.exception("unhandled error on %s %s", method, path)
+        except Exception as e:  # noqa: BLE001 - every request gets an answer; the cause is logged
+            self._log_unhandled(e, method, path)
             status, headers, body = error(500, "internal_error", "Internal error.", kind="api_error")
         if rid is not None:
             headers = [*headers, ("request-id", rid)]
             if status >= 400:
-                log.info("%s %s answered %d (%s)", method, route, status, path[:128])
+                log.info("%s %s answered %d (%s)", method, route, status, mask_pans(path[:128]))
         proto.response_bytes(status, headers, body)
         self.metrics.observe(route, status, time.perf_counter() - started)
+
+    def _guard(self, scope: Any, path: str) -> Response | None:
+        """The answer that refuses a `/v1/` request before routing, or None (see the module doc)."""
+        headers = scope.headers
+        names = headers.keys()
+        if len(names) > self._headers_count_max or (
+                sum(map(len, names)) + sum(map(len, headers.values())) > self._headers_bytes_max):
+            return error(431, "headers_too_large", f"At most {self._headers_count_max} header fields and"
+                         f" {self._headers_bytes_max} bytes of headers are accepted.")
+        refused = guard.check_request(path, scope.query_string)
+        if refused is not None:
+            return refused
+        key = guard.idempotency_key(scope)
+        return key if isinstance(key, tuple) else None
+
+    def _log_unhandled(self, e: Exception, method: str, path: str) -> None:
+        skipped = self.tracebacks.admit(e, time.monotonic())
+        if skipped is None:
+            return
+        more = f" ({skipped} more of this cause since the last report)" if skipped else ""
+        log.error("unhandled error on %s %s%s", method, mask_pans(path[:200]), more, exc_info=e)
 
     async def _dispatch(self, method: str, path: str, scope: Any, proto: Any) -> tuple[str, Response]:
         answer = error(404, "resource_missing", "Unrecognized request URL.")

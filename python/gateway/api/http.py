@@ -64,19 +64,38 @@ def not_found(payment_id: str, param: str = "id") -> Response:
     return error(404, "resource_missing", f"No such payment: '{payment_id[:64]}'", param)
 
 
+# What granian raises when the body cannot be read: the client sent a Content-Length longer than
+# the body and closed, bad chunk sizes or trailers, or gave up. (Imported by name so that the unit
+# tests' fake protocols may raise them too.)
+try:
+    from granian._granian import RSGIProtocolClosed, RSGIProtocolError
+
+    BODY_READ_ERRORS: tuple[type[BaseException], ...] = (RSGIProtocolClosed, RSGIProtocolError, ConnectionError)
+except ImportError:  # pragma: no cover - granian is a dependency of the server, not of every tool
+    BODY_READ_ERRORS = (ConnectionError,)
+
+
+def body_unreadable() -> Response:
+    return error(400, "body_unreadable", "The request body could not be read (cut short or malformed framing).")
+
+
 async def read_body(scope: Any, proto: Any, limit: int) -> bytes | Response:
     """The request body, or the 413 to answer when it is larger than `limit` bytes (checked against
-    Content-Length first, so a declared oversize body is refused without reading it)."""
+    Content-Length first, so a declared oversize body is refused without reading it), or the 400 when
+    it cannot be read at all (cut short, malformed chunked framing): never an exception."""
     too_large = error(413, "body_too_large", f"The request body is larger than the limit of {limit} bytes.")
     length = scope.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         return too_large
-    body: bytes = await proto()
+    try:
+        body: bytes = await proto()
+    except BODY_READ_ERRORS:
+        return body_unreadable()
     return too_large if len(body) > limit else body
 
 
 PREFER_WAIT_MS_MAX = 10_000
-_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,9})(?:$|[,;\s])")
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]{1,9})(?:$|[,;\s])", re.ASCII)
 
 
 def prefer_wait_ms(scope: Any) -> int:

@@ -12,13 +12,15 @@ import hashlib
 import hmac
 import logging
 import re
+import sqlite3
 import time
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 import msgspec
 
-from gateway.api.http import JSON, Api, Response, Route, route
+from gateway.api import guard
+from gateway.api.http import JSON, Api, Response, Route, read_body, route
 from gateway.domain.errors import error_body
 from gateway.feed.eventlog import TIME_MS_MAX, EventLogError
 from gateway.risk import control as ctl
@@ -31,6 +33,35 @@ ADMIN_BODY_BYTES_MAX = 64 * 1024 * 1024
 ADMIN_KEY_CHARS_MAX = 256
 LIST_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 HISTORY_LIMIT_MAX = 1_000
+# Every number and text of an admin request is bounded here, before it reaches the engine or SQL
+# (a version past 2^63 overflows SQLite; a NUL has length 0 to SQLite's CHECK and is refused by
+# PostgreSQL): the store's CHECK constraints are a second line, mapped to 400 by `_handler` too.
+VERSION_MAX = 2**62
+# The engine's own bound on a list (rust/risk LIST_ENTRIES_MAX).
+LIST_ENTRIES_MAX = 10_000_000
+MERCHANT_ID_CHARS_MAX = 255
+LIST_GET_LIMIT_MAX = 10_000
+# Author: printable, no control character; comments may hold line breaks and tabs.
+_AUTHOR_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+_COMMENT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f]*$"
+_PRINTABLE_ASCII = r"^[\x20-\x7e]+$"
+_TEXT_RULES = {"author": (_AUTHOR_PATTERN, ctl.AUTHOR_CHARS_MAX), "comment": (_COMMENT_PATTERN, ctl.COMMENT_CHARS_MAX)}
+
+Author = Annotated[str, msgspec.Meta(min_length=1, max_length=ctl.AUTHOR_CHARS_MAX, pattern=_AUTHOR_PATTERN)]
+Comment = Annotated[str, msgspec.Meta(max_length=ctl.COMMENT_CHARS_MAX, pattern=_COMMENT_PATTERN)]
+MerchantId = Annotated[str, msgspec.Meta(max_length=MERCHANT_ID_CHARS_MAX, pattern=_PRINTABLE_ASCII)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=VERSION_MAX)]
+Position = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+EntriesMax = Annotated[int, msgspec.Meta(ge=1, le=LIST_ENTRIES_MAX)]
+_AT_PATH = re.compile(r"at `\$\.(\w+)")
+try:  # The store errors that a bad value can cause (cluster mode: PostgreSQL's as well).
+    import psycopg
+
+    _STORE_VALUE_ERRORS: tuple[type[BaseException], ...] = (
+        sqlite3.IntegrityError, sqlite3.DataError, OverflowError, psycopg.errors.IntegrityError,
+        psycopg.errors.DataError)
+except ImportError:  # pragma: no cover - psycopg comes with the cluster requirements
+    _STORE_VALUE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError)
 
 
 # -- request plumbing ------------------------------------------------------------------------------
@@ -45,8 +76,9 @@ def _error(status: int, code: str, message: str, param: str | None = None, **ext
     if not extra:
         return status, [JSON], error_body(status, code, message, param)
     kind = "invalid_request_error" if status < 500 else "api_error"
-    return status, [JSON], msgspec.json.encode(
-        {"error": {"type": kind, "code": code, "message": message, "param": param, **extra}})
+    body = error_body(status, code, message, param, kind=kind)
+    # The extra fields (a ruleset's compile errors) join the masked error object.
+    return status, [JSON], body[:-2] + b"," + msgspec.json.encode(extra)[1:] + b"}"
 
 
 def _ok(obj: Any, status: int = 200) -> Response:
@@ -72,16 +104,20 @@ def _plane(app: Api, scope: Any) -> RiskControl:
 
 
 async def _body(scope: Any, proto: Any, typ: type[Any]) -> Any:
-    length = scope.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > ADMIN_BODY_BYTES_MAX:
-        raise _Refused(_error(413, "body_too_large", f"Admin request bodies are limited to {ADMIN_BODY_BYTES_MAX} bytes."))
-    raw = await proto()
-    if len(raw) > ADMIN_BODY_BYTES_MAX:
-        raise _Refused(_error(413, "body_too_large", f"Admin request bodies are limited to {ADMIN_BODY_BYTES_MAX} bytes."))
+    raw = await read_body(scope, proto, ADMIN_BODY_BYTES_MAX)
+    if not isinstance(raw, bytes):
+        raise _Refused(raw)
+    # Strings and keys only: admin numbers are times, versions and positions (a 13-digit ms time is
+    # Luhn-valid one time in ten); rules sources, list values and audit text are strings.
+    refused = guard.json_body_refusal(raw, numbers=False, invalid_code="body_invalid")
+    if refused is not None:
+        raise _Refused(refused)
     try:
         return msgspec.json.decode(raw or b"{}", type=typ)
     except msgspec.ValidationError as e:
-        raise _Refused(_error(400, "parameter_invalid", f"Invalid request body: {e}")) from None
+        at = _AT_PATH.search(str(e))
+        raise _Refused(_error(400, "parameter_invalid", f"Invalid request body: {e}",
+                              at.group(1) if at else None)) from None
     except msgspec.DecodeError:
         raise _Refused(_error(400, "body_invalid", "The request body is not valid JSON.")) from None
 
@@ -94,9 +130,26 @@ def _int(q: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = q.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    value = guard.strict_int(raw, lo, hi)
+    if value is None:
         raise _Refused(_error(400, "parameter_invalid", f"{name} must be an integer from {lo} to {hi}.", name))
-    return int(raw)
+    return value
+
+
+def _text(q: dict[str, str], name: str, default: str) -> str:
+    """An author or comment given in the query string, checked as the same field of a body is."""
+    value = q.get(name, default)
+    pattern, chars_max = _TEXT_RULES[name]
+    if len(value) > chars_max or (value and not re.match(pattern, value)) or (name == "author" and not value):
+        raise _Refused(_error(400, "parameter_invalid",
+                              f"{name} must be at most {chars_max} characters, without control characters.", name))
+    return value
+
+
+def _store_param(e: BaseException) -> str | None:
+    """The field a store constraint error names, when it names one of the request's fields."""
+    text = str(e)
+    return next((f for f in ("author", "comment", "version", "entries_max", "merchant_id", "name") if f in text), None)
 
 
 def _handler(fn: Any) -> Any:
@@ -111,6 +164,11 @@ def _handler(fn: Any) -> Any:
             return _error(400, e.code, e.message, e.param, errors=e.errors)
         except ControlError as e:
             return _error(e.status, e.code, e.message, e.param)
+        except _STORE_VALUE_ERRORS as e:
+            # A value the checks above let through and the store refused: the request's fault, not a 500.
+            log_.warning("admin %s refused by the store: %s", fn.__name__, type(e).__name__)
+            return _error(400, "parameter_invalid", "A value of the request is out of the stored range.",
+                          _store_param(e))
 
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -122,48 +180,48 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class PushBody(_Strict):
     source: str
-    merchant_id: str | None = None
+    merchant_id: MerchantId | None = None
     shadow: bool = False
-    author: str = "admin"
-    comment: str = ""
+    author: Author = "admin"
+    comment: Comment = ""
 
 
 class SourceBody(_Strict):
     source: str
-    merchant_id: str | None = None
+    merchant_id: MerchantId | None = None
 
 
 class BacktestBody(_Strict):
     source: str
-    merchant_id: str | None = None
+    merchant_id: MerchantId | None = None
     # Records accepted in [since_ms, until_ms) (until_ms: the time of the request when not given).
-    since_ms: int = 0
-    until_ms: int | None = None
+    since_ms: Position = 0
+    until_ms: Position | None = None
     # Embedded mode only: replay the records after this LSN of the WAL.
-    after_lsn: int = 0
+    after_lsn: Position = 0
 
 
 class RollbackBody(_Strict):
-    version: int
-    author: str = "admin"
-    comment: str = ""
+    version: Version
+    author: Author = "admin"
+    comment: Comment = ""
 
 
 class ActorBody(_Strict):
-    author: str = "admin"
-    comment: str = ""
+    author: Author = "admin"
+    comment: Comment = ""
 
 
 class CreateListBody(_Strict):
-    name: str
-    kind: str
-    entries_max: int | None = None
-    author: str = "admin"
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    kind: Annotated[str, msgspec.Meta(max_length=16)]
+    entries_max: EntriesMax | None = None
+    author: Author = "admin"
 
 
 class ValuesBody(_Strict):
     values: list[str]
-    author: str = "admin"
+    author: Author = "admin"
 
 
 # -- rules -----------------------------------------------------------------------------------------
@@ -197,7 +255,7 @@ async def rules_history(app: Api, scope: Any, proto: Any, match: re.Match[str]) 
     control = _plane(app, scope)
     q = _query(scope)
     limit = _int(q, "limit", 100, 1, HISTORY_LIMIT_MAX)
-    before = _int(q, "before", 0, 0, 2**62)
+    before = _int(q, "before", 0, 0, VERSION_MAX)
     data = control.history(q.get("scope"), q.get("merchant_id"), limit, before or None)
     return _ok({"object": "list", "data": data, "has_more": len(data) == limit})
 
@@ -222,7 +280,7 @@ async def shadow_set(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> 
 async def shadow_clear(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
-    rv = control.clear(author=q.get("author", "admin"), comment=q.get("comment", ""))
+    rv = control.clear(author=_text(q, "author", "admin"), comment=_text(q, "comment", ""))
     return _ok({"object": "risk_ruleset", **msgspec.structs.asdict(rv)})
 
 
@@ -236,7 +294,8 @@ async def shadow_stats(app: Api, scope: Any, proto: Any, match: re.Match[str]) -
 async def merchant_clear(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
-    rv = control.clear(author=q.get("author", "admin"), comment=q.get("comment", ""), merchant_id=match.group(1))
+    rv = control.clear(author=_text(q, "author", "admin"), comment=_text(q, "comment", ""),
+                       merchant_id=match.group(1))
     return _ok({"object": "risk_ruleset", **msgspec.structs.asdict(rv)})
 
 
@@ -300,7 +359,7 @@ async def list_create(app: Api, scope: Any, proto: Any, match: re.Match[str]) ->
 async def list_get(app: Api, scope: Any, proto: Any, match: re.Match[str]) -> Response:
     control = _plane(app, scope)
     q = _query(scope)
-    limit = _int(q, "limit", 100, 1, 10_000)
+    limit = _int(q, "limit", 100, 1, LIST_GET_LIMIT_MAX)
     return _ok({"object": "risk_list", **control.get_list(match.group(1), limit, q.get("after", ""))})
 
 

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
-from gateway._fastpath import contains_pan
+from gateway.api import guard
 from gateway.api.http import JSON, PAYMENT_ID, Api, Response, Route, read_body, route, starting
 from gateway.config import ENV_ALLOW_PRIVATE_URLS as ALLOW_PRIVATE_ENV
 from gateway.domain import events as ev
@@ -37,7 +37,8 @@ EVENTS_LIST_LIMIT_MAX = 100
 
 Url = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.ENDPOINT_URL_CHARS_MAX)]
 EventName = Annotated[str, msgspec.Meta(max_length=64)]
-Description = Annotated[str, msgspec.Meta(max_length=ev.DESCRIPTION_CHARS_MAX)]
+# No control characters but line breaks and tabs: PostgreSQL refuses a NUL in text.
+Description = Annotated[str, msgspec.Meta(max_length=ev.DESCRIPTION_CHARS_MAX, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 
 
 class CreateEndpoint(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,9 +96,9 @@ def _decode(body: bytes) -> CreateEndpoint | Response:
             return _invalid("parameter_invalid", f"enabled_events must be a list of 1 to {ev.ENABLED_EVENTS_MAX}"
                             f" event types among: {', '.join(ev.EVENT_TYPES)}, or \"*\".", "enabled_events")
         if param == "description":
-            return _invalid("parameter_too_long",
-                            f"description must be a string of at most {ev.DESCRIPTION_CHARS_MAX} characters.",
-                            "description")
+            return _invalid("parameter_too_long" if "length" in text else "parameter_invalid",
+                            f"description must be a string of at most {ev.DESCRIPTION_CHARS_MAX} characters,"
+                            " without control characters.", "description")
         return _invalid("invalid_json", "The request body must be a JSON object.")
     except msgspec.DecodeError:
         return _invalid("invalid_json", "The request body is not valid JSON.")
@@ -145,11 +146,15 @@ async def create_endpoint(app: Api, scope: Any, proto: Any, match: re.Match[str]
     raw = await read_body(scope, proto, WEBHOOK_BODY_BYTES_MAX)
     if not isinstance(raw, bytes):
         return raw
-    if contains_pan(raw.decode("utf-8", errors="replace")):
-        return _invalid("card_number_not_allowed", "Card numbers are not accepted here.")
+    refused = guard.json_body_refusal(raw)
+    if refused is not None:
+        return refused
     req = _decode(raw)
     if not isinstance(req, CreateEndpoint):
         return req
+    # A URL is stored and shown: refused when it holds a card number once percent-decoded (`%20`).
+    if guard.has_card_number(req.url):
+        return guard.card_number_refused()
     reason = check_url(req.url, _allow_private(app))
     if reason is not None:
         return _invalid("url_invalid", reason, "url")
@@ -214,10 +219,11 @@ async def list_events(app: Api, scope: Any, proto: Any, match: re.Match[str]) ->
                 return _invalid("parameter_invalid_type", "payment must be a payment id (pay_...).", "payment")
             payment_id = value
         elif name == "limit":
-            if not value.isdigit() or not 1 <= int(value) <= EVENTS_LIST_LIMIT_MAX:
+            parsed = guard.strict_int(value, 1, EVENTS_LIST_LIMIT_MAX)
+            if parsed is None:
                 return _invalid("parameter_invalid_integer",
                                 f"limit must be an integer in 1..{EVENTS_LIST_LIMIT_MAX}.", "limit")
-            limit = int(value)
+            limit = parsed
         else:
             return _invalid("parameter_unknown", f"Received unknown parameter: {name[:64]}", name[:64])
     if payment_id is None:

@@ -42,6 +42,10 @@ class ServerConfig(_Section):
     backlog: Annotated[int, Meta(ge=16, le=65535)] = 4096
     # Requests that wait for a group commit longer than this get 503 and may be retried with their key.
     durable_wait_ms_max: Annotated[int, Meta(ge=10, le=60_000)] = 5_000
+    # granian's HTTP/1 edge: a client that has not sent its headers by then is disconnected (slow
+    # loris), and the read buffer bounds the bytes of a request head (hyper needs at least 8192).
+    header_read_timeout_ms: Annotated[int, Meta(ge=100, le=300_000)] = 30_000
+    http1_buffer_bytes_max: Annotated[int, Meta(ge=8192, le=16 * 1024 * 1024)] = 8192 + 4096 * 100
 
 
 class WalConfig(_Section):
@@ -64,6 +68,10 @@ class LimitsConfig(_Section):
     metadata_key_chars_max: Annotated[int, Meta(ge=1, le=1000)] = 40
     metadata_value_chars_max: Annotated[int, Meta(ge=1, le=100_000)] = 500
     idempotency_key_chars_max: Annotated[int, Meta(ge=1, le=255)] = 255
+    # More header fields or header bytes than this: 431 with the error object. (Past 100 fields granian
+    # answers 431 itself, with an empty body: hyper's fixed bound.)
+    headers_count_max: Annotated[int, Meta(ge=8, le=100)] = 64
+    headers_bytes_max: Annotated[int, Meta(ge=1024, le=1_048_576)] = 16 * 1024
 
 
 FILTER_BLOCK_KEYS_MAX = 16_777_216

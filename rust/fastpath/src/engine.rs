@@ -534,18 +534,23 @@ impl Engine {
             Err(e) => return Self::error(e),
         };
         if let Some(k) = idem_key {
+            // Printable ASCII only (as Stripe): a key is echoed in a header and stored in the WAL.
             if k.is_empty()
-                || k.chars().count() > self.cfg.idempotency_key_chars_max
-                || k.chars().any(|c| c.is_control())
+                || k.len() > self.cfg.idempotency_key_chars_max
+                || !k.bytes().all(|b| (0x20..0x7f).contains(&b))
             {
                 return Self::error(ApiError::invalid(
                     "idempotency_key_invalid",
                     "Idempotency-Key",
                     format!(
-                        "The Idempotency-Key header must be 1 to {} printable characters.",
+                        "The Idempotency-Key header must be 1 to {} printable ASCII characters.",
                         self.cfg.idempotency_key_chars_max
                     ),
                 ));
+            }
+            // Nor a card number: the key is written to the WAL and the database.
+            if crate::guard::key_contains_pan(k) {
+                return Self::error(crate::validate::pan_error());
             }
         }
         let mut t = self.observe(0, start);

@@ -7,6 +7,7 @@ pub mod config;
 pub mod currency;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod idempotency;
 pub mod ids;
 pub mod keyfilter;

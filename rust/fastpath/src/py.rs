@@ -511,7 +511,42 @@ impl WalReader {
 /// True when `text` holds a Luhn-valid 12-19 digit run (the log filter's second line of defence).
 #[pyfunction]
 fn contains_pan(text: &str) -> bool {
-    crate::validate::contains_pan(text)
+    crate::guard::contains_pan(text)
+}
+
+/// True when an idempotency key holds a card-number-like run outside a UUID or long hex token.
+#[pyfunction]
+fn key_contains_pan(key: &str) -> bool {
+    crate::guard::key_contains_pan(key)
+}
+
+/// `text` with every card-number-like run replaced by `[REDACTED]` (`text` itself when none).
+#[pyfunction]
+fn mask_pans(text: &str) -> String {
+    crate::guard::mask_pans(text).into_owned()
+}
+
+/// Why a JSON body must be refused, or None: `("card_number", None)`, `("duplicate_key", key)`,
+/// `("too_deep", None)` or `("invalid", "line L, column C")`. `numbers`: scan numbers too.
+#[pyfunction]
+#[pyo3(signature = (body, numbers=true))]
+fn json_refusal(
+    py: Python<'_>,
+    body: &[u8],
+    numbers: bool,
+) -> Option<(&'static str, Option<String>)> {
+    use crate::guard::JsonRefusal;
+    let out = py.allow_threads(|| crate::guard::scan_json(body, numbers));
+    match out {
+        Ok(()) => None,
+        Err(JsonRefusal::CardNumber) => Some(("card_number", None)),
+        Err(JsonRefusal::DuplicateKey(k)) => Some(("duplicate_key", Some(k))),
+        Err(JsonRefusal::TooDeep) => Some(("too_deep", None)),
+        Err(JsonRefusal::Invalid(e)) => Some((
+            "invalid",
+            Some(format!("line {}, column {}", e.line(), e.column())),
+        )),
+    }
 }
 
 /// The shared store's counters as velocity features (the mapping `create_payment(velocity=...)` uses).
@@ -545,6 +580,10 @@ fn _fastpath(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RulesError", m.py().get_type::<RulesError>())?;
     m.add("RiskListError", m.py().get_type::<RiskListError>())?;
     m.add_function(wrap_pyfunction!(contains_pan, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_pans, m)?)?;
+    m.add_function(wrap_pyfunction!(key_contains_pan, m)?)?;
+    m.add_function(wrap_pyfunction!(json_refusal, m)?)?;
+    m.add("JSON_DEPTH_MAX", crate::guard::JSON_DEPTH_MAX)?;
     m.add_function(wrap_pyfunction!(currency_exponent, m)?)?;
     m.add_function(wrap_pyfunction!(velocity_features, m)?)?;
     m.add("VELOCITY_FEATURES", risk::VELOCITY_FEATURES)?;

@@ -10,6 +10,8 @@
 use crate::config::Config;
 use crate::currency;
 use crate::error::ApiError;
+pub use crate::guard::{contains_pan, luhn_valid, JSON_DEPTH_MAX};
+use crate::guard::{scan_value, JsonRefusal};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -19,8 +21,6 @@ pub const PAYMENT_METHOD_CHARS_MAX: usize = 128;
 pub const EMAIL_CHARS_MAX: usize = 254;
 pub const DEVICE_ID_CHARS_MAX: usize = 128;
 pub const CUSTOMER_ID_CHARS_MAX: usize = 128;
-/// Nesting is refused beyond this depth so a hostile body cannot make the scan expensive.
-pub const JSON_DEPTH_MAX: usize = 8;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Customer {
@@ -48,81 +48,7 @@ pub struct PaymentRequest {
     pub customer: Customer,
 }
 
-/// True when `digits` (ASCII digits only) passes the Luhn check.
-pub fn luhn_valid(digits: &[u8]) -> bool {
-    let mut sum = 0u32;
-    for (i, d) in digits.iter().rev().enumerate() {
-        let mut v = (d - b'0') as u32;
-        if !i.is_multiple_of(2) {
-            v *= 2;
-            if v > 9 {
-                v -= 9;
-            }
-        }
-        sum += v;
-    }
-    sum.is_multiple_of(10)
-}
-
-/// Finds a Luhn-valid run of 12 to 19 digits, allowing single spaces or dashes between digits
-/// (`4242 4242 4242 4242`). A run is a maximal digit sequence; longer runs are not card numbers, and
-/// checking every window of them would refuse one in ten long order numbers.
-pub fn contains_pan(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let mut digits: Vec<u8> = Vec::new();
-    let mut i = 0;
-    while i <= bytes.len() {
-        let b = bytes.get(i).copied();
-        match b {
-            Some(c) if c.is_ascii_digit() => digits.push(c),
-            Some(b' ') | Some(b'-')
-                if !digits.is_empty() && bytes.get(i + 1).is_some_and(|n| n.is_ascii_digit()) => {}
-            _ => {
-                if (12..=19).contains(&digits.len()) && luhn_valid(&digits) {
-                    return true;
-                }
-                digits.clear();
-            }
-        }
-        i += 1;
-    }
-    false
-}
-
-fn scan_value_for_pan(v: &Value, depth: usize) -> Result<(), ApiError> {
-    if depth > JSON_DEPTH_MAX {
-        return Err(ApiError::malformed(format!(
-            "The body is nested deeper than {JSON_DEPTH_MAX} levels."
-        )));
-    }
-    let found = match v {
-        Value::String(s) => contains_pan(s),
-        Value::Number(n) => contains_pan(&n.to_string()),
-        Value::Array(items) => {
-            for item in items {
-                scan_value_for_pan(item, depth + 1)?;
-            }
-            false
-        }
-        Value::Object(map) => {
-            for (k, item) in map {
-                if contains_pan(k) {
-                    return Err(pan_error());
-                }
-                scan_value_for_pan(item, depth + 1)?;
-            }
-            false
-        }
-        _ => false,
-    };
-    if found {
-        Err(pan_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn pan_error() -> ApiError {
+pub fn pan_error() -> ApiError {
     let mut e = ApiError::invalid(
         "card_number_not_allowed",
         "body",
@@ -184,14 +110,24 @@ pub fn parse_payment(body: &[u8], cfg: &Config) -> Result<PaymentRequest, ApiErr
     if body.len() > cfg.body_bytes_max {
         return Err(ApiError::body_too_large(cfg.body_bytes_max));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::malformed(format!(
+    // One pass that refuses card numbers (every key, string and number, duplicates included),
+    // duplicate keys and deep nesting while it parses, before any field is looked at.
+    let value = scan_value(body).map_err(|r| match r {
+        JsonRefusal::CardNumber => pan_error(),
+        JsonRefusal::DuplicateKey(k) => ApiError::invalid(
+            "parameter_duplicate",
+            k.clone(),
+            format!("Received the parameter {k} more than once."),
+        ),
+        JsonRefusal::TooDeep => ApiError::malformed(format!(
+            "The body is nested deeper than {JSON_DEPTH_MAX} levels."
+        )),
+        JsonRefusal::Invalid(e) => ApiError::malformed(format!(
             "The body is not valid JSON (line {}, column {}).",
             e.line(),
             e.column()
-        ))
+        )),
     })?;
-    scan_value_for_pan(&value, 0)?;
     let Value::Object(mut obj) = value else {
         return Err(ApiError::malformed("The body must be a JSON object."));
     };
