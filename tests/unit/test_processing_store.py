@@ -342,6 +342,23 @@ def test_record_intents_writes_every_started_attempt_of_a_batch(tmp_path: Path, 
     _close(store)
 
 
+def test_two_rows_of_one_attempt_in_a_batch_end_as_sequential_upserts_would(tmp_path: Path, factory: Factory) -> None:
+    # PostgreSQL writes a batch as one multi-row upsert, which may not touch a row twice: the store
+    # folds a later row of an attempt into the first, keeping what sequential upserts would keep.
+    store, pstore = _store(str(tmp_path), factory)
+    _accept(store, BATCH, first_lsn=2)
+    started = replace(_started(PID), psp_reference="ref_first")
+    finished = replace(_started(PID), status=AttemptStatus.APPROVED, psp_reference=None, code="ok_code",
+                       finished_at_ms=9)
+    other = _started(BATCH[1])
+    pstore.record_intents([Intent(started), Intent(other), Intent(finished)])
+    [row] = pstore.attempts(PID)
+    assert (row.status, row.psp_reference, row.code, row.finished_at_ms) == (
+        AttemptStatus.APPROVED, "ref_first", "ok_code", 9)
+    assert [a.status for a in pstore.attempts(BATCH[1])] == [AttemptStatus.STARTED]
+    _close(store)
+
+
 def _authorize(rec_payment: sm.Payment, pid: str) -> ProcessingResult:
     t = sm.authorize(rec_payment, amount=AUTHORIZED, psp="psp_a", psp_reference=f"ref_{pid}", actor="worker", at_ms=2)
     done = replace(_started(pid), status=AttemptStatus.APPROVED, finished_at_ms=3)

@@ -160,10 +160,8 @@ def insert_operations(db: Db, new: Sequence[NewOperation]) -> list[Operation]:
 def finish_operations(db: Db, finishes: Sequence[OperationFinish]) -> None:
     """Records how each operation ended (one statement over the batch)."""
     t = now_ms()
-    db.executemany(
-        "UPDATE payment_operations SET status = ?, failure_code = ?, updated_ms = ? WHERE id = ?",
-        [(f.status, f.failure_code, t, f.operation_id) for f in finishes],
-    )
+    db.update_many("payment_operations", "id", [("status", "TEXT"), ("failure_code", "TEXT"), ("updated_ms", "BIGINT")],
+                   [(f.operation_id, f.status, f.failure_code, t) for f in finishes])
 
 
 def open_operation_of(db: Db, payment_id: str) -> tuple[str, str] | None:

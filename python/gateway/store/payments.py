@@ -161,7 +161,7 @@ def count_events(db: Db, counts: Sequence[tuple[str, int]]) -> dict[str, int]:
 
 def set_statuses(db: Db, payments: Sequence[sm.Payment]) -> None:
     """The `payments.status` column (what lists and reconciliation filter on) of each changed payment."""
-    db.executemany("UPDATE payments SET status = ? WHERE id = ?", [(p.status.value, p.id) for p in payments])
+    db.update_many("payments", "id", [("status", "TEXT")], [(p.id, p.status.value) for p in payments])
 
 
 def insert_audit(db: Db, transitions: Sequence[sm.Transition]) -> None:
@@ -192,14 +192,34 @@ def upsert_attempts(db: Db, intents: Sequence[Intent]) -> None:
         " psp_reference = coalesce(excluded.psp_reference, payment_attempts.psp_reference),"
         " code = excluded.code, fee_minor = excluded.fee_minor, latency_ms = excluded.latency_ms,"
         " finished_at_ms = excluded.finished_at_ms",
-        [
-            (a.attempt_id, a.payment_id, i.operation_id, a.attempt_no, a.operation, a.psp, a.idempotency_key,
-             a.amount, a.currency, a.status.value, int(a.final_capture), a.psp_reference, a.code,
-             a.fee_minor, a.latency_ms, a.started_at_ms, a.finished_at_ms)
-            for i in intents
-            for a in (i.attempt,)
-        ],
+        list(_one_row_per_attempt(intents).values()),
     )
+
+
+# Columns of an attempt row that a later row of the same attempt replaces (the upsert's DO UPDATE SET).
+_ATTEMPT_OUTCOME_COLUMNS = (9, 12, 13, 14, 16)
+_ATTEMPT_PSP_REFERENCE = 11
+
+
+def _one_row_per_attempt(intents: Sequence[Intent]) -> dict[str, tuple[Any, ...]]:
+    """The rows to upsert, one per attempt: a later row of an attempt already in the batch folds into
+    the first as the upsert would have applied it (one multi-row statement may not touch a row twice)."""
+    rows: dict[str, tuple[Any, ...]] = {}
+    for i in intents:
+        a = i.attempt
+        row = (a.attempt_id, a.payment_id, i.operation_id, a.attempt_no, a.operation, a.psp, a.idempotency_key,
+               a.amount, a.currency, a.status.value, int(a.final_capture), a.psp_reference, a.code,
+               a.fee_minor, a.latency_ms, a.started_at_ms, a.finished_at_ms)
+        first = rows.get(a.attempt_id)
+        if first is not None:
+            merged = list(first)
+            for c in _ATTEMPT_OUTCOME_COLUMNS:
+                merged[c] = row[c]
+            if row[_ATTEMPT_PSP_REFERENCE] is not None:
+                merged[_ATTEMPT_PSP_REFERENCE] = row[_ATTEMPT_PSP_REFERENCE]
+            row = tuple(merged)
+        rows[a.attempt_id] = row
+    return rows
 
 
 def attempts(db: Db, payment_id: str, operation_id: str | None) -> list[AttemptRow]:
@@ -323,7 +343,7 @@ def compose_bodies(db: Db, payment_ids: Sequence[str]) -> dict[str, bytes]:
             if len(operations[o[1]]) < OPERATIONS_IN_BODY_MAX:
                 operations[o[1]].append(op_from_row(o))
     out = {pid: _compose(bodies[pid], states.get(pid), attempts[pid], operations[pid]) for pid in ids}
-    db.executemany("UPDATE payments SET body = ? WHERE id = ?", [(b.decode(), pid) for pid, b in out.items()])
+    db.update_many("payments", "id", [("body", "TEXT")], [(pid, b.decode()) for pid, b in out.items()])
     return out
 
 

@@ -19,6 +19,7 @@ before the block ends.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -34,6 +35,9 @@ log = logging.getLogger("gateway.store.sql")
 
 # Values bound in one `IN (...)` list; longer lists are split (SQLite allows 32,766 variables a statement).
 IN_LIST_MAX = 500
+# Rows of one multi-row `INSERT ... VALUES (...), (...)` on PostgreSQL (and at most 65,535 parameters).
+PG_ROWS_PER_INSERT = 1_000
+PG_PARAMS_MAX = 65_535
 
 
 def now_ms() -> int:
@@ -41,6 +45,8 @@ def now_ms() -> int:
 
 
 _PG_SQL: dict[str, str] = {}
+# `INSERT INTO t (...) VALUES (one row's placeholders)` and what follows (`ON CONFLICT ...`).
+_INSERT_VALUES = re.compile(r"^(INSERT INTO [^()]+\([^()]*\) VALUES )(\([^()]*\))(.*)$", re.DOTALL)
 
 
 def pg_sql(sql: str) -> str:
@@ -81,14 +87,44 @@ class Db:
         return self.raw.execute(sql, args)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """One statement over many rows (psycopg pipelines them; SQLite steps one prepared statement)."""
+        """One statement over many rows. SQLite steps one prepared statement; on PostgreSQL an
+        `INSERT ... VALUES (...)` goes out as one multi-row INSERT per `PG_ROWS_PER_INSERT` rows (one
+        statement for the server to run instead of one per row; an `ON CONFLICT DO UPDATE` caller must
+        not repeat a key within one call), anything else as a pipelined executemany."""
         if not rows:
             return
-        if self.pg:
+        if not self.pg:
+            self.raw.executemany(sql, rows)
+            return
+        m = _INSERT_VALUES.match(sql) if len(rows) > 1 else None
+        if m is None:
             with self.raw.cursor() as cur:
                 cur.executemany(pg_sql(sql), rows)
-        else:
-            self.raw.executemany(sql, rows)
+            return
+        head, one, tail = m.groups()
+        per = max(1, min(PG_ROWS_PER_INSERT, PG_PARAMS_MAX // max(1, len(rows[0]))))
+        for i in range(0, len(rows), per):
+            chunk = rows[i:i + per]
+            self.raw.execute(pg_sql(f"{head}{', '.join([one] * len(chunk))}{tail}"),
+                             [v for row in chunk for v in row])
+
+    def update_many(self, table: str, key: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> None:
+        """`UPDATE table SET column = ... WHERE key = ?` for each row `(key value, column values...)`;
+        `columns` are (name, SQL type). On PostgreSQL one `UPDATE ... FROM (VALUES ...)` per chunk of
+        rows (one statement for the server, not one per row); SQLite steps one prepared statement."""
+        if not rows:
+            return
+        if not self.pg:
+            sets = ", ".join(f"{name} = ?" for name, _ in columns)
+            self.raw.executemany(f"UPDATE {table} SET {sets} WHERE {key} = ?", [(*r[1:], r[0]) for r in rows])
+            return
+        sets = ", ".join(f"{name} = v.column{i}" for i, (name, _) in enumerate(columns, 2))
+        one = "(CAST(? AS TEXT), " + ", ".join(f"CAST(? AS {sql_type})" for _, sql_type in columns) + ")"
+        per = max(1, min(PG_ROWS_PER_INSERT, PG_PARAMS_MAX // (len(columns) + 1)))
+        for i in range(0, len(rows), per):
+            chunk = rows[i:i + per]
+            self.raw.execute(pg_sql(f"UPDATE {table} SET {sets} FROM (VALUES {', '.join([one] * len(chunk))}) AS v"
+                                    f" WHERE {table}.{key} = v.column1"), [v for row in chunk for v in row])
 
     def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a query (an empty list for a statement that returns none)."""
