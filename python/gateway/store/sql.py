@@ -67,6 +67,11 @@ def chunked(values: Sequence[Any], size: int = IN_LIST_MAX) -> Iterator[Sequence
         yield values[i:i + size]
 
 
+def _pg_chunks(rows: Sequence[Sequence[Any]], width: int) -> Iterator[Sequence[Sequence[Any]]]:
+    """`rows` of `width` parameters each, cut for one PostgreSQL statement per chunk."""
+    return chunked(rows, max(1, min(PG_ROWS_PER_INSERT, PG_PARAMS_MAX // max(1, width))))
+
+
 class Db:
     """One connection inside a read or a transaction, executing the shared SQL on either backend."""
 
@@ -102,9 +107,7 @@ class Db:
                 cur.executemany(pg_sql(sql), rows)
             return
         head, one, tail = m.groups()
-        per = max(1, min(PG_ROWS_PER_INSERT, PG_PARAMS_MAX // max(1, len(rows[0]))))
-        for i in range(0, len(rows), per):
-            chunk = rows[i:i + per]
+        for chunk in _pg_chunks(rows, len(rows[0])):
             self.raw.execute(pg_sql(f"{head}{', '.join([one] * len(chunk))}{tail}"),
                              [v for row in chunk for v in row])
 
@@ -120,9 +123,7 @@ class Db:
             return
         sets = ", ".join(f"{name} = v.column{i}" for i, (name, _) in enumerate(columns, 2))
         one = "(CAST(? AS TEXT), " + ", ".join(f"CAST(? AS {sql_type})" for _, sql_type in columns) + ")"
-        per = max(1, min(PG_ROWS_PER_INSERT, PG_PARAMS_MAX // (len(columns) + 1)))
-        for i in range(0, len(rows), per):
-            chunk = rows[i:i + per]
+        for chunk in _pg_chunks(rows, len(columns) + 1):
             self.raw.execute(pg_sql(f"UPDATE {table} SET {sets} FROM (VALUES {', '.join([one] * len(chunk))}) AS v"
                                     f" WHERE {table}.{key} = v.column1"), [v for row in chunk for v in row])
 
@@ -295,36 +296,10 @@ class PostgresDialect(Dialect):
         return f"{self.schema}:{payment_id}"
 
     def claim(self, payment_id: str) -> bool:
-        import psycopg
-
-        with self._claims_lock:
-            try:
-                if self._claims is None or self._claims.closed:
-                    self._claims = self.store.connect()
-                row = self._claims.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                                           (self._claim_key(payment_id),)).fetchone()
-                return bool(row and row[0])
-            except psycopg.Error as e:
-                # Whatever this connection held is gone with it; the version check still guards writes.
-                log.warning("claim of %s failed (%s); the reconciler will retry", payment_id, e)
-                if self._claims is not None:
-                    self._claims.close()
-                self._claims = None
-                return False
+        return self.claim_many([payment_id])[0]
 
     def release(self, payment_id: str) -> None:
-        import psycopg
-
-        with self._claims_lock:
-            if self._claims is None or self._claims.closed:
-                return
-            try:
-                self._claims.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
-                                     (self._claim_key(payment_id),))
-            except psycopg.Error as e:
-                log.warning("release of %s failed (%s); reconnecting drops every claim", payment_id, e)
-                self._claims.close()
-                self._claims = None
+        self.release_many([payment_id])
 
     def claim_many(self, payment_ids: Sequence[str]) -> list[bool]:
         import psycopg
@@ -338,6 +313,7 @@ class PostgresDialect(Dialect):
                     " AS u(k, i) ORDER BY i", ([self._claim_key(pid) for pid in payment_ids],)).fetchall()
                 return [bool(r[0]) for r in rows]
             except psycopg.Error as e:
+                # Whatever this connection held is gone with it; the version check still guards writes.
                 log.warning("claim of %d payments failed (%s); the reconciler will retry", len(payment_ids), e)
                 if self._claims is not None:
                     self._claims.close()

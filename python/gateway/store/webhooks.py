@@ -18,6 +18,7 @@ import msgspec
 
 from gateway.domain import events as ev
 from gateway.domain.secrets import Secret
+from gateway.store.payments import count_events
 from gateway.store.sql import Db, Dialect, chunked, marks, now_ms
 
 ERROR_CHARS_MAX = 200
@@ -51,12 +52,8 @@ class NewEvent:
 def emit(db: Db, merchant_id: str, payment_id: str, event_type: str, payment_body: bytes) -> tuple[str, bool]:
     """Writes one event (inside the caller's transaction) and a pending delivery for each of the
     merchant's endpoints subscribed to its type. Returns the event id and whether any delivery was written."""
-    n = db.fetchone(
-        "UPDATE payment_state SET events_count = events_count + 1 WHERE payment_id = ? RETURNING events_count",
-        (payment_id,),
-    )
-    assert n is not None, payment_id
-    [event_id], delivered = emit_many(db, [NewEvent(merchant_id, payment_id, int(n[0]), event_type, payment_body)])
+    n = count_events(db, [(payment_id, 1)])[payment_id]
+    [event_id], delivered = emit_many(db, [NewEvent(merchant_id, payment_id, n, event_type, payment_body)])
     return event_id, delivered
 
 
