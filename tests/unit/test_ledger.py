@@ -79,6 +79,16 @@ def test_rows_are_one_per_line_with_debit_or_credit() -> None:
     assert all(r.posting_id == "c1" and r.kind == "capture" and r.currency == "USD" for r in rows)
 
 
+def test_row_values_are_the_rows_as_tuples_in_column_order() -> None:
+    """What the batched INSERT sends (`row_values`) is what `rows()` describes, field by field."""
+    import dataclasses
+
+    original = ledger.capture("c", "p", "m", "psp_a", "EUR", 500, T0)
+    for p in (original, ledger.refund("r", "p", "m", "psp_a", "EUR", 300, T0), ledger.reverse(original, "c:rev", T0)):
+        assert p.row_values() == [dataclasses.astuple(r) for r in p.rows()]
+    assert ledger.reverse(original, "c:rev", T0).row_values()[0][-1] == "c"
+
+
 def test_reversal_is_a_new_posting_that_cancels_the_original() -> None:
     original = ledger.capture("c", "p", "m", "psp_a", "EUR", 500, T0)
     fix = ledger.reverse(original, "c:rev", T0 + 1)

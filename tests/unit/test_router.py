@@ -406,3 +406,26 @@ def test_capture_timeout_leaves_payment_unchanged_until_replay_resolves_it_once(
     assert resolved.outcome is Outcome.APPROVED and resolved.payment.amount_captured == 10_000
     assert {x.kind for x in resolved.postings} == {ledger.PostingKind.CAPTURE, ledger.PostingKind.PSP_FEE}
     assert len(env.sims[p.psp].settlement_lines()) == 1, "captured exactly once"
+
+
+def test_health_rate_and_median_latency_follow_the_moving_window_exactly() -> None:
+    """The router keeps running counts and an ordered latency list in step with each window; after
+    any sequence of calls, longer than the window, they equal what the window itself gives."""
+    import statistics
+
+    rng = random.Random(7)
+    window = 9
+    router = Router([PSPRoute("a", 100, 0), PSPRoute("b", 100, 0)], window_size=window)
+    seen: dict[str, list[tuple[bool, float]]] = {"a": [], "b": []}
+    outcomes = [Outcome.APPROVED, Outcome.ERROR, Outcome.HARD_DECLINE, Outcome.TIMEOUT]
+    for i in range(300):
+        psp = rng.choice("ab")
+        latency = float(rng.choice([5, 10, 10, 50, 120, 300, rng.uniform(0, 400)]))
+        r = result(psp, rng.choice(outcomes), latency_ms=latency)
+        router.record(r)
+        recent = seen[psp]
+        recent.append((r.outcome in (Outcome.APPROVED, Outcome.HARD_DECLINE), latency))
+        del recent[:-window]
+        healthy = sum(ok for ok, _ in recent)
+        assert router.success_rate(psp) == pytest.approx((healthy + 0.95 * 5) / (len(recent) + 5)), i
+        assert router.latency_ms(psp) == statistics.median(x for _, x in recent), i

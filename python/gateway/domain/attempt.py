@@ -82,6 +82,25 @@ class AttemptRow:
     finished_at_ms: int | None = None
 
 
+def operation_attempt(payment: sm.Payment, operation: str, amount: int, final_capture: bool, psp: str,
+                      idempotency_key: str, attempt_no: int, at_ms: int) -> AttemptRow:
+    """The `started` row of attempt `attempt_no` of a capture, void or refund of `payment`."""
+    return AttemptRow(
+        attempt_id=f"{idempotency_key}#{attempt_no}",
+        payment_id=payment.id,
+        attempt_no=attempt_no,
+        operation=operation,
+        psp=psp,
+        idempotency_key=idempotency_key,
+        amount=amount,
+        currency=payment.currency,
+        status=AttemptStatus.STARTED,
+        started_at_ms=at_ms,
+        final_capture=final_capture,
+        psp_reference=payment.psp_reference,
+    )
+
+
 @dataclass(slots=True)
 class ProcessingResult:
     """Everything one orchestration call produced, in the order it should be persisted."""

@@ -128,6 +128,17 @@ class Posting:
         """+1 for an original posting, -1 for a reversal (for per-kind totals)."""
         return -1 if self.reverses else 1
 
+    def row_values(self) -> list[tuple[str, int, str, str, str, str, int, int, int, str | None]]:
+        """`rows()` as plain tuples in `LedgerRow`'s field order (what a batched INSERT sends)."""
+        debit = Direction.DEBIT
+        kind = self.kind.value
+        return [
+            (self.posting_id, i, self.payment_id, kind, x.account, self.currency,
+             x.amount if x.direction is debit else 0, 0 if x.direction is debit else x.amount, self.at_ms,
+             self.reverses)
+            for i, x in enumerate(self.lines)
+        ]
+
     def rows(self) -> list[LedgerRow]:
         return [
             LedgerRow(

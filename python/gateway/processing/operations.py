@@ -13,12 +13,7 @@ from collections.abc import Callable
 from typing import TypedDict, Unpack
 
 from gateway.domain import payment as sm
-from gateway.domain.attempt import (
-    AttemptRow,
-    AttemptStatus,
-    Outcome,
-    ProcessingResult,
-)
+from gateway.domain.attempt import Outcome, ProcessingResult, operation_attempt
 from gateway.processing.attempts import RecordIntent, Sleep, apply_operation, call_operation, finish_attempt
 from gateway.psp.client import PSPClient
 from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy
@@ -27,13 +22,15 @@ from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy
 class OperationOptions(TypedDict, total=False):
     """What every operation may be given besides its own arguments. Defaults: `DEFAULT_RETRY_POLICY`, a
     random generator seeded with the idempotency key, `asyncio.sleep`, no intent recording, and the
-    actor `merchant`."""
+    actor `merchant`. `recorded`: the attempt id whose `started` row the caller has already committed
+    (the auto-capture's first attempt, written with the authorization's outcome), not recorded again."""
 
     policy: RetryPolicy
     rng: random.Random | None
     sleep: Sleep
     record_intent: RecordIntent | None
     actor: str
+    recorded: str | None
 
 
 async def _process_operation(
@@ -52,27 +49,16 @@ async def _process_operation(
     policy = options.get("policy", DEFAULT_RETRY_POLICY)
     sleep = options.get("sleep", asyncio.sleep)
     record_intent = options.get("record_intent")
+    recorded = options.get("recorded")
     actor = options.get("actor", "merchant")
     assert payment.psp == client.name, "operations go to the PSP that authorized the payment"
     rng = options.get("rng") or random.Random(idempotency_key)
     out = ProcessingResult(payment=payment, outcome=None)
     for attempt_no in range(1, policy.attempts_max + 1):
-        row = AttemptRow(
-            attempt_id=f"{idempotency_key}#{attempt_no}",
-            payment_id=payment.id,
-            attempt_no=attempt_no,
-            operation=operation,
-            psp=client.name,
-            idempotency_key=idempotency_key,
-            amount=amount,
-            currency=payment.currency,
-            status=AttemptStatus.STARTED,
-            started_at_ms=now(),
-            final_capture=final_capture,
-            psp_reference=payment.psp_reference,
-        )
+        row = operation_attempt(payment, operation, amount, final_capture, client.name, idempotency_key,
+                                attempt_no, now())
         out.attempts.append(row)
-        if record_intent is not None:
+        if record_intent is not None and row.attempt_id != recorded:
             await record_intent(row)
         result = await call_operation(client, row, payment)
         out.attempts.append(finish_attempt(row, result, now()))

@@ -59,7 +59,7 @@ from gateway.domain.attempt import AttemptRow, AttemptStatus, Outcome
 from gateway.processing.authorize import process_authorization
 from gateway.processing.batching import Batcher
 from gateway.processing.metrics import PipelineMetrics, refresh_loop
-from gateway.processing.operations import process_capture, process_refund, process_void
+from gateway.processing.operations import OperationOptions, process_capture, process_refund, process_void
 from gateway.processing.resolve import resolve_pending
 from gateway.processing.settings import WorkerSettings, build_psps
 from gateway.store.payments import Applied, Change, Intent
@@ -322,12 +322,12 @@ class Worker:
         self.pstore.record_intents(intents)
         return [None] * len(intents)
 
-    async def _apply(self, change: Change) -> Operation | None:
+    async def _apply(self, change: Change) -> Applied:
         """One outcome, committed with the others of its batch; StaleVersion if the payment changed."""
         applied = await self.applies.submit(change)
         if not applied.applied:
             raise StaleVersion(f"payment {applied.payment_id} changed since version {change.base_version}")
-        return applied.operation
+        return applied
 
     async def _claim(self, payment_id: str) -> bool:
         return await self.claims.submit(payment_id) if self.shared else True
@@ -401,7 +401,7 @@ class Worker:
         follow_up = None
         if result.payment.status is sm.PaymentStatus.AUTHORIZED and rec.auto_capture:
             follow_up = ("capture", result.payment.amount_authorized, True, "worker")
-        created = await self._apply(Change(result, p.version, new_operation=follow_up))
+        applied = await self._apply(Change(result, p.version, new_operation=follow_up))
         if result.payment.status is not sm.PaymentStatus.PENDING_VERIFICATION:
             self.settled += 1
             self.metrics.payment_final(result.payment.status.value, result.payment.failure_code,
@@ -409,11 +409,12 @@ class Worker:
         else:
             self.metrics.pending_verification_total.inc()
         self._changed(p.id)
-        if created is not None:
+        if applied.operation is not None:
             # The auto-capture, in the same round: the operation and the payment are what this apply
-            # just wrote under this worker's claim, and the operation has no attempt yet, so nothing
-            # needs reading back (three reads per payment fewer).
-            await self._drive_operation(created, result.transitions[-1].payment, [])
+            # just wrote under this worker's claim, with the `started` row of the capture's first
+            # attempt, so nothing needs reading back and its intent is already committed.
+            recorded = applied.intent.attempt_id if applied.intent is not None else None
+            await self._drive_operation(applied.operation, result.transitions[-1].payment, [], recorded)
 
     # -- capture, void, refund -------------------------------------------------------------------
 
@@ -443,9 +444,11 @@ class Worker:
         unresolved = [a for a in await self.attempt_reads.submit((rec.payment.id, op.id)) if a.status in UNRESOLVED]
         await self._drive_operation(op, rec.payment, unresolved)
 
-    async def _drive_operation(self, op: Operation, p: sm.Payment, unresolved: list[AttemptRow]) -> None:
+    async def _drive_operation(self, op: Operation, p: sm.Payment, unresolved: list[AttemptRow],
+                               recorded: str | None = None) -> None:
         """Takes one open operation of `p` (held under this worker's claim) one step: resolves its
-        unresolved attempt, or makes its PSP call, and applies the outcome."""
+        unresolved attempt, or makes its PSP call, and applies the outcome. `recorded`: the attempt
+        whose intent is already committed (not written again)."""
         from gateway.store.processing import OperationFinish
 
         client = self.clients.get(p.psp or "")
@@ -466,23 +469,16 @@ class Worker:
             async def intent(row: AttemptRow) -> None:
                 await self.intents.submit(Intent(row, op.id))
 
+            options = OperationOptions(record_intent=intent, actor=op.actor, policy=self.policy, recorded=recorded)
+            key = op.psp_idempotency_key
             try:
                 if op.kind == "capture":
-                    result = await process_capture(
-                        p, client, now_ms, amount=op.amount, final_capture=op.final_capture,
-                        idempotency_key=op.psp_idempotency_key, record_intent=intent, actor=op.actor,
-                        policy=self.policy,
-                    )
+                    result = await process_capture(p, client, now_ms, amount=op.amount, final_capture=op.final_capture,
+                                                   idempotency_key=key, **options)
                 elif op.kind == "void":
-                    result = await process_void(
-                        p, client, now_ms, idempotency_key=op.psp_idempotency_key, record_intent=intent,
-                        actor=op.actor, policy=self.policy,
-                    )
+                    result = await process_void(p, client, now_ms, idempotency_key=key, **options)
                 else:
-                    result = await process_refund(
-                        p, client, now_ms, amount=op.amount, idempotency_key=op.psp_idempotency_key,
-                        record_intent=intent, actor=op.actor, policy=self.policy,
-                    )
+                    result = await process_refund(p, client, now_ms, amount=op.amount, idempotency_key=key, **options)
             except sm.TransitionError as e:
                 await self._db(self.pstore.finish_operation, OperationFinish(op.id, "failed", e.code), p.id)
                 self.metrics.operations.inc((op.kind, "failed"))

@@ -12,8 +12,8 @@ resolved by a status query (processing/authorize.py).
 
 from __future__ import annotations
 
+import bisect
 import random
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -75,22 +75,29 @@ class Router:
         assert len({r.name for r in routes}) == len(routes), "duplicate PSP names"
         self.routes = {r.name: r for r in routes}
         self.weights = weights
+        self.window_size = window_size
         self._window: dict[str, deque[tuple[bool, float]]] = {
             r.name: deque(maxlen=window_size) for r in routes
         }
+        # Kept in step with each window as it moves, so that ranking a payment reads two numbers per
+        # PSP instead of summing and sorting its window: the healthy calls, and the latencies in order.
+        self._healthy = dict.fromkeys(self.routes, 0)
+        self._latencies: dict[str, list[float]] = {r.name: [] for r in routes}
         self.breakers = {r.name: CircuitBreaker(breaker, clock) for r in routes}
 
     def success_rate(self, name: str) -> float:
         w = self.weights
-        window = self._window[name]
-        healthy = sum(1 for ok, _ in window if ok)
-        return (healthy + w.prior_success_rate * w.prior_weight) / (len(window) + w.prior_weight)
+        return (self._healthy[name] + w.prior_success_rate * w.prior_weight) / (
+            len(self._window[name]) + w.prior_weight)
 
     def latency_ms(self, name: str) -> float:
-        window = self._window[name]
-        if not window:
+        """The median latency of the window (the mean of the middle two for an even count)."""
+        ordered = self._latencies[name]
+        n = len(ordered)
+        if not n:
             return self.routes[name].latency_ms_expected
-        return statistics.median(latency for _, latency in window)
+        mid = n // 2
+        return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
     def score(self, name: str, amount: int) -> float:
         w = self.weights
@@ -107,7 +114,15 @@ class Router:
 
     def record(self, result: PSPResult) -> None:
         healthy = is_healthy(result)
-        self._window[result.psp].append((healthy, result.latency_ms))
+        name = result.psp
+        window, ordered = self._window[name], self._latencies[name]
+        if len(window) == self.window_size:
+            old_ok, old_latency = window[0]  # leaves the window with the append below
+            self._healthy[name] -= old_ok
+            del ordered[bisect.bisect_left(ordered, old_latency)]
+        window.append((healthy, result.latency_ms))
+        self._healthy[name] += healthy
+        bisect.insort(ordered, result.latency_ms)
         self.breakers[result.psp].record(healthy)
 
 

@@ -40,7 +40,9 @@ class InProcessPSPClient(PSPClient):
     async def _run(self, operation: str, key: str, call: Awaitable[Response]) -> PSPResult:
         started = time.perf_counter()
         try:
-            response = await asyncio.wait_for(call, self.timeout_s)
+            # A timeout scope on this task (no second task per call, as wait_for would make).
+            async with asyncio.timeout(self.timeout_s):
+                response = await call
         except (TimeoutError, ResponseLost):
             message = f"no answer from {self.name} within {self.timeout_s} s"
             return failure_of(Outcome.TIMEOUT, self.name, operation, key, started, "psp_timeout", message)
@@ -76,6 +78,7 @@ class InProcessPSPClient(PSPClient):
 
     async def _status(self, query: dict[str, str]) -> PSPStatus | None:
         try:
-            return await asyncio.wait_for(self.sim.status(**query), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                return await self.sim.status(**query)
         except TimeoutError as exc:
             raise PSPTimeout(f"status query to {self.name} timed out") from exc

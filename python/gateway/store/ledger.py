@@ -19,14 +19,9 @@ LEDGER_COLUMNS = "posting_id, line_no, payment_id, kind, account, currency, debi
 
 def insert_postings(db: Db, postings: Sequence[ledger.Posting]) -> None:
     """The rows of every posting, in one statement over the batch (inside the caller's transaction)."""
-    rows = [r for posting in postings for r in posting.rows()]
     db.executemany(
         f"INSERT INTO ledger_entries ({LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (r.posting_id, r.line_no, r.payment_id, r.kind, r.account, r.currency, r.debit, r.credit,
-             r.at_ms, r.reverses)
-            for r in rows
-        ],
+        [r for posting in postings for r in posting.row_values()],
     )
 
 

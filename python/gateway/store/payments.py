@@ -11,7 +11,7 @@ caller's `Db` and commits nothing itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,11 +159,6 @@ def count_events(db: Db, counts: Sequence[tuple[str, int]]) -> dict[str, int]:
     return out
 
 
-def set_statuses(db: Db, payments: Sequence[sm.Payment]) -> None:
-    """The `payments.status` column (what lists and reconciliation filter on) of each changed payment."""
-    db.update_many("payments", "id", [("status", "TEXT")], [(p.id, p.status.value) for p in payments])
-
-
 def insert_audit(db: Db, transitions: Sequence[sm.Transition]) -> None:
     db.executemany(
         "INSERT INTO audit_log (payment_id, old_status, new_status, actor, reason, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
@@ -309,20 +304,26 @@ def compose_body(db: Db, payment_id: str) -> bytes:
     return compose_bodies(db, [payment_id])[payment_id]
 
 
-def compose_bodies(db: Db, payment_ids: Sequence[str]) -> dict[str, bytes]:
+def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Payment] | None = None
+                   ) -> dict[str, bytes]:
     """Rewrite `payments.body` of each payment from its processing state: status, amounts, attempts,
     refunds and the operation in progress. Done at write time so reads stay one indexed row; for a
-    batch the reads are four statements and the writes one, whatever the batch's size."""
+    batch the reads are four statements and the writes one, whatever the batch's size. `known`: the
+    states the caller has just written (a batch's apply), which are not read back."""
     ids = list(dict.fromkeys(payment_ids))
+    known = known or {}
     bodies: dict[str, dict[str, Any]] = {}
-    states: dict[str, PaymentRecord] = {}
+    states: dict[str, sm.Payment] = {pid: known[pid] for pid in ids if pid in known}
     attempts: dict[str, list[dict[str, Any]]] = {pid: [] for pid in ids}
     operations: dict[str, list[Operation]] = {pid: [] for pid in ids}
     for chunk in chunked(ids):
         m = marks(len(chunk))
         # The four reads are sent before any result is read: one round trip in a pipeline.
         body_cur = db.execute(f"SELECT id, body FROM payments WHERE id IN ({m})", chunk)
-        state_cur = db.execute(f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id IN ({m})", chunk)
+        reading = [pid for pid in chunk if pid not in known]
+        state_cur = db.execute(
+            f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id IN ({marks(len(reading))})", reading,
+        ) if reading else None
         attempts_cur = db.execute(
             "SELECT payment_id, attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
             f" FROM payment_attempts WHERE payment_id IN ({m}) ORDER BY payment_id, started_at_ms, attempt_id",
@@ -333,7 +334,8 @@ def compose_bodies(db: Db, payment_ids: Sequence[str]) -> dict[str, bytes]:
             " ORDER BY payment_id, created_ms, seq", chunk,
         )
         bodies.update((r[0], msgspec.json.decode(r[1])) for r in body_cur.fetchall())
-        states.update((r[0], record_from_row(r)) for r in state_cur.fetchall())
+        if state_cur is not None:
+            states.update((r[0], record_from_row(r).payment) for r in state_cur.fetchall())
         for a in attempts_cur.fetchall():
             rows = attempts[a[0]]
             if len(rows) < ATTEMPTS_IN_BODY_MAX:
@@ -343,14 +345,15 @@ def compose_bodies(db: Db, payment_ids: Sequence[str]) -> dict[str, bytes]:
             if len(operations[o[1]]) < OPERATIONS_IN_BODY_MAX:
                 operations[o[1]].append(op_from_row(o))
     out = {pid: _compose(bodies[pid], states.get(pid), attempts[pid], operations[pid]) for pid in ids}
-    db.update_many("payments", "id", [("body", "TEXT")], [(pid, b.decode()) for pid, b in out.items()])
+    # The status column (what lists and reconciliation filter on) goes with the body, in one statement.
+    db.update_many("payments", "id", [("body", "TEXT"), ("status", "TEXT")],
+                   [(pid, b.decode(), bodies[pid]["status"]) for pid, b in out.items()])
     return out
 
 
-def _compose(body: dict[str, Any], rec: PaymentRecord | None, attempts: list[dict[str, Any]],
+def _compose(body: dict[str, Any], p: sm.Payment | None, attempts: list[dict[str, Any]],
              operations: list[Operation]) -> bytes:
-    if rec is not None:
-        p = rec.payment
+    if p is not None:
         body["status"] = p.status.value
         body["amount_authorized"] = p.amount_authorized
         body["amount_capturable"] = p.amount_capturable
@@ -398,8 +401,11 @@ class Change:
 @dataclass(frozen=True, slots=True)
 class Applied:
     """What became of one `Change` of a batch: `applied` False means its version was stale and
-    nothing of it was written; `operation` is the follow-up operation it opened, if any."""
+    nothing of it was written; `operation` is the follow-up operation it opened, if any, and `intent`
+    the `started` row of that operation's first PSP attempt, committed with the change (so the call
+    can go out at once: intent first, one transaction fewer)."""
 
     payment_id: str
     applied: bool
     operation: Operation | None = None
+    intent: AttemptRow | None = None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.domain import events as ev
 from gateway.domain import ledger
 from gateway.domain import payment as sm
-from gateway.domain.attempt import AttemptRow, ProcessingResult
+from gateway.domain.attempt import AttemptRow, ProcessingResult, operation_attempt
 from gateway.store import health
 from gateway.store import ledger as ledger_rows
 from gateway.store import operations as ops
@@ -250,15 +250,25 @@ class ProcessingStore:
             live = [c for c in changes if c.result.payment.id not in stale]
             still = [c.result.payment.id for c in live if not c.result.transitions and events_of[c.result.payment.id]]
             counts.update(pay.count_events(db, [(pid, len(events_of[pid])) for pid in still]))
-            pay.upsert_attempts(db, [Intent(a, c.operation_id) for c in live for a in c.result.attempts])
-            pay.set_statuses(db, [c.result.transitions[-1].payment for c in live if c.result.transitions])
             pay.insert_audit(db, [t for c in live for t in c.result.transitions])
             ledger_rows.insert_postings(db, [p for c in live for p in c.result.postings])
             ops.finish_operations(db, [c.finish for c in live if c.finish is not None])
             following = [c for c in live if c.new_operation is not None]
             opened = ops.insert_operations(db, [self._follow_up(c) for c in following])
             created = {c.result.payment.id: op for c, op in zip(following, opened, strict=True)}
-            bodies = pay.compose_bodies(db, [c.result.payment.id for c in live])
+            pay.upsert_attempts(db, [Intent(a, c.operation_id) for c in live for a in c.result.attempts])
+            bodies = pay.compose_bodies(db, [c.result.payment.id for c in live],
+                                        {c.result.payment.id: c.result.transitions[-1].payment
+                                         for c in live if c.result.transitions})
+            # The first attempt of each follow-up operation, `started`: its intent, committed with this
+            # change so that its PSP call can follow at once (after the bodies: they show outcomes).
+            at = now_ms()
+            intents_of = {
+                c.result.payment.id: operation_attempt(c.result.payment, op.kind, op.amount, op.final_capture,
+                                                       c.result.payment.psp, op.psp_idempotency_key, 1, at)
+                for c, op in zip(following, opened, strict=True) if c.result.payment.psp
+            }
+            pay.upsert_attempts(db, [Intent(intents_of[pid], op.id) for pid, op in created.items() if pid in intents_of])
             events = []
             for c in live:
                 p = c.result.payment
@@ -269,7 +279,8 @@ class ProcessingStore:
             if emit_many(db, events)[1]:
                 self.new_deliveries = True
             out = [Applied(c.result.payment.id, False) if c.result.payment.id in stale
-                   else Applied(c.result.payment.id, True, created.get(c.result.payment.id)) for c in changes]
+                   else Applied(c.result.payment.id, True, created.get(c.result.payment.id),
+                                intents_of.get(c.result.payment.id)) for c in changes]
         return out
 
     @staticmethod
