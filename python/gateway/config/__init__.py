@@ -176,6 +176,9 @@ class ClusterConfig(_Section):
     # 1 m / 1 h / 24 h) live in Redis, counted by every process in the admission script of a create.
     # "local": each process counts only the payments it handled (as in embedded mode).
     velocity: Literal["shared", "local"] = "shared"
+    # Every gateway process measures the cluster's backlog (Kafka records the workers have not stored,
+    # plus stored payments still `processing`) this often; at `[worker] backlog_max` creates answer 503.
+    backlog_check_ms: Annotated[int, Meta(ge=100, le=60_000)] = 1_000
 
 
 class RiskConfig(_Section):
@@ -215,8 +218,10 @@ class WorkerConfig(_Section):
     batch_records_max: Annotated[int, Meta(ge=1, le=1000)] = 256
     # ... and a batch waits at most this long for more (0: only for what is ready on the event loop).
     batch_linger_ms: Annotated[float, Meta(ge=0, le=100)] = 0.0
-    # Embedded mode: payments acknowledged and not finished yet (not stored, queued or in progress in
-    # the worker) at most; at the bound a create answers 503 `backlog_full` with Retry-After.
+    # Payments acknowledged and not finished yet at most; at the bound a create answers 503
+    # `backlog_full` with Retry-After. Embedded mode: not stored, queued or in progress in the worker.
+    # Cluster mode: Kafka records not stored by the workers plus stored payments still `processing`,
+    # measured every `[cluster] backlog_check_ms` (runtime/backlog.py).
     backlog_max: Annotated[int, Meta(ge=100, le=10_000_000)] = 200_000
 
 

@@ -47,6 +47,7 @@ from gateway.config import Config
 from gateway.domain.errors import error_body
 from gateway.domain.idempotency import create_fingerprint
 from gateway.feed.relay import Relay, ensure_topic
+from gateway.runtime.backlog import ClusterBacklog
 from gateway.runtime.base import CreateAnswer, Runtime, starting, unavailable
 from gateway.runtime.waiters import LsnWaiters
 from gateway.shared.redis_state import (
@@ -119,6 +120,9 @@ class ClusterRuntime(Runtime):
         self.durable_lookups = 0
         self._risk_poll_stop: Any = None
         self._risk_publisher: redis.Redis | None = None
+        # The cluster's backlog against [worker] backlog_max (runtime/backlog.py).
+        self.backlog: ClusterBacklog | None = None
+        self.backlog_refused = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -156,6 +160,11 @@ class ClusterRuntime(Runtime):
         assert changes is not None
         self.listener = Listener(store, [CHANGES_CHANNEL], lambda _c, pid: changes.changed(pid))
         self.listener.start()
+        self.backlog = ClusterBacklog(
+            c.kafka_bootstrap, c.topic, c.consumer_group,
+            (lambda: store.count_with_status("processing")) if self.config.worker.enabled else None,
+            c.backlog_check_ms / 1000,
+        ).start()
         self.ready = True
         log.info("cluster mode: pid %d owns WAL slot proc-%d (relay resumes after lsn %d), durability=%s",
                  os.getpid(), self.slot, self.relay.acked_lsn, c.durability)
@@ -185,6 +194,8 @@ class ClusterRuntime(Runtime):
         self._stop_fastpath()
         if self.listener is not None:
             self.listener.stop()
+        if self.backlog is not None:
+            self.backlog.stop()
         if self._risk_poll_stop is not None:
             self._risk_poll_stop.set()
         if self.risk_control is not None and self.risk_control.apply_update in RISK_HANDLERS:
@@ -256,6 +267,11 @@ class ClusterRuntime(Runtime):
         if shared is None or not self.ready:
             return starting()
         cfg = self.config
+        backlog = self.backlog.value if self.backlog is not None else None
+        if backlog is not None and backlog >= cfg.worker.backlog_max:
+            self.backlog_refused += 1
+            return unavailable("backlog_full", "The cluster has more accepted payments in progress than its"
+                               " [worker] backlog_max; nothing was created. Retry with the same Idempotency-Key.")
         fp = self._fingerprint(body) if idem_key is not None else ""
         rate = merchant.rate_limit_per_s or cfg.rate_limit.per_s
         burst = merchant.rate_limit_burst or (max(1.0, merchant.rate_limit_per_s) if merchant.rate_limit_per_s
@@ -394,6 +410,10 @@ class ClusterRuntime(Runtime):
         would answer 503 to every create)."""
         return super().healthy() and self.relay is not None and self.relay.error is None
 
+    def _backlog_figure(self) -> int:
+        value = self.backlog.value if self.backlog is not None else None
+        return -1 if value is None else value
+
     def metrics_text(self) -> str:
         relay = self.relay
         risk = self.risk
@@ -429,6 +449,12 @@ class ClusterRuntime(Runtime):
             "# HELP gateway_risk_rules_version Version of the live global ruleset in this process.\n"
             "# TYPE gateway_risk_rules_version gauge\n"
             f"gateway_risk_rules_version {fp.risk.rules_version() if fp else 0}\n"
+            "# HELP gateway_backlog_payments Accepted payments not sent to a PSP yet, cluster-wide: Kafka records the workers have not stored plus stored payments still processing (bound: [worker] backlog_max; -1 while unknown).\n"
+            "# TYPE gateway_backlog_payments gauge\n"
+            f"gateway_backlog_payments {self._backlog_figure()}\n"
+            "# HELP gateway_backlog_refused_total Creates refused with 503 backlog_full.\n"
+            "# TYPE gateway_backlog_refused_total counter\n"
+            f"gateway_backlog_refused_total {self.backlog_refused}\n"
             "# HELP gateway_relay_lag_lsn WAL records of this process committed but not yet acknowledged by Kafka.\n"
             "# TYPE gateway_relay_lag_lsn gauge\n"
             f"gateway_relay_lag_lsn {max(0, fp.committed_lsn() - relay.acked_lsn) if fp and relay else 0}\n"

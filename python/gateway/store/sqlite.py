@@ -130,6 +130,11 @@ class SharedQueries:
         return self._fetchone("SELECT 1 FROM idempotency_keys WHERE merchant_id = ? AND created_ms >= ? LIMIT 1",
                               (merchant_id, since_ms)) is not None
 
+    def count_with_status(self, status: str) -> int:
+        """Accepted payments in `status` (an indexed count: the cluster's backlog check)."""
+        row = self._fetchone("SELECT count(*) FROM payments WHERE status = ?", (status,))
+        return int(row[0]) if row else 0
+
     def count_payments(self, merchant_id: str | None = None) -> int:
         if merchant_id is None:
             row = self._fetchone("SELECT count(*) FROM payments")
