@@ -372,13 +372,13 @@ def test_sigkill_of_a_worker_mid_burst_leaves_every_payment_final_once_and_never
         for pid, _n, _key, status in auths:
             approved[pid] = approved.get(pid, 0) + (status == "approved")
         assert max(approved.values()) == 1, "no payment was authorized twice"
-        captured = dict(c.query("SELECT payment_id, amount_captured FROM payment_state WHERE payment_id = ANY(%s)",
+        captured = dict(c.query("SELECT id, amount_captured FROM payments WHERE id = ANY(%s)",
                                 ids))
         settled = c.settled_at_psp()
         for pid in ids:
             assert sum(settled.get(pid, [])) == captured[pid], (pid, settled.get(pid), captured[pid])
             assert len(settled.get(pid, [])) <= 1, f"{pid} was captured twice at the PSP"
-        failures = c.query("SELECT failure_code, count(*) FROM payment_state WHERE payment_id = ANY(%s)"
+        failures = c.query("SELECT failure_code, count(*) FROM payments WHERE id = ANY(%s)"
                            " GROUP BY failure_code", ids), c.query(
                            "SELECT operation, status, code, count(*) FROM payment_attempts GROUP BY 1, 2, 3")
         assert sum(1 for s in rows.values() if s == "captured") >= len(ids) // 2, failures

@@ -361,7 +361,7 @@ def test_sigkill_while_processing_recovers_every_payment_without_double_charges(
                 " FROM payment_operations o JOIN payment_attempts a ON a.operation_id = o.id"
             ).fetchall()
             state = {r[0]: r[1:] for r in conn.execute(
-                "SELECT payment_id, status, amount_captured FROM payment_state").fetchall()}
+                "SELECT id, status, amount_captured FROM payments").fetchall()}
         for pid, attempt_no, key, _ in auths:
             assert key == f"{pid}:auth:{attempt_no}", "an attempt's PSP key is derived, never replaced"
         approved: dict[str, int] = {}

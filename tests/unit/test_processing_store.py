@@ -45,7 +45,7 @@ AUTHORIZED = 10_000
 
 # Every table the processing path writes, emptied between examples (TRUNCATE skips the append-only triggers).
 PG_TABLES = ("ledger_entries, audit_log, payment_attempts, payment_operations, operation_idempotency_keys,"
-             " payment_state, idempotency_keys, payments, merchant_keys, merchant_audit, merchants")
+             " idempotency_keys, payments, merchant_keys, merchant_audit, merchants")
 
 Store = SqliteStore | PostgresStore
 # Makes a fresh store with the model's merchant and payment; the argument is a scratch folder.

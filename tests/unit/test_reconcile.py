@@ -189,7 +189,7 @@ def test_matcher_caps_listed_items_but_counts_them_all(monkeypatch: pytest.Monke
 # -- runs against a real store --------------------------------------------------------------------
 
 MERCHANT = "acct_recon"
-PG_TABLES = ("reconciliation_runs, ledger_entries, audit_log, payment_attempts, payment_state, payments, merchants")
+PG_TABLES = ("reconciliation_runs, ledger_entries, audit_log, payment_attempts, payments, merchants")
 
 
 def seed(store: SqliteStore | PostgresStore, payments: list[tuple[str, str, list[tuple[str, int, int]]]]) -> None:
@@ -202,10 +202,8 @@ def seed(store: SqliteStore | PostgresStore, payments: list[tuple[str, str, list
         for pid, currency, ops in payments:
             total = sum(a for op, a, _ in ops if op == "capture")
             conn.execute("INSERT INTO payments (id, merchant_id, status, amount, currency, idempotency_key, created,"
-                         " lsn, body) VALUES (?, ?, 'captured', ?, ?, NULL, 0, 0, '{}')", (pid, MERCHANT, total, currency))
-            conn.execute("INSERT INTO payment_state (payment_id, merchant_id, status, amount, currency, payment_method,"
-                         " auto_capture, amount_authorized, amount_captured, updated_ms, psp)"
-                         " VALUES (?, ?, 'captured', ?, ?, 'tok_visa', 1, ?, ?, 0, 'psp_a')",
+                         " lsn, body, payment_method, auto_capture, amount_authorized, amount_captured, psp)"
+                         " VALUES (?, ?, 'captured', ?, ?, NULL, 0, 0, '{}', 'tok_visa', 1, ?, ?, 'psp_a')",
                          (pid, MERCHANT, total, currency, total, total))
             postings = [ledger.hold(f"{pid}:auth:1:authorization_hold", pid, MERCHANT, currency, total, at)]
             for n, (op, amount, fee) in enumerate(ops, start=1):

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 
@@ -33,6 +34,16 @@ class PaymentHead(msgspec.Struct, frozen=True):
     amount: int
     currency: str
     created: int
+    # What the worker needs of the create (the card token, auto-capture), stored in the payment's row.
+    # Typed loosely: a record is never refused by the store for these (`token_and_capture`).
+    payment_method: Any = None
+    capture: Any = None
+
+    def token_and_capture(self) -> tuple[str, int]:
+        """The card token as the worker sends it to a PSP ('' if none) and whether to capture (1/0)."""
+        pm = self.payment_method
+        token = pm if isinstance(pm, str) else ("" if pm is None else msgspec.json.encode(pm).decode())
+        return token, 0 if self.capture is False else 1
 
 
 class Record(msgspec.Struct, frozen=True):

@@ -27,7 +27,7 @@ Row = tuple[object, ...]
 
 def wal_rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[Row], list[Row]]:
     """The `payments` rows (id, merchant_id, status, amount, currency, idempotency_key, created, lsn,
-    body) and `idempotency_keys` rows (merchant_id, key, fingerprint, status_code, response,
+    body, payment_method, auto_capture) and `idempotency_keys` rows (merchant_id, key, fingerprint, status_code, response,
     created_ms) of the `payment.created` records among `records`; every store writes these. Raises
     `msgspec.DecodeError` for bytes that are not a record (domain/records.py)."""
     payments: list[Row] = []
@@ -39,7 +39,7 @@ def wal_rows(records: Iterable[tuple[int, bytes]]) -> tuple[list[Row], list[Row]
         head = rec.head()
         text = bytes(rec.payment).decode()
         payments.append((head.id, rec.merchant_id, head.status, head.amount, head.currency,
-                         rec.idempotency_key, head.created, lsn, text))
+                         rec.idempotency_key, head.created, lsn, text, *head.token_and_capture()))
         if rec.idempotency_key is not None and rec.fingerprint is not None:
             # The answer a replay sends: the payment, or the error body of a 402 decline.
             declined = bytes(rec.response)

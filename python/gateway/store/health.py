@@ -37,7 +37,7 @@ class Snapshot:
 
 def snapshot(db: Db, now_ms: int) -> Snapshot:
     out = Snapshot()
-    row = db.fetchone("SELECT count(*) FROM payment_state WHERE status = 'pending_verification'")
+    row = db.fetchone("SELECT count(*) FROM payments WHERE status = 'pending_verification'")
     out.pending_verification = int(row[0]) if row else 0
     row = db.fetchone(
         "SELECT count(*), min(e.created_ms) FROM webhook_deliveries d JOIN payment_events e ON e.id = d.event_id"

@@ -1,12 +1,12 @@
 """Payment rows of the async path: the processing state, PSP attempts, the audit log, the payment body.
 
-A payment is accepted into `payments` (its body is the API's JSON); its processing state lives in
-`payment_state`, created from the accepted payment on first use (`ensure_states`). Concurrency is
-optimistic: `payment_state.version` must still be the version a change was computed from
-(`update_states`), or that payment's change is refused and nothing of it is written. `audit_log`
-is append-only. `compose_body` rewrites `payments.body` from the state, attempts and operations at
-write time, so that `GET /v1/payments/{id}` stays a single-row read. Every function runs inside the
-caller's `Db` and commits nothing itself.
+A payment is stored once: one row of `payments` holds its body (the API's JSON), the columns lists
+filter on and its processing state (amounts, PSP, version), from the insert of the accepted payment
+on. Concurrency is optimistic: `payments.version` must still be the version a change was computed
+from (`update_states`), or that payment's change is refused and nothing of it is written.
+`audit_log` is append-only. `compose_body` rewrites the body from the state, attempts and operations
+at write time, so that `GET /v1/payments/{id}` stays a single-row read. Every function runs inside
+the caller's `Db` and commits nothing itself.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from gateway.store.operations import (
     OperationFinish,
     op_from_row,
 )
-from gateway.store.sql import Db, Dialect, chunked, marks, now_ms
+from gateway.store.sql import Db, chunked, marks, now_ms
 
 ATTEMPTS_IN_BODY_MAX = 32
 OPERATIONS_IN_BODY_MAX = 100
 
 STATE_COLUMNS = (
-    "payment_id, merchant_id, status, amount, currency, amount_authorized, amount_captured,"
+    "id, merchant_id, status, amount, currency, amount_authorized, amount_captured,"
     " amount_refunded, capture_final, psp, psp_reference, failure_code, version, payment_method, auto_capture"
 )
 _ATTEMPT_COLUMNS = (
@@ -82,29 +82,15 @@ def record_from_row(row: Sequence[Any]) -> PaymentRecord:
 # -- state rows --------------------------------------------------------------------------------------
 
 
-def ensure_states(db: Db, d: Dialect, payment_ids: Sequence[str]) -> None:
-    """Creates the missing state rows of accepted payments (one statement over the batch)."""
-    t = now_ms()
-    db.executemany(
-        "INSERT INTO payment_state (payment_id, merchant_id, status, amount, currency,"
-        " payment_method, auto_capture, updated_ms)"
-        " SELECT id, merchant_id, status, amount, currency,"
-        f" coalesce({d.json_text('body', 'payment_method')}, ''),"
-        f" coalesce({d.json_bool('body', 'capture')}, 1), ? FROM payments WHERE id = ?"
-        " ON CONFLICT DO NOTHING",
-        [(t, pid) for pid in payment_ids],
-    )
-
-
 def load_states(db: Db, payment_ids: Sequence[str]) -> dict[str, PaymentRecord]:
-    """The state rows there are among `payment_ids`, by payment id."""
+    """The states of the payments there are among `payment_ids`, by payment id."""
     out: dict[str, PaymentRecord] = {}
     for part in chunked(list(dict.fromkeys(payment_ids))):
         if len(part) == 1:
-            rows = db.execute(f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id = ?", tuple(part)).fetchall()
+            rows = db.execute(f"SELECT {STATE_COLUMNS} FROM payments WHERE id = ?", tuple(part)).fetchall()
         else:
             rows = db.execute(
-                f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id IN ({marks(len(part))})", tuple(part)
+                f"SELECT {STATE_COLUMNS} FROM payments WHERE id IN ({marks(len(part))})", tuple(part)
             ).fetchall()
         for r in rows:
             out[r[0]] = record_from_row(r)
@@ -131,13 +117,13 @@ def update_states(db: Db, changes: Sequence[tuple[sm.Payment, int, int]]) -> dic
             args += (p.id, p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded,
                      int(p.capture_final), p.psp, p.psp_reference, p.failure_code, p.version, base_version, events)
         rows = db.fetchall(
-            "UPDATE payment_state SET status = v.column2, amount_authorized = v.column3,"
+            "UPDATE payments SET status = v.column2, amount_authorized = v.column3,"
             " amount_captured = v.column4, amount_refunded = v.column5, capture_final = v.column6,"
             " psp = v.column7, psp_reference = v.column8, failure_code = v.column9, version = v.column10,"
-            f" events_count = payment_state.events_count + v.column12, updated_ms = {int(t)}"
+            f" events_count = payments.events_count + v.column12, updated_ms = {int(t)}"
             f" FROM (VALUES {', '.join([_STATE_ROW] * len(chunk))}) AS v"
-            " WHERE payment_state.payment_id = v.column1 AND payment_state.version = v.column11"
-            " RETURNING payment_id, events_count",
+            " WHERE payments.id = v.column1 AND payments.version = v.column11"
+            " RETURNING id, events_count",
             args,
         )
         out.update((r[0], int(r[1])) for r in rows)
@@ -150,9 +136,9 @@ def count_events(db: Db, counts: Sequence[tuple[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for chunk in chunked(counts, STATE_ROWS_PER_STATEMENT):
         rows = db.fetchall(
-            "UPDATE payment_state SET events_count = payment_state.events_count + v.column2"
+            "UPDATE payments SET events_count = payments.events_count + v.column2"
             f" FROM (VALUES {', '.join(['(CAST(? AS TEXT), CAST(? AS BIGINT))'] * len(chunk))}) AS v"
-            " WHERE payment_state.payment_id = v.column1 RETURNING payment_id, events_count",
+            " WHERE payments.id = v.column1 RETURNING id, events_count",
             [a for pid, n in chunk for a in (pid, n)],
         )
         out.update((r[0], int(r[1])) for r in rows)
@@ -318,12 +304,8 @@ def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Pa
     operations: dict[str, list[Operation]] = {pid: [] for pid in ids}
     for chunk in chunked(ids):
         m = marks(len(chunk))
-        # The four reads are sent before any result is read: one round trip in a pipeline.
-        body_cur = db.execute(f"SELECT id, body FROM payments WHERE id IN ({m})", chunk)
-        reading = [pid for pid in chunk if pid not in known]
-        state_cur = db.execute(
-            f"SELECT {STATE_COLUMNS} FROM payment_state WHERE payment_id IN ({marks(len(reading))})", reading,
-        ) if reading else None
+        # The three reads are sent before any result is read: one round trip in a pipeline.
+        row_cur = db.execute(f"SELECT body, {STATE_COLUMNS} FROM payments WHERE id IN ({m})", chunk)
         attempts_cur = db.execute(
             "SELECT payment_id, attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
             f" FROM payment_attempts WHERE payment_id IN ({m}) ORDER BY payment_id, started_at_ms, attempt_id",
@@ -333,9 +315,10 @@ def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Pa
             f"SELECT {OP_COLUMNS} FROM payment_operations WHERE payment_id IN ({m})"
             " ORDER BY payment_id, created_ms, seq", chunk,
         )
-        bodies.update((r[0], msgspec.json.decode(r[1])) for r in body_cur.fetchall())
-        if state_cur is not None:
-            states.update((r[0], record_from_row(r).payment) for r in state_cur.fetchall())
+        for r in row_cur.fetchall():
+            bodies[r[1]] = msgspec.json.decode(r[0])
+            if r[1] not in known:
+                states[r[1]] = record_from_row(r[1:]).payment
         for a in attempts_cur.fetchall():
             rows = attempts[a[0]]
             if len(rows) < ATTEMPTS_IN_BODY_MAX:
@@ -345,9 +328,7 @@ def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Pa
             if len(operations[o[1]]) < OPERATIONS_IN_BODY_MAX:
                 operations[o[1]].append(op_from_row(o))
     out = {pid: _compose(bodies[pid], states.get(pid), attempts[pid], operations[pid]) for pid in ids}
-    # The status column (what lists and reconciliation filter on) goes with the body, in one statement.
-    db.update_many("payments", "id", [("body", "TEXT"), ("status", "TEXT")],
-                   [(pid, b.decode(), bodies[pid]["status"]) for pid, b in out.items()])
+    db.update_many("payments", "id", [("body", "TEXT")], [(pid, b.decode()) for pid, b in out.items()])
     return out
 
 

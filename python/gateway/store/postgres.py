@@ -22,8 +22,9 @@ from psycopg_pool import ConnectionPool
 
 from gateway.config import Config
 from gateway.store.base import wal_rows
+from gateway.store.processing_schema import MIGRATION_9_ONE_ROW_PG
 from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from gateway.store.sqlite import SharedQueries
+from gateway.store.sqlite import PG_OWN_VERSIONS, SharedQueries
 
 log = logging.getLogger("gateway.store.postgres")
 
@@ -82,15 +83,20 @@ PG_ONLY_MIGRATIONS: list[tuple[int, list[str]]] = [
     ),
 ]
 
+# PostgreSQL's own statements for a migration SQLite also has (other syntax: JSON, constraints).
+PG_OWN_MIGRATIONS: list[tuple[int, list[str]]] = [(9, MIGRATION_9_ONE_ROW_PG)]
+assert {v for v, _ in PG_OWN_MIGRATIONS} == PG_OWN_VERSIONS
+
 MIGRATIONS: list[tuple[int, list[str]]] = sorted(
-    [(version, [s for s in _to_postgres(ddl).split(";") if s.strip()]) for version, ddl in SQLITE_MIGRATIONS]
-    + PG_ONLY_MIGRATIONS
+    [(version, [s for s in _to_postgres(ddl).split(";") if s.strip()]) for version, ddl in SQLITE_MIGRATIONS
+     if version not in PG_OWN_VERSIONS]
+    + PG_ONLY_MIGRATIONS + PG_OWN_MIGRATIONS
 )
 assert len({v for v, _ in MIGRATIONS}) == len(MIGRATIONS), "two migrations share a version"
 
 _INSERT_PAYMENT = (
-    "INSERT INTO payments (id, merchant_id, status, amount, currency, idempotency_key, created, lsn, body)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+    "INSERT INTO payments (id, merchant_id, status, amount, currency, idempotency_key, created, lsn, body,"
+    " payment_method, auto_capture) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
 )
 _INSERT_KEY = (
     "INSERT INTO idempotency_keys (merchant_id, key, fingerprint, status_code, response, created_ms)"

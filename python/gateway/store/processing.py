@@ -8,7 +8,7 @@ one dialect seam in `sql`. What this module adds is the units of work that cross
   its attempt rows, the operation it finishes, the recomposed payment body (so that
   `GET /v1/payments/{id}` stays a single-row read) and its events (the outbox); `apply_many` writes a
   batch of changes in one transaction, one statement per kind of row over the whole batch;
-- concurrency is optimistic: `payment_state.version` must still be the version a change was computed
+- concurrency is optimistic: `payments.version` must still be the version a change was computed
   from, or that change is refused (`Applied.applied` False; `apply` raises `StaleVersion`) and nothing
   of it is written, so two writers can never both apply a transition;
 - accepting a capture/void/refund checks the state machine and the idempotency key under the payment's
@@ -111,15 +111,9 @@ class ProcessingStore:
     # -- reads -----------------------------------------------------------------------------------
 
     def load_many(self, payment_ids: Sequence[str]) -> list[PaymentRecord | None]:
-        """The processing state of each payment (None: no such payment), creating the missing state rows
-        from the accepted payments in one transaction."""
+        """The processing state of each payment (None: no such payment), in one read."""
         with self._read() as db:
             found = pay.load_states(db, payment_ids)
-        missing = [pid for pid in dict.fromkeys(payment_ids) if pid not in found]
-        if missing:
-            with self._tx() as db:
-                pay.ensure_states(db, self._d, missing)
-                found.update(pay.load_states(db, missing))
         return [found.get(pid) for pid in payment_ids]
 
     def load(self, payment_id: str) -> PaymentRecord | None:
@@ -373,7 +367,6 @@ class ProcessingStore:
             with self._tx() as db:
                 mine = pay.owner(db, payment_id) == merchant_id
                 if mine:
-                    pay.ensure_states(db, self._d, [payment_id])
                     self._d.lock_payment(db, payment_id)
                 if idempotency_key is not None:
                     stored = ops.stored_key(db, merchant_id, idempotency_key)

@@ -154,12 +154,12 @@ class RunTx:
         return _movements(self._conn, payment_ids, accounts)
 
     def statuses(self, payment_ids: Sequence[str]) -> dict[str, str]:
-        """The current status of each payment that has a state row."""
+        """The current status of each payment there is among `payment_ids`."""
         out: dict[str, str] = {}
         for chunk in chunked(sorted(set(payment_ids))):
             out.update(
                 self._conn.execute(
-                    f"SELECT payment_id, status FROM payment_state WHERE payment_id IN ({marks(len(chunk))})",
+                    f"SELECT id, status FROM payments WHERE id IN ({marks(len(chunk))})",
                     chunk,
                 ).fetchall()
             )

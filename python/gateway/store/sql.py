@@ -280,7 +280,7 @@ class PostgresDialect(Dialect):
                          (list(channels), list(payloads)))
 
     def lock_payment(self, db: Db, payment_id: str) -> None:
-        db.execute("SELECT 1 FROM payment_state WHERE payment_id = ? FOR UPDATE", (payment_id,))
+        db.execute("SELECT 1 FROM payments WHERE id = ? FOR UPDATE", (payment_id,))
 
     def xact_lock(self, db: Db, lock_id: int) -> None:
         db.execute("SELECT pg_advisory_xact_lock(?)", (lock_id,))

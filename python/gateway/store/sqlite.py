@@ -11,7 +11,11 @@ from typing import Any
 
 from gateway.store.base import Merchant, wal_rows
 from gateway.store.merchants_schema import KEY_LOOKUP, MIGRATION_MERCHANT_KEYS
-from gateway.store.processing_schema import MIGRATION_2_PROCESSING, MIGRATION_5_WEBHOOKS
+from gateway.store.processing_schema import (
+    MIGRATION_2_PROCESSING,
+    MIGRATION_5_WEBHOOKS,
+    MIGRATION_9_ONE_ROW_SQLITE,
+)
 from gateway.store.reconcile_schema import MIGRATION_RECONCILE
 from gateway.store.risk_schema import MIGRATION_3_RISK
 
@@ -69,7 +73,12 @@ MIGRATIONS: list[tuple[int, str]] = [
     (6, MIGRATION_RECONCILE),  # PSP settlement reconciliation runs: store/reconcile_schema.py
     # (7 is PostgreSQL-only.) Merchants managed live: API keys with expiry and revocation, audit trail.
     (8, MIGRATION_MERCHANT_KEYS),  # store/merchants.py
+    # A payment stored once: its processing state in its own row of `payments` (PostgreSQL has its own
+    # statements for it, store/postgres.py).
+    (9, MIGRATION_9_ONE_ROW_SQLITE),
 ]
+# Migrations whose PostgreSQL statements are written apart (PG_OWN_MIGRATIONS in store/postgres.py).
+PG_OWN_VERSIONS = frozenset({9})
 
 _MERCHANT_COLUMNS = "SELECT id, name, rate_limit_per_s, rate_limit_burst FROM merchants WHERE"
 
@@ -202,9 +211,8 @@ class SqliteStore(SharedQueries):
             try:
                 before = conn.total_changes
                 conn.executemany(
-                    "INSERT OR IGNORE INTO payments"
-                    " (id, merchant_id, status, amount, currency, idempotency_key, created, lsn, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO payments (id, merchant_id, status, amount, currency, idempotency_key,"
+                    " created, lsn, body, payment_method, auto_capture) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     payments,
                 )
                 inserted = conn.total_changes - before

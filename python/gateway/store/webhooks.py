@@ -2,7 +2,7 @@
 
 The outbox: `emit` writes a payment's event and its pending deliveries inside the transaction of the
 change it announces, so an event exists if and only if its change committed. Event ids of one payment
-share a prefix and sort in the order the events happened (`payment_state.events_count` numbers them).
+share a prefix and sort in the order the events happened (`payments.events_count` numbers them).
 Per (endpoint, payment) only the oldest pending delivery is due, so a merchant receives a payment's
 events in order; a claimed delivery is hidden from every dispatcher for its lease, and comes back if
 the dispatcher dies. Functions taking a `Db` run inside the caller's read or transaction.
@@ -59,7 +59,7 @@ def emit(db: Db, merchant_id: str, payment_id: str, event_type: str, payment_bod
 
 def emit_many(db: Db, events: Sequence[NewEvent]) -> tuple[list[str], bool]:
     """Writes the events of a batch (inside the caller's transaction, their numbers already counted in
-    `payment_state.events_count`) and their pending deliveries: one query for the endpoints of every
+    `payments.events_count`) and their pending deliveries: one query for the endpoints of every
     merchant of the batch, one statement per table. Returns the event ids and whether any delivery was
     written."""
     if not events:
