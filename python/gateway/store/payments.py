@@ -3,7 +3,7 @@
 A payment is stored once: one row of `payments` holds its body (the API's JSON), the columns lists
 filter on and its processing state (amounts, PSP, version), from the insert of the accepted payment
 on. Concurrency is optimistic: `payments.version` must still be the version a change was computed
-from (`update_states`), or that payment's change is refused and nothing of it is written.
+from (`write_states`), or that payment's change is refused and nothing of it is written.
 `audit_log` is append-only. `compose_body` rewrites the body from the state, attempts and operations
 at write time, so that `GET /v1/payments/{id}` stays a single-row read. Every function runs inside
 the caller's `Db` and commits nothing itself.
@@ -97,36 +97,49 @@ def load_states(db: Db, payment_ids: Sequence[str]) -> dict[str, PaymentRecord]:
     return out
 
 
-# Rows of one multi-row VALUES list in a batched UPDATE (12 parameters each: well under SQLite's 32,766).
+def lock_rows(db: Db, payment_ids: Sequence[str]) -> dict[str, tuple[int, int, str]]:
+    """(version, events count, body) of each payment there is among `payment_ids`, its row locked until
+    the transaction ends (PostgreSQL's FOR UPDATE; SQLite's writer holds the whole database): what a
+    batch's apply checks its versions against and composes its bodies from, before writing them."""
+    out: dict[str, tuple[int, int, str]] = {}
+    lock = " FOR UPDATE" if db.pg else ""
+    for part in chunked(sorted(set(payment_ids))):  # one order for every locker: no deadlock between workers
+        rows = db.fetchall(f"SELECT id, version, events_count, body FROM payments WHERE id IN ({marks(len(part))})"
+                           f" ORDER BY id{lock}", part)
+        out.update((r[0], (int(r[1]), int(r[2]), r[3])) for r in rows)
+    return out
+
+
+# Rows of one multi-row VALUES list in a batched UPDATE (13 parameters each: well under SQLite's 32,766).
 STATE_ROWS_PER_STATEMENT = 500
 _STATE_ROW = ("(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT),"
               " CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT),"
-              " CAST(? AS BIGINT), CAST(? AS BIGINT))")
+              " CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS TEXT))")
 
 
-def update_states(db: Db, changes: Sequence[tuple[sm.Payment, int, int]]) -> dict[str, int]:
-    """Writes each (new payment state, base version, events it adds) if the stored version is still the
-    base one, in one statement per `STATE_ROWS_PER_STATEMENT` changes (`UPDATE ... FROM (VALUES ...)`:
-    the same SQL on SQLite and PostgreSQL). Returns the events count after the change of each payment
-    written; a payment missing from it was stale, and nothing of its change was written."""
+def write_states(db: Db, changes: Sequence[tuple[sm.Payment, int, int, bytes]]) -> set[str]:
+    """Writes each (new state, base version, events count after, body) in one statement per
+    `STATE_ROWS_PER_STATEMENT` changes (`UPDATE ... FROM (VALUES ...)`, the same SQL on SQLite and
+    PostgreSQL): the payment's whole row, state and body together, if its version is still the base
+    one. Returns the payments written."""
     t = now_ms()
-    out: dict[str, int] = {}
+    out: set[str] = set()
     for chunk in chunked(changes, STATE_ROWS_PER_STATEMENT):
         args: list[Any] = []
-        for p, base_version, events in chunk:
+        for p, base_version, events, body in chunk:
             args += (p.id, p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded,
-                     int(p.capture_final), p.psp, p.psp_reference, p.failure_code, p.version, base_version, events)
+                     int(p.capture_final), p.psp, p.psp_reference, p.failure_code, p.version, base_version, events,
+                     body.decode())
         rows = db.fetchall(
             "UPDATE payments SET status = v.column2, amount_authorized = v.column3,"
             " amount_captured = v.column4, amount_refunded = v.column5, capture_final = v.column6,"
             " psp = v.column7, psp_reference = v.column8, failure_code = v.column9, version = v.column10,"
-            f" events_count = payments.events_count + v.column12, updated_ms = {int(t)}"
+            f" events_count = v.column12, body = v.column13, updated_ms = {int(t)}"
             f" FROM (VALUES {', '.join([_STATE_ROW] * len(chunk))}) AS v"
-            " WHERE payments.id = v.column1 AND payments.version = v.column11"
-            " RETURNING id, events_count",
+            " WHERE payments.id = v.column1 AND payments.version = v.column11 RETURNING id",
             args,
         )
-        out.update((r[0], int(r[1])) for r in rows)
+        out.update(r[0] for r in rows)
     return out
 
 
@@ -290,22 +303,26 @@ def compose_body(db: Db, payment_id: str) -> bytes:
     return compose_bodies(db, [payment_id])[payment_id]
 
 
-def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Payment] | None = None
-                   ) -> dict[str, bytes]:
-    """Rewrite `payments.body` of each payment from its processing state: status, amounts, attempts,
-    refunds and the operation in progress. Done at write time so reads stay one indexed row; for a
-    batch the reads are four statements and the writes one, whatever the batch's size. `known`: the
-    states the caller has just written (a batch's apply), which are not read back."""
+def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Payment] | None = None,
+                   texts: Mapping[str, str] | None = None, write: bool = True) -> dict[str, bytes]:
+    """The body of each payment composed from its processing state: status, amounts, attempts, refunds
+    and the operation in progress. Done at write time so reads stay one indexed row; for a batch the
+    reads are three statements, whatever the batch's size. `known`: the states the caller is writing
+    (a batch's apply) and `texts` the bodies it has read already, neither read again; `write` False:
+    the caller writes the bodies itself (with the state, in one statement)."""
     ids = list(dict.fromkeys(payment_ids))
     known = known or {}
-    bodies: dict[str, dict[str, Any]] = {}
+    texts = texts or {}
+    bodies: dict[str, dict[str, Any]] = {pid: msgspec.json.decode(texts[pid]) for pid in ids if pid in texts}
     states: dict[str, sm.Payment] = {pid: known[pid] for pid in ids if pid in known}
     attempts: dict[str, list[dict[str, Any]]] = {pid: [] for pid in ids}
     operations: dict[str, list[Operation]] = {pid: [] for pid in ids}
     for chunk in chunked(ids):
         m = marks(len(chunk))
-        # The three reads are sent before any result is read: one round trip in a pipeline.
-        row_cur = db.execute(f"SELECT body, {STATE_COLUMNS} FROM payments WHERE id IN ({m})", chunk)
+        # The reads are sent before any result is read: one round trip in a pipeline.
+        reading = [pid for pid in chunk if pid not in bodies or pid not in states]
+        row_cur = db.execute(f"SELECT body, {STATE_COLUMNS} FROM payments WHERE id IN ({marks(len(reading))})",
+                             reading) if reading else None
         attempts_cur = db.execute(
             "SELECT payment_id, attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
             f" FROM payment_attempts WHERE payment_id IN ({m}) ORDER BY payment_id, started_at_ms, attempt_id",
@@ -315,10 +332,9 @@ def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Pa
             f"SELECT {OP_COLUMNS} FROM payment_operations WHERE payment_id IN ({m})"
             " ORDER BY payment_id, created_ms, seq", chunk,
         )
-        for r in row_cur.fetchall():
-            bodies[r[1]] = msgspec.json.decode(r[0])
-            if r[1] not in known:
-                states[r[1]] = record_from_row(r[1:]).payment
+        for r in row_cur.fetchall() if row_cur is not None else ():
+            bodies.setdefault(r[1], msgspec.json.decode(r[0]))
+            states.setdefault(r[1], record_from_row(r[1:]).payment)
         for a in attempts_cur.fetchall():
             rows = attempts[a[0]]
             if len(rows) < ATTEMPTS_IN_BODY_MAX:
@@ -328,7 +344,8 @@ def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Pa
             if len(operations[o[1]]) < OPERATIONS_IN_BODY_MAX:
                 operations[o[1]].append(op_from_row(o))
     out = {pid: _compose(bodies[pid], states.get(pid), attempts[pid], operations[pid]) for pid in ids}
-    db.update_many("payments", "id", [("body", "TEXT")], [(pid, b.decode()) for pid, b in out.items()])
+    if write:
+        db.update_many("payments", "id", [("body", "TEXT")], [(pid, b.decode()) for pid, b in out.items()])
     return out
 
 

@@ -237,23 +237,31 @@ class ProcessingStore:
             return []
         events_of = {c.result.payment.id: self._event_types(c) for c in changes}
         with self._tx(pipelined=True) as db:
-            moving = [c for c in changes if c.result.transitions]
-            counts = pay.update_states(db, [(c.result.transitions[-1].payment, c.base_version,
-                                             len(events_of[c.result.payment.id])) for c in moving])
-            stale = {c.result.payment.id for c in moving if c.result.payment.id not in counts}
-            live = [c for c in changes if c.result.payment.id not in stale]
-            still = [c.result.payment.id for c in live if not c.result.transitions and events_of[c.result.payment.id]]
-            counts.update(pay.count_events(db, [(pid, len(events_of[pid])) for pid in still]))
+            # The rows first, locked: versions are checked and events numbered before anything is
+            # written, so a stale change writes nothing, and each row is then written once, whole.
+            rows = pay.lock_rows(db, ids)
+            stale = {c.result.payment.id for c in changes if c.result.transitions
+                     and rows.get(c.result.payment.id, (None,))[0] != c.base_version}
+            live = [c for c in changes if c.result.payment.id not in stale and c.result.payment.id in rows]
+            counts = {c.result.payment.id: rows[c.result.payment.id][1] + len(events_of[c.result.payment.id])
+                      for c in live}
+            pay.upsert_attempts(db, [Intent(a, c.operation_id) for c in live for a in c.result.attempts])
             pay.insert_audit(db, [t for c in live for t in c.result.transitions])
             ledger_rows.insert_postings(db, [p for c in live for p in c.result.postings])
             ops.finish_operations(db, [c.finish for c in live if c.finish is not None])
             following = [c for c in live if c.new_operation is not None]
             opened = ops.insert_operations(db, [self._follow_up(c) for c in following])
             created = {c.result.payment.id: op for c, op in zip(following, opened, strict=True)}
-            pay.upsert_attempts(db, [Intent(a, c.operation_id) for c in live for a in c.result.attempts])
-            bodies = pay.compose_bodies(db, [c.result.payment.id for c in live],
-                                        {c.result.payment.id: c.result.transitions[-1].payment
-                                         for c in live if c.result.transitions})
+            states = {c.result.payment.id: c.result.transitions[-1].payment for c in live if c.result.transitions}
+            bodies = pay.compose_bodies(db, [c.result.payment.id for c in live], states,
+                                        {pid: row[2] for pid, row in rows.items()}, write=False)
+            moving = [c for c in live if c.result.transitions]
+            written = pay.write_states(db, [(states[c.result.payment.id], c.base_version, counts[c.result.payment.id],
+                                             bodies[c.result.payment.id]) for c in moving])
+            assert written == {c.result.payment.id for c in moving}, "a locked row changed under its lock"
+            db.update_many("payments", "id", [("body", "TEXT"), ("events_count", "BIGINT")],
+                           [(c.result.payment.id, bodies[c.result.payment.id].decode(), counts[c.result.payment.id])
+                            for c in live if not c.result.transitions])
             # The first attempt of each follow-up operation, `started`: its intent, committed with this
             # change so that its PSP call can follow at once (after the bodies: they show outcomes).
             at = now_ms()
@@ -267,12 +275,12 @@ class ProcessingStore:
             for c in live:
                 p = c.result.payment
                 types = events_of[p.id]
-                before = counts.get(p.id, 0) - len(types)
+                before = counts[p.id] - len(types)
                 events += [NewEvent(p.merchant_id, p.id, before + i, t, bodies[p.id]) for i, t in enumerate(types, 1)]
                 self._d.notify(db, CHANGES_CHANNEL, p.id)
             if emit_many(db, events)[1]:
                 self.new_deliveries = True
-            out = [Applied(c.result.payment.id, False) if c.result.payment.id in stale
+            out = [Applied(c.result.payment.id, False) if c.result.payment.id in stale or c.result.payment.id not in rows
                    else Applied(c.result.payment.id, True, created.get(c.result.payment.id),
                                 intents_of.get(c.result.payment.id)) for c in changes]
         return out
