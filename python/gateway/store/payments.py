@@ -359,6 +359,8 @@ def _compose(body: dict[str, Any], rec: PaymentRecord | None, attempts: list[dic
         body["capture_final"] = p.capture_final
         body["psp"] = p.psp
         body["failure_code"] = p.failure_code
+        if p.status is not sm.PaymentStatus.REQUIRES_ACTION and body.get("next_action") is not None:
+            body["next_action"] = None  # the challenge is over
     body["attempts"] = attempts
     body["refunds"] = [
         {"id": o.id, "object": "refund", "amount": o.amount, "status": _refund_status(o.status),

@@ -396,6 +396,29 @@ class ProcessingStore:
                 return _KEY_IN_USE
             raise
 
+    def resolve_challenge(self, merchant_id: str, payment_id: str, outcome: str, actor: str,
+                          reason: str = "canceled") -> bytes | Refused | None:
+        """Ends the 3-D Secure challenge of a `requires_action` payment: `outcome` "succeeded" (back to
+        `processing`: the caller then hands the payment to the worker), "failed" or "canceled". None: no
+        such payment of the merchant; a Refused 422 when it has no challenge, 409 if it changed meanwhile."""
+        move = {"succeeded": sm.complete_challenge, "failed": sm.fail_challenge}.get(outcome)
+        with self._read() as db:
+            if pay.owner(db, payment_id) != merchant_id:
+                return None
+        rec = self.load(payment_id)
+        assert rec is not None, payment_id
+        try:
+            t = (move(rec.payment, actor=actor, at_ms=now_ms()) if move is not None
+                 else sm.cancel_unauthorized(rec.payment, actor=actor, at_ms=now_ms(), reason=reason))
+        except sm.TransitionError as e:
+            return Refused(422, e.code, e.message, e.param)
+        try:
+            self.apply(ProcessingResult(payment=t.payment, outcome=None, transitions=[t]),
+                       base_version=rec.payment.version)
+        except StaleVersion:
+            return Refused(409, "payment_changed", "The payment changed meanwhile; retry.", store_for_replay=False)
+        return self.payment_body(merchant_id, payment_id)
+
     def finish_idempotency(self, merchant_id: str, key: str, status_code: int, body: bytes) -> None:
         with self._tx() as db:
             ops.finish_key(db, merchant_id, key, status_code, body)
