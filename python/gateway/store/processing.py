@@ -417,6 +417,9 @@ class ProcessingStore:
                        base_version=rec.payment.version)
         except StaleVersion:
             return Refused(409, "payment_changed", "The payment changed meanwhile; retry.", store_for_replay=False)
+        if outcome == "succeeded":
+            with self._tx() as db:  # cluster workers learn of the resumed payment as of a new operation
+                self._d.notify(db, OPERATIONS_CHANNEL, payment_id)
         return self.payment_body(merchant_id, payment_id)
 
     def finish_idempotency(self, merchant_id: str, key: str, status_code: int, body: bytes) -> None:
