@@ -37,17 +37,18 @@ def _unexpected(intent: dict[str, Any], action: str) -> Response:
                              payment_intent=intent)
 
 
-async def _intent(ctx: Ctx, ident: str) -> tuple[str, dict[str, Any]] | Response:
+async def _intent(ctx: Ctx, ident: str) -> dict[str, Any] | Response:
+    """The native payment of a PaymentIntent id, or the 404."""
     pid = objects.payment_id_of(ident, "pi")
     b = await read(ctx, pid) if pid is not None else None
     if pid is None or b is None:
         return wire.missing("payment_intent", ident)
-    return pid, b
+    return b
 
 
 async def create(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
     amount = wire.take_int(params, "amount", 1, AMOUNT_MINOR_MAX, required=True)
-    currency = wire.take_str(params, "currency", 3, required=True)
+    currency = wire.take_str(params, "currency", 16, required=True)
     if currency is None or not CURRENCY.match(currency):
         raise wire.ParamError("parameter_invalid", "Invalid currency: must be a three-letter ISO code.", "currency")
     pm = wire.take_str(params, "payment_method", 255)
@@ -104,17 +105,17 @@ async def retrieve(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     expand = wire.take_expand(params)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
-    if not isinstance(got, tuple):
+    if not isinstance(got, dict):
         return got
-    return ok(await intent_of(ctx, got[1], expand))
+    return ok(await intent_of(ctx, got, expand))
 
 
 async def update(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     got = await _intent(ctx, m["id"])
-    if not isinstance(got, tuple):
+    if not isinstance(got, dict):
         return got
     expand = wire.take_expand(params)
-    intent = await intent_of(ctx, got[1], expand)
+    intent = await intent_of(ctx, got, expand)
     # Only a change to nothing: the engine's payment is immutable once accepted.
     for name in list(params):
         value = params.pop(name)
@@ -132,9 +133,9 @@ async def confirm(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     pm = wire.take_str(params, "payment_method", 255)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
-    if not isinstance(got, tuple):
+    if not isinstance(got, dict):
         return got
-    intent = await intent_of(ctx, got[1], expand)
+    intent = await intent_of(ctx, got, expand)
     # Confirming again what is waiting for its customer shows the same next action, as Stripe does.
     if intent["status"] == "requires_action" and pm in (None, intent["payment_method"]):
         return ok(intent)
@@ -158,9 +159,9 @@ async def capture(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     expand = wire.take_expand(params)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
-    if not isinstance(got, tuple):
+    if not isinstance(got, dict):
         return got
-    pid, b = got
+    pid, b = got["id"], got
     intent = await intent_of(ctx, b)
     if intent["status"] != "requires_capture":
         return _unexpected(intent, "capture")
@@ -178,9 +179,9 @@ async def cancel(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     expand = wire.take_expand(params)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
-    if not isinstance(got, tuple):
+    if not isinstance(got, dict):
         return got
-    pid, b = got
+    pid, b = got["id"], got
     native = b.get("status")
     if native == "requires_action":
         rt = ctx.app.runtime

@@ -67,7 +67,7 @@ async def create_endpoint(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
     reason = native.check_url(url, ctx.app.config.webhooks.allow_private_urls)
     if reason is not None:
         raise wire.ParamError("url_invalid", reason, "url")
-    stored = [*objects.native_event_types(types), STRIPE_MARK, *(f"{STRIPE_MARK}:{t}" for t in sorted(set(types)))]
+    stored = [*objects.native_event_types(types), STRIPE_MARK, *(f"{STRIPE_MARK}:{t}" for t in dict.fromkeys(types))]
     rt = ctx.app.runtime
     assert rt.processing is not None
     secret = ev.new_endpoint_secret()
