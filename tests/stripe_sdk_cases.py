@@ -29,7 +29,7 @@ class Receiver:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with outer.lock:
                     outer.requests.append((body, {k.lower(): v for k, v in self.headers.items()}))
@@ -147,15 +147,15 @@ def risk_block_is_a_synchronous_card_error() -> None:
 
 def validation_errors_name_the_param() -> None:
     cases = [
-        (dict(currency="usd", payment_method="pm_card_visa", confirm=True), "parameter_missing", "amount"),
-        (dict(amount="ten", currency="usd", payment_method="pm_card_visa", confirm=True),
+        ({"currency": "usd", "payment_method": "pm_card_visa", "confirm": True}, "parameter_missing", "amount"),
+        ({"amount": "ten", "currency": "usd", "payment_method": "pm_card_visa", "confirm": True},
          "parameter_invalid_integer", "amount"),
-        (dict(amount=100, currency="dollars", payment_method="pm_card_visa", confirm=True),
+        ({"amount": 100, "currency": "dollars", "payment_method": "pm_card_visa", "confirm": True},
          "parameter_invalid", "currency"),
-        (dict(amount=100, currency="usd", payment_method="pm_card_visa", confirm=True, colour="red"),
+        ({"amount": 100, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True, "colour": "red"},
          "parameter_unknown", "colour"),
-        (dict(amount=100, currency="usd", payment_method="pm_card_visa", confirm=True,
-              capture_method="later"), "parameter_invalid", "capture_method"),
+        ({"amount": 100, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True,
+              "capture_method": "later"}, "parameter_invalid", "capture_method"),
     ]
     for params, code, param in cases:
         try:
