@@ -109,6 +109,7 @@ class GatewayApp:
         # [log] format = "json": a request id on every line and in the `Request-Id` header.
         self._request_ids = self.config.log.format == "json"
         self.tracebacks = TracebackLimiter()
+        self._openapi_doc: bytes | None = None
         limits = self.config.limits
         self._headers_count_max = limits.headers_count_max
         self._headers_bytes_max = limits.headers_bytes_max
@@ -156,6 +157,9 @@ class GatewayApp:
                 route = "readyz"
                 status, headers, body = (200, [JSON], b'{"status":"ready"}') if self.runtime.healthy() else (
                     503, [JSON], b'{"status":"starting"}')
+            elif path == "/openapi.json" and method == "GET":
+                route = "openapi"
+                status, headers, body = 200, [JSON], self._openapi()
             elif path == "/metrics":
                 route = "metrics"
                 status, headers, body = 200, [("content-type", "text/plain; version=0.0.4")], self._metrics()
@@ -245,6 +249,14 @@ class GatewayApp:
         """A merchant changed somewhere: authenticate every key against the store again."""
         self._merchants.clear()
         self._unknown_keys.clear()
+
+    def _openapi(self) -> bytes:
+        """The OpenAPI description (api/openapi.py), built on first use."""
+        if self._openapi_doc is None:
+            from gateway.api import openapi
+
+            self._openapi_doc = openapi.document()
+        return self._openapi_doc
 
     def _metrics(self) -> bytes:
         return (self.metrics.render() + stripe.wire.VERSIONS.render() + self.runtime.metrics_text()).encode()

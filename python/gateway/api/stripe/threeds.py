@@ -12,7 +12,7 @@ import hmac
 import html
 import re
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from gateway.api.http import Api, Response, read_body
 from gateway.api.stripe import objects, wire
@@ -43,14 +43,15 @@ async def challenge(app: Api, scope: Any, proto: Any, m: re.Match[str]) -> Respo
     except ValueError:
         query = {}
     secret = query.get("client_secret", "")
-    if pid is None or not hmac.compare_digest(secret, objects.client_secret(merchant_id, pid)):
+    # (As bytes: compare_digest refuses non-ASCII text, and a client may send any.)
+    if pid is None or not hmac.compare_digest(secret.encode(), objects.client_secret(merchant_id, pid).encode()):
         return wire.stripe_error(404, "invalid_request_error", "resource_missing", f"No such payment_intent: '{pi}'",
                                  "id")
     rt = app.runtime
     ps = rt.processing
     if not rt.ready or ps is None:
         return 503, [HTML, ("retry-after", "1")], _page("Starting", "The gateway is starting.", False)
-    action = f"/v1/test_3ds/{merchant_id}/{pi}?client_secret={secret}"
+    action = f"/v1/test_3ds/{merchant_id}/{pi}?client_secret={quote(secret)}"
     if scope.method == "GET":
         return 200, [HTML], _page("3D Secure test authentication", f"Authenticate the payment {pi}.", True, action)
     raw = await read_body(scope, proto, PAGE_BODY_BYTES_MAX)

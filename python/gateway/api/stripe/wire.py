@@ -138,7 +138,7 @@ def parse_form(text: str) -> Params:
         raise ParamError("parameter_invalid", f"At most {FORM_PARAMS_MAX} parameters are accepted.") from None
     for name, value in pairs:
         _insert(out, name, value)
-    return dict(_lists(out))
+    return {k: _lists(v) for k, v in out.items()}
 
 
 def _stringify(value: Any, depth: int = 0) -> Any:
