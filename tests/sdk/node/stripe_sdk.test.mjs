@@ -2,6 +2,7 @@
 // surface. Started by tests/e2e/test_stripe_sdk_node.py (embedded) and tests/cluster (cluster), which
 // start the gateway, push the test rules (tests/stripe_sdk_cases.py RULES) and pass GATEWAY_URL.
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import http from 'node:http';
 import { after, before, test } from 'node:test';
 import Stripe from 'stripe';
@@ -106,7 +107,8 @@ test('validation and authentication errors', async () => {
 });
 
 test('idempotent replay and mismatch', async () => {
-  const key = `node-${Date.now()}-${Math.random()}`;
+  // No digits: a key with a long digit run can look like a card number, which the gateway refuses.
+  const key = `node-${crypto.randomUUID().replace(/[0-9]/g, (d) => 'ghijklmnop'[d])}`;
   const params = { amount: 3100, currency: 'usd', payment_method: 'pm_card_visa', confirm: true };
   const first = await stripe.paymentIntents.create(params, { idempotencyKey: key });
   const again = await stripe.paymentIntents.create(params, { idempotencyKey: key });
