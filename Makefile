@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: venv deps build-dev build-prod install run test test-rust test-python test-alerts fuzz-rust lint fmt services-up services-down bench bench-micro clean
+.PHONY: venv deps build-dev build-prod node-sdk install run test test-rust test-python test-alerts fuzz-rust lint fmt services-up services-down bench bench-micro clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,7 +26,15 @@ build-dev: deps
 build-prod: deps
 	cd $(CURDIR) && maturin develop -q --release
 
-install: build-prod
+# The official stripe Node SDK that tests/e2e/test_stripe_sdk_node.py drives (exact versions of the lock).
+NODE_SDK := tests/sdk/node
+$(NODE_SDK)/node_modules/.installed: $(NODE_SDK)/package.json $(NODE_SDK)/package-lock.json
+	cd $(NODE_SDK) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-sdk: $(NODE_SDK)/node_modules/.installed
+
+install: build-prod node-sdk
 
 run: install
 	@echo "demo merchant API key: sk_test_demo"

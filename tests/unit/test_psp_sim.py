@@ -201,6 +201,8 @@ def test_concurrent_request_with_same_key_is_refused_while_in_flight() -> None:
         ("tok_decline_stolen", "hard_decline", "stolen_card"),
         ("tok_decline_lost", "hard_decline", "lost_card"),
         ("tok_decline_expired", "hard_decline", "expired_card"),
+        ("tok_decline_generic", "hard_decline", "generic_decline"),
+        ("tok_decline_fraudulent", "hard_decline", "fraudulent"),
         ("tok_psp_error", "error", "processor_unavailable"),
         ("tok_visa", "approved", None),
         ("tok_anything_else", "approved", None),

@@ -28,7 +28,7 @@ import msgspec
 from gateway import config as config_mod
 from gateway import logs
 from gateway._fastpath import mask_pans
-from gateway.api import guard, merchant_admin, operations, payments, risk_admin, webhooks
+from gateway.api import guard, merchant_admin, operations, payments, risk_admin, stripe, webhooks
 from gateway.api.http import JSON, Response, Route, error
 from gateway.api.metrics import HttpMetrics
 from gateway.domain.secrets import hash_api_key
@@ -88,7 +88,10 @@ class Settings(msgspec.Struct):
 
 def build_routes() -> list[Route]:
     """The route table: every endpoint beside the hot create and read, in matching order."""
-    return [*operations.routes(), *risk_admin.routes(), *webhooks.routes(), *merchant_admin.routes()]
+    # The Stripe-compatible routes come first: where a path is also native (`/v1/webhook_endpoints`,
+    # `/v1/events`), its handler hands a request that is not Stripe's to the native one.
+    return [*stripe.routes(), *operations.routes(), *risk_admin.routes(), *webhooks.routes(),
+            *merchant_admin.routes()]
 
 
 class GatewayApp:
@@ -106,6 +109,7 @@ class GatewayApp:
         # [log] format = "json": a request id on every line and in the `Request-Id` header.
         self._request_ids = self.config.log.format == "json"
         self.tracebacks = TracebackLimiter()
+        self._openapi_doc: bytes | None = None
         limits = self.config.limits
         self._headers_count_max = limits.headers_count_max
         self._headers_bytes_max = limits.headers_bytes_max
@@ -153,6 +157,9 @@ class GatewayApp:
                 route = "readyz"
                 status, headers, body = (200, [JSON], b'{"status":"ready"}') if self.runtime.healthy() else (
                     503, [JSON], b'{"status":"starting"}')
+            elif path == "/openapi.json" and method == "GET":
+                route = "openapi"
+                status, headers, body = 200, [JSON], self._openapi()
             elif path == "/metrics":
                 route = "metrics"
                 status, headers, body = 200, [("content-type", "text/plain; version=0.0.4")], self._metrics()
@@ -207,6 +214,10 @@ class GatewayApp:
         key = None
         if header and header.startswith("Bearer "):
             key = header[7:].strip()
+        return self.authenticate_key(key)
+
+    def authenticate_key(self, key: str | None) -> Merchant | Response:
+        """The merchant of an API key however it was sent (Bearer, or HTTP Basic on the Stripe surface)."""
         challenge = ("www-authenticate", "Bearer")
         if not key or len(key) > API_KEY_CHARS_MAX:
             return error(401, "missing_api_key" if not key else "invalid_api_key",
@@ -239,8 +250,16 @@ class GatewayApp:
         self._merchants.clear()
         self._unknown_keys.clear()
 
+    def _openapi(self) -> bytes:
+        """The OpenAPI description (api/openapi.py), built on first use."""
+        if self._openapi_doc is None:
+            from gateway.api import openapi
+
+            self._openapi_doc = openapi.document()
+        return self._openapi_doc
+
     def _metrics(self) -> bytes:
-        return (self.metrics.render() + self.runtime.metrics_text()).encode()
+        return (self.metrics.render() + stripe.wire.VERSIONS.render() + self.runtime.metrics_text()).encode()
 
 
 def create_app() -> GatewayApp:

@@ -35,6 +35,8 @@ class Api(Protocol):
 
     def authenticate(self, scope: Any) -> Merchant | Response: ...
 
+    def authenticate_key(self, key: str | None) -> Merchant | Response: ...
+
 
 Handler = Callable[[Api, Any, Any, "re.Match[str]"], Awaitable[Response]]
 

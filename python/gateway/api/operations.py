@@ -135,7 +135,6 @@ async def _operation(app: Api, scope: Any, proto: Any, payment_id: str, kind: st
     ps = rt.processing
     if not rt.ready or ps is None or rt.changes is None:
         return starting()
-    changes = rt.changes
     raw = await read_body(scope, proto, OPERATION_BODY_BYTES_MAX)
     if not isinstance(raw, bytes):
         return raw
@@ -150,7 +149,18 @@ async def _operation(app: Api, scope: Any, proto: Any, payment_id: str, kind: st
     key = guard.idempotency_key(scope)
     if isinstance(key, tuple):
         return key
-    wait_ms = prefer_wait_ms(scope)
+    return await run_operation(app, auth, payment_id, kind, req, key, prefer_wait_ms(scope))
+
+
+async def run_operation(app: Api, auth: Merchant, payment_id: str, kind: str, req: msgspec.Struct,
+                        key: str | None, wait_ms: int) -> Response:
+    """An operation's request decoded and checked: accepted (202), or waited for up to `wait_ms` (200 or
+    402), or refused; also the Stripe-compatible surface's capture, cancel and refund (api/stripe/)."""
+    rt = app.runtime
+    ps = rt.processing
+    if not rt.ready or ps is None or rt.changes is None:
+        return starting()
+    changes = rt.changes
     amount = getattr(req, "amount", None)
     final_capture = bool(getattr(req, "final_capture", False))
     reason = getattr(req, "reason", None)

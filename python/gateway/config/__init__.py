@@ -319,6 +319,18 @@ class WebhooksConfig(_Section):
     allow_private_urls: bool = False
 
 
+class StripeConfig(_Section):
+    """The Stripe-compatible surface (api/stripe/, docs/stripe-compatibility.md)."""
+
+    # A confirm, capture, cancel or refund waits this long for the worker's outcome, as Stripe answers
+    # with the final status (`succeeded`, `requires_capture`, ...); past it the answer shows `processing`.
+    # 0: answer as soon as the request is durable.
+    outcome_wait_ms: Annotated[int, Meta(ge=0, le=10_000)] = 5_000
+    # Base URL of the 3-D Secure test page in `next_action.redirect_to_url.url`; empty: the address the
+    # request was sent to (its Host header).
+    public_url: Annotated[str, Meta(pattern=r"^(https?://[^\s/]+)?$", max_length=256)] = ""
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
@@ -333,6 +345,7 @@ class Config(_Section):
     psp: PSPConfig = msgspec.field(default_factory=PSPConfig)
     router: RouterConfig = msgspec.field(default_factory=RouterConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    stripe: StripeConfig = msgspec.field(default_factory=StripeConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     merchants: MerchantsConfig = msgspec.field(default_factory=MerchantsConfig)
 

@@ -60,6 +60,7 @@ ENV_OVERRIDES: tuple[tuple[str, str, str, Callable[[str], Any]], ...] = (
     ("GATEWAY_METRICS_CHECK_INTERVAL_MS", "metrics", "check_interval_ms", _int),
     ("GATEWAY_LEDGER_CHECK_INTERVAL_MS", "metrics", "ledger_check_interval_ms", _int),
     ("GATEWAY_LOG_FORMAT", "log", "format", str),
+    ("GATEWAY_STRIPE_OUTCOME_WAIT_MS", "stripe", "outcome_wait_ms", _int),
 )
 
 

@@ -12,6 +12,11 @@ audit-log row to persist), or raises `TransitionError` with a stable `code` for 
         ▼
       failed   (also from processing)
 
+    requires_action (the risk engine asked for a 3-D Secure challenge; nothing is authorized yet)
+        ├──► processing (challenge completed: the authorization goes ahead)
+        ├──► failed     (challenge failed)
+        └──► canceled   (the merchant cancelled it)
+
 Amounts are integers in minor units. Invariants, asserted after every transition:
 0 ≤ refunded ≤ captured ≤ authorized ≤ amount, and capture is closed (`capture_final`) once the
 payment is voided, finally captured, or refunded (the first refund releases any uncaptured hold).
@@ -30,6 +35,7 @@ REASON_LENGTH_MAX = 255
 
 class PaymentStatus(StrEnum):
     PROCESSING = "processing"
+    REQUIRES_ACTION = "requires_action"
     PENDING_VERIFICATION = "pending_verification"
     AUTHORIZED = "authorized"
     CAPTURED = "captured"
@@ -114,7 +120,7 @@ def check_invariants(p: Payment) -> None:
     """Raise AssertionError if `p` is internally inconsistent (a bug, never a user error)."""
     assert 0 < p.amount <= AMOUNT_MINOR_MAX, p
     assert 0 <= p.amount_refunded <= p.amount_captured <= p.amount_authorized <= p.amount, p
-    if p.status in (S.PROCESSING, S.PENDING_VERIFICATION, S.FAILED):
+    if p.status in (S.PROCESSING, S.PENDING_VERIFICATION, S.FAILED, S.REQUIRES_ACTION):
         assert p.amount_authorized == 0 and p.amount_captured == 0, p
     if p.status is S.AUTHORIZED:
         assert p.amount_authorized > 0 and p.amount_captured == 0 and not p.capture_final, p
@@ -207,6 +213,39 @@ def mark_pending_verification(
     return _move(p, actor, reason, at_ms, status=S.PENDING_VERIFICATION, psp=psp)
 
 
+# -- 3-D Secure challenge (requires_action) -------------------------------------------------------
+
+
+def _check_challenged(p: Payment) -> None:
+    if p.status is not S.REQUIRES_ACTION:
+        raise TransitionError("payment_not_challenged",
+                              f"payment {p.id} is {p.status}; only a payment that requires action has a challenge")
+
+
+def complete_challenge(p: Payment, *, actor: str, at_ms: int) -> Transition:
+    """requires_action → processing: the customer passed the challenge; the authorization goes ahead."""
+    _check_challenged(p)
+    return _move(p, actor, "challenge_succeeded", at_ms, status=S.PROCESSING)
+
+
+def fail_challenge(p: Payment, *, actor: str, at_ms: int, code: str = "authentication_failed") -> Transition:
+    """requires_action → failed: the customer failed or abandoned the challenge."""
+    _check_challenged(p)
+    return _move(p, actor, "challenge_failed", at_ms, status=S.FAILED, failure_code=code)
+
+
+def cancel_unauthorized(p: Payment, *, actor: str, at_ms: int, reason: str = "canceled") -> Transition:
+    """requires_action → canceled: nothing was authorized, so no PSP call is needed."""
+    _check_challenged(p)
+    return _move(p, actor, reason, at_ms, status=S.CANCELED, capture_final=True)
+
+
+def _refuse_challenged(p: Payment, what: str) -> None:
+    if p.status is S.REQUIRES_ACTION:
+        raise TransitionError("payment_requires_action",
+                              f"payment {p.id} requires action (a 3-D Secure challenge) and cannot be {what} yet")
+
+
 # -- merchant operations ------------------------------------------------------------------------
 
 
@@ -214,6 +253,7 @@ def check_capture(p: Payment, amount: int) -> None:
     """Raise TransitionError unless `amount` can be captured now (call before asking the PSP)."""
     if p.status is S.CANCELED:
         raise TransitionError("payment_already_canceled", f"payment {p.id} is canceled")
+    _refuse_challenged(p, "captured")
     _check_amount(amount)
     if p.status not in (S.AUTHORIZED, S.CAPTURED) or p.capture_final:
         raise TransitionError(
@@ -239,6 +279,7 @@ def capture(
 def check_void(p: Payment) -> None:
     if p.status is S.CANCELED:
         raise TransitionError("payment_already_canceled", f"payment {p.id} is already canceled")
+    _refuse_challenged(p, "voided")
     if p.status is not S.AUTHORIZED:
         raise TransitionError(
             "payment_not_voidable", f"payment {p.id} is {p.status}; only authorized payments can be voided"
@@ -256,6 +297,7 @@ def check_refund(p: Payment, amount: int) -> None:
         raise TransitionError("payment_already_canceled", f"payment {p.id} is canceled")
     if p.status is S.REFUNDED:
         raise TransitionError("payment_already_refunded", f"payment {p.id} is fully refunded")
+    _refuse_challenged(p, "refunded")
     _check_amount(amount)
     if p.status not in (S.CAPTURED, S.PARTIALLY_REFUNDED):
         raise TransitionError(

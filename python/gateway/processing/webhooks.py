@@ -27,6 +27,7 @@ import httpx
 import msgspec
 
 from gateway.config import WebhooksConfig
+from gateway.domain import stripe_objects
 from gateway.domain.events import WebhookSettings, private_address
 from gateway.domain.metrics import Counter
 from gateway.domain.signature import SIGNATURE_HEADER, sign
@@ -142,10 +143,13 @@ class Dispatcher:
             async with asyncio.timeout(self.settings.timeout_ms / 1000):
                 if not self.settings.allow_private_urls and await self._private_target(d.url):
                     raise _NotAllowed
-                headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(d.body, d.secret),
-                           "gateway-event-id": d.event_id}
+                body = d.body if d.stripe_types is None else stripe_objects.event_body(d.body, d.stripe_types)
+                signature = sign(body, d.secret)
+                # The same signature under Stripe's name too: Stripe's SDKs verify it (`construct_event`).
+                headers = {"content-type": "application/json", SIGNATURE_HEADER: signature,
+                           "stripe-signature": signature, "gateway-event-id": d.event_id}
                 # Streamed and not read: a receiver's answer matters only by its status.
-                async with client.stream("POST", d.url, content=d.body, headers=headers) as response:
+                async with client.stream("POST", d.url, content=body, headers=headers) as response:
                     status_code = response.status_code
         except _NotAllowed:
             error = "address_not_allowed"

@@ -4,7 +4,7 @@ One thread with its own asyncio event loop, so PSP latency (50-300 ms per call) 
 HTTP loop. It is fed three ways:
 
 - the tailer hands it every new `payment.created` record (runtime/embedded.py);
-- the merchant API hands it every accepted capture/void/refund (`submit_operation`);
+- the merchant API hands it every accepted capture/void/refund and resumed challenge (`submit_operation`);
 - on start, and then every `reconcile_interval_ms`, a scan finds payments still `processing`
   (a crash between acceptance and processing), `pending_verification` payments and open operations
   (timeouts, or a crash in the middle of a PSP call) and resolves them by status query or by replaying
@@ -179,9 +179,9 @@ class Worker:
         loop.call_soon_threadsafe(self._enqueue_many, [("payment", pid) for pid in payment_ids], accepted_ms)
 
     def submit_operation(self, operation_id: str) -> None:
-        loop = self.loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._enqueue_many, [("operation", operation_id)])
+        kind = "payment" if operation_id[:4] == "pay_" else "operation"  # (a payment: resumed after 3-D Secure)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._enqueue_many, [(kind, operation_id)])
 
     # -- the loop --------------------------------------------------------------------------------
 

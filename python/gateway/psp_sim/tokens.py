@@ -62,6 +62,8 @@ TEST_TOKENS: dict[str, TokenSpec] = {
             "Hard decline: never retry.",
         ),
         TokenSpec("tok_decline_lost", TokenBehaviour.HARD_DECLINE, "lost_card", "Hard decline: never retry."),
+        TokenSpec("tok_decline_generic", TokenBehaviour.HARD_DECLINE, "generic_decline", "Hard decline, no reason given."),
+        TokenSpec("tok_decline_fraudulent", TokenBehaviour.HARD_DECLINE, "fraudulent", "Hard decline: suspected fraud."),
         TokenSpec(
             "tok_decline_expired", TokenBehaviour.HARD_DECLINE, "expired_card", "Hard decline: never retry."
         ),

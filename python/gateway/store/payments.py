@@ -17,11 +17,13 @@ from typing import Any
 
 import msgspec
 
+from gateway.domain import events as ev
 from gateway.domain import payment as sm
 from gateway.domain.attempt import AttemptRow, AttemptStatus, ProcessingResult
 from gateway.store.operations import (
     OP_COLUMNS,
     OPEN_OPERATION_STATUSES,
+    NewOperation,
     Operation,
     OperationFinish,
     op_from_row,
@@ -360,6 +362,8 @@ def _compose(body: dict[str, Any], p: sm.Payment | None, attempts: list[dict[str
         body["capture_final"] = p.capture_final
         body["psp"] = p.psp
         body["failure_code"] = p.failure_code
+        if p.status is not sm.PaymentStatus.REQUIRES_ACTION and body.get("next_action") is not None:
+            body["next_action"] = None  # the challenge is over
     body["attempts"] = attempts
     body["refunds"] = [
         {"id": o.id, "object": "refund", "amount": o.amount, "status": _refund_status(o.status),
@@ -394,6 +398,24 @@ class Change:
     operation_id: str | None = None
     finish: OperationFinish | None = None
     new_operation: tuple[str, int, bool, str] | None = None
+
+    def follow_up(self) -> NewOperation:
+        """The follow-up operation the change opens (the auto-capture)."""
+        assert self.new_operation is not None
+        kind, amount, final, actor = self.new_operation
+        p = self.result.payment
+        return NewOperation(p.id, p.merchant_id, kind, amount, final, None, actor)
+
+    def event_types(self) -> list[str]:
+        """The events the change announces: its new status's, and an operation's failure."""
+        types = []
+        if self.result.transitions:
+            event_type = ev.event_type_for_status(self.result.transitions[-1].payment.status.value)
+            if event_type is not None:
+                types.append(event_type)
+        if self.finish is not None and self.finish.status == "failed":
+            types.append(ev.OPERATION_FAILED)
+        return types
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,7 +235,7 @@ class ProcessingStore:
                     sm.check_invariants(t.payment)
         if not changes:
             return []
-        events_of = {c.result.payment.id: self._event_types(c) for c in changes}
+        events_of = {c.result.payment.id: c.event_types() for c in changes}
         with self._tx(pipelined=True) as db:
             # The rows first, locked: versions are checked and events numbered before anything is
             # written, so a stale change writes nothing, and each row is then written once, whole.
@@ -250,7 +250,7 @@ class ProcessingStore:
             ledger_rows.insert_postings(db, [p for c in live for p in c.result.postings])
             ops.finish_operations(db, [c.finish for c in live if c.finish is not None])
             following = [c for c in live if c.new_operation is not None]
-            opened = ops.insert_operations(db, [self._follow_up(c) for c in following])
+            opened = ops.insert_operations(db, [c.follow_up() for c in following])
             created = {c.result.payment.id: op for c, op in zip(following, opened, strict=True)}
             states = {c.result.payment.id: c.result.transitions[-1].payment for c in live if c.result.transitions}
             bodies = pay.compose_bodies(db, [c.result.payment.id for c in live], states,
@@ -284,25 +284,6 @@ class ProcessingStore:
                    else Applied(c.result.payment.id, True, created.get(c.result.payment.id),
                                 intents_of.get(c.result.payment.id)) for c in changes]
         return out
-
-    @staticmethod
-    def _follow_up(c: Change) -> ops.NewOperation:
-        """The follow-up operation a change opens (the auto-capture)."""
-        assert c.new_operation is not None
-        kind, amount, final, actor = c.new_operation
-        return ops.NewOperation(c.result.payment.id, c.result.payment.merchant_id, kind, amount, final, None, actor)
-
-    @staticmethod
-    def _event_types(c: Change) -> list[str]:
-        """The events a change announces: its new status's, and an operation's failure."""
-        types = []
-        if c.result.transitions:
-            event_type = ev.event_type_for_status(c.result.transitions[-1].payment.status.value)
-            if event_type is not None:
-                types.append(event_type)
-        if c.finish is not None and c.finish.status == "failed":
-            types.append(ev.OPERATION_FAILED)
-        return types
 
     def finish_operation(self, finish: OperationFinish, payment_id: str,
                          attempts: Sequence[AttemptRow] = ()) -> None:
@@ -407,6 +388,32 @@ class ProcessingStore:
                 # The same key for another payment at the same instant, or a racing follow-up operation.
                 return _KEY_IN_USE
             raise
+
+    def resolve_challenge(self, merchant_id: str, payment_id: str, outcome: str, actor: str,
+                          reason: str = "canceled") -> bytes | Refused | None:
+        """Ends the 3-D Secure challenge of a `requires_action` payment: `outcome` "succeeded" (back to
+        `processing`: the caller then hands the payment to the worker), "failed" or "canceled". None: no
+        such payment of the merchant; a Refused 422 when it has no challenge, 409 if it changed meanwhile."""
+        move = {"succeeded": sm.complete_challenge, "failed": sm.fail_challenge}.get(outcome)
+        with self._read() as db:
+            if pay.owner(db, payment_id) != merchant_id:
+                return None
+        rec = self.load(payment_id)
+        assert rec is not None, payment_id
+        try:
+            t = (move(rec.payment, actor=actor, at_ms=now_ms()) if move is not None
+                 else sm.cancel_unauthorized(rec.payment, actor=actor, at_ms=now_ms(), reason=reason))
+        except sm.TransitionError as e:
+            return Refused(422, e.code, e.message, e.param)
+        try:
+            self.apply(ProcessingResult(payment=t.payment, outcome=None, transitions=[t]),
+                       base_version=rec.payment.version)
+        except StaleVersion:
+            return Refused(409, "payment_changed", "The payment changed meanwhile; retry.", store_for_replay=False)
+        if outcome == "succeeded":
+            with self._tx() as db:  # cluster workers learn of the resumed payment as of a new operation
+                self._d.notify(db, OPERATIONS_CHANNEL, payment_id)
+        return self.payment_body(merchant_id, payment_id)
 
     def finish_idempotency(self, merchant_id: str, key: str, status_code: int, body: bytes) -> None:
         with self._tx() as db:

@@ -18,6 +18,7 @@ import msgspec
 
 from gateway.domain import events as ev
 from gateway.domain.secrets import Secret
+from gateway.domain.stripe_objects import stripe_types
 from gateway.store.payments import count_events
 from gateway.store.sql import Db, Dialect, chunked, marks, now_ms
 
@@ -35,6 +36,8 @@ class Delivery:
     body: bytes
     url: str
     secret: Secret
+    # An endpoint of the Stripe-compatible surface (the Stripe types it wants): sent Stripe-shaped events.
+    stripe_types: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +205,7 @@ class WebhookRows:
             return []
         with self._d.tx() as db:
             rows = db.execute(
-                "SELECT d.event_id, d.endpoint_id, d.attempts, e.body, w.url, w.secret"
+                "SELECT d.event_id, d.endpoint_id, d.attempts, e.body, w.url, w.secret, w.enabled_events"
                 " FROM webhook_deliveries d JOIN payment_events e ON e.id = d.event_id"
                 " JOIN webhook_endpoints w ON w.id = d.endpoint_id"
                 " WHERE d.status = 'pending' AND d.next_attempt_ms <= ? AND NOT EXISTS ("
@@ -216,7 +219,8 @@ class WebhookRows:
                 " AND endpoint_id = ?",
                 [(t + lease_ms, t, r[0], r[1]) for r in rows],
             )
-        return [Delivery(r[0], r[1], r[2], r[3].encode(), r[4], Secret(r[5])) for r in rows]
+        return [Delivery(r[0], r[1], r[2], r[3].encode(), r[4], Secret(r[5]),
+                         stripe_types(msgspec.json.decode(r[6]))) for r in rows]
 
     def finish_delivery(self, d: Delivery, status: str, status_code: int | None, error: str | None,
                         next_attempt_ms: int | None) -> None:
