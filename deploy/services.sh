@@ -5,8 +5,8 @@
 # `up` picks the ports: REDIS_PORT, POSTGRES_PORT, KAFKA_PORT, KAFKA_CONTROLLER_PORT from the
 # environment when given, else the ones this checkout used before, else the defaults (16379, 15432,
 # 19092, 19093); a port held by something this checkout did not start (another checkout's services)
-# moves to the next free one. It also picks GATEWAY_PORT (8080) and PSP_SIM_PORT (8700) for the
-# gateway and the PSP simulator the same way. It records every port and the connection settings in
+# moves to the next free one. It also picks GATEWAY_PORT (8080), PSP_SIM_PORT (8700) and
+# WORKER_METRICS_PORT (9464) for the gateway, the PSP simulator and the first worker the same way. It records every port and the connection settings in
 # $SERVICES_DIR/env, which every deploy script reads again (so `status` and `stop` need no variables),
 # and writes $SERVICES_DIR/cluster.toml: config/cluster.toml with these addresses, ready to use:
 #
@@ -27,12 +27,14 @@ SERVICES=(redis postgres kafka)
 run() { bash "$DEPLOY_DIR/$1.sh" "$2"; }
 
 # Ports of the gateway's own processes (not started here), recorded with the services' ports.
-for port_name in GATEWAY_PORT PSP_SIM_PORT; do
+for port_name in GATEWAY_PORT PSP_SIM_PORT WORKER_METRICS_PORT; do
     [[ -n "${!port_name:-}" ]] && PORTS_FROM_ENV[$port_name]=1
 done
 : "${GATEWAY_PORT:=$(recorded_port GATEWAY_PORT || echo $(( 8080 + SERVICES_PORT_OFFSET )))}"
 : "${PSP_SIM_PORT:=$(recorded_port PSP_SIM_PORT || echo $(( 8700 + SERVICES_PORT_OFFSET )))}"
-ALL_PORT_NAMES=("${PORT_NAMES[@]}" GATEWAY_PORT PSP_SIM_PORT)
+# The first worker's /metrics and /readyz; a second worker takes the next port, and so on.
+: "${WORKER_METRICS_PORT:=$(recorded_port WORKER_METRICS_PORT || echo $(( 9464 + SERVICES_PORT_OFFSET )))}"
+ALL_PORT_NAMES=("${PORT_NAMES[@]}" GATEWAY_PORT PSP_SIM_PORT WORKER_METRICS_PORT)
 # Which service owns which port (the gateway's ports belong to no service here).
 declare -A PORT_SERVICE=([REDIS_PORT]=redis [POSTGRES_PORT]=postgres [KAFKA_PORT]=kafka [KAFKA_CONTROLLER_PORT]=kafka)
 PORT_SEARCH_MAX=200

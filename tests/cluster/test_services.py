@@ -203,7 +203,8 @@ def test_services_up_twice_keeps_running_processes_and_their_data(services: Serv
 
 # -- ports, the recorded settings, and checkouts side by side ----------------------------------------
 
-PORT_NAMES = ("REDIS_PORT", "POSTGRES_PORT", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "GATEWAY_PORT", "PSP_SIM_PORT")
+PORT_NAMES = ("REDIS_PORT", "POSTGRES_PORT", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "GATEWAY_PORT", "PSP_SIM_PORT",
+              "WORKER_METRICS_PORT")
 DEFAULTS = {"REDIS_PORT": 16379, "POSTGRES_PORT": 15432, "KAFKA_PORT": 19092, "KAFKA_CONTROLLER_PORT": 19093}
 REPO_DIR = Path(__file__).resolve().parents[2]
 
