@@ -56,6 +56,11 @@ recorded_port() {
     [[ -s "$SERVICES_DIR/env" ]] || return 1
     sed -n "s/^export $1=\([0-9]\{1,5\}\)$/\1/p" "$SERVICES_DIR/env" | tail -n 1 | grep .
 }
+# A shell that sourced another checkout's .services/env carries its ports (and SERVICES_ENV_DIR, its
+# data folder): they describe that checkout's services, not this one's, so they are ignored here.
+if [[ -n "${SERVICES_ENV_DIR:-}" && "$SERVICES_ENV_DIR" != "$SERVICES_DIR" ]]; then
+    unset REDIS_PORT POSTGRES_PORT KAFKA_PORT KAFKA_CONTROLLER_PORT GATEWAY_PORT PSP_SIM_PORT WORKER_METRICS_PORT
+fi
 for port_name in "${PORT_NAMES[@]}"; do
     if [[ -n "${!port_name:-}" ]]; then
         PORTS_FROM_ENV[$port_name]=1

@@ -65,6 +65,7 @@ write_env() {
     local env_file="$SERVICES_DIR/env" name
     {
         echo "# Written by deploy/services.sh up: the ports and connection settings of this checkout's services."
+        echo "export SERVICES_ENV_DIR=$SERVICES_DIR"
         for name in "${ALL_PORT_NAMES[@]}"; do
             echo "export $name=${!name}"
         done
