@@ -39,6 +39,18 @@ ALL_PORT_NAMES=("${PORT_NAMES[@]}" GATEWAY_PORT PSP_SIM_PORT WORKER_METRICS_PORT
 declare -A PORT_SERVICE=([REDIS_PORT]=redis [POSTGRES_PORT]=postgres [KAFKA_PORT]=kafka [KAFKA_CONTROLLER_PORT]=kafka)
 PORT_SEARCH_MAX=200
 
+# True when a listener could bind 127.0.0.1:port now: nothing listens there and no socket (a client's
+# ephemeral port, a connection in TIME_WAIT) holds it. Stricter than a connect probe: ports in the
+# kernel's ephemeral range are often held by clients.
+port_bindable() {
+    python3 -c 'import socket, sys
+s = socket.socket()
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError:
+    sys.exit(1)' "$SERVICES_HOST" "$1" 2>/dev/null
+}
+
 # Moves every port that something else holds to the next free one (never a port named in the
 # environment, nor one of a service of this checkout that is running).
 choose_ports() {
@@ -49,7 +61,7 @@ choose_ports() {
         if [[ -z "${PORTS_FROM_ENV[$name]:-}" ]] &&
             ! { [[ -n "$service" ]] && run "$service" status >/dev/null 2>&1; }; then
             tries=0
-            while port_open "$SERVICES_HOST" "$port" || [[ "$taken" == *" $port "* ]]; do
+            while port_open "$SERVICES_HOST" "$port" || ! port_bindable "$port" || [[ "$taken" == *" $port "* ]]; do
                 (( ++tries <= PORT_SEARCH_MAX )) || die "no free port in ${!name}..$port for $name"
                 port=$(( port + 1 ))
             done
