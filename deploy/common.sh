@@ -8,19 +8,67 @@ set -euo pipefail
 
 DEPLOY_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$DEPLOY_DIR/.." && pwd)"
-SERVICES_DIR="${SERVICES_DIR:-$REPO_DIR/.services}"
 CACHE_DIR="${CACHE_DIR:-$REPO_DIR/.cache}"
+
+# True when every directory from / down to the given one is searchable by any user (o+x): the
+# service OS users (postgres) can then reach what lies below it.
+path_searchable_by_all() {
+    local dir="$1" mode
+    while [[ -n "$dir" && "$dir" != / ]]; do
+        mode="$(stat -c %a "$dir" 2>/dev/null)" || return 1
+        (( (8#$mode & 1) == 1 )) || return 1
+        dir="$(dirname "$dir")"
+    done
+}
+
+# The services' data lives in $REPO_DIR/.services unless SERVICES_DIR says otherwise. A checkout under
+# a folder the service OS users cannot enter (mode 0700, like root's home) gets its data in a folder
+# they can reach, /var/tmp/gateway-services-<hash of the checkout's path>, and .services becomes a
+# symbolic link to it: every path below still reads .services/..., and each checkout has its own.
+if [[ -z "${SERVICES_DIR:-}" ]]; then
+    SERVICES_DIR="$REPO_DIR/.services"
+    if [[ ! -e "$SERVICES_DIR" ]] && ! path_searchable_by_all "$REPO_DIR"; then
+        reachable_dir="/var/tmp/gateway-services-$(printf '%s' "$REPO_DIR" | sha256sum | cut -c1-12)"
+        mkdir -p "$reachable_dir"
+        chmod 755 "$reachable_dir"
+        ln -sfn "$reachable_dir" "$SERVICES_DIR"
+    fi
+fi
 mkdir -p "$SERVICES_DIR"
-SERVICES_DIR="$(cd "$SERVICES_DIR" && pwd)"
+# The physical path: the postgres OS user must not need to pass through the link's 0700 parents.
+SERVICES_DIR="$(cd "$SERVICES_DIR" && pwd -P)"
 
 # All services listen on loopback only; the ports are far from the defaults so that a system-wide
 # Redis, PostgreSQL or Kafka on the same machine never collides with the project's own.
+# A port comes from the environment, else from $SERVICES_DIR/env (what `services.sh up` chose for this
+# checkout, another checkout's services holding the defaults), else the default.
 # shellcheck disable=SC2034 # used by the scripts that source this file
 SERVICES_HOST=127.0.0.1
-REDIS_PORT="${REDIS_PORT:-16379}"
-POSTGRES_PORT="${POSTGRES_PORT:-15432}"
-KAFKA_PORT="${KAFKA_PORT:-19092}"
-KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-19093}"
+PORT_NAMES=(REDIS_PORT POSTGRES_PORT KAFKA_PORT KAFKA_CONTROLLER_PORT)
+# SERVICES_PORT_OFFSET shifts every default (tests simulate two checkouts on one machine with it).
+SERVICES_PORT_OFFSET="${SERVICES_PORT_OFFSET:-0}"
+[[ "$SERVICES_PORT_OFFSET" =~ ^[0-9]{1,5}$ ]] || { echo "SERVICES_PORT_OFFSET must be a number" >&2; exit 2; }
+declare -A DEFAULT_PORTS=([REDIS_PORT]=$(( 16379 + SERVICES_PORT_OFFSET )) [POSTGRES_PORT]=$(( 15432 + SERVICES_PORT_OFFSET ))
+    [KAFKA_PORT]=$(( 19092 + SERVICES_PORT_OFFSET )) [KAFKA_CONTROLLER_PORT]=$(( 19093 + SERVICES_PORT_OFFSET )))
+# Names of the ports given in the environment (never moved by `services.sh up`).
+declare -A PORTS_FROM_ENV=()
+recorded_port() {
+    [[ -s "$SERVICES_DIR/env" ]] || return 1
+    sed -n "s/^export $1=\([0-9]\{1,5\}\)$/\1/p" "$SERVICES_DIR/env" | tail -n 1 | grep .
+}
+# A shell that sourced another checkout's .services/env carries its ports (and SERVICES_ENV_DIR, its
+# data folder): they describe that checkout's services, not this one's, so they are ignored here.
+if [[ -n "${SERVICES_ENV_DIR:-}" && "$SERVICES_ENV_DIR" != "$SERVICES_DIR" ]]; then
+    unset REDIS_PORT POSTGRES_PORT KAFKA_PORT KAFKA_CONTROLLER_PORT GATEWAY_PORT PSP_SIM_PORT WORKER_METRICS_PORT
+fi
+for port_name in "${PORT_NAMES[@]}"; do
+    if [[ -n "${!port_name:-}" ]]; then
+        PORTS_FROM_ENV[$port_name]=1
+    else
+        printf -v "$port_name" '%s' "$(recorded_port "$port_name" || echo "${DEFAULT_PORTS[$port_name]}")"
+    fi
+done
+unset port_name
 
 log() { printf '[%s] %s\n' "${SERVICE_NAME:-deploy}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -105,6 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http1_settings=HTTP1Settings(header_read_timeout=cfg.server.header_read_timeout_ms,
                                      max_buffer_size=cfg.server.http1_buffer_bytes_max),
         backlog=cfg.server.backlog,
+        # A worker process that dies (SIGKILL, OOM) is started again; in cluster mode the new one claims
+        # the WAL slot the dead one's lock released, and its relay resumes from that slot's checkpoint.
+        # (Granian itself exits on a crash loop: a second death within 5.5 s of a respawn.)
+        respawn_failed_workers=True,
         log_level="warning",  # type: ignore[arg-type]
         log_access=False,
     ).serve()

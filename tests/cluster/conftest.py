@@ -2,7 +2,9 @@
 
 The first test that needs them runs `deploy/services.sh up` once per session, so `make test` starts the
 services itself; on a warm machine that is a no-op of about a second, on a fresh one it installs them.
-The services are left running afterwards: the next session, and developers, reuse them.
+Services this session started are stopped at its end (`deploy/services.sh down`), unless
+`KEEP_SERVICES=1` asks to keep them for the next session; services already running before the session
+(a developer's `make services-up`) are left running.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ SERVICES_SCRIPT = REPO_DIR / "deploy" / "services.sh"
 # A first install downloads Debian packages and the Kafka jars; later runs take seconds.
 SERVICES_UP_TIMEOUT_S = 900
 SETTING_NAMES = ("REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP")
+KEEP_SERVICES_ENV = "KEEP_SERVICES"
+SERVICES_DOWN_TIMEOUT_S = 180
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.cluster)
 
 
+def services_running() -> bool:
+    """`deploy/services.sh status`: every service of this checkout runs."""
+    result = subprocess.run(["bash", str(SERVICES_SCRIPT), "status"], cwd=REPO_DIR, capture_output=True,
+                            text=True, timeout=60, check=False)
+    return result.returncode == 0
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[ServiceUrls]:
+    already_running = services_running()
     settings = run_services_up()
     yield ServiceUrls(
         redis_url=settings["REDIS_URL"],
         database_url=settings["DATABASE_URL"],
         kafka_bootstrap=settings["KAFKA_BOOTSTRAP"],
     )
+    if not already_running and os.environ.get(KEEP_SERVICES_ENV, "") not in ("1", "yes", "true"):
+        subprocess.run(["bash", str(SERVICES_SCRIPT), "down"], cwd=REPO_DIR, capture_output=True,
+                       timeout=SERVICES_DOWN_TIMEOUT_S, check=False)
 
 
 def cluster_config(services: ServiceUrls, schema: str, topic: str, group: str, prefix: str,

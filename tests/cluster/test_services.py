@@ -3,6 +3,8 @@ transactions, and an idempotent Kafka producer whose keyed message a consumer re
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -197,3 +199,100 @@ def test_services_up_twice_keeps_running_processes_and_their_data(services: Serv
         with psycopg.connect(services.database_url) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
         delete_topic(services.kafka_bootstrap, topic)
+
+
+# -- ports, the recorded settings, and checkouts side by side ----------------------------------------
+
+PORT_NAMES = ("REDIS_PORT", "POSTGRES_PORT", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "GATEWAY_PORT", "PSP_SIM_PORT",
+              "WORKER_METRICS_PORT")
+DEFAULTS = {"REDIS_PORT": 16379, "POSTGRES_PORT": 15432, "KAFKA_PORT": 19092, "KAFKA_CONTROLLER_PORT": 19093}
+REPO_DIR = Path(__file__).resolve().parents[2]
+
+
+def recorded(env_file: Path) -> dict[str, str]:
+    return dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines()
+                if line.startswith("export "))
+
+
+def test_up_records_every_port_and_writes_a_ready_cluster_config(services: ServiceUrls) -> None:
+    import subprocess
+
+    from gateway.config import load
+
+    env = recorded(services_dir() / "env")
+    assert set(PORT_NAMES) <= set(env), env
+    assert services.redis_url.endswith(f":{env['REDIS_PORT']}/0")
+    assert f":{env['POSTGRES_PORT']}/" in services.database_url
+    assert services.kafka_bootstrap.endswith(f":{env['KAFKA_PORT']}")
+    assert env["GATEWAY_PSP_URL"] == f"http://127.0.0.1:{env['PSP_SIM_PORT']}"
+    # The generated config works as it is: the gateway's own check, and the addresses of this checkout.
+    config = services_dir() / "cluster.toml"
+    check = subprocess.run([str(Path(sys.executable).parent / "gateway"), "config", "check", str(config)],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    cfg = load(config, env={})
+    assert (cfg.cluster.redis_url, cfg.cluster.database_url, cfg.cluster.kafka_bootstrap) == (
+        services.redis_url, services.database_url, services.kafka_bootstrap)
+    assert (cfg.server.port, cfg.psp.url) == (int(env["GATEWAY_PORT"]), env["GATEWAY_PSP_URL"])
+
+
+def _other_checkout_env(services_path: Path, offset: int) -> dict[str, str]:
+    """A second checkout on this machine: its own SERVICES_DIR, no port variables, and defaults that
+    are the first checkout's ports (SERVICES_PORT_OFFSET), as if the first held the defaults."""
+    env = {k: v for k, v in os.environ.items() if k not in PORT_NAMES}
+    return {**env, "SERVICES_DIR": str(services_path), "SERVICES_PORT_OFFSET": str(offset)}
+
+
+def test_a_second_checkout_moves_off_ports_held_by_the_first_and_reports_only_its_own(
+        services: ServiceUrls, tmp_path: Path) -> None:
+    import subprocess
+
+    ours = recorded(services_dir() / "env")
+    offsets = {int(ours[name]) - default for name, default in DEFAULTS.items()}
+    if len(offsets) != 1 or min(offsets) < 0:
+        pytest.skip(f"this session's ports {ours} are not the defaults shifted by one offset")
+    env = _other_checkout_env(tmp_path / "services", offsets.pop())
+    script = str(REPO_DIR / "deploy" / "services.sh")
+    status = subprocess.run(["bash", script, "status"], env=env, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert status.returncode != 0 and status.stdout.count(": stopped") == 3, status.stdout + status.stderr
+    ports = subprocess.run(["bash", script, "ports"], env=env, capture_output=True, text=True, timeout=60,
+                           check=True)
+    chosen = dict(line.split("=", 1) for line in ports.stdout.splitlines())
+    for name in DEFAULTS:
+        assert chosen[name] != ours[name], (name, chosen, ours)
+        assert "is taken by another process" in ports.stderr
+    assert len(set(chosen.values())) == len(chosen), chosen
+    # The first checkout's services are untouched and still report as running.
+    again = subprocess.run(["bash", script, "status"], cwd=REPO_DIR, capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_a_checkout_under_a_0700_folder_keeps_its_data_where_the_postgres_user_reaches_it(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    locked = tmp_path / "root-home"
+    locked.mkdir(mode=0o700)
+    locked.chmod(0o700)
+    clone = locked / "gateway"
+    shutil.copytree(REPO_DIR / "deploy", clone / "deploy", ignore=shutil.ignore_patterns("grafana"))
+    (clone / "config").mkdir()
+    # Ports given, so that nothing probes another instance's: only the data location is under test.
+    env = {**{k: v for k, v in os.environ.items() if k != "SERVICES_DIR"},
+           **{name: str(49_001 + i) for i, name in enumerate(PORT_NAMES)}}
+    out = subprocess.run(["bash", str(clone / "deploy" / "services.sh"), "ports"], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    link = clone / ".services"
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert link.is_symlink(), "the data of a checkout under a 0700 folder must live elsewhere"
+        target = link.resolve()
+        assert target.name.startswith("gateway-services-") and target.parent == Path("/var/tmp")
+        reach = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(target)], timeout=30,
+                               check=False)
+        assert reach.returncode == 0, f"the postgres OS user cannot enter {target}"
+    finally:
+        if link.is_symlink():
+            shutil.rmtree(link.resolve(), ignore_errors=True)

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from gateway._fastpath import FastPath
 from gateway.api.http import PAYMENT_ID
 from gateway.api.payments import respond
@@ -134,8 +135,11 @@ def test_fingerprint_ignores_key_order_and_whitespace() -> None:
 class StubStore:
     def __init__(self, rows: dict[tuple[str, str], bytes]) -> None:
         self.rows = rows
+        self.down = False
 
     def get_payment(self, merchant_id: str, payment_id: str) -> bytes | None:
+        if self.down:
+            raise psycopg.OperationalError("connection refused")
         return self.rows.get((merchant_id, payment_id))
 
 
@@ -153,6 +157,27 @@ def test_reads_fall_back_to_the_store_when_shared_state_is_down() -> None:
         return [up, down, other]
 
     up, down, other = asyncio.run(go())
-    assert (up[0], up[2]) == (200, b'{"id":"from-shared"}')
+    # The store's row is the truth even while a read-your-writes copy is left in Redis.
+    assert (up[0], up[2]) == (200, b'{"id":"from-store"}')
     assert (down[0], down[2]) == (200, b'{"id":"from-store"}')
     assert other[0] == 404
+
+
+def test_the_read_your_writes_copy_answers_only_for_payments_the_store_does_not_hold_yet() -> None:
+    cluster, _, shared = make()
+    stored, accepted = "pay_" + "a" * 24, "pay_" + "c" * 24
+    store = StubStore({(MERCHANT.id, stored): b'{"id":"captured-in-store"}'})
+    cluster.store = store  # type: ignore[assignment]
+
+    async def go() -> list[Any]:
+        for pid in (stored, accepted):
+            await shared.finish(MERCHANT.id, None, "", 201, b'{"id":"processing-copy"}', pid, cache=False)
+        answers = [await cluster.get_payment(None, stored), await cluster.get_payment(None, accepted)]
+        store.down = True  # PostgreSQL unreachable: the copy is all there is
+        answers.append(await cluster.get_payment(None, accepted))
+        return answers
+
+    stale, fresh, store_down = asyncio.run(go())
+    assert (stale[0], stale[2]) == (200, b'{"id":"captured-in-store"}')
+    assert (fresh[0], fresh[2]) == (200, b'{"id":"processing-copy"}')
+    assert (store_down[0], store_down[2]) == (200, b'{"id":"processing-copy"}')

@@ -154,7 +154,8 @@ class ClusterConfig(_Section):
     redis_key_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_-]{1,64}$")] = "gw"
     risk_channel: Annotated[str, Meta(min_length=1, max_length=200)] = "gateway:risk"
     redis_pool_size: Annotated[int, Meta(ge=1, le=1000)] = 64
-    redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 200
+    # Sized for a loaded machine: at 200 ms, 0.8% of creates got 503 at 200/s with no fault.
+    redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 1_000
     database_pool_min: Annotated[int, Meta(ge=1, le=100)] = 1
     database_pool_max: Annotated[int, Meta(ge=1, le=100)] = 4
     database_timeout_ms: Annotated[int, Meta(ge=10, le=60_000)] = 5_000
@@ -172,6 +173,11 @@ class ClusterConfig(_Section):
     relay_message_timeout_ms: Annotated[int, Meta(ge=1_000, le=3_600_000)] = 60_000
     relay_checkpoint_interval_ms: Annotated[int, Meta(ge=1, le=60_000)] = 100
     worker_batch_records_max: Annotated[int, Meta(ge=1, le=100_000)] = 500
+    # A worker whose loop (or whose Kafka offset commits) made no progress this long is not ready; its
+    # consumer is re-created, and at twice this long the process exits (70) for its supervisor.
+    worker_stall_timeout_ms: Annotated[int, Meta(ge=1_000, le=600_000)] = 30_000
+    # SIGTERM stops a worker within this bound (exit 75 if the orderly stop did not finish in it).
+    worker_stop_timeout_ms: Annotated[int, Meta(ge=1_000, le=600_000)] = 20_000
     # "shared": the risk engine's velocity counters (card, e-mail, ip, device, customer, merchant over
     # 1 m / 1 h / 24 h) live in Redis, counted by every process in the admission script of a create.
     # "local": each process counts only the payments it handled (as in embedded mode).

@@ -11,7 +11,7 @@ The runtime of `server.mode = "cluster"` (runtime/base.py says what a runtime is
   `SET NX` lock of the key; after the record is durable, one pipeline caches the response, keeps the
   payment readable until a worker has written it (read-your-writes across processes) and drops the lock.
 - **Redis down**: a create answers `503` with `Retry-After` and nothing is written, so no request can be
-  accepted twice; reads fall back to PostgreSQL. A failure *after* the record is durable still answers
+  accepted twice; reads need only PostgreSQL (they read it first: `read_payment`). A failure *after* the record is durable still answers
   2xx (the payment exists); a retry then converges on the same payment id, derived from (merchant,
   key), which PostgreSQL's primary key stores once.
 - **Durability**: `wal` answers after the local fsync; `kafka` after the fsync *and* the broker's
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
+import psycopg
 import redis
 
 from gateway._fastpath import FastPath
@@ -376,16 +377,34 @@ class ClusterRuntime(Runtime):
         return VelocityEvent.from_fastpath(raw) if raw is not None else None
 
     async def read_payment(self, merchant_id: str, payment_id: str, fresh: bool = False) -> bytes | None:
+        """PostgreSQL first, the Redis read-your-writes copy only for a payment PostgreSQL does not hold yet
+        (or while it cannot be reached). The copy shows the payment as accepted; once a worker has stored
+        it, the row is the truth whatever copy is left behind (its delete is best effort: Redis down at
+        that moment, a worker killed after its commit), so a read is never staler than the worker's lag."""
         if self.store is None:
             return None
-        if not fresh and self.shared is not None:
-            try:
-                hit = await self.shared.recent_payment(payment_id)
-            except SharedStateUnavailable:
-                hit = None  # PostgreSQL is the truth; Redis only covers the worker's lag
-            if hit is not None and hit[0] == merchant_id:
-                return hit[1]
-        return await asyncio.to_thread(self.store.get_payment, merchant_id, payment_id)
+        try:
+            body = await asyncio.to_thread(self.store.get_payment, merchant_id, payment_id)
+        except psycopg.Error as e:
+            if fresh or self.shared is None:
+                raise
+            copy = await self._recent_copy(merchant_id, payment_id)
+            if copy is None:
+                raise
+            log.warning("payment %s read from its Redis copy: PostgreSQL unavailable (%s)", payment_id, e)
+            return copy
+        if body is not None or fresh:
+            return body
+        return await self._recent_copy(merchant_id, payment_id)
+
+    async def _recent_copy(self, merchant_id: str, payment_id: str) -> bytes | None:
+        if self.shared is None:
+            return None
+        try:
+            hit = await self.shared.recent_payment(payment_id)
+        except SharedStateUnavailable:
+            return None
+        return hit[1] if hit is not None and hit[0] == merchant_id else None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         # A PostgreSQL round trip must not stall the event loop.

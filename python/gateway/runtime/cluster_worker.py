@@ -17,7 +17,16 @@ of the operation's intent) and found by the periodic scan if a notification is m
 
 SIGTERM and SIGINT stop the loop after the batch in hand: it is written and committed, the consumer
 leaves the group (a quick rebalance for the others), the payment worker finishes (or leaves to the
-others' scans) what it has in flight, and the process exits 0.
+others' scans) what it has in flight, and the process exits 0, within `[cluster] worker_stop_timeout_ms`
+or the watchdog ends it (runtime/watchdog.py).
+
+Every dependency call of the loop has a deadline: `consume` its poll timeout, PostgreSQL its
+`statement_timeout` and `connect_timeout`, Redis its socket timeouts, the PSP `[psp] timeout_ms`. The
+offset commit is asynchronous (a synchronous one has no deadline and hung every worker across a broker
+restart): its result arrives in `_on_commit` during a later `consume`; a commit unconfirmed for
+`worker_stall_timeout_ms` makes the worker not ready and re-creates its consumer (closed in the
+background, with a bound). A loop that stops iterating shows on `/readyz` and `gateway_worker_stalled`,
+and ends the process for its supervisor (runtime/watchdog.py).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from gateway.domain.metrics import Registry
 from gateway.domain.records import payment_id_of
 from gateway.feed.relay import ensure_topic
 from gateway.processing.worker import Worker, WorkerSettings
+from gateway.runtime.watchdog import LoopWatchdog
 from gateway.shared.redis_state import forget_recent
 from gateway.store.postgres import Listener, PostgresStore
 from gateway.store.processing import OPERATIONS_CHANNEL
@@ -52,6 +62,9 @@ TOPIC_RETRY_S = 2.0
 TOPIC_ATTEMPT_TIMEOUT_S = 5.0
 # The consumer's lag per partition (for /metrics) is read from its cached watermarks this often.
 LAG_REFRESH_S = 1.0
+# A consumer being replaced gets this long to leave its group; then it is abandoned to the broker's
+# session timeout.
+CONSUMER_CLOSE_TIMEOUT_S = 5.0
 
 
 def _lsn(message: Message) -> int:
@@ -68,16 +81,11 @@ class KafkaWorker:
         self.cfg = cfg
         self.store = store
         self.batch_records_max = c.worker_batch_records_max
-        self.consumer = Consumer({
-            "bootstrap.servers": c.kafka_bootstrap,
-            "group.id": c.consumer_group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": SESSION_TIMEOUT_MS,
-            "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
-        })
+        self.stall_s = c.worker_stall_timeout_ms / 1000
+        # Since when an offset commit waits for its confirmation (None: none outstanding).
+        self._commit_pending_since: float | None = None
+        self.commit_failures = 0
+        self.consumer = self._new_consumer()
         self.redis = redis.Redis.from_url(c.redis_url, socket_timeout=c.redis_timeout_ms / 1000,
                                           socket_connect_timeout=c.redis_timeout_ms / 1000)
         self.prefix = c.redis_key_prefix
@@ -92,6 +100,17 @@ class KafkaWorker:
         self.consumer_lag = self.feed_metrics.gauge(
             "gateway_feed_consumer_lag_messages", "Kafka consumer lag of this worker per assigned partition.",
             ("partition",))
+        self.commit_failures_total = self.feed_metrics.counter(
+            "gateway_feed_commit_failures_total", "Kafka offset commits of this worker that failed (the records are read again).")
+        self.consumer_recreations = self.feed_metrics.counter(
+            "gateway_feed_consumer_recreations_total",
+            "Times this worker replaced its Kafka consumer after a commit unconfirmed for worker_stall_timeout_ms.")
+        self.stalled_gauge = self.feed_metrics.gauge(
+            "gateway_worker_stalled",
+            "1 while this worker's loop or its Kafka commits made no progress for worker_stall_timeout_ms.")
+        self.loop_age = self.feed_metrics.gauge(
+            "gateway_worker_loop_age_seconds", "Seconds since this worker's consume loop last completed an iteration.")
+        self.watchdog: LoopWatchdog | None = None
         self._lag_at = 0.0
         # The async payment path of this process (None: materialise only, e.g. a benchmark of that), on
         # a pool of its own: its transactions run on threads, many at once.
@@ -109,9 +128,66 @@ class KafkaWorker:
                             " every worker.")
         self.listener: Listener | None = None
 
+    def _new_consumer(self) -> Consumer:
+        c = self.cfg.cluster
+        return Consumer({
+            "bootstrap.servers": c.kafka_bootstrap,
+            "group.id": c.consumer_group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
+            "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
+            "on_commit": self._on_commit,
+        })
+
+    def _on_commit(self, err: KafkaError | None, _partitions: object) -> None:
+        # Called from `consume` on this thread. An empty commit (nothing new to commit) is no failure.
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            self.commit_failures += 1
+            self.commit_failures_total.inc()
+            log.warning("offset commit failed (the records will be read again): %s", err)
+            return
+        self._commit_pending_since = None
+
+    def commit_stalled(self) -> bool:
+        since = self._commit_pending_since
+        return since is not None and time.monotonic() - since > self.stall_s
+
+    def ready(self) -> tuple[bool, str]:
+        """For /readyz: (ready, why not)."""
+        if self.watchdog is not None and self.watchdog.stalled:
+            return False, f"consume loop stalled for {self.watchdog.since_beat_s():.1f} s"
+        if self.commit_stalled():
+            return False, "Kafka offset commits unconfirmed for over worker_stall_timeout_ms"
+        return True, ""
+
+    def _recreate_consumer(self) -> None:
+        """A consumer whose commits go unconfirmed is replaced: the new one joins the group afresh."""
+        log.error("offset commit unconfirmed for %.1f s: re-creating the Kafka consumer", self.stall_s)
+        old = self.consumer
+        closer = threading.Thread(target=old.close, name="consumer-close", daemon=True)
+        closer.start()
+        closer.join(CONSUMER_CLOSE_TIMEOUT_S)
+        if closer.is_alive():
+            log.warning("the old consumer did not close in %.0f s; abandoned", CONSUMER_CLOSE_TIMEOUT_S)
+        self.consumer = self._new_consumer()
+        self.consumer.subscribe([self.topic])
+        self._commit_pending_since = None
+        self.consumer_recreations.inc()
+
+    def _beat(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat()
+
     def step(self) -> int:
         """Consumes one batch, writes it, then commits its offsets; returns the records consumed."""
+        self._beat()
+        if self.commit_stalled():
+            self._recreate_consumer()
         messages: list[Message] = self.consumer.consume(self.batch_records_max, POLL_TIMEOUT_S)
+        self._beat()
         if time.monotonic() >= self._lag_at:
             self._lag_at = time.monotonic() + LAG_REFRESH_S
             self._refresh_lag()
@@ -137,10 +213,16 @@ class KafkaWorker:
                 if self.stopping.is_set():
                     raise
                 log.error("store write failed (%s); retrying in %.1fs", e, STORE_RETRY_S)
-                time.sleep(STORE_RETRY_S)
-        # The batch is committed in PostgreSQL: only now may the group forget it.
+                # Waiting for PostgreSQL is progress of a kind: the loop is alive and retrying.
+                self._beat()
+                if self.stopping.wait(STORE_RETRY_S):
+                    raise
+        # The batch is committed in PostgreSQL: only now may the group forget it. Asynchronous: a
+        # synchronous commit has no deadline (see the module's docstring).
         try:
-            self.consumer.commit(asynchronous=False)
+            self.consumer.commit(asynchronous=True)
+            if self._commit_pending_since is None:
+                self._commit_pending_since = time.monotonic()
         except KafkaException as e:
             # Not fatal: the records will be delivered again and applied as no-ops.
             log.warning("offset commit failed: %s", e)
@@ -182,6 +264,9 @@ class KafkaWorker:
 
     def metrics_text(self) -> str:
         """What the worker's /metrics serves: the feed's metrics and the payment worker's."""
+        self.stalled_gauge.set(0 if self.ready()[0] else 1)
+        if self.watchdog is not None:
+            self.loop_age.set(round(self.watchdog.since_beat_s(), 3))
         text = self.feed_metrics.render()
         if self.processor is not None:
             text += self.processor.metrics.registry.render()
@@ -201,7 +286,11 @@ class KafkaWorker:
             while not self.stopping.is_set():
                 self.step()
         finally:
-            self.consumer.close()
+            # Leaving the group needs the broker: bounded, like every other call (the watchdog bounds
+            # the whole stop as well).
+            closer = threading.Thread(target=self.consumer.close, name="consumer-close", daemon=True)
+            closer.start()
+            closer.join(CONSUMER_CLOSE_TIMEOUT_S)
             if self.listener is not None:
                 self.listener.stop()
             if self.processor is not None:
@@ -246,12 +335,14 @@ def run_worker(cfg: Config, metrics_port: int | None = None) -> int:
     # path alone).
     worker = KafkaWorker(cfg, store, processing=cfg.worker.enabled)
     worker.stopping = stopping
+    watchdog = worker.watchdog = LoopWatchdog(c.worker_stall_timeout_ms / 1000, c.worker_stop_timeout_ms / 1000,
+                                              stopping).start()
     print(f"gateway worker: consuming {c.topic} into PostgreSQL schema {c.database_schema}", flush=True)
     server = None
     if metrics_port:
         from gateway.runtime.metrics_server import MetricsServer
 
-        server = MetricsServer(cfg.metrics.worker_host, metrics_port, worker.metrics_text).start()
+        server = MetricsServer(cfg.metrics.worker_host, metrics_port, worker.metrics_text, worker.ready).start()
         print(f"gateway worker: metrics on http://{cfg.metrics.worker_host}:{server.port}/metrics", flush=True)
     try:
         worker.run()
@@ -259,4 +350,5 @@ def run_worker(cfg: Config, metrics_port: int | None = None) -> int:
         if server is not None:
             server.stop()
         store.close()
+        watchdog.done()
     return 0

@@ -1,10 +1,12 @@
 """A `/metrics` endpoint of its own, for processes without the gateway's HTTP API (cluster `gateway
 worker`): a small threaded HTTP server on loopback by default, answering GET /metrics with the
-Prometheus text of `render()`, and /healthz. Rendering runs on the server's thread; the counters it
+Prometheus text of `render()`, /healthz (the process answers), and /readyz (`ready()` says whether it
+does its job: 200, or 503 with the reason). Rendering runs on the server's thread; the counters it
 reads are plain dicts that the worker's event loop updates (copied before they are iterated)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -16,8 +18,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 class MetricsServer:
-    def __init__(self, host: str, port: int, render: Callable[[], str]) -> None:
+    def __init__(self, host: str, port: int, render: Callable[[], str],
+                 ready: Callable[[], tuple[bool, str]] | None = None) -> None:
         self.render = render
+        self.ready = ready
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,6 +35,10 @@ class MetricsServer:
                     content_type = CONTENT_TYPE
                 elif self.path == "/healthz":
                     body, status, content_type = b'{"status":"ok"}', 200, "application/json"
+                elif self.path == "/readyz":
+                    ok, why = outer.ready() if outer.ready is not None else (True, "")
+                    body = json.dumps({"status": "ready"} if ok else {"status": "not_ready", "reason": why}).encode()
+                    status, content_type = (200 if ok else 503), "application/json"
                 else:
                     body, status, content_type = b"not found\n", 404, "text/plain"
                 self.send_response(status)
