@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts (up), stops (down) or reports on (status) the three cluster-mode services on
 # loopback: Redis, PostgreSQL and Kafka. Every step is idempotent: `up` on a running set is a quick no-op.
+# KAFKA_BROKERS=3 selects a three-node Kafka cluster instead of the single node (deploy/kafka.sh); `down`
+# and `status` then cover those three nodes.
 # `up` prints the connection settings and writes them to $SERVICES_DIR/env as shell exports:
 #
 #   source .services/env   # REDIS_URL, DATABASE_URL, KAFKA_BOOTSTRAP
@@ -24,7 +26,7 @@ write_env() {
 # Connection settings of the services started by deploy/services.sh (loopback only).
 export REDIS_URL=redis://$SERVICES_HOST:$REDIS_PORT/0
 export DATABASE_URL=postgresql://gateway:gateway@$SERVICES_HOST:$POSTGRES_PORT/gateway
-export KAFKA_BOOTSTRAP=$SERVICES_HOST:$KAFKA_PORT
+export KAFKA_BOOTSTRAP=$(kafka_bootstrap)
 ENV
     mv "$env_file.tmp" "$env_file"
     sed -n 's/^export //p' "$env_file"

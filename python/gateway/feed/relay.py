@@ -53,23 +53,32 @@ def record_key(payload: bytes) -> bytes | None:
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int, retention_ms: int | None = None,
-                 timeout_s: float = TOPIC_CREATE_TIMEOUT_S) -> None:
-    """Creates the topic when it does not exist yet (an existing topic keeps its partitions); with
-    `retention_ms` (`[cluster] topic_retention_ms`) the topic's `retention.ms` is set to it, on an
-    existing topic too, so the config file decides how long Kafka keeps the event log. TimeoutError
+                 timeout_s: float = TOPIC_CREATE_TIMEOUT_S, replication_factor: int = 1,
+                 min_insync_replicas: int | None = None) -> None:
+    """Creates the topic when it does not exist yet (an existing topic keeps its partitions and its
+    replication factor) with `replication_factor` copies of each partition (`[cluster]
+    topic_replication_factor`); `retention_ms` (`topic_retention_ms`) and `min_insync_replicas`
+    (`topic_min_insync_replicas`) are set on it, on an existing topic too, so the config file decides
+    how long Kafka keeps the event log and how many copies an acknowledgement needs. TimeoutError
     when the brokers do not answer within `timeout_s`."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    extra = {"retention.ms": str(retention_ms)} if retention_ms is not None else {}
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1, config=extra)],
-                                  request_timeout=timeout_s)
+    extra: dict[str, str] = {}
+    if retention_ms is not None:
+        extra["retention.ms"] = str(retention_ms)
+    if min_insync_replicas is not None:
+        extra["min.insync.replicas"] = str(min_insync_replicas)
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor, config=extra)],
+        request_timeout=timeout_s)
     try:
         futures[topic].result(timeout=timeout_s)
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
-        if retention_ms is not None:
+        if extra:
             resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
-                ConfigEntry("retention.ms", str(retention_ms), incremental_operation=AlterConfigOpType.SET)])
+                ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+                for name, value in extra.items()])
             for fut in admin.incremental_alter_configs([resource], request_timeout=timeout_s).values():
                 fut.result(timeout=timeout_s)
 

@@ -135,7 +135,8 @@ class ClusterRuntime(Runtime):
                                            c.database_pool_max, c.database_timeout_ms)
         store.migrate()
         fastpath = self.fastpath = FastPath(self.config.fastpath_json(proc_dir))
-        ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms)
+        ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms,
+                     replication_factor=c.topic_replication_factor, min_insync_replicas=c.topic_min_insync_replicas)
         self.relay = Relay(
             str(proc_dir / "wal"), proc_dir / "relay.checkpoint", fastpath, c.kafka_bootstrap, c.topic,
             inflight_records_max=c.relay_inflight_records_max, batch_records_max=c.relay_batch_records_max,
