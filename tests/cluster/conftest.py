@@ -20,6 +20,9 @@ SERVICES_SCRIPT = REPO_DIR / "deploy" / "services.sh"
 # A first install downloads Debian packages and the Kafka jars; later runs take seconds.
 SERVICES_UP_TIMEOUT_S = 900
 SETTING_NAMES = ("REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP")
+KAFKA_SCRIPT = REPO_DIR / "deploy" / "kafka.sh"
+# Starting three brokers takes about a minute on a small machine, more when they compete for its cores.
+BROKERS3_START_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,34 @@ redis_key_prefix = "{prefix}"
 redis_timeout_ms = 300
 durability = "{durability}"
 {extra}"""
+
+
+@dataclass(frozen=True)
+class Brokers3:
+    """The three-node Kafka cluster of `KAFKA_BROKERS=3 deploy/kafka.sh` (durability "replicated")."""
+
+    bootstrap: str
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        return {**os.environ, "KAFKA_BROKERS": "3"}
+
+    def start(self) -> None:
+        """Starts the nodes that are not running (all three, or the ones a test killed)."""
+        result = subprocess.run(["bash", str(KAFKA_SCRIPT), "start"], cwd=REPO_DIR, env=self.env(),
+                                capture_output=True, text=True, timeout=BROKERS3_START_TIMEOUT_S, check=False)
+        if result.returncode != 0:
+            pytest.fail(f"KAFKA_BROKERS=3 deploy/kafka.sh start failed:\n{result.stderr[-3000:]}")
+
+    def pid(self, node: int) -> int:
+        return int((services_dir() / "kafka3" / f"node-{node}" / "kafka.pid").read_text().strip())
+
+
+@pytest.fixture(scope="session")
+def brokers3(services: ServiceUrls) -> Brokers3:
+    """Three brokers on loopback, started once per session (after the other services, whose install
+    step also fetched the broker's jars); left running like the other services."""
+    ports = [int(os.environ.get("KAFKA_PORT", "19092")) + 10 * i for i in (1, 2, 3)]
+    brokers = Brokers3(",".join(f"127.0.0.1:{p}" for p in ports))
+    brokers.start()
+    return brokers

@@ -403,9 +403,8 @@ def _inconsistency(cfg: Config) -> tuple[str, str] | None:
         return ("cluster.topic_min_insync_replicas",
                 f"must be at most cluster.topic_replication_factor ({c.topic_replication_factor})")
     if c.durability == "replicated" and (c.topic_replication_factor < 3 or c.topic_min_insync_replicas < 2):
-        return ("cluster.durability",
-                "\"replicated\" needs cluster.topic_replication_factor >= 3 and topic_min_insync_replicas >= 2"
-                f" (they are {c.topic_replication_factor} and {c.topic_min_insync_replicas})")
+        needs = "\"replicated\" needs cluster.topic_replication_factor >= 3 and topic_min_insync_replicas >= 2"
+        return "cluster.durability", f"{needs} (they are {c.topic_replication_factor} and {c.topic_min_insync_replicas})"
     return None
 
 

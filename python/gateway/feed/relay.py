@@ -11,6 +11,11 @@ If librdkafka gives up on a record (the broker was down longer than `message.tim
 producer hits a fatal error, the relay rewinds: it drops the producer, re-opens the WAL at the acked
 checkpoint and sends everything after it again.
 
+With `read_written` (durability "replicated") the relay reads records as soon as they are written to
+the WAL file, before their fsync: the brokers' acknowledgement, not the local disk, makes them
+durable. Its checkpoint then never passes the WAL's committed LSN, so a WAL that lost its unsynced
+tail (a power loss) is resent from there rather than skipped.
+
 Two threads: the sender blocks on the WAL's commit notification, the poller blocks in
 `producer.poll()` serving delivery callbacks, so neither a new record nor an ack waits for the other.
 """
@@ -44,6 +49,8 @@ IDLE_WAIT_MS = 50
 class CommittedSource(Protocol):
     def committed_lsn(self) -> int: ...
     def wait_committed(self, lsn: int, timeout_ms: int) -> bool: ...
+    def written_lsn(self) -> int: ...
+    def wait_written(self, lsn: int, timeout_ms: int) -> bool: ...
 
 
 def record_key(payload: bytes) -> bytes | None:
@@ -128,6 +135,7 @@ class Relay:
         checkpoint_interval_ms: int = 100,
         on_acked: Callable[[int], None] | None = None,
         source_name: str = "",
+        read_written: bool = False,
     ) -> None:
         assert inflight_records_max >= 1 and batch_records_max >= 1
         self.wal_dir = wal_dir
@@ -139,6 +147,10 @@ class Relay:
         self.checkpoint_interval_s = checkpoint_interval_ms / 1000
         self.on_acked = on_acked
         self.source_name = source_name.encode()
+        # How far the relay may read, and how it waits for more: written or committed records.
+        self.read_written = read_written
+        self._readable = source.written_lsn if read_written else source.committed_lsn
+        self._wait_readable = source.wait_written if read_written else source.wait_committed
         self._producer_conf = producer_config(bootstrap, linger_ms=linger_ms, message_timeout_ms=message_timeout_ms,
                                               inflight_records_max=inflight_records_max)
         self._checkpoint = Checkpoint(checkpoint_path)
@@ -201,6 +213,8 @@ class Relay:
 
     def _save_checkpoint(self, force: bool = False) -> None:
         lsn = self.acked_lsn
+        if self.read_written:
+            lsn = min(lsn, self.source.committed_lsn())
         now = time.monotonic()
         if lsn != self._stored_lsn and (force or now - self._stored_at >= self.checkpoint_interval_s):
             self._checkpoint.store(lsn)
@@ -257,9 +271,9 @@ class Relay:
                     if room <= 0:
                         self._space.wait(0.1)
                         continue
-                records = reader.read(self.source.committed_lsn(), min(room, self.batch_records_max))
+                records = reader.read(self._readable(), min(room, self.batch_records_max))
                 if not records:
-                    self.source.wait_committed(last_read + 1, IDLE_WAIT_MS)
+                    self._wait_readable(last_read + 1, IDLE_WAIT_MS)
                     continue
                 generation = self._generation
                 for lsn, payload in records:
@@ -293,7 +307,7 @@ class Relay:
         deadline = time.monotonic() + flush_timeout_s
         # Let the sender catch up with what is committed, so a clean stop leaves nothing behind.
         while (time.monotonic() < deadline and self.error is None and not self._rewind.is_set()
-               and self.acked_lsn < self.source.committed_lsn()):
+               and self.acked_lsn < self._readable()):
             time.sleep(0.01)
         self._stop.set()
         for t in self._threads:
