@@ -203,10 +203,11 @@ impl CommitListener for Committer {
     }
 }
 
-/// Fault injection for the fault tests and the benchmarks: `GATEWAY_FAULT_WAL_FSYNC_DELAY_MS`
-/// delays every WAL fdatasync (a disk that stalls); unset or unparsable: none.
-fn fsync_fault_delay() -> Duration {
-    std::env::var("GATEWAY_FAULT_WAL_FSYNC_DELAY_MS")
+/// Fault injection for the fault tests and the benchmarks (a disk that stalls):
+/// `GATEWAY_FAULT_WAL_FSYNC_DELAY_MS` delays WAL fdatasyncs, at most one per
+/// `GATEWAY_FAULT_WAL_FSYNC_EVERY_MS` when that is set; unset or unparsable: zero.
+fn fault_ms(name: &str) -> Duration {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis)
@@ -338,7 +339,8 @@ impl Engine {
                 segment_bytes_max: cfg.segment_bytes_max,
                 pending_records_max: cfg.pending_records_max,
                 fsync_behind: cfg.fsync_behind,
-                fsync_fault_delay: fsync_fault_delay(),
+                fsync_fault_delay: fault_ms("GATEWAY_FAULT_WAL_FSYNC_DELAY_MS"),
+                fsync_fault_every: fault_ms("GATEWAY_FAULT_WAL_FSYNC_EVERY_MS"),
             },
             recovered.next_lsn,
             recovered.tail_segment,

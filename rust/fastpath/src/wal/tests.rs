@@ -12,6 +12,7 @@ fn cfg(dir: &Path) -> WriterConfig {
         pending_records_max: 10_000,
         fsync_behind: false,
         fsync_fault_delay: Duration::ZERO,
+        fsync_fault_every: Duration::ZERO,
     }
 }
 
@@ -298,8 +299,11 @@ fn fsync_behind_publishes_written_records_before_a_stalled_fsync_commits_them() 
     let mut last = 0;
     for i in 0..200 {
         last = w.append(format!("record-{i:05}").as_bytes()).unwrap();
+        if i % 25 == 24 {
+            // Separate batches, so that segment rotation (checked per batch) happens.
+            assert!(w.wait_written(last, Duration::from_millis(300)));
+        }
     }
-    assert!(w.wait_written(last, Duration::from_millis(300)));
     // The disk "stalls" 400 ms per fsync: the records are readable, not yet committed.
     assert!(w.committed_lsn() < last);
     let mut reader = WalReader::new(dir.path(), 0);

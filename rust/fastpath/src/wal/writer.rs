@@ -30,9 +30,25 @@ pub struct WriterConfig {
     pub pending_records_max: usize,
     /// fsync on its own thread behind the writes (see the module comment).
     pub fsync_behind: bool,
-    /// Fault injection for tests and benchmarks: sleep this long before every fdatasync
+    /// Fault injection for tests and benchmarks: sleep this long before an fdatasync
     /// (`GATEWAY_FAULT_WAL_FSYNC_DELAY_MS`, read by the engine); zero in production.
     pub fsync_fault_delay: Duration,
+    /// With a delay: at most one delayed fdatasync per this period (a disk that stalls now and
+    /// then, `GATEWAY_FAULT_WAL_FSYNC_EVERY_MS`); zero: every fdatasync is delayed.
+    pub fsync_fault_every: Duration,
+}
+
+/// The injected stall of the next fdatasync, if one is due (see `WriterConfig::fsync_fault_delay`).
+fn fault_stall(cfg: &WriterConfig, last: &mut Option<Instant>) {
+    if cfg.fsync_fault_delay.is_zero() {
+        return;
+    }
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < cfg.fsync_fault_every) {
+        return;
+    }
+    *last = Some(now);
+    std::thread::sleep(cfg.fsync_fault_delay);
 }
 
 /// Told of every commit, on the flusher thread, after the batch is on disk.
@@ -332,6 +348,7 @@ fn create_segment(dir: &std::path::Path, first_lsn: u64, sync: bool) -> Result<S
 fn flusher(shared: Arc<Shared>, mut segment: Segment) {
     let interval = Duration::from_micros(shared.cfg.fsync_interval_us);
     let mut spare: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut last_stall = None;
     loop {
         let (batch, records, last_lsn) = {
             let mut st = shared.state.lock();
@@ -380,7 +397,13 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
             }
             continue;
         }
-        let result = write_batch(&shared.cfg, &mut segment, &batch, first_lsn);
+        let result = write_batch(
+            &shared.cfg,
+            &mut segment,
+            &batch,
+            first_lsn,
+            &mut last_stall,
+        );
         spare = batch;
         match result {
             Ok(fsync_ns) => {
@@ -456,6 +479,7 @@ fn write_behind(
 /// `fsync_behind`: fdatasyncs whatever the flusher has written and publishes it as committed, one
 /// fsync after the other, until the flusher has exited and everything it wrote is durable.
 fn syncer(shared: Arc<Shared>) {
+    let mut last_stall = None;
     loop {
         let (target, sealed, current, dir_dirty) = {
             let mut st = shared.state.lock();
@@ -481,9 +505,7 @@ fn syncer(shared: Arc<Shared>) {
             )
         };
         let result = (|| -> Result<u64, WalError> {
-            if !shared.cfg.fsync_fault_delay.is_zero() {
-                std::thread::sleep(shared.cfg.fsync_fault_delay);
-            }
+            fault_stall(&shared.cfg, &mut last_stall);
             let start = Instant::now();
             for f in &sealed {
                 f.sync_all()?;
@@ -514,6 +536,7 @@ fn write_batch(
     segment: &mut Segment,
     batch: &[u8],
     first_lsn: u64,
+    last_stall: &mut Option<Instant>,
 ) -> Result<u64, WalError> {
     if segment.bytes >= cfg.segment_bytes_max {
         segment.file.sync_all()?;
@@ -521,9 +544,7 @@ fn write_batch(
     }
     (&*segment.file).write_all(batch)?;
     segment.bytes += batch.len() as u64;
-    if !cfg.fsync_fault_delay.is_zero() {
-        std::thread::sleep(cfg.fsync_fault_delay);
-    }
+    fault_stall(cfg, last_stall);
     let start = Instant::now();
     segment.file.sync_data()?;
     Ok(start.elapsed().as_nanos() as u64)
