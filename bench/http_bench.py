@@ -1,4 +1,7 @@
-"""Open-loop HTTP benchmark: the gateway beside a bare server (floor) and a plain-Python baseline.
+"""Open-loop HTTP benchmark: the gateway beside a bare server (floor), the same bare server whose every
+201 waits for a group-committed fsync (durable_floor, bench/durable_floor_app.py) and a plain-Python
+baseline. Every step also records the disk's fsync latency of the same seconds (`fsync` in a step: a
+probe thread fdatasyncing 4 KiB every 20 ms, and for the gateway its own WAL fsync histogram).
 
 Every system gets the same traffic at the same stepped offered rates, on the same machine, in the same
 run. The load generator is k6 (constant-arrival-rate executor, open loop) driven by bench/k6_open_loop.js;
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fsync_stats import FsyncProbe, gateway_fsync_histogram, histogram_delta
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -43,10 +47,14 @@ DEFAULT_RATES = [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 75_000, 
 QUICK_RATES = [200, 500]
 KNEE_P99_MS = 10.0
 KNEE_ERROR_RATE = 0.001
+# The second knee definition (issue 12): highest offered rate served at >= 95% with < 0.1% errors and P50 under this.
+KNEE_P50_MS = 5.0
 # Statuses that are correct answers to the planned traffic: created, replayed, risk decline, and the
 # 409 a retry gets while its original is still in flight. Anything else (429 included) is an error.
 OK_STATUSES = "200,201,202,402,409"
-SYSTEMS = ("floor", "gateway", "baseline")
+SYSTEMS = ("floor", "durable_floor", "gateway", "baseline")
+# The disk probe of every step: one 4 KiB fdatasync this often, beside the system's own fsyncs.
+FSYNC_PROBE_INTERVAL_S = 0.02
 
 
 @dataclass
@@ -366,7 +374,8 @@ def make_servers(
     servers: list[Server] = []
     for name in systems:
         port = free_port()
-        if name == "floor":
+        if name in ("floor", "durable_floor"):
+            app = "floor_app:app" if name == "floor" else "durable_floor_app:app"
             argv = [
                 str(VENV_BIN / "granian"),
                 "--interface",
@@ -386,9 +395,10 @@ def make_servers(
                 "warning",
                 "--working-dir",
                 str(BENCH),
-                "floor_app:app",
+                app,
             ]
-            servers.append(Server(name, argv, port, env, BENCH))
+            server_env = {**env, "DURABLE_FLOOR_FILE": str(work / "durable-floor.wal")}
+            servers.append(Server(name, argv, port, server_env, BENCH))
         elif name == "baseline":
             config = {
                 "merchants": {k: f"mer_bench_{i}" for i, k in enumerate(api_keys)},
@@ -767,6 +777,18 @@ def knee(steps: list[dict[str, Any]]) -> float | None:
     return max(passing) if passing else None
 
 
+def knee_p50(steps: list[dict[str, Any]]) -> float | None:
+    """Highest offered rate served at >= 95% with errors < 0.1% and P50 < KNEE_P50_MS."""
+    passing = [
+        s["offered_rate"]
+        for s in steps
+        if s["achieved_rate"] >= 0.95 * s["offered_rate"]
+        and s["error_rate"] < KNEE_ERROR_RATE
+        and s["latency_corrected"]["p50_ms"] < KNEE_P50_MS
+    ]
+    return max(passing) if passing else None
+
+
 def capacity(steps: list[dict[str, Any]]) -> float | None:
     """Highest offered rate fully served: achieved >= 95% of offered and errors < 0.1%, whatever the latency.
 
@@ -872,6 +894,15 @@ def fmt_rate(x: float | None) -> str:
     return f"{x / 1000:.1f}K" if x >= 1000 else f"{x:.0f}"
 
 
+def fsync_cells(step: dict[str, Any]) -> str:
+    """The step's disk probe P99/max and the gateway's WAL fsync P99/max (bucket bounds), for the table."""
+    f = step.get("fsync", {})
+    probe, wal = f.get("disk_probe", {}), f.get("gateway_wal", {})
+    cell = f"{probe.get('p99_ms', '-')} / {probe.get('max_ms', '-')}"
+    wal_cell = f"{wal.get('p99_ms_le', '-')} / {wal.get('max_ms_le', '-')}" if wal else "-"
+    return f"{cell} | {wal_cell}"
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines = [
         f"# HTTP benchmark {report['started_at']}",
@@ -889,13 +920,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
         (
             "| system | knee | capacity | offered | sent | achieved | P50 ms | P99 ms | P99.9 ms | errors "
-            "| dropped | gen lag P99 ms | k6 CPU / its core busy | server core busy |"
+            "| dropped | gen lag P99 ms | k6 CPU / its core busy | server core busy | disk fsync P99 / max ms "
+            "| WAL fsync P99 / max ms (<=) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in report["systems"].items():
         if "error" in res:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {res['error']} | - | - | - | - |")
+            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {res['error']} | - | - | - | - | - | - |")
             continue
         for i, s in enumerate(res["steps"]):
             lat = s["latency_corrected"]
@@ -907,7 +939,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                 f"{s['dropped']} | {s['send_lag']['p99_ms']:.2f} | {fmt_share(s['generator']['cpu_share'])} / "
                 f"{fmt_share(s['generator']['cores_busy_share'])}"
                 f"{' (k6 saturated)' if s['generator']['saturated'] else ''} | "
-                f"{fmt_share(s['server_cores_busy_share'])} |"
+                f"{fmt_share(s['server_cores_busy_share'])} | {fsync_cells(s)} |"
             )
         why = (
             f"k6 could not offer {fmt_rate(res.get('saturated_at'))}"
@@ -915,7 +947,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             else f"server saturated at {fmt_rate(res.get('saturated_at'))}"
         )
         for skipped in res.get("skipped_rates", []):
-            lines.append(f"| | | | {fmt_rate(skipped)} | skipped: {why} | | | | | | | | | |")
+            lines.append(f"| | | | {fmt_rate(skipped)} | skipped: {why} | | | | | | | | | | | |")
     ratios = report["ratios"]
     lines += [
         "",
@@ -923,7 +955,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"Ratios: gateway knee / floor knee = {ratios['gateway_over_floor']}, "
             f"gateway knee / baseline knee = {ratios['gateway_over_baseline']}; capacity (highest offered "
             f"rate served in full, any latency): gateway / floor = {ratios['capacity_gateway_over_floor']}, "
-            f"gateway / baseline = {ratios['capacity_gateway_over_baseline']}."
+            f"gateway / baseline = {ratios['capacity_gateway_over_baseline']}. Durable floor (same bare server, "
+            f"each 201 after a group-committed fsync): gateway knee / durable floor knee = "
+            f"{ratios.get('gateway_over_durable_floor')}, capacity ratio "
+            f"{ratios.get('capacity_gateway_over_durable_floor')}; knee with the P50 < {KNEE_P50_MS:g} ms "
+            f"definition (served >= 95%, errors < 0.1%): "
+            + ", ".join(f"{n} {fmt_rate(r.get('knee_p50'))}" for n, r in report["systems"].items() if "steps" in r)
+            + "."
         ),
         "",
         (
@@ -1173,19 +1211,25 @@ def main(argv: list[str] | None = None) -> int:
                     if want_profile and server.proc is not None:
                         # The whole process tree: HTTP workers, pipeline workers and helpers alike.
                         profile = py_spy_profile(server.proc.pid, step_seconds, out_dir, server.name)
-                    step = run_step(
-                        k6,
-                        targets,
-                        server.port,
-                        rate,
-                        step_seconds,
-                        f"{server.name}-{int(rate)}",
-                        plan["generator_cpus"],
-                        plan["server_cpus"],
-                        args.vus,
-                        api_keys,
-                        work,
-                    )
+                    url = f"http://127.0.0.1:{server.port}"
+                    wal_before = gateway_fsync_histogram(url, 1) if server.name == "gateway" else {}
+                    with FsyncProbe(work, FSYNC_PROBE_INTERVAL_S) as probe:
+                        step = run_step(
+                            k6,
+                            targets,
+                            server.port,
+                            rate,
+                            step_seconds,
+                            f"{server.name}-{int(rate)}",
+                            plan["generator_cpus"],
+                            plan["server_cpus"],
+                            args.vus,
+                            api_keys,
+                            work,
+                        )
+                    step["fsync"] = {"disk_probe": probe.summary()}
+                    if server.name == "gateway":
+                        step["fsync"]["gateway_wal"] = histogram_delta(wal_before, gateway_fsync_histogram(url, 1))
                     if profile is not None:
                         for p in profile.pop("_procs"):
                             p.wait(timeout=step_seconds + 30)
@@ -1233,6 +1277,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.5)
                 res["knee"] = knee(res["steps"])
                 res["capacity"] = capacity(res["steps"])
+                res["knee_p50"] = knee_p50(res["steps"])
                 if server.name == "gateway":
                     import httpx
 
@@ -1314,6 +1359,8 @@ def main(argv: list[str] | None = None) -> int:
         "systems": results,
         "ratios": {
             "gateway_over_floor": ratio("gateway", "floor"),
+            "gateway_over_durable_floor": ratio("gateway", "durable_floor"),
+            "capacity_gateway_over_durable_floor": ratio("gateway", "durable_floor", "capacity"),
             "gateway_over_baseline": ratio("gateway", "baseline"),
             "capacity_gateway_over_floor": ratio("gateway", "floor", "capacity"),
             "capacity_gateway_over_baseline": ratio("gateway", "baseline", "capacity"),
