@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import oha_creates
 from fsync_stats import FsyncProbe, gateway_fsync_histogram, histogram_delta
 
 BENCH = Path(__file__).resolve().parent
@@ -767,6 +768,23 @@ def run_oha_step(
     }
 
 
+def run_oha_series(oha: Path, server: Server, targets: Path, api_key: str, args: argparse.Namespace,
+                   plan: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Plain creates with oha at `--oha-rates` until the server (or oha) clearly saturates."""
+    bodies = oha_creates.write_bodies(targets, work / "oha-bodies.jsonl")
+    steps: list[dict[str, Any]] = []
+    for rate in [float(r) for r in args.oha_rates.split(",") if r]:
+        time.sleep(0.5)
+        step = oha_creates.run_step(oha, bodies, api_key, server.port, rate, args.step_seconds or 4.0,
+                                    plan["generator_cpus"], vus_for(rate, args.vus), cores_busy_s)
+        steps.append(step)
+        print(f"      oha plain creates {server.name} offered {fmt_rate(rate)}/s: {step}", flush=True)
+        if "error" in step or step["achieved_rate"] < 0.8 * rate or (step["p50_ms"] or 0) > 1000:
+            break
+    return {"steps": steps, "knee_p50": oha_creates.knee(steps),
+            "generator_saturated_at": [s["offered_rate"] for s in steps if s.get("generator_saturated")]}
+
+
 def knee(steps: list[dict[str, Any]]) -> float | None:
     """Highest offered rate with P99 under the bound and errors under the bound (None if no step passes)."""
     passing = [
@@ -894,6 +912,37 @@ def fmt_rate(x: float | None) -> str:
     return f"{x / 1000:.1f}K" if x >= 1000 else f"{x:.0f}"
 
 
+def oha_ratio(results: dict[str, Any], a: str, b: str) -> float | None:
+    ka = results.get(a, {}).get("oha_creates", {}).get("knee_p50")
+    kb = results.get(b, {}).get("oha_creates", {}).get("knee_p50")
+    return round(ka / kb, 3) if ka and kb else None
+
+
+def oha_lines(report: dict[str, Any]) -> list[str]:
+    """The plain-create series of every system (oha), with the generator's saturation marked."""
+    lines = ["", ("Plain creates with oha (`-Z`: a body per request, no Idempotency-Key; knee: served >= 95%, "
+             "errors < 0.1%, P50 < 5 ms):"), "",
+             "| system | knee | offered | sent | achieved | P50 ms | P99 ms | P99.9 ms | errors | oha core busy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in report["systems"].items():
+        series = res.get("oha_creates")
+        if not series:
+            continue
+        for i, st in enumerate(series["steps"]):
+            head = f"| {name if i == 0 else ''} | {fmt_rate(series['knee_p50']) if i == 0 else ''} | "
+            if "error" in st:
+                lines.append(head + f"{fmt_rate(st['offered_rate'])} | oha failed: {st['error']} | | | | | | |")
+                continue
+            lines.append(head + f"{fmt_rate(st['offered_rate'])} | {fmt_rate(st['sent_rate'])} | "
+                         f"{fmt_rate(st['achieved_rate'])} | {st['p50_ms']} | {st['p99_ms']} | {st['p999_ms']} | "
+                         f"{st['error_rate']:.2%} | {fmt_share(st['generator_core_busy_share'])}"
+                         f"{' (oha saturated)' if st['generator_saturated'] else ''} |")
+    r = report["ratios"]
+    lines += ["", (f"oha knees: gateway / durable floor = {r.get('oha_knee_gateway_over_durable_floor')}, "
+              f"gateway / floor = {r.get('oha_knee_gateway_over_floor')}.")]
+    return lines if len(lines) > 8 else []
+
+
 def fsync_cells(step: dict[str, Any]) -> str:
     """The step's disk probe P99/max and the gateway's WAL fsync P99/max (bucket bounds), for the table."""
     f = step.get("fsync", {})
@@ -975,6 +1024,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "that offered rate was not actually offered (marked `k6 saturated`)."
         ),
     ]
+    lines += oha_lines(report)
     oha_steps = report["systems"].get("floor", {}).get("oha_steps")
     if oha_steps:
         lines += [
@@ -1094,6 +1144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-rate", type=float, default=0, help="offered rate to profile at (default: knee)")
     p.add_argument("--gateway-config", type=Path, default=BENCH / "gateway-bench.toml")
     p.add_argument("--histogram-rate", type=float, default=50_000)
+    p.add_argument("--oha-rates", default="1000,2500,5000,7500,10000,15000,20000,30000",
+                   help="rates of the plain-create steps with oha (bench/oha_creates.py) per system; '' skips them")
     return p.parse_args(argv)
 
 
@@ -1275,6 +1327,9 @@ def main(argv: list[str] | None = None) -> int:
                         res["saturated_by"] = "generator" if generator_capped else "server"
                         res["saturated_at"] = rate
                     time.sleep(0.5)
+                oha = TOOLS_BIN / "oha"
+                if args.oha_rates and oha.exists():
+                    res["oha_creates"] = run_oha_series(oha, server, targets, api_keys[0], args, plan, work)
                 res["knee"] = knee(res["steps"])
                 res["capacity"] = capacity(res["steps"])
                 res["knee_p50"] = knee_p50(res["steps"])
@@ -1361,6 +1416,8 @@ def main(argv: list[str] | None = None) -> int:
             "gateway_over_floor": ratio("gateway", "floor"),
             "gateway_over_durable_floor": ratio("gateway", "durable_floor"),
             "capacity_gateway_over_durable_floor": ratio("gateway", "durable_floor", "capacity"),
+            "oha_knee_gateway_over_durable_floor": oha_ratio(results, "gateway", "durable_floor"),
+            "oha_knee_gateway_over_floor": oha_ratio(results, "gateway", "floor"),
             "gateway_over_baseline": ratio("gateway", "baseline"),
             "capacity_gateway_over_floor": ratio("gateway", "floor", "capacity"),
             "capacity_gateway_over_baseline": ratio("gateway", "baseline", "capacity"),
