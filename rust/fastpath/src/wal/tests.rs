@@ -339,3 +339,24 @@ fn fsync_behind_close_makes_everything_written_durable() {
     let rec = recover(dir.path(), |_, _| {}).unwrap();
     assert_eq!(rec.next_lsn, last + 1);
 }
+
+#[test]
+fn fsync_behind_bounds_the_records_written_and_not_yet_fsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = recover(dir.path(), |_, _| {}).unwrap();
+    let mut c = behind_cfg(dir.path(), 1000);
+    c.pending_records_max = 3;
+    let w = WalWriter::open(c, rec.next_lsn, rec.tail_segment).unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        last = w.append(b"x").unwrap();
+        assert!(w.wait_written(last, Duration::from_secs(2)));
+    }
+    // Written, so no longer queued for the flusher, but not fsynced: the bound still holds.
+    assert!(w.committed_lsn() < last);
+    assert!(matches!(w.append(b"x"), Err(AppendError::Full)));
+    assert!(w.wait_committed(last, Duration::from_secs(5)));
+    assert!(w.append(b"x").is_ok());
+    w.close();
+    assert_eq!(read_all(dir.path()).len(), 4);
+}

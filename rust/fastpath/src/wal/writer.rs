@@ -210,7 +210,14 @@ impl WalWriter {
         if st.closed {
             return Err(AppendError::Wal(WalError::Closed));
         }
-        if st.pending_records >= self.shared.cfg.pending_records_max {
+        let cfg = &self.shared.cfg;
+        // With the fsync behind, records written but not yet fsynced count against the same bound:
+        // a disk that stalls for long fills it and the fast path answers 503, instead of the page
+        // cache holding an unbounded backlog.
+        let unsynced = st.next_lsn - 1 - self.shared.committed.load(Ordering::Acquire);
+        if st.pending_records >= cfg.pending_records_max
+            || (cfg.fsync_behind && unsynced >= cfg.pending_records_max as u64)
+        {
             return Err(AppendError::Full);
         }
         let lsn = st.next_lsn;
