@@ -164,11 +164,11 @@ def test_one_broker_killed_mid_burst_then_restarted_loses_no_acknowledged_paymen
         cl: ReplicatedCluster, brokers3: Brokers3) -> None:
     try:
         with Burst(cl.gateway.url) as burst:
-            burst.wait_acked(100)
+            burst.wait_acked(60)
             os.kill(brokers3.pid(2), signal.SIGKILL)
-            burst.wait_acked(100)  # two of three brokers are a quorum: creates keep being acknowledged
+            burst.wait_acked(60)  # two of three brokers are a quorum: creates keep being acknowledged
             brokers3.start()
-            burst.wait_acked(50)
+            burst.wait_acked(30)
     finally:
         brokers3.start()
     cl.assert_stored_once_and_final(burst.outcome.acked)
