@@ -437,7 +437,7 @@ class ClusterRuntime(Runtime):
             "# HELP gateway_risk_rules_version Version of the live global ruleset in this process.\n"
             "# TYPE gateway_risk_rules_version gauge\n"
             f"gateway_risk_rules_version {fp.risk.rules_version() if fp else 0}\n"
-            "# HELP gateway_relay_lag_lsn WAL records of this process committed but not yet acknowledged by Kafka.\n"
+            "# HELP gateway_relay_lag_lsn WAL records of this process written but not yet acknowledged by Kafka.\n"
             "# TYPE gateway_relay_lag_lsn gauge\n"
-            f"gateway_relay_lag_lsn {max(0, fp.committed_lsn() - relay.acked_lsn) if fp and relay else 0}\n"
+            f"gateway_relay_lag_lsn {max(0, fp.written_lsn() - relay.acked_lsn) if fp and relay else 0}\n"
         )
