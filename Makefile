@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(VENV)
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: venv deps build-dev build-prod node-sdk install run test test-rust test-python test-alerts fuzz-rust lint fmt services-up services-down bench bench-micro clean
+.PHONY: venv deps build-dev build-prod node-sdk install run test test-rust test-python test-alerts fuzz-rust lint fmt services-up services-down bench bench-tools bench-micro clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -77,7 +77,11 @@ services-up:
 services-down:
 	bash deploy/services.sh down
 
-bench: install
+# The load generators (k6, oha) are built once into .cache/tools by bench/tools.sh and kept there.
+bench-tools:
+	bash bench/tools.sh
+
+bench: install bench-tools
 	python bench/http_bench.py $(BENCH_ARGS)
 
 bench-micro: install

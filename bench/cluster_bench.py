@@ -1,6 +1,16 @@
-"""Cluster-mode benchmark: P50/P99/P99.9 and achieved requests/s at steady offered rates, for both
-durability modes (`wal`: 2xx after the local fsync; `kafka`: also after the broker's ack), side by
-side in one run, on the same machine, against the real Redis, Kafka and PostgreSQL of deploy/.
+"""Cluster-mode benchmark: P50/P99/P99.9 and achieved requests/s at steady offered rates, for the
+durability modes (`wal`: 2xx after the local fsync; `kafka`: also after the broker's ack;
+`replicated`: after a quorum of brokers acked, the local fsync behind), side by side in one run, on
+the same machine, against the real Redis, Kafka and PostgreSQL of deploy/. By default Kafka is the
+three-node cluster of `KAFKA_BROKERS=3 deploy/kafka.sh` and every mode's topic has replication factor
+3 and min.insync.replicas 2 (`--brokers 1`: the single node, without `replicated`).
+
+Every step reports the fsync latency of the same seconds, two ways: the gateways' own WAL fsync
+histogram (`wal_fsync`: P50/P99/max as bucket bounds) and a probe thread fdatasyncing 4 KiB every 5 ms
+on the same disk (`disk_fsync_probe`: exact P50/P99/max, and how many took over 100 ms). A disk that
+does not stall during the run can be made to: `--fsync-stall-ms 200` holds one WAL fsync per
+`--fsync-stall-every-ms` (2000) back by 200 ms in every gateway (GATEWAY_FAULT_WAL_FSYNC_DELAY_MS);
+the report says so (`injected_fsync_stall_ms`).
 
 Per mode: `gateway serve` with two processes behind one port, one `gateway worker`, a PostgreSQL schema,
 Kafka topic and Redis prefix of its own (dropped afterwards). The worker processes every payment
@@ -11,6 +21,7 @@ few hundred requests/s once latencies grow); every request has a fresh Idempoten
 run the script checks that every 2xx payment reached PostgreSQL.
 
     python bench/cluster_bench.py                       # rates 250,500,1000 req/s, 5 s each
+    python bench/cluster_bench.py --rates 500 --step-seconds 20 --processing off --fsync-stall-ms 200
     python bench/cluster_bench.py --rates 500 --step-seconds 10
     python bench/cluster_bench.py --modes wal --velocity shared,local   # shared vs local velocity
     python bench/cluster_bench.py --admit-only 20000    # the admission script alone, with and without
@@ -41,6 +52,7 @@ import httpx
 import psycopg
 import redis
 from confluent_kafka.admin import AdminClient
+from fsync_stats import FsyncProbe, gateway_fsync_histogram, histogram_delta
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -128,18 +140,28 @@ def run_step_k6(port: int, rate: float, seconds: float, run_id: str, work: Path)
     return hb.run_step(k6, targets, port, rate, seconds, run_id, None, None, K6_VUS_MAX, [DEMO_KEY], work)
 
 
-def services() -> dict[str, str]:
+def services(brokers: int = 1) -> dict[str, str]:
+    """The services of deploy/ (started if needed); with `brokers` 3 KAFKA_BOOTSTRAP names the three
+    nodes of `KAFKA_BROKERS=3 deploy/kafka.sh` (started too)."""
     out = subprocess.run(["bash", str(REPO / "deploy" / "services.sh"), "up"], capture_output=True, text=True,
                          check=True, timeout=900).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    svc = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    if brokers == 3:
+        subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "start"], check=True, timeout=600,
+                       env={**os.environ, "KAFKA_BROKERS": "3"}, stdout=subprocess.DEVNULL)
+        port = int(os.environ.get("KAFKA_PORT", "19092"))
+        svc["KAFKA_BOOTSTRAP"] = ",".join(f"127.0.0.1:{port + 10 * i}" for i in (1, 2, 3))
+    return svc
 
 
 class Deployment:
     def __init__(self, svc: dict[str, str], durability: str, workdir: Path, workers: int,
-                 velocity: str = "shared", processing: bool = True) -> None:
+                 velocity: str = "shared", processing: bool = True, replicas: int = 1,
+                 gateway_env: dict[str, str] | None = None) -> None:
         # processing False: the worker only materialises payments into PostgreSQL (GATEWAY_WORKER=off),
         # so the figures are those of the request path with the machine to itself.
         self.processing = processing
+        self.gateway_env = gateway_env or {}
         tag = uuid.uuid4().hex[:8]
         self.svc = svc
         self.schema = f"bench_{tag}"
@@ -168,6 +190,8 @@ consumer_group = "bench-{tag}"
 redis_key_prefix = "{self.prefix}"
 durability = "{durability}"
 velocity = "{velocity}"
+topic_replication_factor = {replicas}
+topic_min_insync_replicas = {2 if replicas >= 3 else 1}
 """)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers = workers
@@ -177,7 +201,8 @@ velocity = "{velocity}"
         log = (self.dir / "gateway.log").open("ab")
         self.procs.append(subprocess.Popen(
             [str(gw), "serve", "--config", str(self.config), "--data-dir", str(self.dir / "data"),
-             "--port", str(self.port), "--demo"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+             "--port", str(self.port), "--demo"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.gateway_env}))
         wlog = (self.dir / "worker.log").open("ab")
         env = {**os.environ, "GATEWAY_WORKER": "on" if self.processing else "off"}
         self.procs.append(subprocess.Popen([str(gw), "worker", "--config", str(self.config)], stdout=wlog,
@@ -277,7 +302,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="250,500,1000", help="offered rates, requests per second")
     ap.add_argument("--step-seconds", type=float, default=5.0)
-    ap.add_argument("--modes", default="wal,kafka")
+    ap.add_argument("--modes", default="wal,kafka,replicated")
+    ap.add_argument("--brokers", type=int, choices=(1, 3), default=3,
+                    help="Kafka nodes: 3 (replication factor 3, min.insync.replicas 2) or the single node")
+    ap.add_argument("--fsync-stall-ms", type=int, default=0,
+                    help="inject WAL fsync stalls of this many ms into the gateways (0: only the disk's own)")
+    ap.add_argument("--fsync-stall-every-ms", type=int, default=2000, help="one injected stall per this period")
     ap.add_argument("--workers", type=int, default=2, help="gateway processes behind the port")
     ap.add_argument("--generator", choices=("k6", "python"), default="k6",
                     help="load generator: k6 (bench/tools.sh) or the asyncio + httpx client")
@@ -288,7 +318,12 @@ def main() -> int:
                     help="only time the Redis admission script, with and without velocity")
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
-    svc = services()
+    if args.brokers == 1 and "replicated" in args.modes.split(","):
+        ap.error("durability replicated needs --brokers 3")
+    svc = services(args.brokers)
+    gateway_env = ({"GATEWAY_FAULT_WAL_FSYNC_DELAY_MS": str(args.fsync_stall_ms),
+                    "GATEWAY_FAULT_WAL_FSYNC_EVERY_MS": str(args.fsync_stall_every_ms)}
+                   if args.fsync_stall_ms else {})
     if args.admit_only:
         result = admit_only(svc, args.admit_only)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -307,11 +342,16 @@ def main() -> int:
     report: dict[str, Any] = {
         "when": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "gateway_processes": args.workers, "kafka_workers": 1, "step_seconds": args.step_seconds,
-        "load_generator": generator, "processing": args.processing, "modes": {},
+        "load_generator": generator, "processing": args.processing, "kafka_brokers": args.brokers,
+        "topic_replication_factor": args.brokers, "topic_min_insync_replicas": 2 if args.brokers == 3 else 1,
+        "injected_fsync_stall_ms": args.fsync_stall_ms,
+        "injected_fsync_stall_every_ms": args.fsync_stall_every_ms if args.fsync_stall_ms else None,
+        "modes": {},
     }
     with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
         for mode, velocity, name in runs:
-            d = Deployment(svc, mode, Path(tmp), args.workers, velocity, args.processing == "on")
+            d = Deployment(svc, mode, Path(tmp), args.workers, velocity, args.processing == "on",
+                           replicas=args.brokers, gateway_env=gateway_env)
             try:
                 d.start()
                 def step(rate: float, seconds: float, run_id: str, d: Deployment = d) -> dict[str, Any]:
@@ -321,9 +361,14 @@ def main() -> int:
 
                 step(rates[0], 5.0, f"{name}-warm")  # the first seconds of a deployment are slower
                 steps = []
+                url = f"http://127.0.0.1:{d.port}"
                 for rate in rates:
-                    r = step(rate, args.step_seconds, f"{name}-{int(rate)}")
+                    before = gateway_fsync_histogram(url, args.workers)
+                    with FsyncProbe(d.dir) as probe:
+                        r = step(rate, args.step_seconds, f"{name}-{int(rate)}")
+                    wal_fsync = histogram_delta(before, gateway_fsync_histogram(url, args.workers))
                     steps.append({
+                        "wal_fsync": wal_fsync, "disk_fsync_probe": probe.summary(),
                         "offered_rate": rate, "achieved_rate": round(r["achieved_rate"], 1),
                         "error_rate": r["error_rate"], "status_counts": r["status_counts"],
                         "p50_ms": r["latency_corrected"]["p50_ms"], "p99_ms": r["latency_corrected"]["p99_ms"],
@@ -333,6 +378,10 @@ def main() -> int:
                           f"p50 {r['latency_corrected']['p50_ms']:7.2f} ms p99 {r['latency_corrected']['p99_ms']:7.2f}"
                           f" ms p99.9 {r['latency_corrected']['p999_ms']:7.2f} ms errors {r['error_rate']:.4f}",
                           flush=True)
+                    pr = probe.summary()
+                    print(f"{'':12} WAL fsync p99 <= {wal_fsync.get('p99_ms_le')} ms, max <= {wal_fsync.get('max_ms_le')}"
+                          f" ms ({wal_fsync.get('over_100ms', 0)} over 100 ms); disk probe p99 {pr['p99_ms']} ms,"
+                          f" max {pr['max_ms']} ms ({pr['over_100ms']} over 100 ms)", flush=True)
                 acked = sum(s["status_counts"].get("201", 0) for s in steps)
                 deadline = time.monotonic() + 60
                 while (in_pg := d.payments_in_postgres()) < acked and time.monotonic() < deadline:
@@ -347,13 +396,15 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2))
     names = [name for _, _, name in runs]
     print(f"\nside by side, same run ({args.workers} gateway processes, 1 worker):")
-    print(f"{'rate':>8} | " + " | ".join(f"{n + ' p50/p99 ms':>22}" for n in names))
+    print("(each cell: P50/P99 ms of the creates, and the longest WAL fsync of the same step, ms)")
+    print(f"{'rate':>8} | " + " | ".join(f"{n + ' p50/p99 [fsync max]':>32}" for n in names))
     for i, rate in enumerate(rates):
         cells = []
         for name in names:
             s = report["modes"].get(name, {}).get("steps", [])
-            cells.append(f"{s[i]['p50_ms']:7.2f}/{s[i]['p99_ms']:8.2f}" if i < len(s) else "-")
-        print(f"{rate:8.0f} | " + " | ".join(f"{c:>22}" for c in cells))
+            cells.append(f"{s[i]['p50_ms']:7.2f}/{s[i]['p99_ms']:8.2f} [<={s[i]['wal_fsync'].get('max_ms_le')}]"
+                         if i < len(s) else "-")
+        print(f"{rate:8.0f} | " + " | ".join(f"{c:>32}" for c in cells))
     print(f"report: {out}")
     return 0
 

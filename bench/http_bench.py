@@ -1,4 +1,7 @@
-"""Open-loop HTTP benchmark: the gateway beside a bare server (floor) and a plain-Python baseline.
+"""Open-loop HTTP benchmark: the gateway beside a bare server (floor), the same bare server whose every
+201 waits for a group-committed fsync (durable_floor, bench/durable_floor_app.py) and a plain-Python
+baseline. Every step also records the disk's fsync latency of the same seconds (`fsync` in a step: a
+probe thread fdatasyncing 4 KiB every 20 ms, and for the gateway its own WAL fsync histogram).
 
 Every system gets the same traffic at the same stepped offered rates, on the same machine, in the same
 run. The load generator is k6 (constant-arrival-rate executor, open loop) driven by bench/k6_open_loop.js;
@@ -31,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import oha_creates
+from fsync_stats import FsyncProbe, gateway_fsync_histogram, histogram_delta
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -43,10 +48,14 @@ DEFAULT_RATES = [250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 75_000, 
 QUICK_RATES = [200, 500]
 KNEE_P99_MS = 10.0
 KNEE_ERROR_RATE = 0.001
+# The second knee definition (issue 12): highest offered rate served at >= 95% with < 0.1% errors and P50 under this.
+KNEE_P50_MS = 5.0
 # Statuses that are correct answers to the planned traffic: created, replayed, risk decline, and the
 # 409 a retry gets while its original is still in flight. Anything else (429 included) is an error.
 OK_STATUSES = "200,201,202,402,409"
-SYSTEMS = ("floor", "gateway", "baseline")
+SYSTEMS = ("floor", "durable_floor", "gateway", "baseline")
+# The disk probe of every step: one 4 KiB fdatasync this often, beside the system's own fsyncs.
+FSYNC_PROBE_INTERVAL_S = 0.02
 
 
 @dataclass
@@ -366,7 +375,8 @@ def make_servers(
     servers: list[Server] = []
     for name in systems:
         port = free_port()
-        if name == "floor":
+        if name in ("floor", "durable_floor"):
+            app = "floor_app:app" if name == "floor" else "durable_floor_app:app"
             argv = [
                 str(VENV_BIN / "granian"),
                 "--interface",
@@ -386,9 +396,10 @@ def make_servers(
                 "warning",
                 "--working-dir",
                 str(BENCH),
-                "floor_app:app",
+                app,
             ]
-            servers.append(Server(name, argv, port, env, BENCH))
+            server_env = {**env, "DURABLE_FLOOR_FILE": str(work / "durable-floor.wal")}
+            servers.append(Server(name, argv, port, server_env, BENCH))
         elif name == "baseline":
             config = {
                 "merchants": {k: f"mer_bench_{i}" for i, k in enumerate(api_keys)},
@@ -757,12 +768,41 @@ def run_oha_step(
     }
 
 
+def run_oha_series(oha: Path, server: Server, targets: Path, api_key: str, args: argparse.Namespace,
+                   plan: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Plain creates with oha at `--oha-rates` until the server (or oha) clearly saturates."""
+    bodies = oha_creates.write_bodies(targets, work / "oha-bodies.jsonl")
+    steps: list[dict[str, Any]] = []
+    for rate in [float(r) for r in args.oha_rates.split(",") if r]:
+        time.sleep(0.5)
+        step = oha_creates.run_step(oha, bodies, api_key, server.port, rate, args.step_seconds or 4.0,
+                                    plan["generator_cpus"], vus_for(rate, args.vus), cores_busy_s)
+        steps.append(step)
+        print(f"      oha plain creates {server.name} offered {fmt_rate(rate)}/s: {step}", flush=True)
+        if "error" in step or step["achieved_rate"] < 0.8 * rate or (step["p50_ms"] or 0) > 1000:
+            break
+    return {"steps": steps, "knee_p50": oha_creates.knee(steps),
+            "generator_saturated_at": [s["offered_rate"] for s in steps if s.get("generator_saturated")]}
+
+
 def knee(steps: list[dict[str, Any]]) -> float | None:
     """Highest offered rate with P99 under the bound and errors under the bound (None if no step passes)."""
     passing = [
         s["offered_rate"]
         for s in steps
         if s["latency_corrected"]["p99_ms"] < KNEE_P99_MS and s["error_rate"] < KNEE_ERROR_RATE
+    ]
+    return max(passing) if passing else None
+
+
+def knee_p50(steps: list[dict[str, Any]]) -> float | None:
+    """Highest offered rate served at >= 95% with errors < 0.1% and P50 < KNEE_P50_MS."""
+    passing = [
+        s["offered_rate"]
+        for s in steps
+        if s["achieved_rate"] >= 0.95 * s["offered_rate"]
+        and s["error_rate"] < KNEE_ERROR_RATE
+        and s["latency_corrected"]["p50_ms"] < KNEE_P50_MS
     ]
     return max(passing) if passing else None
 
@@ -872,6 +912,46 @@ def fmt_rate(x: float | None) -> str:
     return f"{x / 1000:.1f}K" if x >= 1000 else f"{x:.0f}"
 
 
+def oha_ratio(results: dict[str, Any], a: str, b: str) -> float | None:
+    ka = results.get(a, {}).get("oha_creates", {}).get("knee_p50")
+    kb = results.get(b, {}).get("oha_creates", {}).get("knee_p50")
+    return round(ka / kb, 3) if ka and kb else None
+
+
+def oha_lines(report: dict[str, Any]) -> list[str]:
+    """The plain-create series of every system (oha), with the generator's saturation marked."""
+    lines = ["", ("Plain creates with oha (`-Z`: a body per request, no Idempotency-Key; knee: served >= 95%, "
+             "errors < 0.1%, P50 < 5 ms):"), "",
+             "| system | knee | offered | sent | achieved | P50 ms | P99 ms | P99.9 ms | errors | oha core busy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in report["systems"].items():
+        series = res.get("oha_creates")
+        if not series:
+            continue
+        for i, st in enumerate(series["steps"]):
+            head = f"| {name if i == 0 else ''} | {fmt_rate(series['knee_p50']) if i == 0 else ''} | "
+            if "error" in st:
+                lines.append(head + f"{fmt_rate(st['offered_rate'])} | oha failed: {st['error']} | | | | | | |")
+                continue
+            lines.append(head + f"{fmt_rate(st['offered_rate'])} | {fmt_rate(st['sent_rate'])} | "
+                         f"{fmt_rate(st['achieved_rate'])} | {st['p50_ms']} | {st['p99_ms']} | {st['p999_ms']} | "
+                         f"{st['error_rate']:.2%} | {fmt_share(st['generator_core_busy_share'])}"
+                         f"{' (oha saturated)' if st['generator_saturated'] else ''} |")
+    r = report["ratios"]
+    lines += ["", (f"oha knees: gateway / durable floor = {r.get('oha_knee_gateway_over_durable_floor')}, "
+              f"gateway / floor = {r.get('oha_knee_gateway_over_floor')}.")]
+    return lines if len(lines) > 8 else []
+
+
+def fsync_cells(step: dict[str, Any]) -> str:
+    """The step's disk probe P99/max and the gateway's WAL fsync P99/max (bucket bounds), for the table."""
+    f = step.get("fsync", {})
+    probe, wal = f.get("disk_probe", {}), f.get("gateway_wal", {})
+    cell = f"{probe.get('p99_ms', '-')} / {probe.get('max_ms', '-')}"
+    wal_cell = f"{wal.get('p99_ms_le', '-')} / {wal.get('max_ms_le', '-')}" if wal else "-"
+    return f"{cell} | {wal_cell}"
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines = [
         f"# HTTP benchmark {report['started_at']}",
@@ -889,13 +969,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "",
         (
             "| system | knee | capacity | offered | sent | achieved | P50 ms | P99 ms | P99.9 ms | errors "
-            "| dropped | gen lag P99 ms | k6 CPU / its core busy | server core busy |"
+            "| dropped | gen lag P99 ms | k6 CPU / its core busy | server core busy | disk fsync P99 / max ms "
+            "| WAL fsync P99 / max ms (<=) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in report["systems"].items():
         if "error" in res:
-            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {res['error']} | - | - | - | - |")
+            lines.append(f"| {name} | - | - | - | - | - | - | - | - | {res['error']} | - | - | - | - | - | - |")
             continue
         for i, s in enumerate(res["steps"]):
             lat = s["latency_corrected"]
@@ -907,7 +988,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                 f"{s['dropped']} | {s['send_lag']['p99_ms']:.2f} | {fmt_share(s['generator']['cpu_share'])} / "
                 f"{fmt_share(s['generator']['cores_busy_share'])}"
                 f"{' (k6 saturated)' if s['generator']['saturated'] else ''} | "
-                f"{fmt_share(s['server_cores_busy_share'])} |"
+                f"{fmt_share(s['server_cores_busy_share'])} | {fsync_cells(s)} |"
             )
         why = (
             f"k6 could not offer {fmt_rate(res.get('saturated_at'))}"
@@ -915,7 +996,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             else f"server saturated at {fmt_rate(res.get('saturated_at'))}"
         )
         for skipped in res.get("skipped_rates", []):
-            lines.append(f"| | | | {fmt_rate(skipped)} | skipped: {why} | | | | | | | | | |")
+            lines.append(f"| | | | {fmt_rate(skipped)} | skipped: {why} | | | | | | | | | | | |")
     ratios = report["ratios"]
     lines += [
         "",
@@ -923,7 +1004,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             f"Ratios: gateway knee / floor knee = {ratios['gateway_over_floor']}, "
             f"gateway knee / baseline knee = {ratios['gateway_over_baseline']}; capacity (highest offered "
             f"rate served in full, any latency): gateway / floor = {ratios['capacity_gateway_over_floor']}, "
-            f"gateway / baseline = {ratios['capacity_gateway_over_baseline']}."
+            f"gateway / baseline = {ratios['capacity_gateway_over_baseline']}. Durable floor (same bare server, "
+            f"each 201 after a group-committed fsync): gateway knee / durable floor knee = "
+            f"{ratios.get('gateway_over_durable_floor')}, capacity ratio "
+            f"{ratios.get('capacity_gateway_over_durable_floor')}; knee with the P50 < {KNEE_P50_MS:g} ms "
+            f"definition (served >= 95%, errors < 0.1%): "
+            + ", ".join(f"{n} {fmt_rate(r.get('knee_p50'))}" for n, r in report["systems"].items() if "steps" in r)
+            + "."
         ),
         "",
         (
@@ -937,6 +1024,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "that offered rate was not actually offered (marked `k6 saturated`)."
         ),
     ]
+    lines += oha_lines(report)
     oha_steps = report["systems"].get("floor", {}).get("oha_steps")
     if oha_steps:
         lines += [
@@ -1056,6 +1144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-rate", type=float, default=0, help="offered rate to profile at (default: knee)")
     p.add_argument("--gateway-config", type=Path, default=BENCH / "gateway-bench.toml")
     p.add_argument("--histogram-rate", type=float, default=50_000)
+    p.add_argument("--oha-rates", default="1000,2500,5000,7500,10000,15000,20000,30000",
+                   help="rates of the plain-create steps with oha (bench/oha_creates.py) per system; '' skips them")
     return p.parse_args(argv)
 
 
@@ -1173,19 +1263,25 @@ def main(argv: list[str] | None = None) -> int:
                     if want_profile and server.proc is not None:
                         # The whole process tree: HTTP workers, pipeline workers and helpers alike.
                         profile = py_spy_profile(server.proc.pid, step_seconds, out_dir, server.name)
-                    step = run_step(
-                        k6,
-                        targets,
-                        server.port,
-                        rate,
-                        step_seconds,
-                        f"{server.name}-{int(rate)}",
-                        plan["generator_cpus"],
-                        plan["server_cpus"],
-                        args.vus,
-                        api_keys,
-                        work,
-                    )
+                    url = f"http://127.0.0.1:{server.port}"
+                    wal_before = gateway_fsync_histogram(url, 1) if server.name == "gateway" else {}
+                    with FsyncProbe(work, FSYNC_PROBE_INTERVAL_S) as probe:
+                        step = run_step(
+                            k6,
+                            targets,
+                            server.port,
+                            rate,
+                            step_seconds,
+                            f"{server.name}-{int(rate)}",
+                            plan["generator_cpus"],
+                            plan["server_cpus"],
+                            args.vus,
+                            api_keys,
+                            work,
+                        )
+                    step["fsync"] = {"disk_probe": probe.summary()}
+                    if server.name == "gateway":
+                        step["fsync"]["gateway_wal"] = histogram_delta(wal_before, gateway_fsync_histogram(url, 1))
                     if profile is not None:
                         for p in profile.pop("_procs"):
                             p.wait(timeout=step_seconds + 30)
@@ -1231,8 +1327,12 @@ def main(argv: list[str] | None = None) -> int:
                         res["saturated_by"] = "generator" if generator_capped else "server"
                         res["saturated_at"] = rate
                     time.sleep(0.5)
+                oha = TOOLS_BIN / "oha"
+                if args.oha_rates and oha.exists():
+                    res["oha_creates"] = run_oha_series(oha, server, targets, api_keys[0], args, plan, work)
                 res["knee"] = knee(res["steps"])
                 res["capacity"] = capacity(res["steps"])
+                res["knee_p50"] = knee_p50(res["steps"])
                 if server.name == "gateway":
                     import httpx
 
@@ -1314,6 +1414,10 @@ def main(argv: list[str] | None = None) -> int:
         "systems": results,
         "ratios": {
             "gateway_over_floor": ratio("gateway", "floor"),
+            "gateway_over_durable_floor": ratio("gateway", "durable_floor"),
+            "capacity_gateway_over_durable_floor": ratio("gateway", "durable_floor", "capacity"),
+            "oha_knee_gateway_over_durable_floor": oha_ratio(results, "gateway", "durable_floor"),
+            "oha_knee_gateway_over_floor": oha_ratio(results, "gateway", "floor"),
             "gateway_over_baseline": ratio("gateway", "baseline"),
             "capacity_gateway_over_floor": ratio("gateway", "floor", "capacity"),
             "capacity_gateway_over_baseline": ratio("gateway", "baseline", "capacity"),

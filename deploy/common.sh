@@ -69,6 +69,24 @@ for port_name in "${PORT_NAMES[@]}"; do
     fi
 done
 unset port_name
+# With KAFKA_BROKERS=3 (deploy/kafka.sh) node i of 1..3 listens on KAFKA_PORT + 10*i and its controller
+# on KAFKA_CONTROLLER_PORT + 10*i: 19102/19103, 19112/19113, 19122/19123 by default; a worker given
+# KAFKA_PORT=49092 gets 49102.. 49123. They never collide with the single node's two ports.
+KAFKA_BROKERS="${KAFKA_BROKERS:-1}"
+kafka_node_port() { echo $(( KAFKA_PORT + 10 * $1 )); }
+kafka_node_controller_port() { echo $(( KAFKA_CONTROLLER_PORT + 10 * $1 )); }
+# The bootstrap list of the layout KAFKA_BROKERS selects.
+kafka_bootstrap() {
+    if [[ "$KAFKA_BROKERS" == 1 ]]; then
+        echo "$SERVICES_HOST:$KAFKA_PORT"
+        return
+    fi
+    local i out=""
+    for (( i = 1; i <= KAFKA_BROKERS; i++ )); do
+        out+="${out:+,}$SERVICES_HOST:$(kafka_node_port "$i")"
+    done
+    echo "$out"
+}
 
 log() { printf '[%s] %s\n' "${SERVICE_NAME:-deploy}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts (up), stops (down) or reports on (status) the three cluster-mode services on
 # loopback: Redis, PostgreSQL and Kafka. Every step is idempotent: `up` on a running set is a quick no-op.
+# KAFKA_BROKERS=3 selects a three-node Kafka cluster instead of the single node (deploy/kafka.sh); `down`
+# and `status` then cover those three nodes.
 #
 # `up` picks the ports: REDIS_PORT, POSTGRES_PORT, KAFKA_PORT, KAFKA_CONTROLLER_PORT from the
 # environment when given, else the ones this checkout used before, else the defaults (16379, 15432,
@@ -83,7 +85,8 @@ write_env() {
         done
         echo "export REDIS_URL=redis://$SERVICES_HOST:$REDIS_PORT/0"
         echo "export DATABASE_URL=postgresql://gateway:gateway@$SERVICES_HOST:$POSTGRES_PORT/gateway"
-        echo "export KAFKA_BOOTSTRAP=$SERVICES_HOST:$KAFKA_PORT"
+        echo "export KAFKA_BROKERS=$KAFKA_BROKERS"
+        echo "export KAFKA_BOOTSTRAP=$(kafka_bootstrap)"
         echo "export GATEWAY_PSP_URL=http://$SERVICES_HOST:$PSP_SIM_PORT"
     } >"$env_file.tmp"
     mv "$env_file.tmp" "$env_file"
@@ -94,7 +97,7 @@ write_cluster_config() {
     local out="$SERVICES_DIR/cluster.toml"
     sed -e "s|^redis_url = .*|redis_url = \"redis://$SERVICES_HOST:$REDIS_PORT/0\"|" \
         -e "s|^database_url = .*|database_url = \"postgresql://gateway:gateway@$SERVICES_HOST:$POSTGRES_PORT/gateway\"|" \
-        -e "s|^kafka_bootstrap = .*|kafka_bootstrap = \"$SERVICES_HOST:$KAFKA_PORT\"|" \
+        -e "s|^kafka_bootstrap = .*|kafka_bootstrap = \"$(kafka_bootstrap)\"|" \
         -e "s|^port = 8080$|port = $GATEWAY_PORT|" \
         -e "s|^url = \"\"$|url = \"http://$SERVICES_HOST:$PSP_SIM_PORT\"|" \
         "$REPO_DIR/config/cluster.toml" >"$out.tmp"

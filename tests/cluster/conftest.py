@@ -24,6 +24,9 @@ SERVICES_UP_TIMEOUT_S = 900
 SETTING_NAMES = ("REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP")
 KEEP_SERVICES_ENV = "KEEP_SERVICES"
 SERVICES_DOWN_TIMEOUT_S = 180
+KAFKA_SCRIPT = REPO_DIR / "deploy" / "kafka.sh"
+# Starting three brokers takes about a minute on a small machine, more when they compete for its cores.
+BROKERS3_START_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -115,3 +118,40 @@ redis_key_prefix = "{prefix}"
 redis_timeout_ms = 300
 durability = "{durability}"
 {extra}"""
+
+
+@dataclass(frozen=True)
+class Brokers3:
+    """The three-node Kafka cluster of `KAFKA_BROKERS=3 deploy/kafka.sh` (durability "replicated")."""
+
+    bootstrap: str
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        return {**os.environ, "KAFKA_BROKERS": "3"}
+
+    def start(self) -> None:
+        """Starts the nodes that are not running (all three, or the ones a test killed)."""
+        result = subprocess.run(["bash", str(KAFKA_SCRIPT), "start"], cwd=REPO_DIR, env=self.env(),
+                                capture_output=True, text=True, timeout=BROKERS3_START_TIMEOUT_S, check=False)
+        if result.returncode != 0:
+            pytest.fail(f"KAFKA_BROKERS=3 deploy/kafka.sh start failed:\n{result.stderr[-3000:]}")
+
+    def pid(self, node: int) -> int:
+        return int((services_dir() / "kafka3" / f"node-{node}" / "kafka.pid").read_text().strip())
+
+
+@pytest.fixture(scope="session")
+def brokers3(services: ServiceUrls) -> Iterator[Brokers3]:
+    """Three brokers on loopback, started once per session (after the other services, whose install
+    step also fetched the broker's jars); stopped at the end like the other services, unless
+    `KEEP_SERVICES=1`. Node i listens on the single node's port + 10 * i (deploy/common.sh)."""
+    kafka_port = int(services.kafka_bootstrap.rsplit(":", 1)[1])
+    brokers = Brokers3(",".join(f"127.0.0.1:{kafka_port + 10 * i}" for i in (1, 2, 3)))
+    already_running = subprocess.run(["bash", str(KAFKA_SCRIPT), "status"], cwd=REPO_DIR, env=Brokers3.env(),
+                                     capture_output=True, timeout=60, check=False).returncode == 0
+    brokers.start()
+    yield brokers
+    if not already_running and os.environ.get(KEEP_SERVICES_ENV, "") not in ("1", "yes", "true"):
+        subprocess.run(["bash", str(KAFKA_SCRIPT), "stop"], cwd=REPO_DIR, env=Brokers3.env(), capture_output=True,
+                       timeout=SERVICES_DOWN_TIMEOUT_S, check=False)

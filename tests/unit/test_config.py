@@ -86,6 +86,14 @@ def test_new_sections_default_to_todays_settings() -> None:
          "at least webhooks.retry_base_ms"),
         ("[webhooks]\ntimeout_ms = 99\n", "webhooks.timeout_ms", ">= 100"),
         ("[webhooks]\nallow_private_urls = 1\n", "webhooks.allow_private_urls", "Expected `bool`"),
+        ("[cluster]\ndurability = \"quorum\"\n", "cluster.durability", "Invalid enum value 'quorum'"),
+        ("[cluster]\ndurability = \"replicated\"\n", "cluster.durability",
+         "needs cluster.topic_replication_factor >= 3 and topic_min_insync_replicas >= 2 (they are 1 and 1)"),
+        ("[cluster]\ndurability = \"replicated\"\ntopic_replication_factor = 3\n", "cluster.durability",
+         "(they are 3 and 1)"),
+        ("[cluster]\ntopic_min_insync_replicas = 2\n", "cluster.topic_min_insync_replicas",
+         "at most cluster.topic_replication_factor (1)"),
+        ("[cluster]\ntopic_replication_factor = 0\n", "cluster.topic_replication_factor", ">= 1"),
     ],
 )
 def test_a_bad_value_in_a_new_section_names_the_file_the_key_and_the_reason(text: str, key: str, reason: str) -> None:
@@ -94,6 +102,15 @@ def test_a_bad_value_in_a_new_section_names_the_file_the_key_and_the_reason(text
     message = str(e.value)
     assert message.startswith(f"bad.toml: {key}"), message
     assert reason in message, message
+
+
+def test_replicated_durability_takes_three_copies_and_two_in_sync() -> None:
+    cfg = config.parse("[cluster]\ndurability = \"replicated\"\ntopic_replication_factor = 3\n"
+                       "topic_min_insync_replicas = 2\n", "ok.toml")
+    assert (cfg.cluster.durability, cfg.cluster.topic_replication_factor, cfg.cluster.topic_min_insync_replicas) == (
+        "replicated", 3, 2)
+    assert '"fsync_behind": true' not in cfg.fastpath_json(Path("d"))
+    assert '"fsync_behind":true' in cfg.fastpath_json(Path("d"), fsync_behind=True)
 
 
 def test_config_check_prints_the_error_and_exits_2(tmp_path: Path) -> None:

@@ -149,7 +149,14 @@ class ClusterConfig(_Section):
     consumer_group: Annotated[str, Meta(min_length=1, max_length=200)] = "gateway-workers"
     # "wal": a 2xx waits for the local WAL fsync only; the relay ships the record to Kafka afterwards.
     # "kafka": a 2xx waits for the local fsync and then for the broker's acknowledgement (acks=all).
-    durability: Literal["wal", "kafka"] = "wal"
+    # "replicated": a 2xx waits for the brokers' acknowledgement only (acks=all on a topic with
+    # topic_replication_factor >= 3 and topic_min_insync_replicas >= 2); the local fsync runs behind.
+    durability: Literal["wal", "kafka", "replicated"] = "wal"
+    # Copies of each partition of the topic, and how many of them must hold a record before the
+    # brokers acknowledge it (the topic's `min.insync.replicas`, set at every start). 1 and 1 for a
+    # single broker; 3 and 2 for `replicated` (one broker may be lost without losing a write).
+    topic_replication_factor: Annotated[int, Meta(ge=1, le=16)] = 1
+    topic_min_insync_replicas: Annotated[int, Meta(ge=1, le=16)] = 1
     # Prefix of every Redis key and of the risk channel, so several gateways can share one Redis.
     redis_key_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_-]{1,64}$")] = "gw"
     risk_channel: Annotated[str, Meta(min_length=1, max_length=200)] = "gateway:risk"
@@ -355,10 +362,12 @@ class Config(_Section):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     merchants: MerchantsConfig = msgspec.field(default_factory=MerchantsConfig)
 
-    def fastpath_json(self, data_dir: Path, recover_after_lsn: int = 0, key_filter: bool = False) -> str:
+    def fastpath_json(self, data_dir: Path, recover_after_lsn: int = 0, key_filter: bool = False,
+                      fsync_behind: bool = False) -> str:
         """The settings the Rust fast path takes, as the JSON its `Config` decodes. `recover_after_lsn`:
         the store's checkpoint; `key_filter`: the memory table is a cache in front of the store's
-        record of every key (embedded mode), with its filter persisted in data_dir/idempotency."""
+        record of every key (embedded mode), with its filter persisted in data_dir/idempotency;
+        `fsync_behind`: the WAL's fsync runs on its own thread behind the writes (durability "replicated")."""
         block_keys, block_rate, blocks_max = self.idempotency.filter_shape()
         return msgspec.json.encode(
             {
@@ -372,6 +381,7 @@ class Config(_Section):
                 "maintenance_interval_ms": self.idempotency.maintenance_interval_ms,
                 "wal_dir": str(data_dir / "wal"),
                 "fsync_interval_us": self.wal.fsync_interval_us,
+                "fsync_behind": fsync_behind,
                 "batch_records_max": self.wal.batch_records_max,
                 "segment_bytes_max": self.wal.segment_bytes_max,
                 "pending_records_max": self.wal.pending_records_max,
@@ -412,6 +422,13 @@ def _inconsistency(cfg: Config) -> tuple[str, str] | None:
         )
     if w.retry_max_ms < w.retry_base_ms:
         return "webhooks.retry_max_ms", f"must be at least webhooks.retry_base_ms ({w.retry_base_ms})"
+    c = cfg.cluster
+    if c.topic_min_insync_replicas > c.topic_replication_factor:
+        return ("cluster.topic_min_insync_replicas",
+                f"must be at most cluster.topic_replication_factor ({c.topic_replication_factor})")
+    if c.durability == "replicated" and (c.topic_replication_factor < 3 or c.topic_min_insync_replicas < 2):
+        needs = "\"replicated\" needs cluster.topic_replication_factor >= 3 and topic_min_insync_replicas >= 2"
+        return "cluster.durability", f"{needs} (they are {c.topic_replication_factor} and {c.topic_min_insync_replicas})"
     return None
 
 

@@ -11,6 +11,11 @@ If librdkafka gives up on a record (the broker was down longer than `message.tim
 producer hits a fatal error, the relay rewinds: it drops the producer, re-opens the WAL at the acked
 checkpoint and sends everything after it again.
 
+With `read_written` (durability "replicated") the relay reads records as soon as they are written to
+the WAL file, before their fsync: the brokers' acknowledgement, not the local disk, makes them
+durable. Its checkpoint then never passes the WAL's committed LSN, so a WAL that lost its unsynced
+tail (a power loss) is resent from there rather than skipped.
+
 Two threads: the sender blocks on the WAL's commit notification, the poller blocks in
 `producer.poll()` serving delivery callbacks, so neither a new record nor an ack waits for the other.
 """
@@ -44,6 +49,8 @@ IDLE_WAIT_MS = 50
 class CommittedSource(Protocol):
     def committed_lsn(self) -> int: ...
     def wait_committed(self, lsn: int, timeout_ms: int) -> bool: ...
+    def written_lsn(self) -> int: ...
+    def wait_written(self, lsn: int, timeout_ms: int) -> bool: ...
 
 
 def record_key(payload: bytes) -> bytes | None:
@@ -53,23 +60,32 @@ def record_key(payload: bytes) -> bytes | None:
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int, retention_ms: int | None = None,
-                 timeout_s: float = TOPIC_CREATE_TIMEOUT_S) -> None:
-    """Creates the topic when it does not exist yet (an existing topic keeps its partitions); with
-    `retention_ms` (`[cluster] topic_retention_ms`) the topic's `retention.ms` is set to it, on an
-    existing topic too, so the config file decides how long Kafka keeps the event log. TimeoutError
+                 timeout_s: float = TOPIC_CREATE_TIMEOUT_S, replication_factor: int = 1,
+                 min_insync_replicas: int | None = None) -> None:
+    """Creates the topic when it does not exist yet (an existing topic keeps its partitions and its
+    replication factor) with `replication_factor` copies of each partition (`[cluster]
+    topic_replication_factor`); `retention_ms` (`topic_retention_ms`) and `min_insync_replicas`
+    (`topic_min_insync_replicas`) are set on it, on an existing topic too, so the config file decides
+    how long Kafka keeps the event log and how many copies an acknowledgement needs. TimeoutError
     when the brokers do not answer within `timeout_s`."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    extra = {"retention.ms": str(retention_ms)} if retention_ms is not None else {}
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1, config=extra)],
-                                  request_timeout=timeout_s)
+    extra: dict[str, str] = {}
+    if retention_ms is not None:
+        extra["retention.ms"] = str(retention_ms)
+    if min_insync_replicas is not None:
+        extra["min.insync.replicas"] = str(min_insync_replicas)
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor, config=extra)],
+        request_timeout=timeout_s)
     try:
         futures[topic].result(timeout=timeout_s)
     except KafkaException as e:
         if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
-        if retention_ms is not None:
+        if extra:
             resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[
-                ConfigEntry("retention.ms", str(retention_ms), incremental_operation=AlterConfigOpType.SET)])
+                ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+                for name, value in extra.items()])
             for fut in admin.incremental_alter_configs([resource], request_timeout=timeout_s).values():
                 fut.result(timeout=timeout_s)
 
@@ -119,6 +135,7 @@ class Relay:
         checkpoint_interval_ms: int = 100,
         on_acked: Callable[[int], None] | None = None,
         source_name: str = "",
+        read_written: bool = False,
     ) -> None:
         assert inflight_records_max >= 1 and batch_records_max >= 1
         self.wal_dir = wal_dir
@@ -130,6 +147,10 @@ class Relay:
         self.checkpoint_interval_s = checkpoint_interval_ms / 1000
         self.on_acked = on_acked
         self.source_name = source_name.encode()
+        # How far the relay may read, and how it waits for more: written or committed records.
+        self.read_written = read_written
+        self._readable = source.written_lsn if read_written else source.committed_lsn
+        self._wait_readable = source.wait_written if read_written else source.wait_committed
         self._producer_conf = producer_config(bootstrap, linger_ms=linger_ms, message_timeout_ms=message_timeout_ms,
                                               inflight_records_max=inflight_records_max)
         self._checkpoint = Checkpoint(checkpoint_path)
@@ -192,6 +213,8 @@ class Relay:
 
     def _save_checkpoint(self, force: bool = False) -> None:
         lsn = self.acked_lsn
+        if self.read_written:
+            lsn = min(lsn, self.source.committed_lsn())
         now = time.monotonic()
         if lsn != self._stored_lsn and (force or now - self._stored_at >= self.checkpoint_interval_s):
             self._checkpoint.store(lsn)
@@ -248,9 +271,9 @@ class Relay:
                     if room <= 0:
                         self._space.wait(0.1)
                         continue
-                records = reader.read(self.source.committed_lsn(), min(room, self.batch_records_max))
+                records = reader.read(self._readable(), min(room, self.batch_records_max))
                 if not records:
-                    self.source.wait_committed(last_read + 1, IDLE_WAIT_MS)
+                    self._wait_readable(last_read + 1, IDLE_WAIT_MS)
                     continue
                 generation = self._generation
                 for lsn, payload in records:
@@ -284,7 +307,7 @@ class Relay:
         deadline = time.monotonic() + flush_timeout_s
         # Let the sender catch up with what is committed, so a clean stop leaves nothing behind.
         while (time.monotonic() < deadline and self.error is None and not self._rewind.is_set()
-               and self.acked_lsn < self.source.committed_lsn()):
+               and self.acked_lsn < self._readable()):
             time.sleep(0.01)
         self._stop.set()
         for t in self._threads:

@@ -6,7 +6,8 @@ the GIL released). That call never waits for the disk: it returns the LSN of the
 request awaits a future that the group-commit notification (an eventfd registered with the event
 loop) resolves, so one event loop keeps thousands of requests in flight while they share fsyncs.
 Invariant: a 2xx `CreateAnswer` is only returned once its record is durable in the sense of the
-mode (DESIGN.md: `wal` = fsynced locally; cluster `kafka` = also acknowledged by the broker).
+mode (DESIGN.md: `wal` = fsynced locally; cluster `kafka` = also acknowledged by the broker;
+cluster `replicated` = acknowledged by a quorum of brokers, the local fsync behind: `wait_wal` False).
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ class Durability:
         # path's memory table misses a key its filter may have seen (embedded mode).
         self.durable_lookup: Callable[[str, str], tuple[str, int, bytes, int] | None] | None = None
         self.durable_lookups = 0
+        # False (durability "replicated"): `accept` returns once the record is written, and the caller
+        # waits for the brokers' acknowledgement instead of the local fsync.
+        self.wait_wal = True
         self._running = False
 
     def start(self) -> None:
@@ -149,7 +153,7 @@ class Durability:
         # Only a 2xx body is the payment object; a 402 body is the decline error.
         if remember is not None and r.lsn and r.payment_id is not None and r.status < 300:
             remember(merchant.id, r.payment_id, r.body, r.lsn)
-        if r.lsn and fp.committed_lsn() < r.lsn:
+        if r.lsn and self.wait_wal and fp.committed_lsn() < r.lsn:
             fut = self.waiters.add(self.loop, r.lsn, self.wait_s_max)
             try:
                 await fut

@@ -15,7 +15,9 @@ The runtime of `server.mode = "cluster"` (runtime/base.py says what a runtime is
   2xx (the payment exists); a retry then converges on the same payment id, derived from (merchant,
   key), which PostgreSQL's primary key stores once.
 - **Durability**: `wal` answers after the local fsync; `kafka` after the fsync *and* the broker's
-  acknowledgement of that record (the relay's contiguously acked LSN).
+  acknowledgement of that record (the relay's contiguously acked LSN); `replicated` after the
+  brokers' acknowledgement alone (acks=all, a quorum of min.insync.replicas): the WAL fsyncs on its
+  own thread behind the writes and the relay ships records as soon as they are written.
 - **Velocity** (`cluster.velocity = "shared"`): the admission script also counts the admitted payment in
   the shared velocity windows (shared/redis_velocity.py) and returns its counters, which the Rust call
   decides with (`Durability.accept(..., velocity=...)`, runtime/base.py) instead of this process's own store.
@@ -75,6 +77,8 @@ EXPIRE_TICK_S = 0.1
 RISK_POLL_S = 2.0
 # A request waiting for a payment's change re-reads PostgreSQL this often even without a notification.
 CHANGES_RECHECK_S = 0.25
+# The durability modes whose 2xx waits for the brokers' acknowledgement of the record.
+BROKER_ACKED = ("kafka", "replicated")
 
 
 def claim_slot(data_dir: Path) -> tuple[int, int]:
@@ -139,15 +143,17 @@ class ClusterRuntime(Runtime):
         store = self.store = PostgresStore(c.database_url, c.database_schema, c.database_pool_min,
                                            c.database_pool_max, c.database_timeout_ms)
         store.migrate()
-        fastpath = self.fastpath = FastPath(self.config.fastpath_json(proc_dir))
-        ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms)
+        replicated = c.durability == "replicated"
+        fastpath = self.fastpath = FastPath(self.config.fastpath_json(proc_dir, fsync_behind=replicated))
+        ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms,
+                     replication_factor=c.topic_replication_factor, min_insync_replicas=c.topic_min_insync_replicas)
         self.relay = Relay(
             str(proc_dir / "wal"), proc_dir / "relay.checkpoint", fastpath, c.kafka_bootstrap, c.topic,
             inflight_records_max=c.relay_inflight_records_max, batch_records_max=c.relay_batch_records_max,
             linger_ms=c.relay_linger_ms, message_timeout_ms=c.relay_message_timeout_ms,
             checkpoint_interval_ms=c.relay_checkpoint_interval_ms,
-            on_acked=self._acked_threadsafe if c.durability == "kafka" else None,
-            source_name=f"{os.uname().nodename}/proc-{self.slot}",
+            on_acked=self._acked_threadsafe if c.durability in BROKER_ACKED else None,
+            source_name=f"{os.uname().nodename}/proc-{self.slot}", read_written=replicated,
         )
         self.relay.start()
         self.shared = RedisSharedState(c.redis_url, c.redis_key_prefix, c.redis_pool_size, c.redis_timeout_ms,
@@ -156,6 +162,8 @@ class ClusterRuntime(Runtime):
         self.risk.start()
         loop.call_later(EXPIRE_TICK_S, self._expire_ack_waiters)
         self._start_common(loop, store, fastpath, CHANGES_RECHECK_S, publish=self._risk_publish())
+        assert self.durability is not None
+        self.durability.wait_wal = not replicated
         self._follow_risk()
         changes = self.changes
         assert changes is not None
@@ -217,7 +225,7 @@ class ClusterRuntime(Runtime):
             self._slot_fd = -1
         log.info("gateway stopped; WAL flushed")
 
-    # -- broker acknowledgements (durability = "kafka") -------------------------------------------
+    # -- broker acknowledgements (durability = "kafka" or "replicated") ---------------------------
 
     def _acked_threadsafe(self, _lsn: int) -> None:
         # Relay poller thread: one wake-up of the loop per burst of acks, not one per record.
@@ -310,12 +318,12 @@ class ClusterRuntime(Runtime):
         # With shared velocity the fast path decides with this payment's counters from the admission script.
         answer = await self.accept(merchant, idem_key, body, adm.velocity)
         lsn = answer.lsn
-        kafka = self.cfg.durability == "kafka"
+        kafka = self.cfg.durability in BROKER_ACKED
         if answer.replayed and not lsn and answer.status < 500 and kafka and self.fastpath is not None:
             # A replay from this process's own table: its original record may be one that got 503
-            # because the broker had not acknowledged it. Everything committed now includes it.
+            # because the broker had not acknowledged it. Everything written now includes it.
             # (Never below the last waiter's LSN, so the waiters stay in LSN order.)
-            lsn = max(self.fastpath.committed_lsn(), self._ack_waiters.last_lsn())
+            lsn = max(self.fastpath.written_lsn(), self._ack_waiters.last_lsn())
         if lsn and answer.status < 500 and kafka and not await self._wait_acked(lsn):
             log.error("payment %s not acknowledged by the broker in time", answer.payment_id)
             answer = CreateAnswer(503, error_body(
@@ -474,7 +482,7 @@ class ClusterRuntime(Runtime):
             "# HELP gateway_backlog_refused_total Creates refused with 503 backlog_full.\n"
             "# TYPE gateway_backlog_refused_total counter\n"
             f"gateway_backlog_refused_total {self.backlog_refused}\n"
-            "# HELP gateway_relay_lag_lsn WAL records of this process committed but not yet acknowledged by Kafka.\n"
+            "# HELP gateway_relay_lag_lsn WAL records of this process written but not yet acknowledged by Kafka.\n"
             "# TYPE gateway_relay_lag_lsn gauge\n"
-            f"gateway_relay_lag_lsn {max(0, fp.committed_lsn() - relay.acked_lsn) if fp and relay else 0}\n"
+            f"gateway_relay_lag_lsn {max(0, fp.written_lsn() - relay.acked_lsn) if fp and relay else 0}\n"
         )

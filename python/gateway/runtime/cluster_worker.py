@@ -322,7 +322,9 @@ def run_worker(cfg: Config, metrics_port: int | None = None) -> int:
     # it instead of exiting; a signal still stops it at once.
     while True:
         try:
-            ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms, TOPIC_ATTEMPT_TIMEOUT_S)
+            ensure_topic(c.kafka_bootstrap, c.topic, c.topic_partitions, c.topic_retention_ms, TOPIC_ATTEMPT_TIMEOUT_S,
+                         replication_factor=c.topic_replication_factor,
+                         min_insync_replicas=c.topic_min_insync_replicas)
             break
         except (KafkaException, TimeoutError) as e:
             log.warning("Kafka at %s not reachable to check topic %s (%s); retrying in %.0f s",

@@ -10,6 +10,9 @@ pub struct Config {
     pub wal_dir: String,
     /// Longest time a record waits for the group commit that makes it durable.
     pub fsync_interval_us: u64,
+    /// The fsync runs on its own thread behind the writes; the relay reads written records
+    /// (cluster durability "replicated", whose answer waits for the brokers instead of the disk).
+    pub fsync_behind: bool,
     /// A group commit starts as soon as this many records wait, without waiting for the interval.
     pub batch_records_max: usize,
     /// A new segment file starts once the current one reaches this size.
@@ -60,6 +63,7 @@ impl Default for Config {
         Self {
             wal_dir: "data/wal".into(),
             fsync_interval_us: 200,
+            fsync_behind: false,
             batch_records_max: 512,
             segment_bytes_max: 64 * 1024 * 1024,
             pending_records_max: 65_536,

@@ -203,6 +203,17 @@ impl CommitListener for Committer {
     }
 }
 
+/// Fault injection for the fault tests and the benchmarks (a disk that stalls):
+/// `GATEWAY_FAULT_WAL_FSYNC_DELAY_MS` delays WAL fdatasyncs, at most one per
+/// `GATEWAY_FAULT_WAL_FSYNC_EVERY_MS` when that is set; unset or unparsable: zero.
+fn fault_ms(name: &str) -> Duration {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::ZERO)
+}
+
 pub struct StageMetrics {
     pub stages: Vec<Histogram>,
     pub decisions: DecisionCounts,
@@ -327,6 +338,9 @@ impl Engine {
                 batch_records_max: cfg.batch_records_max,
                 segment_bytes_max: cfg.segment_bytes_max,
                 pending_records_max: cfg.pending_records_max,
+                fsync_behind: cfg.fsync_behind,
+                fsync_fault_delay: fault_ms("GATEWAY_FAULT_WAL_FSYNC_DELAY_MS"),
+                fsync_fault_every: fault_ms("GATEWAY_FAULT_WAL_FSYNC_EVERY_MS"),
             },
             recovered.next_lsn,
             recovered.tail_segment,
@@ -416,6 +430,14 @@ impl Engine {
 
     pub fn wait_committed(&self, lsn: u64, timeout: Duration) -> bool {
         self.wal.wait_committed(lsn, timeout)
+    }
+
+    pub fn written_lsn(&self) -> u64 {
+        self.wal.written_lsn()
+    }
+
+    pub fn wait_written(&self, lsn: u64, timeout: Duration) -> bool {
+        self.wal.wait_written(lsn, timeout)
     }
 
     pub fn wal(&self) -> &WalWriter {
@@ -742,6 +764,11 @@ impl Engine {
             out,
             "# HELP gateway_wal_committed_lsn Highest WAL LSN durable on disk.\n# TYPE gateway_wal_committed_lsn gauge\ngateway_wal_committed_lsn {}",
             self.committed_lsn()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_wal_written_lsn Highest WAL LSN written to the segment file (fsynced or not; above the committed LSN only while the fsync runs behind).\n# TYPE gateway_wal_written_lsn gauge\ngateway_wal_written_lsn {}",
+            self.written_lsn()
         );
         let _ =
             writeln!(

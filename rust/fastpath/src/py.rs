@@ -221,6 +221,18 @@ impl FastPath {
         })
     }
 
+    /// Highest LSN written to the WAL file, fsynced or not (`committed_lsn` <= it).
+    fn written_lsn(&self) -> u64 {
+        self.engine.written_lsn()
+    }
+
+    fn wait_written(&self, py: Python<'_>, lsn: u64, timeout_ms: u64) -> bool {
+        py.allow_threads(|| {
+            self.engine
+                .wait_written(lsn, Duration::from_millis(timeout_ms))
+        })
+    }
+
     fn wal_error(&self) -> Option<String> {
         self.engine.wal_error()
     }

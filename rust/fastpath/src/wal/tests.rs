@@ -10,6 +10,9 @@ fn cfg(dir: &Path) -> WriterConfig {
         batch_records_max: 64,
         segment_bytes_max: 4096,
         pending_records_max: 10_000,
+        fsync_behind: false,
+        fsync_fault_delay: Duration::ZERO,
+        fsync_fault_every: Duration::ZERO,
     }
 }
 
@@ -278,4 +281,82 @@ fn recovery_after_a_checkpoint_skips_the_segments_it_covers() {
         recover(dir.path(), |_, _| {}).is_err(),
         "a full scan still finds the damage"
     );
+}
+
+fn behind_cfg(dir: &Path, delay_ms: u64) -> WriterConfig {
+    WriterConfig {
+        fsync_behind: true,
+        fsync_fault_delay: Duration::from_millis(delay_ms),
+        ..cfg(dir)
+    }
+}
+
+#[test]
+fn fsync_behind_publishes_written_records_before_a_stalled_fsync_commits_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = recover(dir.path(), |_, _| {}).unwrap();
+    let w = WalWriter::open(behind_cfg(dir.path(), 400), rec.next_lsn, rec.tail_segment).unwrap();
+    let mut last = 0;
+    for i in 0..200 {
+        last = w.append(format!("record-{i:05}").as_bytes()).unwrap();
+        if i % 25 == 24 {
+            // Separate batches, so that segment rotation (checked per batch) happens.
+            assert!(w.wait_written(last, Duration::from_millis(300)));
+        }
+    }
+    // The disk "stalls" 400 ms per fsync: the records are readable, not yet committed.
+    assert!(w.committed_lsn() < last);
+    let mut reader = WalReader::new(dir.path(), 0);
+    let mut read = Vec::new();
+    while read.len() < 200 {
+        let batch = reader.read(w.written_lsn(), 1000).unwrap();
+        assert!(!batch.is_empty(), "every written record is readable");
+        read.extend(batch);
+    }
+    assert_eq!(read.last().unwrap().0, last);
+    assert!(w.wait_committed(last, Duration::from_secs(10)));
+    assert!(
+        list_segments(dir.path()).unwrap().len() > 1,
+        "segments rotate behind too"
+    );
+    w.close();
+    assert_eq!(read_all(dir.path()).len(), 200);
+}
+
+#[test]
+fn fsync_behind_close_makes_everything_written_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = recover(dir.path(), |_, _| {}).unwrap();
+    let w = WalWriter::open(behind_cfg(dir.path(), 50), rec.next_lsn, rec.tail_segment).unwrap();
+    let mut last = 0;
+    for i in 0..50 {
+        last = w.append(format!("r{i}").as_bytes()).unwrap();
+    }
+    w.close();
+    assert_eq!(w.committed_lsn(), last);
+    assert_eq!(w.written_lsn(), last);
+    assert!(!w.wait_committed(last + 1, Duration::from_millis(10)));
+    let rec = recover(dir.path(), |_, _| {}).unwrap();
+    assert_eq!(rec.next_lsn, last + 1);
+}
+
+#[test]
+fn fsync_behind_bounds_the_records_written_and_not_yet_fsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = recover(dir.path(), |_, _| {}).unwrap();
+    let mut c = behind_cfg(dir.path(), 1000);
+    c.pending_records_max = 3;
+    let w = WalWriter::open(c, rec.next_lsn, rec.tail_segment).unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        last = w.append(b"x").unwrap();
+        assert!(w.wait_written(last, Duration::from_secs(2)));
+    }
+    // Written, so no longer queued for the flusher, but not fsynced: the bound still holds.
+    assert!(w.committed_lsn() < last);
+    assert!(matches!(w.append(b"x"), Err(AppendError::Full)));
+    assert!(w.wait_committed(last, Duration::from_secs(5)));
+    assert!(w.append(b"x").is_ok());
+    w.close();
+    assert_eq!(read_all(dir.path()).len(), 4);
 }

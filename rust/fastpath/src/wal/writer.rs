@@ -3,6 +3,12 @@
 //! A batch is flushed when `batch_records_max` records wait or `fsync_interval_us` has passed since
 //! its first record, whichever comes first. Records keep arriving while an fsync runs, so under load
 //! batches grow by themselves and the fsync cost is shared.
+//!
+//! With `fsync_behind` (cluster durability "replicated") the fsync moves to a second thread: the
+//! flusher only writes batches (to the page cache) and publishes `written_lsn()`, which the relay
+//! reads up to, while the syncer fdatasyncs whatever is written and publishes `committed_lsn()`. A
+//! stalled disk then holds back the committed LSN, never the written one. A process crash loses
+//! nothing written (the kernel holds it); only a power loss can, and the brokers hold those records.
 
 use super::{encode_record, fsync_dir, segment_name, WalError, RECORD_BYTES_MAX, SEGMENT_MAGIC};
 use crate::metrics::{Histogram, BATCH_BOUNDS};
@@ -22,6 +28,27 @@ pub struct WriterConfig {
     pub batch_records_max: usize,
     pub segment_bytes_max: u64,
     pub pending_records_max: usize,
+    /// fsync on its own thread behind the writes (see the module comment).
+    pub fsync_behind: bool,
+    /// Fault injection for tests and benchmarks: sleep this long before an fdatasync
+    /// (`GATEWAY_FAULT_WAL_FSYNC_DELAY_MS`, read by the engine); zero in production.
+    pub fsync_fault_delay: Duration,
+    /// With a delay: at most one delayed fdatasync per this period (a disk that stalls now and
+    /// then, `GATEWAY_FAULT_WAL_FSYNC_EVERY_MS`); zero: every fdatasync is delayed.
+    pub fsync_fault_every: Duration,
+}
+
+/// The injected stall of the next fdatasync, if one is due (see `WriterConfig::fsync_fault_delay`).
+fn fault_stall(cfg: &WriterConfig, last: &mut Option<Instant>) {
+    if cfg.fsync_fault_delay.is_zero() {
+        return;
+    }
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < cfg.fsync_fault_every) {
+        return;
+    }
+    *last = Some(now);
+    std::thread::sleep(cfg.fsync_fault_delay);
 }
 
 /// Told of every commit, on the flusher thread, after the batch is on disk.
@@ -45,7 +72,15 @@ struct State {
     first_pending_at: Option<Instant>,
     next_lsn: u64,
     closed: bool,
+    /// The flusher (and the syncer, with `fsync_behind`) has exited: nothing more becomes durable.
+    done: bool,
     error: Option<String>,
+    /// `fsync_behind`: segments written since the last fsync that were sealed (need `sync_all`),
+    /// the segment being written, and whether a new segment's folder entry needs an fsync.
+    sealed: Vec<Arc<File>>,
+    current: Option<Arc<File>>,
+    dir_dirty: bool,
+    flusher_exited: bool,
 }
 
 struct Shared {
@@ -53,6 +88,9 @@ struct Shared {
     work: Condvar,
     committed_cv: Condvar,
     committed: AtomicU64,
+    /// Highest LSN written to the segment file (maybe not yet fsynced); >= `committed`.
+    written: AtomicU64,
+    sync_cv: Condvar,
     cfg: WriterConfig,
     stats: WalStats,
     listener: Mutex<Option<Arc<dyn CommitListener>>>,
@@ -74,7 +112,7 @@ pub struct WalWriter {
 }
 
 struct Segment {
-    file: File,
+    file: Arc<File>,
     bytes: u64,
 }
 
@@ -89,9 +127,12 @@ impl WalWriter {
             Some((_, path)) => {
                 let file = OpenOptions::new().append(true).open(&path)?;
                 let bytes = file.metadata()?.len();
-                Segment { file, bytes }
+                Segment {
+                    file: Arc::new(file),
+                    bytes,
+                }
             }
-            None => create_segment(&cfg.dir, next_lsn)?,
+            None => create_segment(&cfg.dir, next_lsn, true)?,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -100,11 +141,18 @@ impl WalWriter {
                 first_pending_at: None,
                 next_lsn,
                 closed: false,
+                done: false,
                 error: None,
+                sealed: Vec::new(),
+                current: None,
+                dir_dirty: false,
+                flusher_exited: false,
             }),
             work: Condvar::new(),
             committed_cv: Condvar::new(),
             committed: AtomicU64::new(next_lsn - 1),
+            written: AtomicU64::new(next_lsn - 1),
+            sync_cv: Condvar::new(),
             cfg,
             stats: WalStats {
                 fsync_ns: Histogram::latency(),
@@ -114,9 +162,32 @@ impl WalWriter {
             listener: Mutex::new(None),
         });
         let s = shared.clone();
+        let syncer = if shared.cfg.fsync_behind {
+            let s = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("wal-syncer".into())
+                    .spawn(move || syncer(s))?,
+            )
+        } else {
+            None
+        };
         let thread = std::thread::Builder::new()
             .name("wal-flusher".into())
-            .spawn(move || flusher(s, segment))?;
+            .spawn(move || {
+                flusher(s.clone(), segment);
+                if let Some(t) = syncer {
+                    {
+                        let mut st = s.state.lock();
+                        st.flusher_exited = true;
+                        s.sync_cv.notify_one();
+                    }
+                    let _ = t.join();
+                }
+                let mut st = s.state.lock();
+                st.done = true;
+                s.committed_cv.notify_all();
+            })?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -139,7 +210,14 @@ impl WalWriter {
         if st.closed {
             return Err(AppendError::Wal(WalError::Closed));
         }
-        if st.pending_records >= self.shared.cfg.pending_records_max {
+        let cfg = &self.shared.cfg;
+        // With the fsync behind, records written but not yet fsynced count against the same bound:
+        // a disk that stalls for long fills it and the fast path answers 503, instead of the page
+        // cache holding an unbounded backlog.
+        let unsynced = st.next_lsn - 1 - self.shared.committed.load(Ordering::Acquire);
+        if st.pending_records >= cfg.pending_records_max
+            || (cfg.fsync_behind && unsynced >= cfg.pending_records_max as u64)
+        {
             return Err(AppendError::Full);
         }
         let lsn = st.next_lsn;
@@ -159,6 +237,33 @@ impl WalWriter {
         self.shared.committed.load(Ordering::Acquire)
     }
 
+    /// Highest LSN written to the segment file: readable by a `WalReader`, durable once committed.
+    pub fn written_lsn(&self) -> u64 {
+        self.shared.written.load(Ordering::Acquire)
+    }
+
+    /// Blocks until `lsn` is written (not necessarily fsynced) or the timeout passes.
+    pub fn wait_written(&self, lsn: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.state.lock();
+        loop {
+            if self.written_lsn() >= lsn {
+                return true;
+            }
+            if st.error.is_some() || st.done {
+                return false;
+            }
+            if self
+                .shared
+                .committed_cv
+                .wait_until(&mut st, deadline)
+                .timed_out()
+            {
+                return self.written_lsn() >= lsn;
+            }
+        }
+    }
+
     pub fn committed_handle(&self) -> CommittedLsn {
         CommittedLsn(self.shared.clone())
     }
@@ -175,7 +280,7 @@ impl WalWriter {
             if self.committed_lsn() >= lsn {
                 return true;
             }
-            if st.error.is_some() || (st.closed && st.pending_records == 0) {
+            if st.error.is_some() || st.done {
                 return false;
             }
             if self
@@ -231,14 +336,18 @@ impl std::fmt::Display for AppendError {
     }
 }
 
-fn create_segment(dir: &std::path::Path, first_lsn: u64) -> Result<Segment, WalError> {
+/// A new segment file with its magic; `sync`: fsynced with its folder entry now (otherwise the
+/// syncer does it before it publishes any record of the segment).
+fn create_segment(dir: &std::path::Path, first_lsn: u64, sync: bool) -> Result<Segment, WalError> {
     let path = dir.join(segment_name(first_lsn));
     let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
     file.write_all(SEGMENT_MAGIC)?;
-    file.sync_all()?;
-    fsync_dir(dir)?;
+    if sync {
+        file.sync_all()?;
+        fsync_dir(dir)?;
+    }
     Ok(Segment {
-        file,
+        file: Arc::new(file),
         bytes: SEGMENT_MAGIC.len() as u64,
     })
 }
@@ -246,6 +355,7 @@ fn create_segment(dir: &std::path::Path, first_lsn: u64) -> Result<Segment, WalE
 fn flusher(shared: Arc<Shared>, mut segment: Segment) {
     let interval = Duration::from_micros(shared.cfg.fsync_interval_us);
     let mut spare: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut last_stall = None;
     loop {
         let (batch, records, last_lsn) = {
             let mut st = shared.state.lock();
@@ -271,7 +381,36 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
             (batch, records, st.next_lsn - 1)
         };
         let first_lsn = last_lsn + 1 - records as u64;
-        let result = write_batch(&shared.cfg, &mut segment, &batch, first_lsn);
+        if shared.cfg.fsync_behind {
+            let result = write_behind(&shared, &mut segment, &batch, first_lsn);
+            spare = batch;
+            match result {
+                Ok(()) => {
+                    shared.stats.batch_records.observe(records as u64);
+                    shared
+                        .stats
+                        .bytes_written
+                        .fetch_add(spare.len() as u64, Ordering::Relaxed);
+                    let mut st = shared.state.lock();
+                    st.current = Some(segment.file.clone());
+                    shared.written.store(last_lsn, Ordering::Release);
+                    shared.sync_cv.notify_one();
+                    shared.committed_cv.notify_all();
+                }
+                Err(e) => {
+                    fail(&shared, e.to_string());
+                    return;
+                }
+            }
+            continue;
+        }
+        let result = write_batch(
+            &shared.cfg,
+            &mut segment,
+            &batch,
+            first_lsn,
+            &mut last_stall,
+        );
         spare = batch;
         match result {
             Ok(fsync_ns) => {
@@ -281,27 +420,11 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
                     .stats
                     .bytes_written
                     .fetch_add(spare.len() as u64, Ordering::Relaxed);
-                let listener = shared.listener.lock().clone();
-                if let Some(l) = &listener {
-                    l.before_publish(last_lsn);
-                }
-                {
-                    let _st = shared.state.lock();
-                    shared.committed.store(last_lsn, Ordering::Release);
-                    shared.committed_cv.notify_all();
-                }
-                if let Some(l) = &listener {
-                    l.after_publish(last_lsn);
-                }
+                shared.written.store(last_lsn, Ordering::Release);
+                publish(&shared, last_lsn);
             }
             Err(e) => {
-                let mut st = shared.state.lock();
-                st.error = Some(e.to_string());
-                shared.committed_cv.notify_all();
-                drop(st);
-                if let Some(l) = shared.listener.lock().clone() {
-                    l.after_publish(shared.committed.load(Ordering::Acquire));
-                }
+                fail(&shared, e.to_string());
                 return;
             }
         }
@@ -309,18 +432,126 @@ fn flusher(shared: Arc<Shared>, mut segment: Segment) {
     let _ = segment.file.sync_all();
 }
 
+/// Makes `committed_lsn` = `last_lsn` visible: the listener first records what it must, then the
+/// waiters and the event loop are told.
+fn publish(shared: &Shared, last_lsn: u64) {
+    let listener = shared.listener.lock().clone();
+    if let Some(l) = &listener {
+        l.before_publish(last_lsn);
+    }
+    {
+        let _st = shared.state.lock();
+        shared.committed.store(last_lsn, Ordering::Release);
+        shared.committed_cv.notify_all();
+    }
+    if let Some(l) = &listener {
+        l.after_publish(last_lsn);
+    }
+}
+
+/// An I/O error stops the WAL: nothing more is accepted, and waiters are told.
+fn fail(shared: &Shared, error: String) {
+    let mut st = shared.state.lock();
+    if st.error.is_none() {
+        st.error = Some(error);
+    }
+    shared.committed_cv.notify_all();
+    shared.sync_cv.notify_one();
+    shared.work.notify_one();
+    drop(st);
+    if let Some(l) = shared.listener.lock().clone() {
+        l.after_publish(shared.committed.load(Ordering::Acquire));
+    }
+}
+
+/// `fsync_behind`: writes one batch without fsyncing it; a full segment is handed to the syncer.
+fn write_behind(
+    shared: &Shared,
+    segment: &mut Segment,
+    batch: &[u8],
+    first_lsn: u64,
+) -> Result<(), WalError> {
+    if segment.bytes >= shared.cfg.segment_bytes_max {
+        let next = create_segment(&shared.cfg.dir, first_lsn, false)?;
+        let sealed = std::mem::replace(segment, next);
+        let mut st = shared.state.lock();
+        st.sealed.push(sealed.file);
+        st.dir_dirty = true;
+    }
+    (&*segment.file).write_all(batch)?;
+    segment.bytes += batch.len() as u64;
+    Ok(())
+}
+
+/// `fsync_behind`: fdatasyncs whatever the flusher has written and publishes it as committed, one
+/// fsync after the other, until the flusher has exited and everything it wrote is durable.
+fn syncer(shared: Arc<Shared>) {
+    let mut last_stall = None;
+    loop {
+        let (target, sealed, current, dir_dirty) = {
+            let mut st = shared.state.lock();
+            loop {
+                if st.error.is_some() {
+                    return;
+                }
+                let written = shared.written.load(Ordering::Acquire);
+                if written > shared.committed.load(Ordering::Acquire) {
+                    break;
+                }
+                if st.flusher_exited {
+                    return;
+                }
+                shared.sync_cv.wait(&mut st);
+            }
+            let dir_dirty = std::mem::take(&mut st.dir_dirty);
+            (
+                shared.written.load(Ordering::Acquire),
+                std::mem::take(&mut st.sealed),
+                st.current.clone(),
+                dir_dirty,
+            )
+        };
+        let result = (|| -> Result<u64, WalError> {
+            fault_stall(&shared.cfg, &mut last_stall);
+            let start = Instant::now();
+            for f in &sealed {
+                f.sync_all()?;
+            }
+            if let Some(f) = &current {
+                f.sync_data()?;
+            }
+            if dir_dirty {
+                fsync_dir(&shared.cfg.dir)?;
+            }
+            Ok(start.elapsed().as_nanos() as u64)
+        })();
+        match result {
+            Ok(fsync_ns) => {
+                shared.stats.fsync_ns.observe(fsync_ns);
+                publish(&shared, target);
+            }
+            Err(e) => {
+                fail(&shared, e.to_string());
+                return;
+            }
+        }
+    }
+}
+
 fn write_batch(
     cfg: &WriterConfig,
     segment: &mut Segment,
     batch: &[u8],
     first_lsn: u64,
+    last_stall: &mut Option<Instant>,
 ) -> Result<u64, WalError> {
     if segment.bytes >= cfg.segment_bytes_max {
         segment.file.sync_all()?;
-        *segment = create_segment(&cfg.dir, first_lsn)?;
+        *segment = create_segment(&cfg.dir, first_lsn, true)?;
     }
-    segment.file.write_all(batch)?;
+    (&*segment.file).write_all(batch)?;
     segment.bytes += batch.len() as u64;
+    fault_stall(cfg, last_stall);
     let start = Instant::now();
     segment.file.sync_data()?;
     Ok(start.elapsed().as_nanos() as u64)
