@@ -13,11 +13,11 @@ the request fingerprint stored with it is `gateway.domain.idempotency`'s (docs/i
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.domain.events import ID_RANDOM_CHARS, random_letters
 from gateway.domain.idempotency import fingerprint
 from gateway.store.sql import Db, chunked, marks, now_ms
 
@@ -134,7 +134,7 @@ def insert_operations(db: Db, new: Sequence[NewOperation]) -> list[Operation]:
     for n in new:
         seq = last[(n.payment_id, n.kind)] = last.get((n.payment_id, n.kind), 0) + 1
         out.append(Operation(
-            id=f"{OPERATION_ID_PREFIX[n.kind]}_{secrets.token_hex(12)}",
+            id=f"{OPERATION_ID_PREFIX[n.kind]}_{random_letters(ID_RANDOM_CHARS)}",
             payment_id=n.payment_id,
             merchant_id=n.merchant_id,
             kind=n.kind,
