@@ -60,11 +60,20 @@ def event_id_prefix(payment_id: str) -> str:
 _ID_ALPHABET = "abcdefghjkmnpqrstvwxyz"
 EVENT_TAIL_CHARS = 8
 ID_RANDOM_CHARS = 24
+_BITS_PER_LETTER_CEIL = 5  # log2(22) = 4.46
 
 
 def random_letters(n: int) -> str:
-    """`n` random letters (4.46 bits each): the random part of an id that goes into a path."""
-    return "".join(_secrets.choice(_ID_ALPHABET) for _ in range(n))
+    """`n` random letters (4.46 bits each): the random part of an id that goes into a path. One draw of
+    the system's random source for all of them (8 bits more than needed: the bias is below 2^-8 per id),
+    written out in base 22; a draw per letter cost about 10 us per id on the worker's hot path."""
+    base = len(_ID_ALPHABET)
+    r = _secrets.randbits(n * _BITS_PER_LETTER_CEIL + 8)
+    out = []
+    for _ in range(n):
+        r, d = divmod(r, base)
+        out.append(_ID_ALPHABET[d])
+    return "".join(out)
 
 
 def event_id(payment_id: str, n: int) -> str:

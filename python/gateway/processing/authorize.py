@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from gateway.domain import ledger
 from gateway.domain import payment as sm
@@ -27,6 +27,156 @@ from gateway.domain.attempt import (
 from gateway.processing.attempts import RecordIntent, Sleep, finish_attempt
 from gateway.psp.client import PSPClient, PSPResult
 from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy, Router
+
+
+class AuthorizationRun:
+    """One payment's authorization as steps, so that one driver can take a whole batch through each
+    step together (processing/batch.py) and another one payment through all of them
+    (`process_authorization`): `next_call()` gives the next PSP call (its `started` row is the intent
+    to record before it), `on_result()` takes its answer and says whether to call again (after
+    `delay_s`), and `result` is final once `done`."""
+
+    __slots__ = ("actor", "attempt_no", "call", "clients", "delay_s", "done", "last", "now", "out", "payment",
+                 "policy", "psp", "reserved", "rng", "router", "soft_declines", "token", "tried")
+
+    def __init__(self, payment: sm.Payment, router: Router, clients: Mapping[str, PSPClient],
+                 now: Callable[[], int], *, token: str, policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+                 rng: random.Random | None = None, actor: str = "worker") -> None:
+        if payment.status is not sm.PaymentStatus.PROCESSING:
+            raise sm.TransitionError(
+                "invalid_transition", f"payment {payment.id} is {payment.status}, not processing"
+            )
+        self.payment, self.router, self.clients, self.now = payment, router, clients, now
+        self.token, self.policy, self.actor = token, policy, actor
+        self.rng = rng  # made on the first retry decision that needs one (most payments never do)
+        self.out = ProcessingResult(payment=payment, outcome=None)
+        self.tried: set[str] = set()
+        self.soft_declines = 0
+        self.psp: str | None = None
+        self.last: PSPResult | None = None
+        # Whether `psp` already holds the breaker's permission for the next call.
+        self.reserved = False
+        self.attempt_no = 0
+        self.done = False
+        # The wait before the next call; None: it follows at once (a failover to another PSP).
+        self.delay_s: float | None = None
+        self.call: AttemptRow | None = None
+
+    @property
+    def result(self) -> ProcessingResult:
+        assert self.done
+        return self.out
+
+    def next_call(self) -> AttemptRow | None:
+        """The `started` row of the next PSP call (record it, then call `clients[row.psp]`), or None
+        when the run is done (no PSP left, or out of attempts)."""
+        if self.done:
+            return None
+        if self.attempt_no >= self.policy.attempts_max:
+            self._finish()
+            return None
+        router, psp = self.router, self.psp
+        if psp is not None and not self.reserved and not router.breakers[psp].allow():
+            psp = None
+        if psp is None:
+            psp = _next_psp(router, self.clients, self.payment.amount, self.tried)
+        self.psp = psp
+        if psp is None:
+            self._finish()
+            return None
+        self.reserved = False
+        self.tried.add(psp)
+        self.attempt_no += 1
+        key = attempt_idempotency_key(self.payment.id, self.attempt_no)
+        p = self.payment
+        self.call = AttemptRow(attempt_id=key, payment_id=p.id, attempt_no=self.attempt_no, operation="authorize",
+                               psp=psp, idempotency_key=key, amount=p.amount, currency=p.currency,
+                               status=AttemptStatus.STARTED, started_at_ms=self.now())
+        self.out.attempts.append(self.call)
+        return self.call
+
+    def send(self) -> Awaitable[PSPResult]:
+        """The PSP call of the row `next_call()` gave."""
+        row = self.call
+        assert row is not None
+        return self.clients[row.psp].authorize(reference=self.payment.id, amount=self.payment.amount,
+                                               currency=self.payment.currency, token=self.token,
+                                               idempotency_key=row.idempotency_key)
+
+    def on_result(self, last: PSPResult) -> bool:
+        """Takes the answer to the last call; True when another call follows (after `delay_s`, if not
+        None)."""
+        started = self.call
+        assert started is not None and not self.done
+        self.call = None
+        self.last = last
+        self.router.record(last)
+        self.out.attempts.append(finish_attempt(started, last, self.now()))
+        if last.outcome is Outcome.APPROVED:
+            self._finish()  # what the policy says of an approval: stop
+            return False
+        if last.outcome is Outcome.SOFT_DECLINE:
+            self.soft_declines += 1
+        if self.rng is None:
+            self.rng = random.Random(self.payment.id)
+        decision = self.policy.decide(last, self.attempt_no, self.soft_declines, self.rng)
+        self.delay_s = None
+        if decision.action is Action.STOP:
+            self._finish()
+            return False
+        if decision.action is Action.RESOLVE:
+            t = sm.mark_pending_verification(self.payment, psp=started.psp, actor=self.actor, at_ms=self.now(),
+                                             reason=decision.reason)
+            self.out.transitions.append(t)
+            self.out.payment, self.out.outcome = t.payment, Outcome.TIMEOUT
+            self.done = True
+            return False
+        if decision.action is Action.FAILOVER:
+            alternative = _next_psp(self.router, self.clients, self.payment.amount, self.tried)
+            if alternative is not None:
+                self.psp, self.reserved = alternative, True
+                return self._more()
+            # Every PSP was tried: back off, then start over from the best one still available.
+            self.tried.clear()
+            self.psp = None
+        self.delay_s = decision.delay_ms / 1000.0
+        return self._more()
+
+    def _more(self) -> bool:
+        if self.attempt_no >= self.policy.attempts_max:
+            self._finish()
+            return False
+        return True
+
+    def _finish(self) -> None:
+        payment, last, actor, now = self.payment, self.last, self.actor, self.now
+        if last is not None and last.outcome is Outcome.APPROVED:
+            assert last.psp_reference is not None
+            t = sm.authorize(payment, amount=last.amount, psp=last.psp, psp_reference=last.psp_reference,
+                             actor=actor, at_ms=now())
+            self.out.postings.extend(ledger.postings_for_transition(t, last.idempotency_key))
+        else:
+            code = "psp_unavailable" if last is None else (last.code or last.outcome.value)
+            t = sm.fail(payment, code=code, actor=actor, at_ms=now(), reason=_failure_reason(last))
+        self.out.transitions.append(t)
+        self.out.payment = t.payment
+        self.out.outcome = last.outcome if last is not None else Outcome.ERROR
+        self.done = True
+
+
+async def drive_authorization(run: AuthorizationRun, sleep: Sleep = asyncio.sleep,
+                              record_intent: RecordIntent | None = None, delay_s: float = 0.0) -> ProcessingResult:
+    """Takes `run` through its remaining calls one after another; `delay_s`: a wait before the first."""
+    if delay_s:
+        await sleep(delay_s)
+    while (row := run.next_call()) is not None:
+        if record_intent is not None:
+            await record_intent(row)
+        if not run.on_result(await run.send()):
+            break
+        if run.delay_s is not None:
+            await sleep(run.delay_s)
+    return run.result
 
 
 async def process_authorization(
@@ -46,91 +196,8 @@ async def process_authorization(
 
     `now()` returns the wall-clock time in ms for rows; `sleep(seconds)` waits between retries.
     """
-    if payment.status is not sm.PaymentStatus.PROCESSING:
-        raise sm.TransitionError(
-            "invalid_transition", f"payment {payment.id} is {payment.status}, not processing"
-        )
-    rng = rng or random.Random(payment.id)
-    out = ProcessingResult(payment=payment, outcome=None)
-    tried: set[str] = set()
-    soft_declines = 0
-    psp: str | None = None
-    last: PSPResult | None = None
-    # Whether `psp` already holds the breaker's permission for the next call.
-    reserved = False
-    for attempt_no in range(1, policy.attempts_max + 1):
-        if psp is not None and not reserved and not router.breakers[psp].allow():
-            psp = None
-        if psp is None:
-            psp = _next_psp(router, clients, payment.amount, tried)
-        if psp is None:
-            break
-        reserved = False
-        tried.add(psp)
-        key = attempt_idempotency_key(payment.id, attempt_no)
-        started = AttemptRow(
-            attempt_id=key,
-            payment_id=payment.id,
-            attempt_no=attempt_no,
-            operation="authorize",
-            psp=psp,
-            idempotency_key=key,
-            amount=payment.amount,
-            currency=payment.currency,
-            status=AttemptStatus.STARTED,
-            started_at_ms=now(),
-        )
-        out.attempts.append(started)
-        if record_intent is not None:
-            await record_intent(started)
-        last = await clients[psp].authorize(
-            reference=payment.id,
-            amount=payment.amount,
-            currency=payment.currency,
-            token=token,
-            idempotency_key=key,
-        )
-        router.record(last)
-        out.attempts.append(finish_attempt(started, last, now()))
-        if last.outcome is Outcome.SOFT_DECLINE:
-            soft_declines += 1
-        decision = policy.decide(last, attempt_no, soft_declines, rng)
-        if decision.action is Action.STOP:
-            break
-        if decision.action is Action.RESOLVE:
-            t = sm.mark_pending_verification(
-                payment, psp=psp, actor=actor, at_ms=now(), reason=decision.reason
-            )
-            out.transitions.append(t)
-            out.payment, out.outcome = t.payment, Outcome.TIMEOUT
-            return out
-        if decision.action is Action.FAILOVER:
-            alternative = _next_psp(router, clients, payment.amount, tried)
-            if alternative is not None:
-                psp, reserved = alternative, True
-                continue
-            # Every PSP was tried: back off, then start over from the best one still available.
-            tried.clear()
-            psp = None
-        await sleep(decision.delay_ms / 1000.0)
-    if last is not None and last.outcome is Outcome.APPROVED:
-        assert last.psp_reference is not None
-        t = sm.authorize(
-            payment,
-            amount=last.amount,
-            psp=last.psp,
-            psp_reference=last.psp_reference,
-            actor=actor,
-            at_ms=now(),
-        )
-        out.postings.extend(ledger.postings_for_transition(t, last.idempotency_key))
-    else:
-        code = "psp_unavailable" if last is None else (last.code or last.outcome.value)
-        t = sm.fail(payment, code=code, actor=actor, at_ms=now(), reason=_failure_reason(last))
-    out.transitions.append(t)
-    out.payment = t.payment
-    out.outcome = last.outcome if last is not None else Outcome.ERROR
-    return out
+    run = AuthorizationRun(payment, router, clients, now, token=token, policy=policy, rng=rng, actor=actor)
+    return await drive_authorization(run, sleep, record_intent)
 
 
 def _next_psp(router: Router, clients: Mapping[str, PSPClient], amount: int, tried: set[str]) -> str | None:

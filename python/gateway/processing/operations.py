@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypedDict, Unpack
 
 from gateway.domain import payment as sm
-from gateway.domain.attempt import Outcome, ProcessingResult, operation_attempt
+from gateway.domain.attempt import AttemptRow, Outcome, ProcessingResult, operation_attempt
 from gateway.processing.attempts import RecordIntent, Sleep, apply_operation, call_operation, finish_attempt
-from gateway.psp.client import PSPClient
+from gateway.psp.client import PSPClient, PSPResult
 from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy
 
 
@@ -33,6 +33,86 @@ class OperationOptions(TypedDict, total=False):
     recorded: str | None
 
 
+class OperationRun:
+    """One capture, void or refund call as steps (see authorize.AuthorizationRun): `next_call()` gives
+    the `started` row of the next attempt (same key every time), `on_result()` takes the answer and
+    says whether another attempt follows after `delay_s`, `result` is final once `done`."""
+
+    __slots__ = ("actor", "amount", "attempt_no", "call", "client", "delay_s", "done", "final_capture",
+                 "idempotency_key", "now", "operation", "out", "payment", "policy", "rng")
+
+    def __init__(self, payment: sm.Payment, operation: str, amount: int, final_capture: bool, client: PSPClient,
+                 idempotency_key: str, now: Callable[[], int], *, policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+                 rng: random.Random | None = None, actor: str = "merchant") -> None:
+        assert payment.psp == client.name, "operations go to the PSP that authorized the payment"
+        self.payment, self.operation, self.amount, self.final_capture = payment, operation, amount, final_capture
+        self.client, self.idempotency_key, self.now = client, idempotency_key, now
+        self.policy, self.rng, self.actor = policy, rng, actor
+        self.out = ProcessingResult(payment=payment, outcome=None)
+        self.attempt_no = 0
+        self.done = False
+        self.delay_s = 0.0
+        self.call: AttemptRow | None = None
+
+    @property
+    def result(self) -> ProcessingResult:
+        assert self.done
+        return self.out
+
+    def next_call(self) -> AttemptRow | None:
+        if self.done or self.attempt_no >= self.policy.attempts_max:
+            self.done = True
+            return None
+        self.attempt_no += 1
+        row = self.call = operation_attempt(self.payment, self.operation, self.amount, self.final_capture,
+                                            self.client.name, self.idempotency_key, self.attempt_no, self.now())
+        self.out.attempts.append(row)
+        return row
+
+    def send(self) -> Awaitable[PSPResult]:
+        assert self.call is not None
+        return call_operation(self.client, self.call, self.payment)
+
+    def on_result(self, result: PSPResult) -> bool:
+        """True when another attempt follows (after `delay_s`)."""
+        row = self.call
+        assert row is not None and not self.done
+        self.call = None
+        out = self.out
+        out.attempts.append(finish_attempt(row, result, self.now()))
+        out.outcome = result.outcome
+        if result.outcome is Outcome.APPROVED:
+            apply_operation(self.payment, row, result, self.now(), self.actor, out)
+            self.done = True
+            return False
+        # Same key on every retry: the PSP did not process the earlier ones, and if it somehow
+        # did, it answers from its stored result instead of acting twice.
+        if self.rng is None:
+            self.rng = random.Random(self.idempotency_key)
+        decision = self.policy.decide(result, self.attempt_no, 0, self.rng)
+        if decision.action is not Action.FAILOVER or self.attempt_no >= self.policy.attempts_max:
+            self.done = True
+            return False
+        self.delay_s = decision.delay_ms / 1000.0
+        return True
+
+
+async def drive_operation(run: OperationRun, sleep: Sleep = asyncio.sleep, record_intent: RecordIntent | None = None,
+                          recorded: str | None = None, delay_s: float | None = None) -> ProcessingResult:
+    """Takes `run` through its remaining attempts; `recorded`: an attempt whose intent is committed
+    already; `delay_s`: a wait before the first attempt."""
+    if delay_s is not None:
+        await sleep(delay_s)
+    while (row := run.next_call()) is not None:
+        if record_intent is not None and row.attempt_id != recorded:
+            await record_intent(row)
+        if not run.on_result(await run.send()):
+            break
+        await sleep(run.delay_s)
+    run.done = True
+    return run.out
+
+
 async def _process_operation(
     payment: sm.Payment,
     operation: str,
@@ -46,33 +126,11 @@ async def _process_operation(
     unknown = options.keys() - OperationOptions.__annotations__.keys()
     if unknown:
         raise TypeError(f"process_{operation}() got unexpected keyword arguments {sorted(unknown)}")
-    policy = options.get("policy", DEFAULT_RETRY_POLICY)
-    sleep = options.get("sleep", asyncio.sleep)
-    record_intent = options.get("record_intent")
-    recorded = options.get("recorded")
-    actor = options.get("actor", "merchant")
-    assert payment.psp == client.name, "operations go to the PSP that authorized the payment"
-    rng = options.get("rng") or random.Random(idempotency_key)
-    out = ProcessingResult(payment=payment, outcome=None)
-    for attempt_no in range(1, policy.attempts_max + 1):
-        row = operation_attempt(payment, operation, amount, final_capture, client.name, idempotency_key,
-                                attempt_no, now())
-        out.attempts.append(row)
-        if record_intent is not None and row.attempt_id != recorded:
-            await record_intent(row)
-        result = await call_operation(client, row, payment)
-        out.attempts.append(finish_attempt(row, result, now()))
-        out.outcome = result.outcome
-        if result.outcome is Outcome.APPROVED:
-            apply_operation(payment, row, result, now(), actor, out)
-            return out
-        # Same key on every retry: the PSP did not process the earlier ones, and if it somehow
-        # did, it answers from its stored result instead of acting twice.
-        decision = policy.decide(result, attempt_no, 0, rng)
-        if decision.action is not Action.FAILOVER:
-            return out
-        await sleep(decision.delay_ms / 1000.0)
-    return out
+    run = OperationRun(payment, operation, amount, final_capture, client, idempotency_key, now,
+                       policy=options.get("policy", DEFAULT_RETRY_POLICY), rng=options.get("rng"),
+                       actor=options.get("actor", "merchant"))
+    return await drive_operation(run, options.get("sleep", asyncio.sleep), options.get("record_intent"),
+                                 options.get("recorded"))
 
 
 async def process_capture(

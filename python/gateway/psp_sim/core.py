@@ -144,6 +144,12 @@ class SimulatedPSP:
     async def _wait_ms(self, duration_ms: float) -> None:
         await self._sleep(duration_ms * self.time_scale / 1000.0)
 
+    async def _wait_latency(self, operation: str, key: str, sequence: int) -> None:
+        """The call's latency; at time scale 0 only a turn of the event loop (its draws would be
+        multiplied by 0: they are skipped, which changes no other draw)."""
+        await self._sleep(self.latency_ms(operation, key, sequence) * self.time_scale / 1000.0 if self.time_scale
+                          else 0.0)
+
     # -- the request pipeline shared by every operation ------------------------------------------
 
     def _error(self, operation: str, code: str, message: str, *, retryable: bool) -> SimResponse:
@@ -185,7 +191,7 @@ class SimulatedPSP:
                     "this idempotency key was used with different parameters",
                     retryable=False,
                 )
-            await self._wait_ms(self.latency_ms(operation, key, sequence))
+            await self._wait_latency(operation, key, sequence)
             return stored_response
 
         p = self.profile
@@ -204,7 +210,7 @@ class SimulatedPSP:
         utilisation = self._inflight / p.capacity_inflight_max
         stored_result = False
         try:
-            await self._wait_ms(self.latency_ms(operation, key, sequence))
+            await self._wait_latency(operation, key, sequence)
             if utilisation > p.overload_utilisation_threshold:
                 over = (utilisation - p.overload_utilisation_threshold) / (
                     1.0 - p.overload_utilisation_threshold

@@ -152,6 +152,11 @@ class SharedQueries:
         return int(row[0]) if row else 0
 
 
+# Per connection: the page cache (KiB) and the memory-mapped part of the database file (bytes).
+SQLITE_CACHE_KIB = 65_536
+SQLITE_MMAP_BYTES = 1 << 30
+
+
 class SqliteStore(SharedQueries):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -168,6 +173,11 @@ class SqliteStore(SharedQueries):
             # and is rebuilt from the checkpoint after a crash, so NORMAL sync is enough here.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # Pages read through a memory map and a larger page cache: with the default 2 MB cache a
+            # busy store re-read its B-tree pages with a system call each (30% of the worker's CPU was
+            # system time); the map only covers what the file holds, so a small store costs nothing.
+            conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+            conn.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
             self._local.conn = conn
         return conn
 
