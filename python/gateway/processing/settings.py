@@ -10,6 +10,7 @@ and the retry policy.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass, field
 
 from msgspec.structs import asdict
@@ -105,3 +106,16 @@ def build_psps(s: WorkerSettings, observer: CallObserver | None = None) -> PSPs:
         breaker=BreakerConfig(**asdict(r.breaker)),
     )
     return PSPs(sims, dict(bulkheads), bulkheads, router, RetryPolicy(**asdict(r.retry)))
+
+
+# The process's cyclic garbage collector, once a worker starts: the young generation collected every
+# 50,000 allocations instead of 700 and the oldest rarely. The worker makes short-lived objects by
+# the hundred per payment (freed by reference counting, not by the collector) and keeps long-lived
+# ones (the in-process simulators' transactions): at the defaults the collector took 157-224 us per
+# payment over 20,000 payments (bench/settle_rate.py), at these 7 us.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Sets `GC_THRESHOLDS` for the process (a worker is its process's main work)."""
+    gc.set_threshold(*GC_THRESHOLDS)

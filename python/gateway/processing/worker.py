@@ -61,7 +61,7 @@ from gateway.processing.batching import Batcher
 from gateway.processing.metrics import PipelineMetrics, refresh_loop
 from gateway.processing.operations import OperationOptions, process_capture, process_refund, process_void
 from gateway.processing.resolve import resolve_pending
-from gateway.processing.settings import WorkerSettings, build_psps
+from gateway.processing.settings import WorkerSettings, build_psps, tune_gc
 from gateway.store.payments import Applied, Change, Intent
 from gateway.store.processing import Operation, PaymentRecord, StaleVersion
 
@@ -155,6 +155,7 @@ class Worker:
     # -- lifecycle (called from other threads) ----------------------------------------------------
 
     def start(self) -> None:
+        tune_gc()
         if self.settlement_dir is not None and self.sims:
             self.settlements = SettlementExporter(self.sims, self.settlement_dir).start()
         self._thread = threading.Thread(target=self._run, name="payment-worker", daemon=True)

@@ -283,7 +283,7 @@ def _child_main(db_path: str, config_path: str | None, wal_dir: str | None, comm
 
     cfg = config_mod.load(config_path)
     logs.setup(os.environ.get("GATEWAY_LOG_LEVEL", "info"), cfg.log.format)
-    store = SqliteStore(db_path)
+    store = SqliteStore(db_path, background_checkpoint=True)
     out = _Out()
     worker = Worker(store, WorkerSettings.from_config(cfg)) if worker_on else None
     source = PipeCommitted(committed_lsn)
