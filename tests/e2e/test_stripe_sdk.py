@@ -92,3 +92,35 @@ def test_native_api_is_unchanged_beside_it(gw: Gateway) -> None:
     assert httpx.delete(f"{gw.url}/v1/webhook_endpoints/{r.json()['id']}", headers=auth, timeout=10).json()["deleted"]
     r = httpx.get(f"{gw.url}/v1/events", headers=auth, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "payment"
+
+
+def test_unconfirmed_intent_updated_confirmed_captured(gw: Gateway) -> None:
+    cases.unconfirmed_intent_updated_confirmed_captured()
+
+
+def test_unconfirmed_intent_canceled(gw: Gateway) -> None:
+    cases.unconfirmed_intent_canceled()
+
+
+def test_unconfirmed_decline_then_another_method(gw: Gateway) -> None:
+    cases.unconfirmed_decline_then_another_method()
+
+
+def test_unconfirmed_idempotency(gw: Gateway) -> None:
+    cases.unconfirmed_idempotency()
+
+
+def test_ending_before_pages_back(gw: Gateway) -> None:
+    cases.ending_before_pages_back()
+
+
+def test_events_beyond_the_newest_payments(gw: Gateway) -> None:
+    cases.events_beyond_the_newest_payments(gw.url)
+
+
+def test_created_and_requires_action_events(gw: Gateway) -> None:
+    r = Receiver()
+    try:
+        cases.created_and_requires_action_events(r)
+    finally:
+        r.stop()
