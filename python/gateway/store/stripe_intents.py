@@ -27,7 +27,7 @@ import msgspec
 from gateway.domain import events as ev
 from gateway.domain.stripe_objects import STRIPE_MARK
 from gateway.store import operations as ops
-from gateway.store.sql import Db, dialect_for, marks, now_ms
+from gateway.store.sql import Db, dialect_for, is_unique_violation, marks, now_ms
 
 if TYPE_CHECKING:
     from gateway.store.processing import ProcessingStore
@@ -103,11 +103,17 @@ class StripeIntents:
 
     def begin_key(self, merchant_id: str, key: str, fingerprint: str, payment_id: str) -> ops.StoredKey | None:
         """Records the key in flight; or, if it is stored already, what is stored (nothing is written)."""
-        with self._d.durable_tx() as db:
-            stored = ops.stored_key(db, merchant_id, KEY_PREFIX + key)
-            if stored is not None:
-                return stored
-            ops.insert_in_flight_key(db, merchant_id, KEY_PREFIX + key, fingerprint, payment_id)
+        try:
+            with self._d.durable_tx() as db:
+                stored = ops.stored_key(db, merchant_id, KEY_PREFIX + key)
+                if stored is not None:
+                    return stored
+                ops.insert_in_flight_key(db, merchant_id, KEY_PREFIX + key, fingerprint, payment_id)
+        except Exception as e:
+            if not (self._d.pg and is_unique_violation(e)):
+                raise
+            # Another process inserted the same key at the same instant: that request is in flight.
+            return ops.StoredKey(fingerprint, "in_flight", None, None)
         return None
 
     def stored_key(self, merchant_id: str, key: str) -> ops.StoredKey | None:
