@@ -297,3 +297,168 @@ def three_d_secure_completion(url: str) -> None:
     assert stripe.PaymentIntent.confirm(waiting.id).status == "requires_action"
     canceled = stripe.PaymentIntent.cancel(waiting.id)
     assert canceled.status == "canceled" and canceled.next_action is None
+
+
+def unconfirmed_intent_updated_confirmed_captured() -> None:
+    pi = stripe.PaymentIntent.create(amount=1000, currency="usd", capture_method="manual",
+                                     metadata={"order_id": "U-1", "drop": "x"})
+    assert pi.status == "requires_payment_method" and pi.payment_method is None and pi.latest_charge is None
+    assert stripe.PaymentIntent.retrieve(pi.id).status == "requires_payment_method"
+    assert pi.id in [x.id for x in stripe.PaymentIntent.list(limit=5).data]
+    updated = stripe.PaymentIntent.modify(pi.id, amount=1500, currency="eur", description="updated",
+                                          metadata={"drop": "", "gift": "yes"}, payment_method="pm_card_visa")
+    assert (updated.id, updated.status, updated.amount, updated.currency) == (pi.id, "requires_confirmation", 1500,
+                                                                              "eur")
+    assert updated.metadata.to_dict() == {"order_id": "U-1", "gift": "yes"} and updated.description == "updated"
+    assert updated.payment_method == "pm_card_visa" and updated.capture_method == "manual"
+    # The confirmation is the fast path's create: the same id, the PSP's authorization, then a capture.
+    confirmed = stripe.PaymentIntent.confirm(pi.id)
+    assert (confirmed.id, confirmed.status, confirmed.amount_capturable) == (pi.id, "requires_capture", 1500)
+    captured = stripe.PaymentIntent.capture(pi.id, amount_to_capture=1200)
+    assert captured.status == "succeeded" and captured.amount_received == 1200
+    assert captured.latest_charge == "ch_" + pi.id[3:] and stripe.Charge.retrieve(captured.latest_charge).captured
+    assert stripe.PaymentIntent.retrieve(pi.id).metadata.to_dict() == {"order_id": "U-1", "gift": "yes"}
+    try:
+        stripe.PaymentIntent.modify(pi.id, amount=99)
+        raise AssertionError("a confirmed intent was changed")
+    except stripe.InvalidRequestError as e:
+        assert (e.http_status, e.code) == (400, "parameter_unsupported")
+    # A payment method given with the confirmation; without one the confirmation is refused.
+    bare = stripe.PaymentIntent.create(amount=800, currency="usd")
+    try:
+        stripe.PaymentIntent.confirm(bare.id)
+        raise AssertionError("an intent without a payment method was confirmed")
+    except stripe.InvalidRequestError as e:
+        assert (e.http_status, e.code, e.param) == (400, "payment_intent_unexpected_state", "payment_method")
+    done = stripe.PaymentIntent.confirm(bare.id, payment_method="pm_card_mastercard")
+    assert (done.id, done.status, done.amount_received, done.payment_method) == (bare.id, "succeeded", 800,
+                                                                                  "pm_card_mastercard")
+
+
+def unconfirmed_intent_canceled() -> None:
+    pi = stripe.PaymentIntent.create(amount=600, currency="usd", payment_method="pm_card_visa")
+    assert pi.status == "requires_confirmation"
+    canceled = stripe.PaymentIntent.cancel(pi.id, cancellation_reason="abandoned")
+    assert (canceled.status, canceled.cancellation_reason) == ("canceled", "abandoned") and canceled.canceled_at
+    assert stripe.PaymentIntent.retrieve(pi.id).status == "canceled"
+    for call in (lambda: stripe.PaymentIntent.confirm(pi.id), lambda: stripe.PaymentIntent.modify(pi.id, amount=700),
+                 lambda: stripe.PaymentIntent.cancel(pi.id), lambda: stripe.PaymentIntent.capture(pi.id)):
+        try:
+            call()
+            raise AssertionError("a canceled intent changed")
+        except stripe.InvalidRequestError as e:
+            assert (e.http_status, e.code) == (400, "payment_intent_unexpected_state"), e.error
+
+
+def unconfirmed_decline_then_another_method() -> None:
+    pi = stripe.PaymentIntent.create(amount=1700, currency="usd", payment_method="pm_card_chargeDeclined")
+    try:
+        stripe.PaymentIntent.confirm(pi.id)
+        raise AssertionError("the declining card was not declined")
+    except stripe.CardError as e:
+        assert e.http_status == 402 and e.error.payment_intent.id == pi.id
+    failed = stripe.PaymentIntent.retrieve(pi.id)
+    assert failed.status == "requires_payment_method" and failed.last_payment_error.decline_code == "generic_decline"
+    # The declined payment is final: confirming the intent again is refused (docs/stripe-compatibility.md).
+    try:
+        stripe.PaymentIntent.confirm(pi.id, payment_method="pm_card_visa")
+        raise AssertionError("a declined intent was confirmed again")
+    except stripe.InvalidRequestError as e:
+        assert e.code == "payment_intent_unexpected_state"
+
+
+def unconfirmed_idempotency() -> None:
+    key = unique_token("draft")
+    first = stripe.PaymentIntent.create(amount=2100, currency="usd", idempotency_key=key)
+    again = stripe.PaymentIntent.create(amount=2100, currency="usd", idempotency_key=key)
+    assert again.id == first.id and again.last_response.headers.get("idempotent-replayed") == "true"
+    try:
+        stripe.PaymentIntent.create(amount=2200, currency="usd", idempotency_key=key)
+        raise AssertionError("the same key with other parameters was accepted")
+    except stripe.IdempotencyError as e:
+        assert e.http_status == 400
+    ukey = unique_token("update")
+    u1 = stripe.PaymentIntent.modify(first.id, payment_method="pm_card_visa", idempotency_key=ukey)
+    u2 = stripe.PaymentIntent.modify(first.id, payment_method="pm_card_visa", idempotency_key=ukey)
+    assert u1.status == u2.status == "requires_confirmation" and u2.last_response.headers.get("idempotent-replayed")
+    ckey = unique_token("confirm")
+    c1 = stripe.PaymentIntent.confirm(first.id, idempotency_key=ckey)
+    c2 = stripe.PaymentIntent.confirm(first.id, idempotency_key=ckey)
+    assert c1.status == c2.status == "succeeded" and c2.last_response.headers.get("idempotent-replayed") == "true"
+    try:
+        stripe.PaymentIntent.confirm(first.id, payment_method="pm_card_amex", idempotency_key=ckey)
+        raise AssertionError("the confirmation's key with other parameters was accepted")
+    except stripe.IdempotencyError:
+        pass
+    assert stripe.Charge.retrieve(c1.latest_charge).amount_captured == 2100
+
+
+def ending_before_pages_back() -> None:
+    ids = [stripe.PaymentIntent.create(amount=900 + i, currency="usd", payment_method="pm_card_visa",
+                                       confirm=True).id for i in range(4)]
+    ids.append(stripe.PaymentIntent.create(amount=905, currency="usd").id)  # an unconfirmed one among them
+    first = stripe.PaymentIntent.list(limit=2)
+    second = stripe.PaymentIntent.list(limit=2, starting_after=first.data[-1].id)
+    back = stripe.PaymentIntent.list(limit=2, ending_before=second.data[0].id)
+    assert [x.id for x in back.data] == [x.id for x in first.data] and not back.has_more
+    # The SDK pages backwards from ending_before: every intent listed before it, each once.
+    listed = [x.id for x in stripe.PaymentIntent.list(limit=20).data]
+    assert set(ids) <= set(listed)
+    newer = [x.id for x in stripe.PaymentIntent.list(limit=2, ending_before=listed[4]).auto_paging_iter()]
+    assert sorted(newer) == sorted(listed[:4]), (newer, listed)
+    charges = stripe.Charge.list(limit=2)
+    again = stripe.Charge.list(limit=2, ending_before=stripe.Charge.list(limit=2, starting_after=charges.data[-1].id
+                                                                         ).data[0].id)
+    assert [c.id for c in again.data] == [c.id for c in charges.data]
+
+
+def events_beyond_the_newest_payments(url: str) -> None:
+    pi = stripe.PaymentIntent.create(amount=3300, currency="usd", payment_method="pm_card_visa", confirm=True)
+    first = next(e for e in stripe.Event.list(type="payment_intent.succeeded", limit=20).auto_paging_iter()
+                 if e.data.object.id == pi.id)
+    # More than a hundred payments after it (the native API, which answers at once).
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {DEMO_KEY}"}, timeout=30) as client:
+        for i in range(105):
+            r = client.post("/v1/payments", json={"amount": 100 + i, "currency": "USD", "payment_method": "tok_visa"})
+            assert r.status_code in (201, 202), r.text
+    assert stripe.Event.retrieve(first.id).data.object.id == pi.id
+    found = [e.id for e in stripe.Event.list(type="payment_intent.succeeded", limit=100).auto_paging_iter()]
+    assert first.id in found and len(found) == len(set(found)) and len(found) > 1
+    created = [e.id for e in stripe.Event.list(created={"gte": first.created, "lte": first.created},
+                                               types=["payment_intent.succeeded"]).auto_paging_iter()]
+    assert first.id in created
+    everything = stripe.Event.list(limit=3)
+    assert everything.has_more and len(everything.data) == 3
+    stamps = [e.created for e in everything.data]
+    assert stamps == sorted(stamps, reverse=True)
+    back = stripe.Event.list(limit=3, ending_before=stripe.Event.list(limit=1, starting_after=everything.data[-1].id
+                                                                      ).data[0].id)
+    assert [e.id for e in back.data] == [e.id for e in everything.data]
+
+
+def created_and_requires_action_events(receiver: Receiver) -> None:
+    endpoint = stripe.WebhookEndpoint.create(url=receiver.url, enabled_events=["payment_intent.created",
+                                                                               "payment_intent.requires_action"])
+    draft = stripe.PaymentIntent.create(amount=1900, currency="usd", metadata={"hook": "created"})
+    body, headers = receiver.wait_for(lambda e: e["data"]["object"].get("id") == draft.id)
+    event = stripe.Webhook.construct_event(body.decode(), headers["stripe-signature"], endpoint.secret)
+    assert event.type == "payment_intent.created" and event.data.object.status == "requires_payment_method"
+    assert stripe.Event.retrieve(event.id).type == "payment_intent.created"
+    challenged = stripe.PaymentIntent.create(amount=2600, currency="usd", confirm=True,
+                                             payment_method="pm_card_authenticationRequired")
+    assert challenged.status == "requires_action"
+    for kind in ("payment_intent.created", "payment_intent.requires_action"):
+        body, headers = receiver.wait_for(lambda e, k=kind: e["type"] == k and e["data"]["object"]["id"] == challenged.id)
+        got = stripe.Webhook.construct_event(body.decode(), headers["stripe-signature"], endpoint.secret)
+        assert got.type == kind
+    # A challenge reached by the confirmation of an unconfirmed intent.
+    later = stripe.PaymentIntent.create(amount=2700, currency="usd", payment_method="pm_card_authenticationRequired")
+    assert stripe.PaymentIntent.confirm(later.id).status == "requires_action"
+    receiver.wait_for(lambda e: e["type"] == "payment_intent.requires_action" and e["data"]["object"]["id"] == later.id)
+    stripe.PaymentIntent.cancel(challenged.id)
+    with receiver.lock:
+        types = {json.loads(b)["type"] for b, _h in receiver.requests}
+    assert types <= {"payment_intent.created", "payment_intent.requires_action"}, types
+    listed = [e.id for e in stripe.Event.list(type="payment_intent.created", limit=10).data]
+    assert event.id in listed
+    assert stripe.WebhookEndpoint.delete(endpoint.id).deleted

@@ -66,6 +66,24 @@ def test_webhooks_and_three_d_secure(cl: ProcessingCluster, receiver: Receiver) 
     cases.three_d_secure_completion(cl.gateway.url)
 
 
+def test_unconfirmed_intents_across_processes(cl: ProcessingCluster) -> None:
+    # Two HTTP processes behind one port: each call may land on either; the intent is in PostgreSQL.
+    cases.unconfirmed_intent_updated_confirmed_captured()
+    cases.unconfirmed_intent_canceled()
+    cases.unconfirmed_decline_then_another_method()
+    cases.unconfirmed_idempotency()
+
+
+def test_ending_before_and_events_beyond_the_newest_payments(cl: ProcessingCluster) -> None:
+    cases.ending_before_pages_back()
+    cases.events_beyond_the_newest_payments(cl.gateway.url)
+    r = Receiver()
+    try:
+        cases.created_and_requires_action_events(r)
+    finally:
+        r.stop()
+
+
 def test_node_sdk(cl: ProcessingCluster) -> None:
     done = run_node_sdk(cl.gateway.url)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

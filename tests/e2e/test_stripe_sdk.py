@@ -3,10 +3,13 @@ a real gateway (`stripe.api_base`): the cases are in tests/stripe_sdk_cases.py, 
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import stripe
 import stripe_sdk_cases as cases
 from stripe_sdk_cases import Receiver
 from support import Gateway
@@ -92,3 +95,64 @@ def test_native_api_is_unchanged_beside_it(gw: Gateway) -> None:
     assert httpx.delete(f"{gw.url}/v1/webhook_endpoints/{r.json()['id']}", headers=auth, timeout=10).json()["deleted"]
     r = httpx.get(f"{gw.url}/v1/events", headers=auth, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "payment"
+
+
+def test_unconfirmed_intent_updated_confirmed_captured(gw: Gateway) -> None:
+    cases.unconfirmed_intent_updated_confirmed_captured()
+
+
+def test_unconfirmed_intent_canceled(gw: Gateway) -> None:
+    cases.unconfirmed_intent_canceled()
+
+
+def test_unconfirmed_decline_then_another_method(gw: Gateway) -> None:
+    cases.unconfirmed_decline_then_another_method()
+
+
+def test_unconfirmed_idempotency(gw: Gateway) -> None:
+    cases.unconfirmed_idempotency()
+
+
+def test_ending_before_pages_back(gw: Gateway) -> None:
+    cases.ending_before_pages_back()
+
+
+def test_events_beyond_the_newest_payments(gw: Gateway) -> None:
+    cases.events_beyond_the_newest_payments(gw.url)
+
+
+def test_created_and_requires_action_events(gw: Gateway) -> None:
+    r = Receiver()
+    try:
+        cases.created_and_requires_action_events(r)
+    finally:
+        r.stop()
+
+
+def test_unconfirmed_intent_survives_a_kill_and_an_interrupted_confirmation(gw: Gateway, tmp_path: Path) -> None:
+    # Its own gateway: SIGKILLed with an unconfirmed intent, then again as if between marking the
+    # confirmation and submitting it; the intent is there each time, and confirming completes it once.
+    g = Gateway(tmp_path / "data", extra_env=ENV).start()
+    try:
+        cases.configure(g.url)
+        pi = stripe.PaymentIntent.create(amount=1234, currency="usd", payment_method="pm_card_visa")
+        g.kill()
+        with sqlite3.connect(tmp_path / "data" / "gateway.db") as db:
+            db.execute("UPDATE stripe_intents SET status = 'confirming' WHERE id = ?", ("pay_" + pi.id[3:],))
+        g.start()
+        cases.close_sdk_connections()
+        got = stripe.PaymentIntent.retrieve(pi.id)
+        assert (got.status, got.amount, got.payment_method) == ("requires_confirmation", 1234, "pm_card_visa")
+        try:
+            stripe.PaymentIntent.modify(pi.id, amount=1)
+            raise AssertionError("an intent being confirmed was changed")
+        except stripe.InvalidRequestError as e:
+            assert e.code == "payment_intent_unexpected_state"
+        done = stripe.PaymentIntent.confirm(pi.id)
+        assert (done.id, done.status, done.amount_received) == (pi.id, "succeeded", 1234)
+        assert [x.id for x in stripe.PaymentIntent.list(limit=10).data] == [pi.id]
+    finally:
+        cases.close_sdk_connections()
+        cases.configure(gw.url)
+        g.stop()
+    assert "Traceback" not in g.log(), g.log()[-3000:]

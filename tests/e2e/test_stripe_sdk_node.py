@@ -36,7 +36,7 @@ def test_node_sdk_drives_the_stripe_surface(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         done = run_node_sdk(g.url)
         assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-        assert "# fail 0" in done.stdout and "# pass 8" in done.stdout, done.stdout[-3000:]
+        assert "# fail 0" in done.stdout and "# pass 12" in done.stdout, done.stdout[-3000:]
     finally:
         g.stop()
     assert "Traceback" not in g.log(), g.log()[-3000:]

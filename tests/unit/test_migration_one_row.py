@@ -16,6 +16,8 @@ from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
 from support import DATABASE_URL
 
+LATEST = max(v for v, _ in sqlite_mod.MIGRATIONS)
+
 OLD_STATE = ("INSERT INTO payment_state (payment_id, merchant_id, status, amount, currency, payment_method,"
              " auto_capture, amount_authorized, amount_captured, amount_refunded, capture_final, psp, psp_reference,"
              " failure_code, version, updated_ms, events_count)"
@@ -61,7 +63,7 @@ def test_sqlite_store_of_the_schema_before_keeps_every_state(tmp_path: Path, mon
         _seed_old(old)
         old.close()
     store = SqliteStore(path)
-    assert store.migrate() == 9
+    assert store.migrate() == LATEST
     _check(store)
     with ProcessingStore(store)._read() as db:
         assert db.fetchall("SELECT name FROM sqlite_master WHERE name = 'payment_state'") == []
@@ -82,7 +84,7 @@ def test_postgres_store_of_the_schema_before_keeps_every_state(monkeypatch: pyte
         old.close()
     store = PostgresStore(DATABASE_URL, schema)
     try:
-        assert store.migrate() == 9
+        assert store.migrate() == LATEST
         _check(store)
         with ProcessingStore(store)._read() as db:
             assert db.fetchall("SELECT 1 FROM information_schema.tables WHERE table_schema = ?"

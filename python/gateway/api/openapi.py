@@ -66,6 +66,9 @@ _LIMIT = {"name": "limit", "in": "query", "required": False, "schema": {"type": 
                                                                         "maximum": 100}}
 _STARTING_AFTER = {"name": "starting_after", "in": "query", "required": False,
                    "schema": {"type": "string", "maxLength": 64}}
+_ENDING_BEFORE = {"name": "ending_before", "in": "query", "required": False,
+                  "description": "The page before this object (Stripe's; not with starting_after).",
+                  "schema": {"type": "string", "maxLength": 64}}
 
 
 def _path_id(pattern: str) -> dict[str, Any]:
@@ -135,22 +138,24 @@ def _stripe_paths() -> dict[str, Any]:
     intent = {"200": _answer("The PaymentIntent.", ss.PaymentIntent)}
     return {
         "/v1/payment_intents": {
-            "post": stripe("stripeCreatePaymentIntent", "Create and confirm a PaymentIntent.", intent,
+            "post": stripe("stripeCreatePaymentIntent", "Create a PaymentIntent (confirmed with `confirm=true`).", intent,
                            body=_content(ss.PaymentIntentCreate, FORM), params=post, extra={**card, **conflict}),
             "get": stripe("stripeListPaymentIntents", "PaymentIntents, newest first.",
                           {"200": _answer("A page.", ss.PaymentIntentList)},
-                          params=[_LIMIT, _STARTING_AFTER, created, *version]),
+                          params=[_LIMIT, _STARTING_AFTER, _ENDING_BEFORE, created, *version]),
         },
         "/v1/payment_intents/{id}": {
             "get": stripe("stripeRetrievePaymentIntent", "A PaymentIntent.", intent, params=[pi, expand, *version],
                           extra=_NOT_FOUND),
-            "post": stripe("stripeUpdatePaymentIntent", "Update (only to the same values).", intent,
+            "post": stripe("stripeUpdatePaymentIntent", "Update (before its confirmation; after it only to the"
+                           " same values).", intent,
                            body=_content(ss.PaymentIntentUpdate, FORM), params=[pi, *post], extra=_NOT_FOUND),
         },
         "/v1/payment_intents/{id}/confirm": {
-            "post": stripe("stripeConfirmPaymentIntent", "Confirm (a challenged intent shows its next action).",
-                           intent, body=_content(ss.PaymentIntentConfirm, FORM), params=[pi, *post],
-                           extra=_NOT_FOUND),
+            "post": stripe("stripeConfirmPaymentIntent", "Confirm an unconfirmed intent through the fast path (a"
+                           " challenged intent shows its next action).", intent,
+                           body=_content(ss.PaymentIntentConfirm, FORM), params=[pi, *post],
+                           extra={**_NOT_FOUND, **card, **conflict}),
         },
         "/v1/payment_intents/{id}/capture": {
             "post": stripe("stripeCapturePaymentIntent", "Capture (partially: the rest is released).", intent,
@@ -158,13 +163,13 @@ def _stripe_paths() -> dict[str, Any]:
                            extra={**_NOT_FOUND, **card, **conflict}),
         },
         "/v1/payment_intents/{id}/cancel": {
-            "post": stripe("stripeCancelPaymentIntent", "Cancel (authorized or challenged).", intent,
+            "post": stripe("stripeCancelPaymentIntent", "Cancel (unconfirmed, authorized or challenged).", intent,
                            body=_content(ss.PaymentIntentCancel, FORM), params=[pi, *post],
                            extra={**_NOT_FOUND, **card, **conflict}),
         },
         "/v1/charges": {
             "get": stripe("stripeListCharges", "Charges, newest first.", {"200": _answer("A page.", ss.ChargeList)},
-                          params=[_LIMIT, _STARTING_AFTER, *version]),
+                          params=[_LIMIT, _STARTING_AFTER, _ENDING_BEFORE, *version]),
         },
         "/v1/charges/{id}": {
             "get": stripe("stripeRetrieveCharge", "A Charge.", {"200": _answer("The Charge.", ss.Charge)},
@@ -175,7 +180,7 @@ def _stripe_paths() -> dict[str, Any]:
                            {"200": _answer("The Refund.", ss.Refund)}, body=_content(ss.RefundCreate, FORM),
                            params=post, extra={**card, **conflict}),
             "get": stripe("stripeListRefunds", "Refunds.", {"200": _answer("A page.", ss.RefundList)},
-                          params=[_LIMIT, _STARTING_AFTER, *version]),
+                          params=[_LIMIT, _STARTING_AFTER, _ENDING_BEFORE, *version]),
         },
         "/v1/refunds/{id}": {
             "get": stripe("stripeRetrieveRefund", "A Refund.", {"200": _answer("The Refund.", ss.Refund)},
@@ -212,10 +217,12 @@ def _shared_paths() -> dict[str, Any]:
                        extra=_NOT_FOUND, tag="both"),
         },
         "/v1/events": {
-            "get": _op("listEvents", "Native: a payment's events (`payment` required). Stripe: recent events"
-                       " (`type`, `created`).", {"200": _answer("A page.", schemas.EventList)},
+            "get": _op("listEvents", "Native: a payment's events (`payment` required). Stripe: every stored event,"
+                       " newest first (`type`, `types[]`, `created`, `starting_after`, `ending_before`).",
+                       {"200": _answer("A page.", schemas.EventList)},
                        params=[{"name": "payment", "in": "query", "required": False,
-                                "schema": {"type": "string", "maxLength": 64}}, _LIMIT, _STRIPE_VERSION], tag="both"),
+                                "schema": {"type": "string", "maxLength": 64}}, _LIMIT, _STARTING_AFTER,
+                               _ENDING_BEFORE, _STRIPE_VERSION], tag="both"),
         },
         "/v1/test_3ds/{merchant}/{id}": {
             "get": {"operationId": "stripeThreeDSPage", "summary": "The 3-D Secure test page.", "tags": ["stripe"],

@@ -14,6 +14,7 @@ Statuses: `processing` and `pending_verification` are `processing`; `requires_ac
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -59,9 +60,30 @@ _DECLINE_MESSAGES = {
     "authentication_failed": "The provided PaymentMethod has failed authentication.",
 }
 
-_STATUS = {"processing": "processing", "pending_verification": "processing", "requires_action": "requires_action",
+_STATUS = {"requires_payment_method": "requires_payment_method", "requires_confirmation": "requires_confirmation",
+           "confirming": "requires_confirmation", "confirmed": "processing", "processing": "processing", "pending_verification": "processing", "requires_action": "requires_action",
            "authorized": "requires_capture", "captured": "succeeded", "partially_refunded": "succeeded",
            "refunded": "succeeded", "failed": "requires_payment_method", "canceled": "canceled"}
+
+# Stripe's statuses of a PaymentIntent not confirmed yet (api/stripe/drafts.py; store/stripe_intents.py).
+UNCONFIRMED = ("requires_payment_method", "requires_confirmation")
+_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+_KEY_LETTERS = "abcdefghjkmnpqrstvwxyz"
+
+
+def derived_payment_id(merchant_id: str, key: str) -> str:
+    """The payment id the fast path gives a create with this Idempotency-Key (rust/fastpath/src/ids.rs):
+    an intent created without `confirm` takes the id its confirmation will create."""
+    digest = hashlib.sha256(b"payment\0" + merchant_id.encode() + b"\0" + key.encode()).digest()[:15]
+    n = int.from_bytes(digest, "big")
+    return "pay_" + "".join(_ID_ALPHABET[(n >> (5 * i)) & 31] for i in range(23, -1, -1))
+
+
+def letters_of(data: bytes, n: int = 32) -> str:
+    """`n` letters drawn from a digest of `data`: a key part that never holds a card-number-like run."""
+    digest = hashlib.sha256(data).digest()
+    return "".join(_KEY_LETTERS[b % len(_KEY_LETTERS)] for b in digest[:n])
+
 
 def intent_id(payment_id: str) -> str:
     return "pi_" + payment_id[4:]
@@ -117,7 +139,7 @@ def payment_intent(b: dict[str, Any], *, next_action_url: str | None = None,
         "amount": b["amount"],
         "amount_capturable": b.get("amount_capturable", 0),
         "amount_received": b.get("amount_captured", 0),
-        "canceled_at": b.get("created") if canceled else None,
+        "canceled_at": (b.get("canceled_at") or b.get("created")) if canceled else None,
         "cancellation_reason": (b.get("stripe_cancellation_reason") or "requested_by_customer") if canceled else None,
         "capture_method": "automatic" if b.get("capture", True) else "manual",
         "client_secret": None,
@@ -131,7 +153,7 @@ def payment_intent(b: dict[str, Any], *, next_action_url: str | None = None,
         "livemode": False,
         "metadata": b.get("metadata") or {},
         "next_action": next_action,
-        "payment_method": payment_method_name(b.get("payment_method", "")),
+        "payment_method": payment_method_name(b.get("payment_method") or "") or None,
         "payment_method_types": ["card"],
         "receipt_email": (b.get("customer") or {}).get("email"),
         "status": status,
@@ -209,6 +231,8 @@ STRIPE_MARK = "@stripe"
 
 # Native event types and the Stripe ones they are delivered and listed as.
 EVENT_TYPES: dict[str, str] = {
+    # Written by the Stripe surface itself (store/stripe_intents.py), delivered to its endpoints only.
+    "payment.created": "payment_intent.created",
     "payment.requires_action": "payment_intent.requires_action",
     "payment.pending_verification": "payment_intent.processing",
     "payment.authorized": "payment_intent.amount_capturable_updated",
@@ -220,7 +244,7 @@ EVENT_TYPES: dict[str, str] = {
     "payment.operation_failed": "charge.updated",
 }
 STRIPE_EVENT_TYPES: tuple[str, ...] = (
-    "payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled",
+    "payment_intent.created", "payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled",
     "payment_intent.amount_capturable_updated", "payment_intent.processing", "payment_intent.requires_action",
     "charge.succeeded", "charge.refunded", "charge.updated",
 )

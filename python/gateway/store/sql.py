@@ -168,6 +168,13 @@ class Dialect:
         raise NotImplementedError
         yield
 
+    @contextmanager
+    def durable_tx(self) -> Iterator[Db]:
+        """A transaction whose commit is on disk when it returns, for rows that exist nowhere else (no
+        WAL record stands behind them): PostgreSQL's commits are (synchronous_commit); SQLite's below."""
+        with self.tx() as db:
+            yield db
+
     def lock_payment(self, db: Db, payment_id: str) -> None:
         """Holds the payment's state row until the transaction ends (no-op where writers are serialised)."""
 
@@ -225,6 +232,24 @@ class SqliteDialect(Dialect):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @contextmanager
+    def durable_tx(self) -> Iterator[Db]:
+        # The store syncs NORMAL (it is a view of the WAL); a row that only this transaction holds is
+        # fsynced at its commit (synchronous FULL for this one commit, under the write lock).
+        conn = self.connect()
+        with self.write_lock:
+            conn.execute("PRAGMA synchronous=FULL")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield Db(conn, False)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                conn.execute("PRAGMA synchronous=NORMAL")
 
 
 class PostgresDialect(Dialect):

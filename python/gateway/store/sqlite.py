@@ -19,6 +19,7 @@ from gateway.store.processing_schema import (
 )
 from gateway.store.reconcile_schema import MIGRATION_RECONCILE
 from gateway.store.risk_schema import MIGRATION_3_RISK
+from gateway.store.stripe_schema import MIGRATION_10_STRIPE_INTENTS
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -77,6 +78,9 @@ MIGRATIONS: list[tuple[int, str]] = [
     # A payment stored once: its processing state in its own row of `payments` (PostgreSQL has its own
     # statements for it, store/postgres.py).
     (9, MIGRATION_9_ONE_ROW_SQLITE),
+    # PaymentIntents created without `confirm`, and the index that lists a merchant's events (the same
+    # statements on PostgreSQL): store/stripe_schema.py, written by store/stripe_intents.py.
+    (10, MIGRATION_10_STRIPE_INTENTS),
 ]
 # Migrations whose PostgreSQL statements are written apart (PG_OWN_MIGRATIONS in store/postgres.py).
 PG_OWN_VERSIONS = frozenset({9})

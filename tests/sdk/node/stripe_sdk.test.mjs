@@ -165,3 +165,83 @@ test('3-D Secure completion', async () => {
   });
   assert.equal(succeeded.amount_received, 2500);
 });
+
+test('created without confirm, updated, confirmed, captured; an unconfirmed intent canceled', async () => {
+  const pi = await stripe.paymentIntents.create({ amount: 1100, currency: 'usd', capture_method: 'manual' });
+  assert.equal(pi.status, 'requires_payment_method');
+  assert.equal(pi.payment_method, null);
+  const updated = await stripe.paymentIntents.update(pi.id, {
+    amount: 1300, payment_method: 'pm_card_visa', metadata: { order_id: 'N-9' },
+  });
+  assert.equal(updated.status, 'requires_confirmation');
+  assert.equal(updated.amount, 1300);
+  const confirmed = await stripe.paymentIntents.confirm(pi.id);
+  assert.equal(confirmed.id, pi.id);
+  assert.equal(confirmed.status, 'requires_capture');
+  const captured = await stripe.paymentIntents.capture(pi.id, { amount_to_capture: 1000 });
+  assert.equal(captured.status, 'succeeded');
+  assert.equal(captured.amount_received, 1000);
+  assert.equal(captured.metadata.order_id, 'N-9');
+  const other = await stripe.paymentIntents.create({ amount: 500, currency: 'usd', payment_method: 'pm_card_visa' });
+  assert.equal(other.status, 'requires_confirmation');
+  const canceled = await stripe.paymentIntents.cancel(other.id, { cancellation_reason: 'abandoned' });
+  assert.equal(canceled.status, 'canceled');
+  const e = await rejects(stripe.paymentIntents.confirm(other.id));
+  assert.equal(e.code, 'payment_intent_unexpected_state');
+});
+
+test('ending_before pages back', async () => {
+  for (let i = 0; i < 3; i += 1) {
+    await stripe.paymentIntents.create({ amount: 600 + i, currency: 'usd', payment_method: 'pm_card_visa', confirm: true });
+  }
+  const first = await stripe.paymentIntents.list({ limit: 2 });
+  const second = await stripe.paymentIntents.list({ limit: 2, starting_after: first.data[1].id });
+  const back = await stripe.paymentIntents.list({ limit: 2, ending_before: second.data[0].id });
+  assert.deepEqual(back.data.map((x) => x.id), first.data.map((x) => x.id));
+  const listed = (await stripe.paymentIntents.list({ limit: 20 })).data.map((x) => x.id);
+  const newer = [];
+  for await (const x of stripe.paymentIntents.list({ limit: 2, ending_before: listed[4] })) newer.push(x.id);
+  assert.deepEqual([...newer].sort(), listed.slice(0, 4).sort());
+});
+
+test('events beyond the newest hundred payments', async () => {
+  const pi = await stripe.paymentIntents.create({
+    amount: 3400, currency: 'usd', payment_method: 'pm_card_visa', confirm: true,
+  });
+  const created = (await stripe.events.list({ type: 'payment_intent.created', limit: 10 })).data
+    .find((x) => x.data.object.id === pi.id);
+  assert.ok(created);
+  for (let i = 0; i < 105; i += 1) {
+    const r = await fetch(`${url.origin}/v1/payments`, {
+      method: 'POST', headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ amount: 200 + i, currency: 'USD', payment_method: 'tok_visa' }),
+    });
+    assert.ok(r.status === 201 || r.status === 202);
+  }
+  const seen = [];
+  for await (const x of stripe.events.list({ type: 'payment_intent.created', limit: 100 })) seen.push(x.id);
+  assert.ok(seen.includes(created.id));
+  assert.equal((await stripe.events.retrieve(created.id)).type, 'payment_intent.created');
+});
+
+test('payment_intent.created and payment_intent.requires_action delivered and verified', async () => {
+  const { port } = receiver.address();
+  const endpoint = await stripe.webhookEndpoints.create({
+    url: `http://127.0.0.1:${port}/hook`, enabled_events: ['payment_intent.created', 'payment_intent.requires_action'],
+  });
+  const draft = await stripe.paymentIntents.create({
+    amount: 2800, currency: 'usd', payment_method: 'pm_card_authenticationRequired',
+  });
+  const confirmed = await stripe.paymentIntents.confirm(draft.id);
+  assert.equal(confirmed.status, 'requires_action');
+  for (const type of ['payment_intent.created', 'payment_intent.requires_action']) {
+    const d = await until(() => deliveries.find((x) => {
+      const ev = JSON.parse(x.body);
+      return ev.type === type && ev.data.object.id === draft.id;
+    }));
+    const event = stripe.webhooks.constructEvent(d.body, d.headers['stripe-signature'], endpoint.secret);
+    assert.equal(event.type, type);
+  }
+  await stripe.paymentIntents.cancel(draft.id);
+  await stripe.webhookEndpoints.del(endpoint.id);
+});

@@ -2,9 +2,10 @@
 the one engine (the same fast-path call, WAL, idempotency, risk, workers and store as the native API).
 
 Modules: `wire` (form bodies, API keys, errors, versions), `objects` (Stripe's objects computed from
-the native payment), `common` (the handler frame), `intents` (PaymentIntents), `charges` (Charges and
-Refunds), `webhooks` (WebhookEndpoints and Events), `threeds` (the 3-D Secure test page). What is
-supported, partly or not: docs/stripe-compatibility.md.
+the native payment), `common` (the handler frame), `intents` (PaymentIntents), `submit` (a
+confirmation through the fast path), `unconfirmed` (intents stored until their confirmation), `lists`
+(Stripe's list parameters), `charges` (Charges and Refunds), `webhooks` (WebhookEndpoints and Events),
+`threeds` (the 3-D Secure test page). What is supported, partly or not: docs/stripe-compatibility.md.
 """
 
 from __future__ import annotations

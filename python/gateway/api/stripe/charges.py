@@ -13,9 +13,8 @@ from typing import Any
 
 from gateway.api import operations
 from gateway.api.http import Response
-from gateway.api.stripe import objects, wire
+from gateway.api.stripe import lists, objects, wire
 from gateway.api.stripe.common import Ctx, ok, read, settle, translate_error
-from gateway.api.stripe.intents import page
 from gateway.domain.payment import AMOUNT_MINOR_MAX
 
 REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
@@ -45,10 +44,11 @@ async def list_charges(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
         b = await read(ctx, pid) if pid is not None else None
         data = [objects.charge(b)] if b is not None and objects.payment_intent(b)["latest_charge"] else []
         return ok({"object": "list", "url": "/v1/charges", "has_more": False, "data": data})
-    bodies, more = await page(ctx, params, "ch")
+    p = lists.paging(params)
     wire.no_more(params)
+    bodies, more = await lists.payments_page(ctx, p, "ch", drafts=False)
     data = [objects.charge(b) for b in bodies if objects.payment_intent(b)["latest_charge"]]
-    return ok({"object": "list", "url": "/v1/charges", "has_more": more, "data": data})
+    return ok(lists.listed("/v1/charges", data, more))
 
 
 async def _refund_target(ctx: Ctx, params: wire.Params) -> str:
@@ -108,21 +108,18 @@ async def list_refunds(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
     pi = wire.take_str(params, "payment_intent", 64)
     ch = wire.take_str(params, "charge", 64)
     if pi is not None or ch is not None:
-        limit = wire.take_int(params, "limit", 1, 100) or 10
-        after = wire.take_str(params, "starting_after", 64)
+        p = lists.paging(params)
         wire.no_more(params)
         pid = objects.payment_id_of(pi, "pi") if pi is not None else objects.payment_id_of(ch or "", "ch")
         b = await read(ctx, pid) if pid is not None else None
-        data = objects.refunds(b) if b is not None else []
-        if after is not None:
-            ids = [r["id"] for r in data]
-            data = data[ids.index(after) + 1:] if after in ids else []
-        return ok({"object": "list", "url": "/v1/refunds", "has_more": len(data) > limit, "data": data[:limit]})
-    # Without a filter: the refunds of a page of the newest payments.
-    bodies, more = await page(ctx, params, "pi")
+        data, more = lists.slice_ids(p, objects.refunds(b) if b is not None else [])
+        return ok(lists.listed("/v1/refunds", data, more))
+    # Without a filter: the refunds of a page of the newest payments (the cursor is a payment's).
+    p = lists.paging(params)
     wire.no_more(params)
+    bodies, more = await lists.payments_page(ctx, p, "pi", drafts=False)
     data = [r for b in bodies for r in objects.refunds(b)]
-    return ok({"object": "list", "url": "/v1/refunds", "has_more": more, "data": data})
+    return ok(lists.listed("/v1/refunds", data, more))
 
 
 def routes() -> list[tuple[str, str, str, Any]]:

@@ -9,6 +9,7 @@ outcome_wait_ms`, for the worker's outcome, because Stripe answers with the fina
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -17,6 +18,8 @@ import msgspec
 from gateway.api.http import JSON, Api, Response, starting
 from gateway.api.stripe import objects, wire
 from gateway.store.base import Merchant
+from gateway.store.processing import ProcessingStore
+from gateway.store.stripe_intents import StripeIntents
 
 StripeHandler = Callable[["Ctx", wire.Params, Any], Awaitable[Response]]
 
@@ -47,6 +50,19 @@ async def handle(app: Api, scope: Any, proto: Any, match: Any, fn: StripeHandler
     if version is not None:
         headers = [*headers, version]
     return status, headers, body
+
+
+_INTENT_STORES: weakref.WeakKeyDictionary[ProcessingStore, StripeIntents] = weakref.WeakKeyDictionary()
+
+
+def intents_store(ctx: Ctx) -> StripeIntents:
+    """The surface's own rows (unconfirmed intents, its events, its lists), beside the runtime's store."""
+    ps = ctx.app.runtime.processing
+    assert ps is not None
+    found = _INTENT_STORES.get(ps)
+    if found is None:
+        found = _INTENT_STORES[ps] = StripeIntents(ps)
+    return found
 
 
 def ok(obj: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:

@@ -1,8 +1,10 @@
-"""PaymentIntents on the one engine: create-and-confirm is the fast path's create, capture and cancel
-are the native operations, retrieve and list are the native reads (docs/stripe-compatibility.md).
+"""PaymentIntents on the one engine: a confirmation is the fast path's create (api/stripe/submit.py),
+capture and cancel are the native operations, retrieve and list are the native reads
+(docs/stripe-compatibility.md).
 
-A PaymentIntent is confirmed when it is created (`confirm=true`): the engine has no stored state before
-a payment exists, so an unconfirmed intent (and its `update`) is refused with a 400 that says so.
+An intent created without `confirm` is not a payment yet: it is a row of the store
+(api/stripe/unconfirmed.py) until its confirmation submits it, and keeps its id. Each call here first
+reads the payment; only an id that is not one reads the unconfirmed intent.
 """
 
 from __future__ import annotations
@@ -14,90 +16,44 @@ import msgspec
 
 from gateway.api import operations
 from gateway.api.http import Response
-from gateway.api.stripe import objects, wire
-from gateway.api.stripe.common import Ctx, intent_of, ok, read, settle, translate_error
+from gateway.api.stripe import lists, objects, unconfirmed, wire
+from gateway.api.stripe.common import Ctx, intent_of, intents_store, ok, read, settle, translate_error
+from gateway.api.stripe.submit import (
+    ACCEPTED_AND_IGNORED,
+    CANCELLATION_REASONS,
+    create_fields,
+    submit,
+    unexpected,
+)
 from gateway.domain.payment import AMOUNT_MINOR_MAX
 from gateway.store.processing import Refused
-
-CURRENCY = re.compile(r"^[A-Za-z]{3}$")
-LIST_LIMIT_MAX = 100
-# A `created` filter is applied over at most this many of the newest payments per page.
-CREATED_SCAN_MAX = 1000
-CANCELLATION_REASONS = ("duplicate", "fraudulent", "requested_by_customer", "abandoned")
-CAPTURE_METHODS = ("automatic", "automatic_async", "manual")
-# Parameters Stripe defines that change nothing here (card is the only payment method type).
-ACCEPTED_AND_IGNORED = ("automatic_payment_methods", "return_url", "use_stripe_sdk", "statement_descriptor",
-                        "statement_descriptor_suffix", "setup_future_usage", "off_session", "mandate_data",
-                        "payment_method_options", "confirmation_method")
+from gateway.store.stripe_intents import Draft
 
 
-def _unexpected(intent: dict[str, Any], action: str) -> Response:
-    return wire.stripe_error(400, "invalid_request_error", "payment_intent_unexpected_state",
-                             f"You cannot {action} this PaymentIntent because it has a status of {intent['status']}.",
-                             payment_intent=intent)
-
-
-async def _intent(ctx: Ctx, ident: str) -> dict[str, Any] | Response:
-    """The native payment of a PaymentIntent id, or the 404."""
+async def _intent(ctx: Ctx, ident: str) -> dict[str, Any] | Draft | Response:
+    """The native payment of a PaymentIntent id, else its unconfirmed intent, else the 404."""
     pid = objects.payment_id_of(ident, "pi")
-    b = await read(ctx, pid) if pid is not None else None
-    if pid is None or b is None:
+    if pid is None:
         return wire.missing("payment_intent", ident)
-    return b
+    b = await read(ctx, pid)
+    if b is not None:
+        return b
+    d = await ctx.app.runtime.run(intents_store(ctx).get, ctx.merchant.id, pid)
+    return d if d is not None else wire.missing("payment_intent", ident)
 
 
 async def create(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
-    amount = wire.take_int(params, "amount", 1, AMOUNT_MINOR_MAX, required=True)
-    currency = wire.take_str(params, "currency", 16, required=True)
-    if currency is None or not CURRENCY.match(currency):
-        raise wire.ParamError("parameter_invalid", "Invalid currency: must be a three-letter ISO code.", "currency")
-    pm = wire.take_str(params, "payment_method", 255)
+    sent = dict(params)
+    f = create_fields(params)
     confirm = wire.take_bool(params, "confirm")
-    capture_method = wire.take_choice(params, "capture_method", CAPTURE_METHODS)
-    description = wire.take_str(params, "description", 1000)
-    metadata = wire.take_metadata(params)
-    customer = wire.take_str(params, "customer", 255)
-    email = wire.take_str(params, "receipt_email", 320)
-    types = wire.take_list(params, "payment_method_types")
-    if any(t != "card" for t in types):
-        raise wire.ParamError("payment_method_type_unsupported", "Only the payment method type card is supported.",
-                              "payment_method_types")
-    for name in ACCEPTED_AND_IGNORED:
-        params.pop(name, None)
     expand = wire.take_expand(params)
     wire.no_more(params)
     if not confirm:
-        raise wire.ParamError("parameter_missing", "This gateway confirms a PaymentIntent when it is created: pass"
-                              " confirm=true with a payment_method (docs/stripe-compatibility.md).", "confirm")
-    if pm is None:
+        return await unconfirmed.create(ctx, f, sent)
+    if f.get("payment_method") is None:
         raise wire.ParamError("parameter_missing", "Missing required param: payment_method.", "payment_method")
-    native: dict[str, Any] = {"amount": amount, "currency": currency.upper(),
-                              "payment_method": objects.payment_method_token(pm),
-                              "capture": capture_method != "manual"}
-    if description is not None:
-        native["description"] = description
-    if metadata:
-        native["metadata"] = metadata
-    if customer is not None or email is not None:
-        native["customer"] = {k: v for k, v in (("id", customer), ("email", email)) if v is not None}
-    key = ctx.scope.headers.get("idempotency-key")
-    a = await ctx.app.runtime.create(ctx.merchant, key, msgspec.json.encode(native))
-    replayed = (("idempotent-replayed", "true"),) if a.replayed else ()
-    if a.status != 201:
-        status, headers, body = translate_error(a.status, a.body)
-        if a.retry_after_s is not None:
-            headers.append(("retry-after", str(a.retry_after_s)))
-        return status, [*headers, *replayed], body
-    first = msgspec.json.decode(a.body)
-    b = await settle(ctx, first["id"]) or first
-    intent = await intent_of(ctx, b, expand)
-    if b.get("status") == "failed":
-        # The PSP declined while the call waited: Stripe's answer to a declined confirmation.
-        err = intent["last_payment_error"]
-        return wire.stripe_error(402, "card_error", err["code"], err["message"], None,
-                                 decline_code=err.get("decline_code"), charge=intent["latest_charge"],
-                                 payment_intent=intent)
-    return ok(intent, headers=replayed)
+    f["payment_method"] = objects.payment_method_token(f["payment_method"])
+    return (await submit(ctx, ctx.scope.headers.get("idempotency-key"), f, expand, created_event=True))[0]
 
 
 async def retrieve(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
@@ -105,6 +61,8 @@ async def retrieve(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     expand = wire.take_expand(params)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
+    if isinstance(got, Draft):
+        return ok(unconfirmed.intent(got))
     if not isinstance(got, dict):
         return got
     return ok(await intent_of(ctx, got, expand))
@@ -112,6 +70,12 @@ async def retrieve(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
 
 async def update(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     got = await _intent(ctx, m["id"])
+    if isinstance(got, dict):
+        replayed = await unconfirmed.replay(ctx, "update", got["id"], dict(params))
+        if replayed is not None:
+            return replayed
+    if isinstance(got, Draft):
+        return await unconfirmed.update(ctx, got, params)
     if not isinstance(got, dict):
         return got
     expand = wire.take_expand(params)
@@ -122,24 +86,31 @@ async def update(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
         current = intent.get(name)
         if not (value == current or (value == "" and not current) or str(current) == value):
             raise wire.ParamError("parameter_unsupported", f"{name} cannot be changed once the PaymentIntent is"
-                                  " confirmed, which here is when it is created.", name)
+                                  " confirmed.", name)
     return ok(intent)
 
 
 async def confirm(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
+    sent = dict(params)
     for name in ("return_url", "use_stripe_sdk", "client_secret", *ACCEPTED_AND_IGNORED):
         params.pop(name, None)
     expand = wire.take_expand(params)
     pm = wire.take_str(params, "payment_method", 255)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
+    if isinstance(got, dict):
+        replayed = await unconfirmed.replay(ctx, "confirm", got["id"], sent)
+        if replayed is not None:
+            return replayed
+    if isinstance(got, Draft):
+        return await unconfirmed.confirm(ctx, got, pm, expand, sent)
     if not isinstance(got, dict):
         return got
     intent = await intent_of(ctx, got, expand)
     # Confirming again what is waiting for its customer shows the same next action, as Stripe does.
     if intent["status"] == "requires_action" and pm in (None, intent["payment_method"]):
         return ok(intent)
-    return _unexpected(intent, "confirm")
+    return unexpected(intent, "confirm")
 
 
 async def _operate(ctx: Ctx, pid: str, kind: str, req: msgspec.Struct) -> Response | dict[str, Any]:
@@ -159,12 +130,14 @@ async def capture(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
     expand = wire.take_expand(params)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
+    if isinstance(got, Draft):
+        return unexpected(unconfirmed.intent(got), "capture")
     if not isinstance(got, dict):
         return got
     pid, b = got["id"], got
     intent = await intent_of(ctx, b)
     if intent["status"] != "requires_capture":
-        return _unexpected(intent, "capture")
+        return unexpected(intent, "capture")
     if amount is not None and amount > intent["amount_capturable"]:
         return wire.stripe_error(400, "invalid_request_error", "amount_too_large",
                                  f"The amount to capture must be at most {intent['amount_capturable']}.",
@@ -175,10 +148,13 @@ async def capture(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
 
 
 async def cancel(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
+    sent = dict(params)
     reason = wire.take_choice(params, "cancellation_reason", CANCELLATION_REASONS) or "requested_by_customer"
     expand = wire.take_expand(params)
     wire.no_more(params)
     got = await _intent(ctx, m["id"])
+    if isinstance(got, Draft):
+        return await unconfirmed.cancel(ctx, got, reason, sent)
     if not isinstance(got, dict):
         return got
     pid, b = got["id"], got
@@ -188,95 +164,25 @@ async def cancel(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
         assert rt.processing is not None
         done = await rt.run(rt.processing.resolve_challenge, ctx.merchant.id, pid, "canceled", "merchant", reason)
         if isinstance(done, Refused):
-            return _unexpected(await intent_of(ctx, b), "cancel")
+            return unexpected(await intent_of(ctx, b), "cancel")
         after = await read(ctx, pid, fresh=True) or b
         return ok(await intent_of(ctx, after, expand))
     if native != "authorized":
-        return _unexpected(await intent_of(ctx, b), "cancel")
+        return unexpected(await intent_of(ctx, b), "cancel")
     out = await _operate(ctx, pid, "void", operations.VoidRequest(reason=reason))
     return out if not isinstance(out, dict) else ok(await intent_of(ctx, out, expand))
 
-
-def _created_filter(params: wire.Params) -> tuple[int, int] | None:
-    value = params.pop("created", None)
-    if value is None or value == "":
-        return None
-    lo, hi = 0, 2**63
-    if isinstance(value, str):
-        exact = wire.take_int({"created": value}, "created", 0, 2**62, required=True)
-        assert exact is not None
-        return exact, exact
-    if not isinstance(value, dict):
-        raise wire.ParamError("parameter_invalid", "Invalid created: an integer or a hash of gt, gte, lt, lte.",
-                              "created")
-    for op, raw in value.items():
-        n = wire.take_int({op: raw}, op, 0, 2**62, required=True)
-        assert n is not None
-        if op == "gt":
-            lo = max(lo, n + 1)
-        elif op == "gte":
-            lo = max(lo, n)
-        elif op == "lt":
-            hi = min(hi, n - 1)
-        elif op == "lte":
-            hi = min(hi, n)
-        else:
-            raise wire.ParamError("parameter_unknown", f"Received unknown parameter: created[{op[:16]}]",
-                                  f"created[{op[:16]}]")
-    return lo, hi
-
-
-async def page(ctx: Ctx, params: wire.Params, prefix: str) -> tuple[list[dict[str, Any]], bool]:
-    """A page of the merchant's payments, newest first (`limit`, `starting_after`, `created`), as the
-    native bodies; shared by the lists of PaymentIntents and Charges."""
-    limit = wire.take_int(params, "limit", 1, LIST_LIMIT_MAX) or 10
-    after = wire.take_str(params, "starting_after", 64)
-    if wire.take_str(params, "ending_before", 64) is not None:
-        raise wire.ParamError("parameter_unsupported", "ending_before is not supported: page forwards with"
-                              " starting_after (docs/stripe-compatibility.md).", "ending_before")
-    created = _created_filter(params)
-    after_pid = objects.payment_id_of(after, prefix) if after is not None else None
-    if after is not None and after_pid is None:
-        raise wire.ParamError("resource_missing", f"No such object: '{after}'", "starting_after")
-    rt = ctx.app.runtime
-    ps = rt.processing
-    assert ps is not None
-    if created is None:
-        got = await rt.run(ps.list_payments, ctx.merchant.id, limit, after_pid)
-        if got is None:
-            raise wire.ParamError("resource_missing", f"No such object: '{after}'", "starting_after")
-        return [msgspec.json.decode(raw) for raw in got[0]], got[1]
-    # Newest first: past the first payment older than the range nothing more can match.
-    lo, hi = created
-    out: list[dict[str, Any]] = []
-    scanned = 0
-    while scanned < CREATED_SCAN_MAX:
-        got = await rt.run(ps.list_payments, ctx.merchant.id, LIST_LIMIT_MAX, after_pid)
-        if got is None:
-            raise wire.ParamError("resource_missing", f"No such object: '{after}'", "starting_after")
-        bodies, more = got
-        for raw in bodies:
-            b = msgspec.json.decode(raw)
-            scanned += 1
-            if b.get("created", 0) < lo:
-                return out, False
-            if b.get("created", 0) <= hi:
-                if len(out) == limit:
-                    return out, True
-                out.append(b)
-        if not more or not bodies:
-            return out, False
-        after_pid = msgspec.json.decode(bodies[-1])["id"]
-    return out, True
 
 
 async def list_intents(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
     expand = {e.removeprefix("data.") for e in wire.take_expand(params)}
     params.pop("customer", None)
-    bodies, more = await page(ctx, params, "pi")
+    p = lists.paging(params)
     wire.no_more(params)
-    data = [await intent_of(ctx, b, expand) for b in bodies]
-    return ok({"object": "list", "url": "/v1/payment_intents", "has_more": more, "data": data})
+    bodies, more = await lists.payments_page(ctx, p, "pi", drafts=True)
+    data = [unconfirmed.intent_of_body(b) if unconfirmed.is_unconfirmed(b) else await intent_of(ctx, b, expand)
+            for b in bodies]
+    return ok(lists.listed("/v1/payment_intents", data, more))
 
 
 def routes() -> list[tuple[str, str, str, Any]]:

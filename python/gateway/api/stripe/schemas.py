@@ -19,12 +19,13 @@ IntentStatus = Literal["requires_payment_method", "requires_confirmation", "requ
 
 
 class PaymentIntentCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Confirmed at creation: `confirm=true` and a `payment_method` are required here."""
+    """Without `confirm` the intent waits (`requires_payment_method`, or `requires_confirmation` with a
+    `payment_method`) for its update and confirmation; `confirm=true` needs a `payment_method`."""
 
     amount: Amount
     currency: Annotated[str, Meta(pattern="^[A-Za-z]{3}$", description="Lower case, as Stripe's.")]
-    payment_method: Annotated[str, Meta(max_length=255, description="`pm_card_visa`, ... (docs/psp.md).")]
-    confirm: Literal[True]
+    payment_method: Annotated[str, Meta(max_length=255, description="`pm_card_visa`, ... (docs/psp.md).")] | None = None
+    confirm: bool | None = None
     capture_method: Literal["automatic", "automatic_async", "manual"] | None = None
     description: Annotated[str, Meta(max_length=1000)] | None = None
     metadata: dict[str, str] | None = None
@@ -42,10 +43,17 @@ class PaymentIntentConfirm(msgspec.Struct, kw_only=True, forbid_unknown_fields=T
 
 
 class PaymentIntentUpdate(msgspec.Struct, kw_only=True):
-    """Accepted only when it changes nothing: a confirmed intent's payment is immutable."""
+    """Before its confirmation: what Stripe lets change (metadata merged key by key; an empty value
+    unsets a key). After it: accepted only when it changes nothing (the payment is immutable)."""
 
-    description: str | None = None
+    amount: Amount | None = None
+    currency: Annotated[str, Meta(pattern="^[A-Za-z]{3}$")] | None = None
+    payment_method: Annotated[str, Meta(max_length=255)] | None = None
+    capture_method: Literal["automatic", "automatic_async", "manual"] | None = None
+    description: Annotated[str, Meta(max_length=1000)] | None = None
     metadata: dict[str, str] | None = None
+    customer: Annotated[str, Meta(max_length=255)] | None = None
+    receipt_email: Annotated[str, Meta(max_length=320)] | None = None
     expand: list[str] | None = None
 
 

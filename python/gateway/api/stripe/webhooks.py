@@ -4,8 +4,8 @@ A Stripe endpoint is a native endpoint subscribed to the native types its Stripe
 (`objects.EVENT_TYPES`), plus marker entries (`@stripe`, `@stripe:<type>`) that keep the Stripe types
 it was created with and tell the dispatcher to deliver Stripe-shaped events to it. Deliveries carry
 `Stripe-Signature` (the same `t=...,v1=...` scheme as `Gateway-Signature`), which the SDKs'
-`Webhook.construct_event` verifies. `GET /v1/events` lists the events of the merchant's newest
-payments (`EVENTS_SCAN_PAYMENTS_MAX`), newest first, with `type` and `created` filters.
+`Webhook.construct_event` verifies. `GET /v1/events` pages over every stored event of the merchant
+(store/stripe_intents.py), newest first, with `type`/`types[]` and `created` filters.
 
 On `/v1/webhook_endpoints` and `/v1/events`, paths the native API serves too, a request that is not
 Stripe's (`wire.stripe_request`) goes to the native handler.
@@ -20,13 +20,11 @@ import msgspec
 
 from gateway.api import webhooks as native
 from gateway.api.http import Api, Response
-from gateway.api.stripe import objects, wire
-from gateway.api.stripe.common import Ctx, handle, ok
+from gateway.api.stripe import lists, objects, wire
+from gateway.api.stripe.common import Ctx, handle, intents_store, ok
 from gateway.domain import events as ev
 
 STRIPE_MARK = objects.STRIPE_MARK
-EVENTS_SCAN_PAYMENTS_MAX = 100
-EVENTS_PER_PAYMENT_MAX = 20
 
 
 def _stripe_types(enabled: list[str]) -> list[str]:
@@ -85,14 +83,10 @@ async def _endpoints(ctx: Ctx) -> list[dict[str, Any]]:
 
 
 async def list_endpoints(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
-    limit = wire.take_int(params, "limit", 1, 100) or 10
-    after = wire.take_str(params, "starting_after", 64)
+    p = lists.paging(params)
     wire.no_more(params)
-    data = [_endpoint(d) for d in reversed(await _endpoints(ctx))]
-    if after is not None:
-        ids = [d["id"] for d in data]
-        data = data[ids.index(after) + 1:] if after in ids else []
-    return ok({"object": "list", "url": "/v1/webhook_endpoints", "has_more": len(data) > limit, "data": data[:limit]})
+    data, more = lists.slice_ids(p, [_endpoint(d) for d in reversed(await _endpoints(ctx))])
+    return ok(lists.listed("/v1/webhook_endpoints", data, more))
 
 
 async def retrieve_endpoint(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Response:
@@ -133,38 +127,38 @@ async def retrieve_event(ctx: Ctx, params: wire.Params, m: re.Match[str]) -> Res
     return ok(objects.event(msgspec.json.decode(found[0])))
 
 
-async def list_events(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
-    from gateway.api.stripe.intents import _created_filter
+def _stored_types(kind: str | None, kinds: list[str]) -> list[str] | None:
+    """The stored (native) event types a `type` / `types[]` filter stands for; None: every type."""
+    if kind is None and not kinds:
+        return None
+    known = list(objects.EVENT_TYPES.items())
 
-    limit = wire.take_int(params, "limit", 1, 100) or 10
-    after = wire.take_str(params, "starting_after", 64)
+    def matches(stripe_type: str) -> bool:
+        if kind is not None and not (stripe_type == kind or (kind.endswith(".*") and stripe_type.startswith(kind[:-1]))):
+            return False
+        return not kinds or stripe_type in kinds
+
+    return sorted({native_type for native_type, stripe_type in known if matches(stripe_type)})
+
+
+async def list_events(ctx: Ctx, params: wire.Params, _m: Any) -> Response:
     kind = wire.take_str(params, "type", 64)
     kinds = wire.take_list(params, "types")
-    created = _created_filter(params)
+    p = lists.paging(params)
     wire.no_more(params)
+    store = intents_store(ctx)
     rt = ctx.app.runtime
-    ps = rt.processing
-    assert ps is not None
-    got = await rt.run(ps.list_payments, ctx.merchant.id, EVENTS_SCAN_PAYMENTS_MAX, None)
-    events: list[dict[str, Any]] = []
-    for raw in (got[0] if got is not None else []):
-        pid = msgspec.json.decode(raw)["id"]
-        for body in await rt.run(ps.payment_events, ctx.merchant.id, pid, EVENTS_PER_PAYMENT_MAX):
-            events.append(objects.event(msgspec.json.decode(body)))
-
-    def wanted(e: dict[str, Any]) -> bool:
-        t = e["type"]
-        if kind is not None and not (t == kind or (kind.endswith(".*") and t.startswith(kind[:-1]))):
-            return False
-        if kinds and t not in kinds:
-            return False
-        return created is None or created[0] <= (e.get("created") or 0) <= created[1]
-
-    data = sorted((e for e in events if wanted(e)), key=lambda e: (e.get("created") or 0, e["id"]), reverse=True)
-    if after is not None:
-        ids = [e["id"] for e in data]
-        data = data[ids.index(after) + 1:] if after in ids else []
-    return ok({"object": "list", "url": "/v1/events", "has_more": len(data) > limit, "data": data[:limit]})
+    name, ident = lists.cursor_param(p)
+    cursor = None
+    if ident is not None:
+        cursor = await rt.run(store.event_position, ctx.merchant.id, ident)
+        if cursor is None:
+            raise wire.ParamError("resource_missing", f"No such event: '{ident}'", name)
+    hi_ms = min(p.hi, lists.CREATED_MAX // 1000) * 1000 + 999
+    bodies, more = await rt.run(store.events, ctx.merchant.id, p.limit, _stored_types(kind, kinds), cursor,
+                                p.ending_before is not None, p.lo * 1000, hi_ms)
+    data = [objects.event(msgspec.json.decode(b)) for b in bodies]
+    return ok(lists.listed("/v1/events", data, more))
 
 
 def _either(stripe_fn: Any, native_fn: Any) -> Any:
