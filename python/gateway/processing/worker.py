@@ -25,15 +25,12 @@ Every PSP call of a payment uses a key derived from the payment id (`P:auth:n`, 
 recorded in `payment_attempts` *before* the call; after a crash the same key is resolved or
 replayed, never replaced by a new one, so a PSP never charges twice.
 
-Settings come from the config file's `[worker]`, `[psp]`, `[router]` and `[webhooks]` sections
-(gateway.config validates them and applies the environment overrides tests use); `WorkerSettings`
-carries them here, and the router, its breakers and the retry policy are built from `[router]`.
+New payments are taken through authorization and auto-capture a batch at a time
+(processing/batch.py); what needs more than one attempt, and every operation, one payment at a time.
+Settings: `WorkerSettings`, from the config file's `[worker]`, `[psp]`, `[router]`, `[webhooks]`.
 
-Several cluster workers must share one PSP, as they would in production: a payment authorized
-through one worker may be captured, refunded or resolved through another, and only the PSP that
-holds the transaction can answer. Run `gateway psp-sim` once and point every worker at it with
-`psp.url`; the in-process simulators (the default) are right for embedded mode and for a
-single cluster worker.
+Cluster workers must share one PSP, as in production (a payment authorized through one worker may be
+captured through another): run `gateway psp-sim` once and point every worker at it with `psp.url`.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -55,8 +52,9 @@ if TYPE_CHECKING:
     from gateway.processing.webhooks import Dispatcher
 
 from gateway.domain import payment as sm
-from gateway.domain.attempt import AttemptRow, AttemptStatus, Outcome
+from gateway.domain.attempt import AttemptRow, ProcessingResult
 from gateway.processing.authorize import process_authorization
+from gateway.processing.batch import UNRESOLVED, authorization_change, now_ms, operation_change, settle_batch
 from gateway.processing.batching import Batcher
 from gateway.processing.metrics import PipelineMetrics, refresh_loop
 from gateway.processing.operations import OperationOptions, process_capture, process_refund, process_void
@@ -81,11 +79,6 @@ SHARED_PROCESSING_STALE_S = 2
 # process that died (requests wait at most 10 s, operations.PREFER_WAIT_MS_MAX).
 SHARED_KEY_ABANDONED_MS = 60_000
 
-UNRESOLVED = (AttemptStatus.STARTED, AttemptStatus.TIMEOUT)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Worker:
@@ -276,21 +269,39 @@ class Worker:
                 log.exception("reconciler scan failed")
 
     async def _dispatch(self) -> None:
+        """New payments go to the batch step (processing/batch.py) together, as many as are queued (up
+        to `batch_records_max`); operations and anything else one by one. In flight: `inflight_max`."""
         assert self._queue is not None
         sem = asyncio.Semaphore(self.settings.inflight_max)
+
+        def finished(item: tuple[str, str]) -> None:
+            self._queued.discard(item)
+            self._accepted_ms.pop(item[1], None)
+            sem.release()
+
         while True:
-            item = await self._queue.get()
-            await sem.acquire()
-            task = asyncio.ensure_future(self._handle(item))
-            self._tasks.add(task)
+            await sem.acquire()  # a permit per item, taken before the item: nothing waits while held
+            items = [await self._queue.get()]
+            while len(items) < self.settings.batch_records_max and not self._queue.empty() and not sem.locked():
+                await sem.acquire()
+                items.append(self._queue.get_nowait())
+            new = []
+            for item in items:
+                if item[0] == "payment":
+                    new.append(item[1])
+                    continue
+                task = asyncio.ensure_future(self._handle(item))
+                self._tasks.add(task)
+                task.add_done_callback(functools.partial(self._one_done, finished, item))
+            if new:
+                task = asyncio.ensure_future(settle_batch(self, new, lambda pid: finished(("payment", pid))))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
-            def done(t: asyncio.Task[None], item: tuple[str, str] = item) -> None:
-                self._tasks.discard(t)
-                self._queued.discard(item)
-                self._accepted_ms.pop(item[1], None)
-                sem.release()
-
-            task.add_done_callback(done)
+    def _one_done(self, finished: Callable[[tuple[str, str]], None], item: tuple[str, str],
+                  task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        finished(item)
 
     async def _handle(self, item: tuple[str, str]) -> None:
         kind, ident = item
@@ -339,9 +350,7 @@ class Worker:
 
     def _lock(self, payment_id: str) -> asyncio.Lock:
         lock = self._locks.get(payment_id)
-        if lock is None:
-            lock = self._locks[payment_id] = asyncio.Lock()
-        return lock
+        return lock if lock is not None else self._locks.setdefault(payment_id, asyncio.Lock())
 
     def _changed(self, payment_id: str) -> None:
         if self.webhooks is not None and self.pstore.new_deliveries:
@@ -353,13 +362,19 @@ class Worker:
     # -- authorization ---------------------------------------------------------------------------
 
     async def process_payment(self, payment_id: str) -> None:
+        await self._holding(payment_id, self._process_payment(payment_id))
+
+    async def _holding(self, payment_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Runs `work` under the payment's lock and claim (another worker may drive it now: then not;
+        the scan comes back if it is left unfinished)."""
         lock = self._lock(payment_id)
         async with lock:
             try:
                 if not await self._claim(payment_id):
-                    return  # another worker drives it now; the scan comes back if it is left unfinished
+                    work.close()
+                    return
                 try:
-                    await self._process_payment(payment_id)
+                    await work
                 finally:
                     await self._release(payment_id)
             finally:
@@ -399,17 +414,8 @@ class Worker:
         else:
             log.error("payment %s is pending_verification without an unresolved attempt", p.id)
             return
-        follow_up = None
-        if result.payment.status is sm.PaymentStatus.AUTHORIZED and rec.auto_capture:
-            follow_up = ("capture", result.payment.amount_authorized, True, "worker")
-        applied = await self._apply(Change(result, p.version, new_operation=follow_up))
-        if result.payment.status is not sm.PaymentStatus.PENDING_VERIFICATION:
-            self.settled += 1
-            self.metrics.payment_final(result.payment.status.value, result.payment.failure_code,
-                                       self._accepted_ms.pop(p.id, None))
-        else:
-            self.metrics.pending_verification_total.inc()
-        self._changed(p.id)
+        applied = await self._apply(authorization_change(rec, result))
+        self.authorization_applied(result)
         if applied.operation is not None:
             # The auto-capture, in the same round: the operation and the payment are what this apply
             # just wrote under this worker's claim, with the `started` row of the capture's first
@@ -421,20 +427,8 @@ class Worker:
 
     async def process_operation(self, operation_id: str) -> None:
         op = await self.operation_reads.submit(operation_id)
-        if op is None:
-            return
-        lock = self._lock(op.payment_id)
-        async with lock:
-            try:
-                if not await self._claim(op.payment_id):
-                    return  # another worker drives the payment now; the scan comes back to the operation
-                try:
-                    await self._process_operation(operation_id)
-                finally:
-                    await self._release(op.payment_id)
-            finally:
-                if not lock._waiters:
-                    self._locks.pop(op.payment_id, None)
+        if op is not None:
+            await self._holding(op.payment_id, self._process_operation(operation_id))
 
     async def _process_operation(self, operation_id: str) -> None:
         op = await self.operation_reads.submit(operation_id)
@@ -485,13 +479,21 @@ class Worker:
                 self.metrics.operations.inc((op.kind, "failed"))
                 self._changed(p.id)
                 return
-        if result.outcome is Outcome.APPROVED:
-            finish = OperationFinish(op.id, "succeeded")
-        elif result.outcome is Outcome.TIMEOUT or result.outcome is None:
-            finish = OperationFinish(op.id, "pending_verification")
+        change = operation_change(op, p, result)
+        await self._apply(change)
+        self.operation_applied(op, change)
+
+    def authorization_applied(self, result: ProcessingResult) -> None:
+        """The counters and the change announcement of an applied authorization outcome."""
+        p = result.payment
+        if p.status is not sm.PaymentStatus.PENDING_VERIFICATION:
+            self.settled += 1
+            self.metrics.payment_final(p.status.value, p.failure_code, self._accepted_ms.pop(p.id, None))
         else:
-            code = result.attempts[-1].code if result.attempts else None
-            finish = OperationFinish(op.id, "failed", code or result.outcome.value)
-        await self._apply(Change(result, p.version, operation_id=op.id, finish=finish))
-        self.metrics.operations.inc((op.kind, finish.status))
+            self.metrics.pending_verification_total.inc()
         self._changed(p.id)
+
+    def operation_applied(self, op: Operation, change: Change) -> None:
+        assert change.finish is not None
+        self.metrics.operations.inc((op.kind, change.finish.status))
+        self._changed(op.payment_id)
