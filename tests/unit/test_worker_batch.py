@@ -4,13 +4,20 @@ the one-payment path with the same outcome that path would give."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
+from gateway.domain import payment as sm
+from gateway.processing.authorize import AuthorizationRun
 from gateway.processing.worker import Worker, WorkerSettings
+from gateway.psp.bulkhead import Bulkhead
+from gateway.psp.routing import PSPRoute, Router
+from gateway.psp_sim import PSP_A, PSP_B, SimulatedPSP
+from gateway.psp_sim.client import InProcessPSPClient
 from gateway.store.sqlite import SqliteStore
 
 
@@ -126,3 +133,25 @@ def test_what_needs_more_than_one_call_leaves_the_batch_with_the_outcome_of_the_
     retries = sum(len([a for a in of[pid] if a[0] == "authorize"]) - 1 for pid in by_token["tok_psp_error_once"])
     assert worker.intents.items == retries >= len(by_token["tok_psp_error_once"])
     assert calls["intents"] == len(payments) + retries
+
+
+def test_a_batch_spills_over_to_the_next_psp_once_the_preferred_one_has_no_room() -> None:
+    async def main() -> tuple[list[str], dict[str, int]]:
+        router = Router([PSPRoute("psp_a", 100, 0, 200), PSPRoute("psp_b", 300, 0, 200)])  # psp_a: cheaper
+        clients = {p.name: Bulkhead(InProcessPSPClient(SimulatedPSP(p, seed=1, time_scale=0)), 5)
+                   for p in (PSP_A, PSP_B)}
+        runs = [AuthorizationRun(sm.new_payment(f"pay_{i:024d}", "m_1", 1000, "EUR"), router, clients,
+                                 lambda: 1, token="tok_visa") for i in range(12)]
+        # The whole batch is routed before any call goes out (its intents come first).
+        rows = [run.next_call() for run in runs]
+        chosen = [row.psp for row in rows if row is not None]
+        promised = {name: c.promised for name, c in clients.items()}
+        results = await asyncio.gather(*(run.send() for run in runs))
+        assert all(r.outcome.value == "approved" for r in results)
+        assert all(c.promised == 0 and c.inflight == 0 for c in clients.values())
+        return chosen, promised
+
+    chosen, promised = asyncio.run(main())
+    # Five fit behind psp_a's bulkhead, the next five go to psp_b; when both are full, the ranking.
+    assert chosen == ["psp_a"] * 5 + ["psp_b"] * 5 + ["psp_a"] * 2
+    assert promised == {"psp_a": 7, "psp_b": 5}

@@ -220,8 +220,7 @@ class WorkerConfig(_Section):
     # false: no payment worker (request-path benchmarks only; payments stay `processing`; a cluster
     # `gateway worker` then only writes the Kafka records to PostgreSQL).
     enabled: bool = True
-    # Payments and operations processed concurrently by one worker.
-    inflight_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
+    inflight_max: Annotated[int, Meta(ge=1, le=10_000)] = 1024  # payments and operations at once
     # Period of the scan that finds payments and operations left unfinished (crash, timeout).
     reconcile_interval_ms: Annotated[int, Meta(ge=10, le=3_600_000)] = 1000
     # Cluster workers: PostgreSQL connections (and threads) of the payment path.
@@ -231,6 +230,8 @@ class WorkerConfig(_Section):
     batch_records_max: Annotated[int, Meta(ge=1, le=1000)] = 256
     # ... and a batch waits at most this long for more (0: only for what is ready on the event loop).
     batch_linger_ms: Annotated[float, Meta(ge=0, le=100)] = 0.0
+    # Batch step (processing/batch.py): answers within this long of a batch's first join its apply.
+    wave_linger_ms: Annotated[float, Meta(ge=0, le=100)] = 5.0
     # Payments acknowledged and not finished yet at most; at the bound a create answers 503
     # `backlog_full` with Retry-After. Embedded mode: not stored, queued or in progress in the worker.
     # Cluster mode: Kafka records not stored by the workers plus stored payments still `processing`,

@@ -201,8 +201,14 @@ async def process_authorization(
 
 
 def _next_psp(router: Router, clients: Mapping[str, PSPClient], amount: int, tried: set[str]) -> str | None:
-    for name in router.rank(amount, exclude=sorted(tried)):
-        if name in clients and router.breakers[name].allow():
+    """The best-ranked PSP whose breaker allows a call, preferring one with room behind its bulkhead:
+    a full PSP's calls would wait there while another has capacity (spill-over); when every PSP is
+    full, the ranking alone decides."""
+    ranked = [name for name in router.rank(amount, exclude=sorted(tried)) if name in clients]
+    with_room = [name for name in ranked if clients[name].has_room()]
+    for name in with_room + [name for name in ranked if name not in with_room]:
+        if router.breakers[name].allow():
+            clients[name].promise()
             return name
     return None
 

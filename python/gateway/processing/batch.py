@@ -155,7 +155,12 @@ class _Step:
         if ready:
             await self._apply_authorizations(ready, captures)
         while auths or captures:
-            done, _ = await asyncio.wait([*auths, *captures], return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait([*auths, *captures], return_when=asyncio.FIRST_COMPLETED)
+            linger = w.settings.wave_linger_ms / 1000
+            if pending and linger > 0:
+                # Answers that arrive within the linger join this wave (one transaction for all).
+                more, _ = await asyncio.wait(pending, timeout=linger)
+                done |= more
             authorized = []
             captured = []
             for fut in done:

@@ -45,6 +45,7 @@ class WorkerSettings:
     db_connections: int = _WORKER.db_connections
     batch_records_max: int = _WORKER.batch_records_max
     batch_linger_ms: float = _WORKER.batch_linger_ms
+    wave_linger_ms: float = _WORKER.wave_linger_ms
     psp_profiles: dict[str, PSPProfileConfig] = field(default_factory=dict)
     psp_inflight_share_max: float = _PSP.inflight_share_max
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -59,7 +60,7 @@ class WorkerSettings:
             psp_time_scale=p.time_scale, psps=p.psps, psp_seed=p.seed, psp_timeout_ms=p.timeout_ms,
             inflight_max=w.inflight_max, reconcile_interval_ms=w.reconcile_interval_ms, psp_url=p.url or None,
             db_connections=w.db_connections, batch_records_max=w.batch_records_max,
-            batch_linger_ms=w.batch_linger_ms, psp_profiles=dict(p.profiles),
+            batch_linger_ms=w.batch_linger_ms, wave_linger_ms=w.wave_linger_ms, psp_profiles=dict(p.profiles),
             psp_inflight_share_max=p.inflight_share_max, router=cfg.router, webhooks=webhook_settings(cfg.webhooks),
             metrics_check_interval_ms=cfg.metrics.check_interval_ms,
             ledger_check_interval_ms=cfg.metrics.ledger_check_interval_ms,

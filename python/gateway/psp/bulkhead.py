@@ -36,6 +36,15 @@ class Bulkhead(PSPClient):
         self._slots = asyncio.Semaphore(inflight_max)
         self.inflight = 0
         self.waiting = 0
+        # Authorizations routed here and not sent yet (their intents are being recorded): counted as
+        # taken, so that one batch's choices spill over to another PSP once this one is full.
+        self.promised = 0
+
+    def has_room(self) -> bool:
+        return self.inflight + self.waiting + self.promised < self.inflight_max
+
+    def promise(self) -> None:
+        self.promised += 1
 
     async def _enter(self) -> None:
         self.waiting += 1
@@ -48,11 +57,15 @@ class Bulkhead(PSPClient):
     def _leave(self, result: PSPResult | None = None) -> None:
         self.inflight -= 1
         self._slots.release()
+        if self.inflight == 0 and self.waiting == 0:
+            self.promised = 0  # a promise not kept (its intent was never committed) ends here
         if result is not None and self.observer is not None:
             self.observer.psp_call(self.name, result.operation, result.outcome.value, result.latency_ms / 1000)
 
     async def authorize(self, *, reference: str, amount: int, currency: str, token: str,
                         idempotency_key: str) -> PSPResult:
+        if self.promised:
+            self.promised -= 1
         await self._enter()
         result = None
         try:

@@ -83,6 +83,14 @@ class PSPClient(abc.ABC):
     @abc.abstractmethod
     async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> PSPResult: ...
 
+    def has_room(self) -> bool:
+        """Whether a new call would go out at once (a bulkhead at its bound says no): the router's
+        choice prefers PSPs with room."""
+        return True
+
+    def promise(self) -> None:
+        """Told that an authorization was routed here and is about to be sent."""
+
     async def status(
         self,
         *,
