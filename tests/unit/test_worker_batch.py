@@ -76,11 +76,12 @@ def test_a_batch_of_new_payments_takes_one_intent_transaction_and_a_few_applies(
     n = 200
     ids = [f"pay_{i:024d}" for i in range(n)]
     worker, statuses, attempts, calls = _run(tmp_path, [(pid, "tok_visa") for pid in ids], {"captured"},
-                                             psps=("psp_a", "psp_b"), inflight_max=256, batch_records_max=256)
+                                             psps=("psp_a", "psp_b"), inflight_max=1024, batch_records_max=256)
     assert statuses == {pid: "captured" for pid in ids}
     assert sorted(attempts) == sorted([(pid, "authorize", "approved", 1) for pid in ids]
                                       + [(pid, "capture", "approved", 1) for pid in ids])
-    # All 200 were queued at once by the start-up scan: ONE transaction recorded every authorization
+    # All 200 were queued at once by the start-up scan and fit one batch (a quarter of inflight_max):
+    # ONE transaction recorded every authorization
     # intent (the captures' came with the authorizations' outcomes), and the outcomes were applied in
     # a few transactions (one per wave of answers), not one per payment.
     assert calls["record_intents"] == 1 and calls["intents"] == n

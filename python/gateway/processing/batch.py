@@ -126,6 +126,7 @@ class _Step:
         self.w = w
         self.finished = finished
         self.held: set[str] = set()  # payments whose lock (and claim) this step holds
+        self._ending: list[str] = []  # held payments the step is done with, released by `_end`
 
     async def run(self, payment_ids: list[str]) -> None:
         w = self.w
@@ -138,13 +139,14 @@ class _Step:
         for pid, rec, rows in zip(held, recs, attempts, strict=True):
             if rec is None or rec.payment.status not in (sm.PaymentStatus.PROCESSING,
                                                          sm.PaymentStatus.PENDING_VERIFICATION):
-                await self._done(pid)
+                self._ending.append(pid)
             elif (rec.payment.status is sm.PaymentStatus.PROCESSING
                   and not any(a.operation == "authorize" and a.status in UNRESOLVED for a in rows)):
                 runs.append((rec, AuthorizationRun(rec.payment, w.router, w.clients, now_ms, token=rec.token,
                                                    policy=w.policy)))
             else:
                 self._hand_over(pid, w._process_payment(pid))  # resolution: the one-payment path
+        await self._end()
         calls = [(rec, run, row) for rec, run in runs if (row := run.next_call()) is not None]
         ready = [(rec, run) for rec, run in runs if run.done]  # no PSP to call: failed at once
         if calls:
@@ -154,6 +156,7 @@ class _Step:
         captures: dict[asyncio.Future[PSPResult], _Capture] = {}
         if ready:
             await self._apply_authorizations(ready, captures)
+            await self._end()
         while auths or captures:
             done, pending = await asyncio.wait([*auths, *captures], return_when=asyncio.FIRST_COMPLETED)
             linger = w.settings.wave_linger_ms / 1000
@@ -167,7 +170,7 @@ class _Step:
                 if fut in auths:
                     rec, run = auths.pop(fut)
                     if not self._answered(fut, rec.payment.id):
-                        await self._done(rec.payment.id)
+                        self._ending.append(rec.payment.id)
                     elif run.on_result(fut.result()):  # another attempt: the one-payment path
                         self._hand_over(rec.payment.id, self._continue_authorization(rec, run))
                     else:
@@ -175,7 +178,7 @@ class _Step:
                 else:
                     c = captures.pop(fut)
                     if not self._answered(fut, c.payment.id):
-                        await self._done(c.payment.id)
+                        self._ending.append(c.payment.id)
                     elif c.run.on_result(fut.result()):
                         self._hand_over(c.payment.id, self._continue_capture(c))
                     else:
@@ -184,6 +187,7 @@ class _Step:
                 await self._apply_authorizations(authorized, captures)
             if captured:
                 await self._apply_captures(captured)
+            await self._end()
 
     def _answered(self, fut: asyncio.Future[PSPResult], payment_id: str) -> bool:
         """A call that raised leaves its `started` attempt for the reconciler to resolve by its key."""
@@ -206,11 +210,11 @@ class _Step:
             if not a.applied:
                 log.error("payment %s changed since version %d; the reconciler takes it up again", pid,
                           change.base_version)
-                await self._done(pid)
+                self._ending.append(pid)
                 continue
             w.authorization_applied(run.result)
             if a.operation is None:
-                await self._done(pid)
+                self._ending.append(pid)
                 continue
             state = run.result.transitions[-1].payment
             capture = self._capture(a, state)
@@ -252,7 +256,7 @@ class _Step:
             else:
                 log.error("payment %s changed since version %d; the reconciler takes its capture up again",
                           c.payment.id, change.base_version)
-            await self._done(c.payment.id)
+            self._ending.append(c.payment.id)
 
     async def _apply(self, changes: list[Change]) -> list[Applied]:
         w = self.w
@@ -354,13 +358,21 @@ class _Step:
             if not lock._waiters:
                 self.w._locks.pop(payment_id, None)
 
-    async def _done(self, payment_id: str) -> None:
-        """The step is done with a payment it holds."""
-        if payment_id in self.held:
-            self.held.discard(payment_id)
-            await self._release(payment_id)
+    async def _end(self) -> None:
+        """The step is done with the payments in `_ending`: their claims go in one statement."""
+        ids = [pid for pid in dict.fromkeys(self._ending) if pid in self.held]
+        self._ending.clear()
+        self.held.difference_update(ids)
+        try:
+            if self.w.shared and ids:
+                await self.w._db(self.w.pstore.release_many, ids)
+        finally:
+            for pid in ids:
+                self._unlock(pid)
+                self.finished(pid)
 
     async def _release(self, payment_id: str) -> None:
+        """A payment handed over to a task of its own, released by that task."""
         try:
             if self.w.shared:
                 await self.w.releases.submit(payment_id)
@@ -369,5 +381,5 @@ class _Step:
             self.finished(payment_id)
 
     async def release_all(self) -> None:
-        for pid in list(self.held):
-            await self._done(pid)
+        self._ending.extend(self.held)
+        await self._end()

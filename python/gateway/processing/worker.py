@@ -270,9 +270,11 @@ class Worker:
 
     async def _dispatch(self) -> None:
         """New payments go to the batch step (processing/batch.py) together, as many as are queued (up
-        to `batch_records_max`); operations and anything else one by one. In flight: `inflight_max`."""
+        to `batch_records_max`, and to a quarter of `inflight_max` so that batches overlap: one reads
+        while another waits for its PSPs or its commit); operations one by one. In flight: `inflight_max`."""
         assert self._queue is not None
         sem = asyncio.Semaphore(self.settings.inflight_max)
+        per_batch = min(self.settings.batch_records_max, max(1, self.settings.inflight_max // 4))
 
         def finished(item: tuple[str, str]) -> None:
             self._queued.discard(item)
@@ -282,7 +284,7 @@ class Worker:
         while True:
             await sem.acquire()  # a permit per item, taken before the item: nothing waits while held
             items = [await self._queue.get()]
-            while len(items) < self.settings.batch_records_max and not self._queue.empty() and not sem.locked():
+            while len(items) < per_batch and not self._queue.empty() and not sem.locked():
                 await sem.acquire()
                 items.append(self._queue.get_nowait())
             new = []
