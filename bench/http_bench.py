@@ -55,8 +55,9 @@ KNEE_P50_MS = 5.0
 OK_STATUSES = "200,201,202,402,409"
 SYSTEMS = ("floor", "durable_floor", "gateway", "gateway_base", "baseline")
 # The embedded gateway's child process (runtime/worker_process.py) materialises committed WAL records into
-# SQLite: the async path, not the request path. The benchmark moves it to the generator's cores unless
-# `--tailer-on-server-core` (then it competes with the request path for the server's core).
+# SQLite: the async path, not the request path, but a child of the server, so on the server's core(s).
+# `--tailer-on-generator-cores` moves it to the generator's: the request path then has its core alone,
+# and the generator shares its own (on 2 cores the generator's core is then the first to fill).
 TAILER_CMD = "gateway.runtime.worker_process"
 # The disk probe of every step: one 4 KiB fdatasync this often, beside the system's own fsyncs.
 FSYNC_PROBE_INTERVAL_S = 0.02
@@ -1182,8 +1183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-config", type=Path, default=BENCH / "gateway-bench.toml")
     p.add_argument("--gateway-base", type=Path,
                    help="system gateway_base: the gateway from this python/ tree (PYTHONPATH), e.g. main's")
-    p.add_argument("--tailer-on-server-core", action="store_true",
-                   help="leave the gateway's materialising child on the server's core (default: generator's)")
+    p.add_argument("--tailer-on-generator-cores", action="store_true",
+                   help="move the gateway's materialising child to the generator's cores (default: server's)")
     p.add_argument("--histogram-rate", type=float, default=50_000)
     p.add_argument("--oha-rates", default="1000,2500,5000,7500,10000,15000,20000,30000",
                    help="rates of the plain-create steps with oha (bench/oha_creates.py) per system; '' skips them")
@@ -1268,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
                 done += len(rates)
                 continue
             if is_gateway:
-                res["tailer"] = place_tailer(server, None if args.tailer_on_server_core else plan["generator_cpus"])
+                res["tailer"] = place_tailer(server, plan["generator_cpus"] if args.tailer_on_generator_cores else None)
                 res["risk"] = load_gateway_risk(server.port, traffic, DEVICE_VELOCITY_MAX)
                 if not res["risk"]["loaded"]:
                     notes.append(

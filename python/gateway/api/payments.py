@@ -15,7 +15,6 @@ from gateway.api.http import JSON, PAYMENT_ID, Api, Response, not_found, prefer_
 from gateway.runtime.base import CreateAnswer
 from gateway.store.base import Merchant
 
-
 _UNREAD: Any = object()
 
 
