@@ -53,7 +53,12 @@ KNEE_P50_MS = 5.0
 # Statuses that are correct answers to the planned traffic: created, replayed, risk decline, and the
 # 409 a retry gets while its original is still in flight. Anything else (429 included) is an error.
 OK_STATUSES = "200,201,202,402,409"
-SYSTEMS = ("floor", "durable_floor", "gateway", "baseline")
+SYSTEMS = ("floor", "durable_floor", "gateway", "gateway_base", "baseline")
+# The embedded gateway's child process (runtime/worker_process.py) materialises committed WAL records into
+# SQLite: the async path, not the request path, but a child of the server, so on the server's core(s).
+# `--tailer-on-generator-cores` moves it to the generator's: the request path then has its core alone,
+# and the generator shares its own (on 2 cores the generator's core is then the first to fill).
+TAILER_CMD = "gateway.runtime.worker_process"
 # The disk probe of every step: one 4 KiB fdatasync this often, beside the system's own fsyncs.
 FSYNC_PROBE_INTERVAL_S = 0.02
 
@@ -341,6 +346,25 @@ def start_server(server: Server, cpus: str | None, out_dir: Path, timeout_s: flo
     raise RuntimeError(f"{server.name} not ready after {timeout_s}s; see {server.log_path}")
 
 
+def place_tailer(server: Server, cpus: str | None) -> dict[str, Any]:
+    """Moves the gateway's materialising child (TAILER_CMD) to `cpus`; None leaves it on the server's core."""
+    assert server.proc is not None
+    found: list[int] = []
+    for pid in run_text(["pgrep", "-f", TAILER_CMD]).split():
+        with contextlib.suppress(OSError, ValueError):
+            if os.getsid(int(pid)) == server.proc.pid:
+                found.append(int(pid))
+    if cpus is None or not found:
+        return {"pids": found, "cpus": "server", "moved": False}
+    wanted = {int(c) for part in cpus.split(",") for c in (
+        range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
+    for pid in found:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), wanted)
+    return {"pids": found, "cpus": cpus, "moved": True}
+
+
 def stop_server(server: Server) -> None:
     proc = server.proc
     if proc is None or proc.poll() is not None:
@@ -370,6 +394,7 @@ def make_servers(
     gateway_exe: Path | None,
     gateway_data: Path | None,
     gateway_config: Path,
+    gateway_base: Path | None = None,
 ) -> list[Server]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     servers: list[Server] = []
@@ -435,21 +460,30 @@ def make_servers(
                 "1",
             ]
             servers.append(Server(name, argv, port, {**env, "BASELINE_CONFIG": str(cfg_path)}, REPO))
-        elif name == "gateway" and gateway_exe is not None and gateway_data is not None:
+        elif name.startswith("gateway") and gateway_exe is not None and gateway_data is not None:
+            data, extra = gateway_data, {}
+            if name == "gateway_base":
+                # The tree before a change (`git archive main python | tar -x -C DIR`, with the compiled
+                # extension copied in), same CLI, config and merchants: the two run side by side.
+                if gateway_base is None:
+                    continue
+                data = gateway_data.with_name("gateway-base-data")
+                shutil.copytree(gateway_data, data)
+                extra = {"PYTHONPATH": str(gateway_base)}
             argv = [
                 str(gateway_exe),
                 "serve",
                 "--config",
                 str(gateway_config),
                 "--data-dir",
-                str(gateway_data),
+                str(data),
                 "--port",
                 str(port),
             ]
             # The payment worker (PSP calls, state machine, ledger) is the async path, not the fast path,
             # and the baseline has none: it is switched off so both measure the same request path.
             gw_env = {**env, "GATEWAY_ADMIN_KEY": BENCH_ADMIN_KEY, "GATEWAY_WORKER": "off"}
-            servers.append(Server(name, argv, port, gw_env, REPO))
+            servers.append(Server(name, argv, port, gw_env | extra, REPO))
     return servers
 
 
@@ -939,7 +973,11 @@ def oha_lines(report: dict[str, Any]) -> list[str]:
                          f"{' (oha saturated)' if st['generator_saturated'] else ''} |")
     r = report["ratios"]
     lines += ["", (f"oha knees: gateway / durable floor = {r.get('oha_knee_gateway_over_durable_floor')}, "
-              f"gateway / floor = {r.get('oha_knee_gateway_over_floor')}.")]
+              f"gateway / floor = {r.get('oha_knee_gateway_over_floor')}"
+              + (f"; the tree before the change (gateway_base) / durable floor = "
+                 f"{r.get('oha_knee_gateway_base_over_durable_floor')}, gateway / gateway_base = "
+                 f"{r.get('oha_knee_gateway_over_gateway_base')}" if "gateway_base" in report["systems"] else "")
+              + ".")]
     return lines if len(lines) > 8 else []
 
 
@@ -1143,6 +1181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default="", help="systems to sample with py-spy at --profile-rate")
     p.add_argument("--profile-rate", type=float, default=0, help="offered rate to profile at (default: knee)")
     p.add_argument("--gateway-config", type=Path, default=BENCH / "gateway-bench.toml")
+    p.add_argument("--gateway-base", type=Path,
+                   help="system gateway_base: the gateway from this python/ tree (PYTHONPATH), e.g. main's")
+    p.add_argument("--tailer-on-generator-cores", action="store_true",
+                   help="move the gateway's materialising child to the generator's cores (default: server's)")
     p.add_argument("--histogram-rate", type=float, default=50_000)
     p.add_argument("--oha-rates", default="1000,2500,5000,7500,10000,15000,20000,30000",
                    help="rates of the plain-create steps with oha (bench/oha_creates.py) per system; '' skips them")
@@ -1177,10 +1219,11 @@ def main(argv: list[str] | None = None) -> int:
             "figures are noisy and lower than on an idle machine"
         )
 
-    gateway_exe = gateway_cli() if "gateway" in systems else None
+    wants_gateway = any(s.startswith("gateway") for s in systems)
+    gateway_exe = gateway_cli() if wants_gateway else None
     gateway_data: Path | None = None
     results: dict[str, Any] = {}
-    if "gateway" in systems and gateway_exe is None:
+    if wants_gateway and gateway_exe is None:
         results["gateway"] = {"error": "gateway CLI not installed (run `make install`)"}
     api_keys: list[str]
     if gateway_exe is not None:
@@ -1206,7 +1249,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    servers = make_servers(systems, work, api_keys, traffic, gateway_exe, gateway_data, args.gateway_config)
+    if "gateway_base" in systems and args.gateway_base is None:
+        results["gateway_base"] = {"error": "no --gateway-base DIR given"}
+    servers = make_servers(systems, work, api_keys, traffic, gateway_exe, gateway_data, args.gateway_config,
+                           args.gateway_base)
     total_steps = len(servers) * len(rates)
     done = 0
     bench_start = time.monotonic()
@@ -1214,6 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for server in servers:
             res: dict[str, Any] = {"steps": [], "skipped_rates": [], "command": server.argv}
+            is_gateway = server.name.startswith("gateway")
             results[server.name] = res
             try:
                 start_server(server, plan["server_cpus"], out_dir)
@@ -1221,7 +1268,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[server.name] = {"error": str(exc)}
                 done += len(rates)
                 continue
-            if server.name == "gateway":
+            if is_gateway:
+                res["tailer"] = place_tailer(server, plan["generator_cpus"] if args.tailer_on_generator_cores else None)
                 res["risk"] = load_gateway_risk(server.port, traffic, DEVICE_VELOCITY_MAX)
                 if not res["risk"]["loaded"]:
                     notes.append(
@@ -1264,7 +1312,7 @@ def main(argv: list[str] | None = None) -> int:
                         # The whole process tree: HTTP workers, pipeline workers and helpers alike.
                         profile = py_spy_profile(server.proc.pid, step_seconds, out_dir, server.name)
                     url = f"http://127.0.0.1:{server.port}"
-                    wal_before = gateway_fsync_histogram(url, 1) if server.name == "gateway" else {}
+                    wal_before = gateway_fsync_histogram(url, 1) if is_gateway else {}
                     with FsyncProbe(work, FSYNC_PROBE_INTERVAL_S) as probe:
                         step = run_step(
                             k6,
@@ -1280,7 +1328,7 @@ def main(argv: list[str] | None = None) -> int:
                             work,
                         )
                     step["fsync"] = {"disk_probe": probe.summary()}
-                    if server.name == "gateway":
+                    if is_gateway:
                         step["fsync"]["gateway_wal"] = histogram_delta(wal_before, gateway_fsync_histogram(url, 1))
                     if profile is not None:
                         for p in profile.pop("_procs"):
@@ -1333,13 +1381,13 @@ def main(argv: list[str] | None = None) -> int:
                 res["knee"] = knee(res["steps"])
                 res["capacity"] = capacity(res["steps"])
                 res["knee_p50"] = knee_p50(res["steps"])
-                if server.name == "gateway":
+                if is_gateway:
                     import httpx
 
                     with contextlib.suppress(httpx.HTTPError):
                         metrics = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
-                        (out_dir / "gateway-metrics.txt").write_text(metrics)
-                        res["metrics_file"] = "gateway-metrics.txt"
+                        (out_dir / f"{server.name}-metrics.txt").write_text(metrics)
+                        res["metrics_file"] = f"{server.name}-metrics.txt"
             finally:
                 stop_server(server)
     finally:
@@ -1418,6 +1466,8 @@ def main(argv: list[str] | None = None) -> int:
             "capacity_gateway_over_durable_floor": ratio("gateway", "durable_floor", "capacity"),
             "oha_knee_gateway_over_durable_floor": oha_ratio(results, "gateway", "durable_floor"),
             "oha_knee_gateway_over_floor": oha_ratio(results, "gateway", "floor"),
+            "oha_knee_gateway_base_over_durable_floor": oha_ratio(results, "gateway_base", "durable_floor"),
+            "oha_knee_gateway_over_gateway_base": oha_ratio(results, "gateway", "gateway_base"),
             "gateway_over_baseline": ratio("gateway", "baseline"),
             "capacity_gateway_over_floor": ratio("gateway", "floor", "capacity"),
             "capacity_gateway_over_baseline": ratio("gateway", "baseline", "capacity"),

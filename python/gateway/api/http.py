@@ -85,15 +85,18 @@ async def read_body(scope: Any, proto: Any, limit: int) -> bytes | Response:
     """The request body, or the 413 to answer when it is larger than `limit` bytes (checked against
     Content-Length first, so a declared oversize body is refused without reading it), or the 400 when
     it cannot be read at all (cut short, malformed chunked framing): never an exception."""
-    too_large = error(413, "body_too_large", f"The request body is larger than the limit of {limit} bytes.")
     length = scope.headers.get("content-length")
     if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        return too_large
+        return body_too_large(limit)
     try:
         body: bytes = await proto()
     except BODY_READ_ERRORS:
         return body_unreadable()
-    return too_large if len(body) > limit else body
+    return body_too_large(limit) if len(body) > limit else body
+
+
+def body_too_large(limit: int) -> Response:
+    return error(413, "body_too_large", f"The request body is larger than the limit of {limit} bytes.")
 
 
 PREFER_WAIT_MS_MAX = 10_000

@@ -15,21 +15,31 @@ from gateway.api.http import JSON, PAYMENT_ID, Api, Response, not_found, prefer_
 from gateway.runtime.base import CreateAnswer
 from gateway.store.base import Merchant
 
+_UNREAD: Any = object()
 
-async def create_payment(app: Api, scope: Any, proto: Any) -> Response:
+
+async def create_payment(app: Api, scope: Any, proto: Any, idem_key: str | None = _UNREAD) -> Response:
+    """`idem_key`: the request's key as the guard already read and checked it (else read here)."""
     auth = app.authenticate(scope)
     if not isinstance(auth, Merchant):
         return auth
     body = await read_body(scope, proto, app.config.limits.body_bytes_max)
     if not isinstance(body, bytes):
         return body
-    idem_key = scope.headers.get("idempotency-key")
+    if idem_key is _UNREAD:
+        idem_key = scope.headers.get("idempotency-key")
     # (A runtime that is not ready answers 503 `starting` itself.)
     return respond(await app.runtime.create(auth, idem_key, body), idem_key)
 
 
+# The headers of a plain answer: one list shared by every such response (the server only reads it).
+_PLAIN = [JSON]
+
+
 def respond(a: CreateAnswer, idem_key: str | None) -> Response:
     """The HTTP response of a create's answer."""
+    if not (a.replayed or a.retry_after_s is not None or (a.echo_key and idem_key is not None)):
+        return a.status, _PLAIN, a.body
     headers = [JSON]
     if a.replayed:
         headers.append(("idempotent-replayed", "true"))
