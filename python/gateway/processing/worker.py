@@ -269,9 +269,8 @@ class Worker:
                 log.exception("reconciler scan failed")
 
     async def _dispatch(self) -> None:
-        """New payments go to the batch step (processing/batch.py) together, as many as are queued (up
-        to `batch_records_max`, and to a quarter of `inflight_max` so that batches overlap: one reads
-        while another waits for its PSPs or its commit); operations one by one. In flight: `inflight_max`."""
+        """New payments go to the batch step (processing/batch.py) as many as are queued (up to
+        `batch_records_max` and a quarter of `inflight_max`: batches overlap); operations one by one."""
         assert self._queue is not None
         sem = asyncio.Semaphore(self.settings.inflight_max)
         per_batch = min(self.settings.batch_records_max, max(1, self.settings.inflight_max // 4))
