@@ -96,7 +96,7 @@ def run_step_python(port: int, rate: float, seconds: float, run_id: str) -> dict
                 try:
                     r = await client.post(url, content=BODY, headers={
                         "Authorization": f"Bearer {DEMO_KEY}", "Content-Type": "application/json",
-                        "Idempotency-Key": f"bench-{run_id}-{i}"})
+                        "Idempotency-Key": f"bench-{run_id}k{i}"})
                     statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
                     if r.status_code not in (200, 201):
                         errors += 1
