@@ -80,7 +80,7 @@ def test_a_batch_of_new_payments_takes_one_intent_transaction_and_a_few_applies(
     assert statuses == {pid: "captured" for pid in ids}
     assert sorted(attempts) == sorted([(pid, "authorize", "approved", 1) for pid in ids]
                                       + [(pid, "capture", "approved", 1) for pid in ids])
-    # All 200 were queued at once by the start-up scan and fit one batch (a quarter of inflight_max):
+    # All 200 were queued at once by the start-up scan and fit one batch (half of inflight_max):
     # ONE transaction recorded every authorization
     # intent (the captures' came with the authorizations' outcomes), and the outcomes were applied in
     # a few transactions (one per wave of answers), not one per payment.

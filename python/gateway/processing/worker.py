@@ -270,10 +270,10 @@ class Worker:
 
     async def _dispatch(self) -> None:
         """New payments go to the batch step (processing/batch.py) as many as are queued (up to
-        `batch_records_max` and a quarter of `inflight_max`: batches overlap); operations one by one."""
+        `batch_records_max` and half of `inflight_max`: batches overlap); operations one by one."""
         assert self._queue is not None
         sem = asyncio.Semaphore(self.settings.inflight_max)
-        per_batch = min(self.settings.batch_records_max, max(1, self.settings.inflight_max // 4))
+        per_batch = min(self.settings.batch_records_max, max(1, self.settings.inflight_max // 2))
 
         def finished(item: tuple[str, str]) -> None:
             self._queued.discard(item)
