@@ -224,14 +224,8 @@ class SqliteDialect(Dialect):
     @contextmanager
     def tx(self, pipelined: bool = False) -> Iterator[Db]:
         conn = self.connect()
-        with self.write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield Db(conn, False)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self.write_lock, self._immediate(conn) as db:
+            yield db
 
     @contextmanager
     def durable_tx(self) -> Iterator[Db]:
@@ -241,15 +235,22 @@ class SqliteDialect(Dialect):
         with self.write_lock:
             conn.execute("PRAGMA synchronous=FULL")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield Db(conn, False)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
+                with self._immediate(conn) as db:
+                    yield db
             finally:
                 conn.execute("PRAGMA synchronous=NORMAL")
+
+    @staticmethod
+    @contextmanager
+    def _immediate(conn: sqlite3.Connection) -> Iterator[Db]:
+        """One write transaction on `conn` (the caller holds the write lock)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Db(conn, False)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 class PostgresDialect(Dialect):
