@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ def _accept(store: SqliteStore, payments: list[tuple[str, str]]) -> None:
     store.apply_wal_records(records)
 
 
-def _run(tmp_path: Path, payments: list[tuple[str, str]], final: set[str], **settings: Any
+def _run(tmp_path: Path, payments: list[tuple[str, str]], final: set[str],
+         before_start: Callable[[Worker], None] | None = None, **settings: Any
          ) -> tuple[Worker, dict[str, str], list[tuple[str, str, str, int]], dict[str, int]]:
     db_path = tmp_path / "gateway.db"
     store = SqliteStore(db_path)
@@ -54,6 +56,8 @@ def _run(tmp_path: Path, payments: list[tuple[str, str]], final: set[str], **set
     worker.pstore.record_intents = counting_intents  # type: ignore[method-assign]
     worker.pstore.apply_many = counting_applies  # type: ignore[method-assign]
     reader = sqlite3.connect(db_path, check_same_thread=False)
+    if before_start is not None:
+        before_start(worker)
     worker.start()
     try:
         deadline = time.monotonic() + 60
@@ -156,3 +160,32 @@ def test_a_batch_spills_over_to_the_next_psp_once_the_preferred_one_has_no_room(
     # Five fit behind psp_a's bulkhead, the next five go to psp_b; when both are full, the ranking.
     assert chosen == ["psp_a"] * 5 + ["psp_b"] * 5 + ["psp_a"] * 2
     assert promised == {"psp_a": 7, "psp_b": 5}
+
+
+def test_a_payment_whose_psp_call_raised_is_taken_up_by_the_next_scan(tmp_path: Path) -> None:
+    # The first authorization call raises (a bug, a broken connection: not a PSP outcome). Its payment
+    # keeps its `started` attempt; the next scan (not a restart) asks the PSP about that key, which it
+    # never saw: the payment fails `psp_not_processed`, never charged. The others are captured.
+    ids = [f"pay_{i:024d}" for i in range(20)]
+    raised: list[str] = []
+
+    def once(worker: Worker) -> None:
+        for client in worker.clients.values():
+            authorize = client.authorize
+
+            async def flaky(*, _authorize: Any = authorize, **kw: Any) -> Any:
+                if not raised:
+                    raised.append(kw["reference"])
+                    raise RuntimeError("connection reset in the client")
+                return await _authorize(**kw)
+
+            client.authorize = flaky  # type: ignore[method-assign]
+
+    worker, statuses, attempts, _ = _run(tmp_path, [(pid, "tok_visa") for pid in ids], {"captured", "failed"},
+                                         psps=("psp_a", "psp_b"), reconcile_interval_ms=50, before_start=once)
+    assert len(raised) == 1 and worker.errors >= 1
+    assert statuses == {pid: ("failed" if pid == raised[0] else "captured") for pid in ids}
+    assert [(op, st) for pid, op, st, _ in attempts if pid == raised[0]] == [("authorize", "not_processed")]
+    code = sqlite3.connect(tmp_path / "gateway.db").execute(
+        "SELECT json_extract(body, '$.failure_code') FROM payments WHERE id = ?", (raised[0],)).fetchone()[0]
+    assert code == "psp_not_processed"

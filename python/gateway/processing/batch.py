@@ -88,6 +88,8 @@ class Worker(Protocol):
     _locks: dict[str, asyncio.Lock]
     _rescan: bool
 
+    def failed(self) -> None: ...
+
     @property
     def clients(self) -> Mapping[str, PSPClient]: ...
     def _lock(self, payment_id: str) -> asyncio.Lock: ...
@@ -113,9 +115,7 @@ async def settle_batch(w: Worker, payment_ids: list[str], finished: Callable[[st
     try:
         await step.run(payment_ids)
     except Exception:
-        w.errors += 1
-        w.metrics.worker_errors.inc()
-        w._rescan = True  # what is left `processing` is found by the next scan
+        w.failed()  # what is left `processing` is found by the next scan
         log.exception("a batch of %d payments failed; the reconciler takes them up again", len(payment_ids))
     finally:
         await step.release_all()
@@ -190,13 +190,12 @@ class _Step:
             await self._end()
 
     def _answered(self, fut: asyncio.Future[PSPResult], payment_id: str) -> bool:
-        """A call that raised leaves its `started` attempt for the reconciler to resolve by its key."""
+        """A call that raised leaves its `started` attempt for the next scan to resolve by its key."""
         e = fut.exception()
         if e is None:
             return True
-        self.w.errors += 1
-        self.w.metrics.worker_errors.inc()
-        log.error("payment %s: PSP call failed (%r); the reconciler resolves it by its key", payment_id, e)
+        self.w.failed()
+        log.error("payment %s: PSP call failed (%r); the next scan resolves it by its key", payment_id, e)
         return False
 
     async def _apply_authorizations(self, ready: list[tuple[PaymentRecord, AuthorizationRun]],
@@ -302,8 +301,7 @@ class _Step:
             try:
                 await work
             except Exception:
-                w.errors += 1
-                w.metrics.worker_errors.inc()
+                w.failed()
                 log.exception("processing payment %s failed; the reconciler will retry it", payment_id)
             finally:
                 await self._release(payment_id)

@@ -10,9 +10,9 @@ HTTP loop. It is fed three ways:
   (timeouts, or a crash in the middle of a PSP call) and resolves them by status query or by replaying
   the same PSP idempotency key.
 
-Merchant operations are *accepted* by the API (intent recorded, 202) and executed here; a merchant
-who wants the final answer sends `Prefer: wait=MS`. Work on one payment is serialised by a
-per-payment lock, and the store's version check refuses any write computed from a stale state.
+Merchant operations are *accepted* by the API (intent recorded, 202) and executed here (`Prefer: wait=MS`
+waits for the answer). Work on one payment is serialised by a per-payment lock, and the store's
+version check refuses any write computed from a stale state.
 
 In cluster mode several workers (`gateway worker`, runtime/cluster_worker.py) share one PostgreSQL
 store (`shared=True`): each payment is driven by one of them at a time through the store's claim (a
@@ -22,13 +22,13 @@ that worker dies), the periodic scan also takes over payments left `processing` 
 finished once they are older than any request can wait.
 
 Every PSP call of a payment uses a key derived from the payment id (`P:auth:n`, `P:capture:k`, ...),
-recorded in `payment_attempts` *before* the call; after a crash the same key is resolved or
-replayed, never replaced by a new one, so a PSP never charges twice.
+recorded in `payment_attempts` *before* the call; after a crash the same key is resolved or replayed,
+never replaced by a new one, so a PSP never charges twice.
 
 New payments are taken through authorization and auto-capture a batch at a time
 (processing/batch.py); what needs more than one attempt, and every operation, one payment at a time.
-Settings: `WorkerSettings`, from the config file's `[worker]`, `[psp]`, `[router]`, `[webhooks]`.
-
+A payment left unfinished (a call that raised, a PSP unreachable) makes the next scan take up every
+`processing` one. Settings: `WorkerSettings`, from `[worker]`, `[psp]`, `[router]`, `[webhooks]`.
 Cluster workers must share one PSP, as in production (a payment authorized through one worker may be
 captured through another): run `gateway psp-sim` once and point every worker at it with `psp.url`.
 """
@@ -78,7 +78,6 @@ SHARED_PROCESSING_STALE_S = 2
 # Shared store: an operation's Idempotency-Key still in flight after this long belongs to a gateway
 # process that died (requests wait at most 10 s, operations.PREFER_WAIT_MS_MAX).
 SHARED_KEY_ABANDONED_MS = 60_000
-
 
 
 class Worker:
@@ -286,11 +285,8 @@ class Worker:
             while len(items) < per_batch and not self._queue.empty() and not sem.locked():
                 await sem.acquire()
                 items.append(self._queue.get_nowait())
-            new = []
-            for item in items:
-                if item[0] == "payment":
-                    new.append(item[1])
-                    continue
+            new = [ident for kind, ident in items if kind == "payment"]
+            for item in (i for i in items if i[0] != "payment"):
                 task = asyncio.ensure_future(self._handle(item))
                 self._tasks.add(task)
                 task.add_done_callback(functools.partial(self._one_done, finished, item))
@@ -312,9 +308,12 @@ class Worker:
             else:
                 await self.process_operation(ident)
         except Exception:
-            self.errors += 1
-            self.metrics.worker_errors.inc()
+            self.failed()
             log.exception("processing %s %s failed; the reconciler will retry it", kind, ident)
+
+    def failed(self) -> None:  # a payment was left unfinished: the next scan takes it up
+        self.errors, self._rescan = self.errors + 1, True
+        self.metrics.worker_errors.inc()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """A store call. SQLite: inline (local, sub-millisecond). Shared PostgreSQL: on a thread of
@@ -401,9 +400,9 @@ class Worker:
                 log.error("payment %s: attempt %s went to %s, which is not configured", p.id, attempt.attempt_id,
                           attempt.psp)
                 return
-            result = await resolve_pending(p, attempt, client, now_ms)
-            if result.outcome is None:
-                return  # PSP unreachable: the reconciler asks again
+            if (result := await resolve_pending(p, attempt, client, now_ms)).outcome is None:
+                self._rescan = True  # PSP unreachable: the next scan asks again
+                return
         elif p.status is sm.PaymentStatus.PROCESSING:
 
             async def intent(row: AttemptRow) -> None:
