@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import hiredis
 import msgspec
 import redis
 import redis.asyncio as aioredis
@@ -34,6 +35,7 @@ from gateway.shared.redis_velocity import (
     script_args,
     script_keys,
 )
+from gateway.shared.resp import RespClient, RespError, Script, pack
 
 log = logging.getLogger("gateway.shared")
 
@@ -95,6 +97,7 @@ return {'ok', since}
 # ARGV[5..13] are those of `velocity` (shared/redis_velocity.py). A refused request counts nothing.
 _ADMIT_VELOCITY = VELOCITY_LUA + _ADMIT.replace("return {'ok', since}\n", "return {'ok', since, velocity(3, 4)}\n")
 assert _ADMIT_VELOCITY.count("velocity(3, 4)") == 1
+_ADMIT_SCRIPT, _ADMIT_VELOCITY_SCRIPT = Script(_ADMIT), Script(_ADMIT_VELOCITY)
 
 
 def _cached_value(fingerprint: str, status: int, body: bytes) -> bytes:
@@ -157,8 +160,8 @@ class RedisSharedState:
             url, max_connections=pool_size, timeout=timeout_s, socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
-        self._admit = self.redis.register_script(_ADMIT)
-        self._admit_velocity = self.redis.register_script(_ADMIT_VELOCITY)
+        # The create path's two calls (admit, finish) go through the lean client (shared/resp.py).
+        self.fast = RespClient(url, timeout_s, inflight_max=pool_size)
 
     async def admit(self, merchant_id: str, idem_key: str | None, fingerprint: str, rate_per_s: float,
                     burst: float, lock_ttl_ms: int, velocity: VelocityEvent | None = None) -> Admission:
@@ -168,11 +171,12 @@ class RedisSharedState:
         since_key = [self.keys.keys_since(merchant_id)]
         try:
             if velocity is None:
-                out = await self._admit(keys=keys + since_key, args=args)
+                out = await self.fast.evalsha(_ADMIT_SCRIPT, keys + since_key, args)
             else:
-                out = await self._admit_velocity(keys=keys + script_keys(self.keys.prefix, velocity) + since_key,
-                                                 args=[*args, *script_args(velocity)])
-        except RedisError as e:
+                out = await self.fast.evalsha(_ADMIT_VELOCITY_SCRIPT,
+                                              keys + script_keys(self.keys.prefix, velocity) + since_key,
+                                              [*args, *script_args(velocity)])
+        except RespError as e:
             raise SharedStateUnavailable(str(e)) from None
         kind = out[0].decode() if isinstance(out[0], bytes) else out[0]
         if kind == "ok":
@@ -187,18 +191,24 @@ class RedisSharedState:
 
     async def finish(self, merchant_id: str, idem_key: str | None, fingerprint: str, status: int, body: bytes,
                      payment_id: str | None, cache: bool) -> None:
+        commands = []
+        if idem_key is not None and cache:
+            commands.append(pack(b"SET", self.keys.idem(merchant_id, idem_key),
+                                 _cached_value(fingerprint, status, body), b"EX", self.idempotency_ttl_s))
+        if payment_id is not None and 200 <= status < 300:
+            commands.append(pack(b"SET", self.keys.recent(payment_id), merchant_id.encode() + b"\n" + body,
+                                 b"EX", self.recent_ttl_s))
+        if idem_key is not None:
+            commands.append(pack(b"DEL", self.keys.lock(merchant_id, idem_key)))
+        if not commands:
+            return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if idem_key is not None and cache:
-                    pipe.set(self.keys.idem(merchant_id, idem_key), _cached_value(fingerprint, status, body),
-                             ex=self.idempotency_ttl_s)
-                if payment_id is not None and 200 <= status < 300:
-                    pipe.set(self.keys.recent(payment_id), merchant_id.encode() + b"\n" + body, ex=self.recent_ttl_s)
-                if idem_key is not None:
-                    pipe.delete(self.keys.lock(merchant_id, idem_key))
-                await pipe.execute()
-        except RedisError as e:
+            replies = await self.fast.call(*commands)
+        except RespError as e:
             raise SharedStateUnavailable(str(e)) from None
+        refused = [r for r in replies if isinstance(r, hiredis.ReplyError)]
+        if refused:
+            raise SharedStateUnavailable(f"Redis refused the finish: {refused[0]}")
 
     async def mark_keys_since(self, merchant_id: str, since_ms: int) -> int:
         """Marks since when Redis holds the merchant's keys, unless another process did first; returns
@@ -228,6 +238,7 @@ class RedisSharedState:
         return merchant.decode(), body
 
     async def close(self) -> None:
+        await self.fast.close()
         await self.redis.aclose()
         await self._pool.disconnect()
 
