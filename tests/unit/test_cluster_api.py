@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 from gateway._fastpath import FastPath
 from gateway.api.http import PAYMENT_ID
@@ -181,3 +182,31 @@ def test_the_read_your_writes_copy_answers_only_for_payments_the_store_does_not_
     assert (stale[0], stale[2]) == (200, b'{"id":"captured-in-store"}')
     assert (fresh[0], fresh[2]) == (200, b'{"id":"processing-copy"}')
     assert (store_down[0], store_down[2]) == (200, b'{"id":"processing-copy"}')
+
+
+class ForgetfulSharedState(InMemorySharedState):
+    """Redis just restarted empty (no keys-since mark), then fails again before the mark is set."""
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Any:
+        adm = await super().admit(*args, **kwargs)
+        self.down = True
+        return msgspec.structs.replace(adm, keys_since_ms=None)
+
+    async def mark_keys_since(self, merchant_id: str, since_ms: int) -> int:
+        self._check()
+        return since_ms
+
+
+class KeyStore(StubStore):
+    def has_idempotency_keys_since(self, merchant_id: str, since_ms: int) -> bool:
+        return True
+
+
+def test_shared_state_failing_after_admission_answers_503_and_creates_nothing() -> None:
+    cluster, app, _ = make()
+    cluster.shared = ForgetfulSharedState()
+    cluster.store = KeyStore({})  # type: ignore[assignment]
+    status, headers, body = asyncio.run(cluster.create_payment(MERCHANT, "k1", BODY))
+    assert status == 503 and ("retry-after", "1") in headers
+    assert json.loads(body)["error"]["code"] == "shared_state_unavailable"
+    assert app.accepted == []

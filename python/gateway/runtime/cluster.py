@@ -310,7 +310,13 @@ class ClusterRuntime(Runtime):
                 429, "rate_limit_exceeded", "Too many requests for this merchant; slow down.",
                 kind="rate_limit_error"), retry_after_s=adm.retry_after_s)
         if idem_key is not None:
-            durable = await self._durable_answer(merchant.id, idem_key, fp, adm.keys_since_ms)
+            try:
+                durable = await self._durable_answer(merchant.id, idem_key, fp, adm.keys_since_ms)
+            except SharedStateUnavailable as e:
+                # Nothing written yet; the lock `admit` took expires by itself.
+                self.shared_unavailable += 1
+                log.warning("create refused with 503: shared state unavailable after admission (%s)", e)
+                return _shared_unavailable()
             if durable is not None:
                 return durable
         if adm.velocity is not None:

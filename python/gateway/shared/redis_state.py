@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import hiredis
 import msgspec
@@ -200,32 +200,30 @@ class RedisSharedState:
                                  b"EX", self.recent_ttl_s))
         if idem_key is not None:
             commands.append(pack(b"DEL", self.keys.lock(merchant_id, idem_key)))
-        if not commands:
-            return
+        if commands:
+            await self._fast_call(*commands)
+
+    async def mark_keys_since(self, merchant_id: str, since_ms: int) -> int:
+        """Marks since when Redis holds the merchant's keys, unless another process did first; returns
+        the mark that holds."""
+        key = self.keys.keys_since(merchant_id)
+        _, got = await self._fast_call(pack(b"SET", key, since_ms, b"NX"), pack(b"GET", key))
+        return int(got) if got is not None else since_ms
+
+    async def release(self, merchant_id: str, idem_key: str) -> None:
+        await self._fast_call(pack(b"DEL", self.keys.lock(merchant_id, idem_key)))
+
+    async def _fast_call(self, *commands: bytes) -> list[Any]:
+        """Commands of the create path, pipelined on the lean client; any failure or refusal raises
+        `SharedStateUnavailable`."""
         try:
             replies = await self.fast.call(*commands)
         except RespError as e:
             raise SharedStateUnavailable(str(e)) from None
         refused = [r for r in replies if isinstance(r, hiredis.ReplyError)]
         if refused:
-            raise SharedStateUnavailable(f"Redis refused the finish: {refused[0]}")
-
-    async def mark_keys_since(self, merchant_id: str, since_ms: int) -> int:
-        """Marks since when Redis holds the merchant's keys, unless another process did first; returns
-        the mark that holds."""
-        key = self.keys.keys_since(merchant_id)
-        try:
-            await self.redis.set(key, str(since_ms), nx=True)
-            got = await self.redis.get(key)
-        except RedisError as e:
-            raise SharedStateUnavailable(str(e)) from None
-        return int(got) if got is not None else since_ms
-
-    async def release(self, merchant_id: str, idem_key: str) -> None:
-        try:
-            await self.redis.delete(self.keys.lock(merchant_id, idem_key))
-        except RedisError as e:
-            raise SharedStateUnavailable(str(e)) from None
+            raise SharedStateUnavailable(f"Redis refused a command: {refused[0]}")
+        return replies
 
     async def recent_payment(self, payment_id: str) -> tuple[str, bytes] | None:
         try:
