@@ -13,8 +13,8 @@ import json
 import tempfile
 import threading
 import time
-from pathlib import Path
 
+from bench_common import save_report
 from gateway._fastpath import FastPath
 
 BODY = b'{"amount": 1000, "currency": "USD", "payment_method": "tok_visa"}'
@@ -56,9 +56,7 @@ def main() -> None:
     print("| writers | records/s | records per fdatasync |\n|---|---|---|")
     for r in rows:
         print(f"| {r['writers']} | {r['records_per_s']:.0f} | {r['records_per_fsync']:.1f} |")
-    out = Path(__file__).resolve().parent / "results" / f"wal_rate-{int(time.time())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"fsync_interval_us": args.fsync_interval_us, "rows": rows}, indent=2))
+    out = save_report("wal_rate", {"fsync_interval_us": args.fsync_interval_us, "rows": rows})
     print(f"wal_rate: report in {out}")
 
 
