@@ -19,12 +19,8 @@ import struct
 import threading
 from typing import Any
 
-BODY = (
-    b'{"id":"pay_floor000000000000000000","object":"payment","status":"processing",'
-    b'"amount":1000,"currency":"USD","livemode":false}'
-)
-HEADERS = [("content-type", "application/json")]
-HEALTH = b'{"status":"ok"}'
+from floor_app import BODY, HEADERS, answered_without_work
+
 BATCH_RECORDS_MAX = 4096
 PENDING_RECORDS_MAX = 65_536
 UNAVAILABLE = b'{"error":{"type":"api_error","code":"storage_saturated"}}'
@@ -76,11 +72,7 @@ _commit: GroupCommit | None = None
 
 async def app(scope: Any, proto: Any) -> None:
     global _commit
-    if scope.proto != "http":
-        return
-    path = scope.path
-    if path in ("/healthz", "/readyz"):
-        proto.response_bytes(200, HEADERS, HEALTH)
+    if answered_without_work(scope, proto):
         return
     if scope.method == "POST":
         body = await proto()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_common import write_report
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 PAYMENT = {"amount": 100, "currency": "USD", "payment_method": "tok_visa"}
@@ -92,9 +93,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/merchant-propagation.json")
     args = ap.parse_args()
     report = run(args.trials)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(Path(args.out), report)
     print(json.dumps(report), f"-> {out}")
 
 

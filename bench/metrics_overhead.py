@@ -12,11 +12,11 @@ the worker child does once a second, and a cluster worker per scrape).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
+from bench_common import write_report
 from gateway.processing.metrics import PipelineMetrics
 from gateway.processing.settings import WorkerSettings, build_psps
 
@@ -64,9 +64,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/metrics-overhead.json")
     args = ap.parse_args()
     report = run(args.payments)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(Path(args.out), report)
     print(f"metric hooks: {report['hooks_ns_per_payment']} ns per settled payment; render of "
           f"{report['series_lines']} series: {report['render_us']} us ({report['render_bytes']} bytes) -> {out}")
 

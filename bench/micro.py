@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_common import run_threads_s
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -259,16 +260,10 @@ def bench_wal(fp_mod: Any, work: Path, seconds: float, threads: int) -> list[dic
         stop = time.monotonic() + seconds
         failures = [0]
 
-        pool = [
+        wall = run_threads_s([
             threading.Thread(target=wal_writer, args=(fp, t, stop, latencies[t], failures))
             for t in range(threads)
-        ]
-        t_start = time.perf_counter()
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
-        wall = time.perf_counter() - t_start
+        ])
         fp.close()
         all_lat = np.array([x for lat in latencies for x in lat], dtype=np.int64)
         batches = parse_batches(fp.metrics_text())

@@ -14,7 +14,6 @@ discrepancy path.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -23,6 +22,7 @@ import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from bench_common import save_report
 from gateway.domain import ledger
 from gateway.domain import settlement as st
 from gateway.processing import reconcile as rc
@@ -155,9 +155,7 @@ def main() -> None:
               f" reconciled in {r['reconcile_s']} s = {r['lines_per_s']} lines/s"
               f" (parse {r['parse_s']} s, load {r['load_s']} s, match {r['match_s']} s;"
               f" same file again {r['rerun_same_file_ms']} ms)")
-    out = Path(__file__).parent / "results" / f"reconcile_rate-{int(time.time())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = save_report("reconcile_rate", results)
     print(f"saved {out}")
 
 

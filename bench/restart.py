@@ -14,7 +14,6 @@ records un-checkpointed, so recovery has something to replay. A JSON report goes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_common import save_report
 from gateway import config as config_mod
 from gateway._fastpath import FastPath, WalReader
 from gateway.cli import DEMO_MERCHANT_ID, ensure_demo_merchant
@@ -159,9 +159,7 @@ def main() -> None:
     report = {"bench": "restart", "results": results, "config": CONFIG,
               "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
                           "platform": platform.platform()}}
-    out = Path(__file__).parent / "results" / f"restart-{int(time.time())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = save_report("restart", report)
     print(f"saved {out}")
 
 

@@ -12,7 +12,6 @@ bounded by concurrency / latency, i.e. GATEWAY_WORKER_INFLIGHT_MAX and the PSPs'
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import msgspec
+from bench_common import save_report
 from gateway.processing.worker import Worker, WorkerSettings
 from gateway.store.sqlite import SqliteStore
 
@@ -123,9 +123,7 @@ def main() -> None:
             f" (inflight_max={r['inflight_max']}, batch_records_max={r['batch_records_max']},"
             f" mean batch {r['mean_batch_size']})"
         )
-    out = Path(__file__).parent / "results" / f"settle_rate-{int(time.time())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = save_report("settle_rate", results)
     print(f"saved {out}")
 
 

@@ -13,7 +13,6 @@ and indexes). Bytes per payment = table bytes / payments. A JSON report goes to 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -26,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from bench_common import save_report
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 AUTH = {"Authorization": "Bearer sk_test_demo"}
@@ -142,9 +142,7 @@ def main() -> None:
             if b / n >= 1:
                 print(f"  {t:32} {b / n:8.0f}")
     print(f"WAL: {int(report['wal_bytes']) / n:.0f} bytes per payment")  # type: ignore[call-overload]
-    out = Path(__file__).parent / "results" / f"store_growth-{int(time.time())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = save_report("store_growth", report)
     print(f"saved {out}")
 
 

@@ -12,9 +12,8 @@ import argparse
 import json
 import tempfile
 import threading
-import time
-from pathlib import Path
 
+from bench_common import run_threads_s, save_report
 from gateway._fastpath import FastPath
 
 BODY = b'{"amount": 1000, "currency": "USD", "payment_method": "tok_visa"}'
@@ -31,13 +30,7 @@ def run(writers: int, records: int, fsync_interval_us: int) -> dict[str, float]:
                 lsn = fp.create_payment("acct_bench", None, BODY).lsn
                 assert fp.wait_committed(lsn, 10_000), "commit did not arrive"
 
-        threads = [threading.Thread(target=writer) for _ in range(writers)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        elapsed = run_threads_s([threading.Thread(target=writer) for _ in range(writers)])
         fsyncs = next(int(float(line.split()[-1])) for line in fp.metrics_text().splitlines()
                       if line.startswith("gateway_wal_fsync_seconds_count"))
         fp.close()
@@ -56,9 +49,7 @@ def main() -> None:
     print("| writers | records/s | records per fdatasync |\n|---|---|---|")
     for r in rows:
         print(f"| {r['writers']} | {r['records_per_s']:.0f} | {r['records_per_fsync']:.1f} |")
-    out = Path(__file__).resolve().parent / "results" / f"wal_rate-{int(time.time())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"fsync_interval_us": args.fsync_interval_us, "rows": rows}, indent=2))
+    out = save_report("wal_rate", {"fsync_interval_us": args.fsync_interval_us, "rows": rows})
     print(f"wal_rate: report in {out}")
 
 

@@ -129,6 +129,22 @@ wait_pid_exit() {
     done
 }
 
+# Polls a readiness check (the command and arguments after the first four) every 0.1 s until it
+# succeeds. Gives up after timeout_s seconds, or as soon as the process of the given pid (empty: no
+# process to watch) has exited: then shows the tail of the log file and dies with the message.
+wait_ready_or_die() {
+    local timeout_s="$1" pid="$2" log_file="$3" message="$4" waited_ds=0
+    shift 4
+    until "$@"; do
+        if (( waited_ds >= timeout_s * 10 )) || { [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; }; then
+            show_log_tail "$log_file"
+            die "$message"
+        fi
+        sleep 0.1
+        waited_ds=$(( waited_ds + 1 ))
+    done
+}
+
 deb_installed() {
     [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == "installed" ]]
 }

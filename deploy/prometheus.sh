@@ -54,6 +54,8 @@ scrape_configs:
 CONF
 }
 
+answers_ready() { curl -sf "http://$SERVICES_HOST:$PROMETHEUS_PORT/-/ready" >/dev/null 2>&1; }
+
 is_running() {
     pidfile_alive "$PROM_PID" "$PROM_MARKER" && port_open "$SERVICES_HOST" "$PROMETHEUS_PORT"
 }
@@ -73,15 +75,9 @@ cmd_start() {
     nohup prometheus --config.file="$PROM_CONF" --storage.tsdb.path="$PROM_DIR/data" \
         "$PROM_MARKER" --storage.tsdb.retention.time=1d >"$PROM_LOG" 2>&1 9>&- &
     echo $! >"$PROM_PID"
-    local waited_ds=0
-    until curl -sf "http://$SERVICES_HOST:$PROMETHEUS_PORT/-/ready" >/dev/null 2>&1; do
-        if (( waited_ds >= 300 )) || ! kill -0 "$(cat "$PROM_PID")" 2>/dev/null; then
-            show_log_tail "$PROM_LOG"
-            die "prometheus was not ready on $SERVICES_HOST:$PROMETHEUS_PORT within 30s"
-        fi
-        sleep 0.1
-        waited_ds=$(( waited_ds + 1 ))
-    done
+    wait_ready_or_die 30 "$(cat "$PROM_PID")" "$PROM_LOG" \
+        "prometheus was not ready on $SERVICES_HOST:$PROMETHEUS_PORT within 30s" \
+        answers_ready
     log "started on $SERVICES_HOST:$PROMETHEUS_PORT (pid $(cat "$PROM_PID")), scraping $PROMETHEUS_TARGETS"
 }
 

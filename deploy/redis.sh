@@ -19,6 +19,7 @@ REDIS_LOG="$REDIS_DIR/redis.log"
 REDIS_MARKER="redis-server $SERVICES_HOST:$REDIS_PORT"
 
 redis_cli() { redis-cli -h "$SERVICES_HOST" -p "$REDIS_PORT" "$@"; }
+answers_ping() { [[ "$(redis_cli ping 2>/dev/null)" == PONG ]]; }
 
 cmd_install() {
     apt_install redis-server redis-tools
@@ -50,7 +51,7 @@ CONF
 }
 
 is_running() {
-    pidfile_alive "$REDIS_PID" "$REDIS_MARKER" && [[ "$(redis_cli ping 2>/dev/null)" == PONG ]]
+    pidfile_alive "$REDIS_PID" "$REDIS_MARKER" && answers_ping
 }
 
 cmd_start() {
@@ -66,15 +67,9 @@ cmd_start() {
     write_config
     rm -f "$REDIS_PID"
     redis-server "$REDIS_CONF" 9>&- || { show_log_tail "$REDIS_LOG"; die "redis-server failed to start"; }
-    local waited_ds=0
-    until [[ "$(redis_cli ping 2>/dev/null)" == PONG ]]; do
-        if (( waited_ds >= 300 )); then
-            show_log_tail "$REDIS_LOG"
-            die "redis did not answer PING on $SERVICES_HOST:$REDIS_PORT within 30s"
-        fi
-        sleep 0.1
-        waited_ds=$(( waited_ds + 1 ))
-    done
+    # redis-server daemonizes and writes its own pidfile, so there is no pid to watch while it starts.
+    wait_ready_or_die 30 "" "$REDIS_LOG" "redis did not answer PING on $SERVICES_HOST:$REDIS_PORT within 30s" \
+        answers_ping
     log "started on $SERVICES_HOST:$REDIS_PORT (pid $(cat "$REDIS_PID"))"
 }
 
