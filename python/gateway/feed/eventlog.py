@@ -32,7 +32,7 @@ import heapq
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Protocol
 
 import msgspec
@@ -130,47 +130,66 @@ def _check_bounds(since_ms: int, until_ms: int, after_lsn: int, limit: int, batc
         raise EventLogError(f"batch_records_max must be from 1 to {BATCH_RECORDS_MAX}, got {batch_records_max}")
 
 
-class WalEventLog:
+class _RangeReader:
+    """What both logs do around their own scan (`_records`): the bounds check, the `limit` (the
+    record past it is not returned, `truncated` is set and the scan is closed) and the timing."""
+
+    def read(self, *, since_ms: int = 0, until_ms: int = TIME_MS_MAX, after_lsn: int = 0,
+             limit: int = READ_RECORDS_MAX, batch_records_max: int = BATCH_RECORDS_DEFAULT,
+             stats: ReadStats | None = None) -> Iterator[EventRecord]:
+        _check_bounds(since_ms, until_ms, after_lsn, limit, batch_records_max)
+        stats = stats or ReadStats()
+        return self._limited(self._records(since_ms, until_ms, after_lsn, batch_records_max, stats), limit, stats)
+
+    def _records(self, since_ms: int, until_ms: int, after_lsn: int, batch: int,
+                 stats: ReadStats) -> Generator[EventRecord, None, None]:
+        """The records in the range, in order, counting what was scanned (and dropped) in `stats`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _limited(records: Generator[EventRecord, None, None], limit: int,
+                 stats: ReadStats) -> Iterator[EventRecord]:
+        started = time.perf_counter()
+        try:
+            for rec in records:
+                if stats.returned >= limit:
+                    stats.truncated = True
+                    return
+                stats.returned += 1
+                yield rec
+        finally:
+            # Ends the scan (closing its consumer) before the time is taken, also on an early stop.
+            records.close()
+            stats.elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+
+
+class WalEventLog(_RangeReader):
     """The local WAL, read-only, up to `committed_lsn` (LSN_MAX: every complete record)."""
 
     def __init__(self, wal_dir: str, committed_lsn: int = LSN_MAX) -> None:
         self.wal_dir = wal_dir
         self.committed_lsn = committed_lsn
 
-    def read(self, *, since_ms: int = 0, until_ms: int = TIME_MS_MAX, after_lsn: int = 0,
-             limit: int = READ_RECORDS_MAX, batch_records_max: int = BATCH_RECORDS_DEFAULT,
-             stats: ReadStats | None = None) -> Iterator[EventRecord]:
-        _check_bounds(since_ms, until_ms, after_lsn, limit, batch_records_max)
-        return self._read(since_ms, until_ms, after_lsn, limit, batch_records_max, stats or ReadStats())
-
-    def _read(self, since_ms: int, until_ms: int, after_lsn: int, limit: int, batch: int,
-              stats: ReadStats) -> Iterator[EventRecord]:
-        started = time.perf_counter()
+    def _records(self, since_ms: int, until_ms: int, after_lsn: int, batch: int,
+                 stats: ReadStats) -> Generator[EventRecord, None, None]:
         try:
             reader = WalReader(self.wal_dir, after_lsn)
         except OSError as e:
             raise EventLogError(f"the WAL in {self.wal_dir} cannot be read: {e}") from None
         # One WAL holds one record per LSN: there is nothing to de-duplicate.
-        try:
-            while True:
-                got = reader.read(self.committed_lsn, batch)
-                for lsn, payload in got:
-                    stats.scanned += 1
-                    rec = decode("", lsn, payload)
-                    if rec is None or not since_ms <= rec.created_ms < until_ms:
-                        continue
-                    if stats.returned >= limit:
-                        stats.truncated = True
-                        return
-                    stats.returned += 1
-                    yield rec
-                if not got or got[-1][0] >= self.committed_lsn or len(got) < batch:
-                    return
-        finally:
-            stats.elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+        while True:
+            got = reader.read(self.committed_lsn, batch)
+            for lsn, payload in got:
+                stats.scanned += 1
+                rec = decode("", lsn, payload)
+                if rec is None or not since_ms <= rec.created_ms < until_ms:
+                    continue
+                yield rec
+            if not got or got[-1][0] >= self.committed_lsn or len(got) < batch:
+                return
 
 
-class KafkaEventLog:
+class KafkaEventLog(_RangeReader):
     """The topic the relays write, read by a throw-away consumer up to the high watermarks taken at the
     start of each read."""
 
@@ -178,12 +197,6 @@ class KafkaEventLog:
         self.bootstrap = bootstrap
         self.topic = topic
         self.timeout_s = timeout_s
-
-    def read(self, *, since_ms: int = 0, until_ms: int = TIME_MS_MAX, after_lsn: int = 0,
-             limit: int = READ_RECORDS_MAX, batch_records_max: int = BATCH_RECORDS_DEFAULT,
-             stats: ReadStats | None = None) -> Iterator[EventRecord]:
-        _check_bounds(since_ms, until_ms, after_lsn, limit, batch_records_max)
-        return self._read(since_ms, until_ms, after_lsn, limit, batch_records_max, stats or ReadStats())
 
     def _consumer(self) -> Consumer:
         return Consumer({
@@ -224,9 +237,8 @@ class KafkaEventLog:
             out.append((p, max(start, low), high))
         return out
 
-    def _read(self, since_ms: int, until_ms: int, after_lsn: int, limit: int, batch: int,
-              stats: ReadStats) -> Iterator[EventRecord]:
-        started = time.perf_counter()
+    def _records(self, since_ms: int, until_ms: int, after_lsn: int, batch: int,
+                 stats: ReadStats) -> Generator[EventRecord, None, None]:
         consumer = self._consumer()
         try:
             try:
@@ -254,10 +266,6 @@ class KafkaEventLog:
                     if p in paused and len(buffers[p]) < batch:
                         consumer.resume([TopicPartition(self.topic, p)])
                         paused.discard(p)
-                    if stats.returned >= limit:
-                        stats.truncated = True
-                        return
-                    stats.returned += 1
                     yield rec
                     continue
                 msgs = consumer.consume(num_messages=batch, timeout=KAFKA_POLL_S)
@@ -295,7 +303,6 @@ class KafkaEventLog:
                         paused.add(p)
         finally:
             consumer.close()
-            stats.elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
 
     @staticmethod
     def _record(m: Any) -> EventRecord | None:
