@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from gateway._fastpath import contains_pan, json_refusal, key_contains_pan
-from gateway.api.http import Response, error
+from gateway.api.http import Response, error, read_body
 from gateway.domain.idempotency import IDEMPOTENCY_KEY_CHARS_MAX
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -103,6 +103,17 @@ def check_request(path: str, query: str) -> Response | None:
     if not path.isprintable():
         return error(400, "path_invalid", "The request path contains control characters.")
     return None
+
+
+async def read_json_body(scope: Any, proto: Any, limit: int, numbers: bool = True,
+                         invalid_code: str = "invalid_json") -> bytes | Response:
+    """The request's JSON body, read within `limit` bytes (`read_body`) and let through by
+    `json_body_refusal` (with its `numbers` and `invalid_code`), or the answer that refuses it."""
+    raw = await read_body(scope, proto, limit)
+    if not isinstance(raw, bytes):
+        return raw
+    refused = json_body_refusal(raw, numbers, invalid_code)
+    return raw if refused is None else refused
 
 
 def json_body_refusal(raw: bytes, numbers: bool = True, invalid_code: str = "invalid_json") -> Response | None:

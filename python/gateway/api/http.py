@@ -58,6 +58,13 @@ def error(status: int, code: str, message: str, param: str | None = None, kind: 
     return status, [JSON, *headers], error_body(status, code, message, param, kind=kind)
 
 
+def list_page(url: str, rows: list[str], has_more: bool) -> Response:
+    """The 200 answer of a list: `rows` are its objects already encoded as JSON (as the store keeps
+    them), put in the envelope as they are, without decoding and encoding them again."""
+    return 200, [JSON], b'{"object":"list","url":"%s","has_more":%s,"data":[%s]}' % (
+        url.encode(), b"true" if has_more else b"false", ",".join(rows).encode())
+
+
 def starting() -> Response:
     return error(503, "starting", "The gateway is starting.", headers=(("retry-after", "1"),))
 

@@ -44,8 +44,8 @@ from gateway.api.http import (
     Api,
     Response,
     Route,
+    list_page,
     prefer_wait_ms,
-    read_body,
     route,
     starting,
 )
@@ -135,12 +135,9 @@ async def _operation(app: Api, scope: Any, proto: Any, payment_id: str, kind: st
     ps = rt.processing
     if not rt.ready or ps is None or rt.changes is None:
         return starting()
-    raw = await read_body(scope, proto, OPERATION_BODY_BYTES_MAX)
+    raw = await guard.read_json_body(scope, proto, OPERATION_BODY_BYTES_MAX)
     if not isinstance(raw, bytes):
         return raw
-    refused = guard.json_body_refusal(raw)
-    if refused is not None:
-        return refused
     req = _decode(kind, raw)
     if not isinstance(req, msgspec.Struct):
         return req
@@ -251,11 +248,7 @@ async def list_payments(app: Api, scope: Any, proto: Any, match: re.Match[str]) 
     if page is None:
         return _invalid("resource_missing", f"No such payment: '{starting_after}'", "starting_after")
     bodies, has_more = page
-    out = b'{"object":"list","url":"/v1/payments","has_more":%s,"data":[%s]}' % (
-        b"true" if has_more else b"false",
-        ",".join(bodies).encode(),
-    )
-    return 200, [JSON], out
+    return list_page("/v1/payments", bodies, has_more)
 
 
 def routes() -> list[Route]:

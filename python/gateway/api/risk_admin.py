@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 import msgspec
 
 from gateway.api import guard
-from gateway.api.http import JSON, Api, Response, Route, read_body, route
+from gateway.api.http import JSON, Api, Response, Route, route
 from gateway.domain.errors import error_body
 from gateway.feed.eventlog import TIME_MS_MAX, EventLogError
 from gateway.risk import control as ctl
@@ -104,14 +104,11 @@ def _plane(app: Api, scope: Any) -> RiskControl:
 
 
 async def _body(scope: Any, proto: Any, typ: type[Any]) -> Any:
-    raw = await read_body(scope, proto, ADMIN_BODY_BYTES_MAX)
-    if not isinstance(raw, bytes):
-        raise _Refused(raw)
     # Strings and keys only: admin numbers are times, versions and positions (a 13-digit ms time is
     # Luhn-valid one time in ten); rules sources, list values and audit text are strings.
-    refused = guard.json_body_refusal(raw, numbers=False, invalid_code="body_invalid")
-    if refused is not None:
-        raise _Refused(refused)
+    raw = await guard.read_json_body(scope, proto, ADMIN_BODY_BYTES_MAX, numbers=False, invalid_code="body_invalid")
+    if not isinstance(raw, bytes):
+        raise _Refused(raw)
     try:
         return msgspec.json.decode(raw or b"{}", type=typ)
     except msgspec.ValidationError as e:

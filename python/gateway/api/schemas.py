@@ -111,10 +111,15 @@ class Payment(msgspec.Struct, kw_only=True):
     livemode: bool | None = None
 
 
-class PaymentList(msgspec.Struct, kw_only=True):
+class ListPage(msgspec.Struct, kw_only=True):
+    """The envelope of every list answer (both surfaces): a subclass of it names the type of `data`."""
+
     object: Literal["list"]
     url: str
     has_more: bool
+
+
+class PaymentList(ListPage, kw_only=True):
     data: list[Payment]
 
 
@@ -132,7 +137,9 @@ class Error(msgspec.Struct, kw_only=True):
     error: ErrorDetail
 
 
-class WebhookEndpoint(msgspec.Struct, kw_only=True):
+class WebhookEndpointFields(msgspec.Struct, kw_only=True):
+    """A webhook endpoint's fields that both surfaces answer alike; each adds its `secret`."""
+
     id: str
     object: Literal["webhook_endpoint"]
     url: str
@@ -140,13 +147,13 @@ class WebhookEndpoint(msgspec.Struct, kw_only=True):
     description: str | None = None
     status: str | None = None
     created: int | None = None
+
+
+class WebhookEndpoint(WebhookEndpointFields, kw_only=True):
     secret: Annotated[str, Meta(description="Shown once, when the endpoint is created.")] | None = None
 
 
-class EndpointList(msgspec.Struct, kw_only=True):
-    object: Literal["list"]
-    url: str
-    has_more: bool
+class EndpointList(ListPage, kw_only=True):
     data: list[dict[str, Any]]
 
 
@@ -156,19 +163,21 @@ class Deleted(msgspec.Struct, kw_only=True):
     deleted: bool
 
 
-class Event(msgspec.Struct, kw_only=True):
+class EventFields(msgspec.Struct, kw_only=True):
+    """An event's fields that both surfaces answer alike; the native one adds its deliveries."""
+
     id: str
     object: Literal["event"]
     type: str
     created: int | None = None
     data: dict[str, Any] = {}
+
+
+class Event(EventFields, kw_only=True):
     deliveries: list[dict[str, Any]] = []
 
 
-class EventList(msgspec.Struct, kw_only=True):
-    object: Literal["list"]
-    url: str
-    has_more: bool
+class EventList(ListPage, kw_only=True):
     data: list[dict[str, Any]]
 
 

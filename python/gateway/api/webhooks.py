@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from gateway.api import guard
-from gateway.api.http import JSON, PAYMENT_ID, Api, Response, Route, read_body, route, starting
+from gateway.api.http import JSON, PAYMENT_ID, Api, Response, Route, list_page, route, starting
 from gateway.config import ENV_ALLOW_PRIVATE_URLS as ALLOW_PRIVATE_ENV
 from gateway.domain import events as ev
 from gateway.domain.errors import error_body
@@ -143,12 +143,9 @@ async def create_endpoint(app: Api, scope: Any, proto: Any, match: re.Match[str]
     if not isinstance(got, _Ctx):
         return got
     auth, rt, ps = got
-    raw = await read_body(scope, proto, WEBHOOK_BODY_BYTES_MAX)
+    raw = await guard.read_json_body(scope, proto, WEBHOOK_BODY_BYTES_MAX)
     if not isinstance(raw, bytes):
         return raw
-    refused = guard.json_body_refusal(raw)
-    if refused is not None:
-        return refused
     req = _decode(raw)
     if not isinstance(req, CreateEndpoint):
         return req
@@ -233,9 +230,7 @@ async def list_events(app: Api, scope: Any, proto: Any, match: re.Match[str]) ->
     if not rt.ready or ps is None:
         return starting()
     rows = await rt.run(ps.payment_events, auth.id, payment_id, limit)
-    out = b'{"object":"list","url":"/v1/events","has_more":%s,"data":[%s]}' % (
-        b"true" if len(rows) >= limit else b"false", ",".join(rows).encode())
-    return 200, [JSON], out
+    return list_page("/v1/events", rows, len(rows) >= limit)
 
 
 def routes() -> list[Route]:

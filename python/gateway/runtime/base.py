@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 
@@ -184,6 +184,18 @@ def disk_metrics(data_dir: Path) -> str:
         "# HELP gateway_disk_size_bytes Size of the data dir's file system.\n"
         f"# TYPE gateway_disk_size_bytes gauge\ngateway_disk_size_bytes {st.f_blocks * st.f_frsize}\n"
     )
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def stop_each(*parts: Stoppable | None) -> None:
+    """Stops each of `parts` in the order given, skipping those that are None (never started, or not
+    part of this configuration)."""
+    for part in parts:
+        if part is not None:
+            part.stop()
 
 
 class Runtime:

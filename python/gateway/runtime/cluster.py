@@ -51,7 +51,7 @@ from gateway.domain.errors import error_body
 from gateway.domain.idempotency import create_fingerprint
 from gateway.feed.relay import Relay, ensure_topic
 from gateway.runtime.backlog import ClusterBacklog
-from gateway.runtime.base import CreateAnswer, Runtime, starting, unavailable
+from gateway.runtime.base import CreateAnswer, Runtime, starting, stop_each, unavailable
 from gateway.runtime.waiters import LsnWaiters
 from gateway.shared.redis_state import (
     RISK_HANDLERS,
@@ -201,20 +201,14 @@ class ClusterRuntime(Runtime):
         """Closes the fast path (WAL flushed), ships what is left to Kafka, then closes the clients."""
         self.ready = False
         self._stop_fastpath()
-        if self.listener is not None:
-            self.listener.stop()
-        if self.backlog is not None:
-            self.backlog.stop()
+        stop_each(self.listener, self.backlog)
         if self._risk_poll_stop is not None:
             self._risk_poll_stop.set()
         if self.risk_control is not None and self.risk_control.apply_update in RISK_HANDLERS:
             RISK_HANDLERS.remove(self.risk_control.apply_update)
         if self._risk_publisher is not None:
             self._risk_publisher.close()
-        if self.risk is not None:
-            self.risk.stop()
-        if self.relay is not None:
-            self.relay.stop()
+        stop_each(self.risk, self.relay)
         if self.shared is not None and not loop.is_closed() and not loop.is_running():
             loop.run_until_complete(self.shared.close())
         # (On a running loop the Redis connections simply close with the process.)
@@ -425,13 +419,7 @@ class ClusterRuntime(Runtime):
         return await asyncio.to_thread(fn, *args)
 
     async def accepted_not_yet_stored(self, merchant_id: str, payment_id: str) -> bool:
-        if self.shared is None:
-            return False
-        try:
-            hit = await self.shared.recent_payment(payment_id)
-        except SharedStateUnavailable:
-            return False
-        return hit is not None and hit[0] == merchant_id
+        return await self._recent_copy(merchant_id, payment_id) is not None
 
     def event_log(self) -> tuple[EventLog, str]:
         from gateway.feed.eventlog import KafkaEventLog

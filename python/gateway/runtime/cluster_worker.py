@@ -45,6 +45,7 @@ from gateway.domain.metrics import Registry
 from gateway.domain.records import payment_id_of
 from gateway.feed.relay import ensure_topic
 from gateway.processing.worker import Worker, WorkerSettings
+from gateway.runtime.base import stop_each
 from gateway.runtime.watchdog import LoopWatchdog
 from gateway.shared.redis_state import forget_recent
 from gateway.store.postgres import Listener, PostgresStore
@@ -291,10 +292,7 @@ class KafkaWorker:
             closer = threading.Thread(target=self.consumer.close, name="consumer-close", daemon=True)
             closer.start()
             closer.join(CONSUMER_CLOSE_TIMEOUT_S)
-            if self.listener is not None:
-                self.listener.stop()
-            if self.processor is not None:
-                self.processor.stop()
+            stop_each(self.listener, self.processor)
             if self.processing_store is not None:
                 self.processing_store.close()
             self.redis.close()

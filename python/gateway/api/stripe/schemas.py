@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from gateway.api.schemas import EventFields, ListPage, WebhookEndpointFields
 from gateway.domain.payment import AMOUNT_MINOR_MAX
 
 Amount = Annotated[int, Meta(ge=1, le=AMOUNT_MINOR_MAX)]
@@ -174,41 +175,21 @@ class Refund(msgspec.Struct, kw_only=True):
     status: str
 
 
-class StripeWebhookEndpoint(msgspec.Struct, kw_only=True):
-    id: str
-    object: Literal["webhook_endpoint"]
-    url: str
-    enabled_events: list[str] = []
-    description: str | None = None
-    status: str | None = None
-    created: int | None = None
+class StripeWebhookEndpoint(WebhookEndpointFields, kw_only=True):
     secret: str | None = None
 
 
-class StripeEvent(msgspec.Struct, kw_only=True):
-    id: str
-    object: Literal["event"]
-    type: str
-    created: int | None = None
-    data: dict[str, Any] = {}
+class StripeEvent(EventFields, kw_only=True):
+    pass
 
 
-class PaymentIntentList(msgspec.Struct, kw_only=True):
-    object: Literal["list"]
-    url: str
-    has_more: bool
+class PaymentIntentList(ListPage, kw_only=True):
     data: list[PaymentIntent]
 
 
-class ChargeList(msgspec.Struct, kw_only=True):
-    object: Literal["list"]
-    url: str
-    has_more: bool
+class ChargeList(ListPage, kw_only=True):
     data: list[Charge]
 
 
-class RefundList(msgspec.Struct, kw_only=True):
-    object: Literal["list"]
-    url: str
-    has_more: bool
+class RefundList(ListPage, kw_only=True):
     data: list[Refund]
