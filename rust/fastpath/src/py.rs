@@ -364,14 +364,7 @@ impl RiskEngine {
         source: Option<&str>,
         version: u64,
     ) -> PyResult<()> {
-        let rs = match source {
-            Some(src) => Some(
-                self.inner
-                    .compile_rules(src, version)
-                    .map_err(|e| rules_err(py, e))?,
-            ),
-            None => None,
-        };
+        let rs = self.compile_optional(py, source, version)?;
         self.inner
             .set_merchant_rules(merchant_id, rs)
             .map_err(PyValueError::new_err)
@@ -380,14 +373,7 @@ impl RiskEngine {
     /// Installs (or with None removes) the shadow ruleset, evaluated beside the live one without acting.
     #[pyo3(signature = (source, version))]
     fn set_shadow_rules(&self, py: Python<'_>, source: Option<&str>, version: u64) -> PyResult<()> {
-        let rs = match source {
-            Some(src) => Some(
-                self.inner
-                    .compile_rules(src, version)
-                    .map_err(|e| rules_err(py, e))?,
-            ),
-            None => None,
-        };
+        let rs = self.compile_optional(py, source, version)?;
         self.inner.set_shadow_rules(rs);
         Ok(())
     }
@@ -487,6 +473,24 @@ fn count_changed(
         }
     }
     Ok(changed)
+}
+
+impl RiskEngine {
+    /// A ruleset compiled against this engine's lists, or None for None (the ruleset is removed).
+    fn compile_optional(
+        &self,
+        py: Python<'_>,
+        source: Option<&str>,
+        version: u64,
+    ) -> PyResult<Option<risk::Ruleset>> {
+        source
+            .map(|src| {
+                self.inner
+                    .compile_rules(src, version)
+                    .map_err(|e| rules_err(py, e))
+            })
+            .transpose()
+    }
 }
 
 #[pyclass(module = "gateway._fastpath", frozen)]

@@ -244,24 +244,7 @@ impl WalWriter {
 
     /// Blocks until `lsn` is written (not necessarily fsynced) or the timeout passes.
     pub fn wait_written(&self, lsn: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.state.lock();
-        loop {
-            if self.written_lsn() >= lsn {
-                return true;
-            }
-            if st.error.is_some() || st.done {
-                return false;
-            }
-            if self
-                .shared
-                .committed_cv
-                .wait_until(&mut st, deadline)
-                .timed_out()
-            {
-                return self.written_lsn() >= lsn;
-            }
-        }
+        self.wait_for(&self.shared.written, lsn, timeout)
     }
 
     pub fn committed_handle(&self) -> CommittedLsn {
@@ -274,10 +257,16 @@ impl WalWriter {
 
     /// Blocks until `lsn` is durable or the timeout passes; false on timeout or WAL failure.
     pub fn wait_committed(&self, lsn: u64, timeout: Duration) -> bool {
+        self.wait_for(&self.shared.committed, lsn, timeout)
+    }
+
+    /// Blocks until `mark` (the written or the committed LSN, both signalled on `committed_cv`)
+    /// reaches `lsn`, the WAL fails or stops, or the timeout passes.
+    fn wait_for(&self, mark: &AtomicU64, lsn: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.state.lock();
         loop {
-            if self.committed_lsn() >= lsn {
+            if mark.load(Ordering::Acquire) >= lsn {
                 return true;
             }
             if st.error.is_some() || st.done {
@@ -289,7 +278,7 @@ impl WalWriter {
                 .wait_until(&mut st, deadline)
                 .timed_out()
             {
-                return self.committed_lsn() >= lsn;
+                return mark.load(Ordering::Acquire) >= lsn;
             }
         }
     }

@@ -141,7 +141,8 @@ impl<'a> Parser<'a> {
         })
     }
 
-    fn expr(&mut self) -> Result<Expr, RuleError> {
+    /// One level deeper into the expression; refused past `EXPR_DEPTH_MAX` (the caller undoes it).
+    fn nest(&mut self) -> Result<(), RuleError> {
         self.depth += 1;
         if self.depth > EXPR_DEPTH_MAX {
             return Err(self.err(
@@ -150,6 +151,11 @@ impl<'a> Parser<'a> {
                 format!("expression nested deeper than {EXPR_DEPTH_MAX}"),
             ));
         }
+        Ok(())
+    }
+
+    fn expr(&mut self) -> Result<Expr, RuleError> {
+        self.nest()?;
         let mut terms = vec![self.and()?];
         while self.peek_word("or") {
             self.pos += 1;
@@ -179,14 +185,7 @@ impl<'a> Parser<'a> {
     fn unary(&mut self) -> Result<Expr, RuleError> {
         if self.peek_word("not") {
             self.pos += 1;
-            self.depth += 1;
-            if self.depth > EXPR_DEPTH_MAX {
-                return Err(self.err(
-                    self.column(),
-                    RuleErrorKind::Limit,
-                    format!("expression nested deeper than {EXPR_DEPTH_MAX}"),
-                ));
-            }
+            self.nest()?;
             let inner = self.unary()?;
             self.depth -= 1;
             return Ok(Expr::Not(Box::new(inner)));
