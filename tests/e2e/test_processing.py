@@ -135,24 +135,27 @@ def test_void_cancels_and_releases_the_hold(gw: Gateway) -> None:
     assert_ledger_ok(gw)
 
 
+def failed_payment(g: Gateway, token: str, failure_code: str) -> tuple[str, list[tuple[str, str, str, str, str | None]]]:
+    """Creates a payment with `token` and checks that it failed with `failure_code`, straight from
+    processing; its id and its PSP attempts."""
+    pid = create(g, token)
+    p = get(g, pid)
+    assert (p["status"], p["failure_code"]) == ("failed", failure_code)
+    assert story(g, pid) == ["processing", "failed"]
+    return pid, attempts(g, pid)
+
+
 def test_hard_decline_fails_without_retry(gw: Gateway) -> None:
-    pid = create(gw, "tok_decline_stolen")
-    p = get(gw, pid)
-    assert (p["status"], p["failure_code"]) == ("failed", "stolen_card")
-    assert [(a[0], a[3]) for a in attempts(gw, pid)] == [("authorize", "hard_decline")]
-    assert story(gw, pid) == ["processing", "failed"]
+    _, rows = failed_payment(gw, "tok_decline_stolen", "stolen_card")
+    assert [(a[0], a[3]) for a in rows] == [("authorize", "hard_decline")]
     assert_ledger_ok(gw)
 
 
 def test_soft_decline_is_retried_once_on_the_same_psp(gw: Gateway) -> None:
-    pid = create(gw, "tok_decline_insufficient_funds")
-    p = get(gw, pid)
-    assert (p["status"], p["failure_code"]) == ("failed", "insufficient_funds")
-    rows = attempts(gw, pid)
+    pid, rows = failed_payment(gw, "tok_decline_insufficient_funds", "insufficient_funds")
     assert [a[3] for a in rows] == ["soft_decline", "soft_decline"]
     assert rows[0][1] == rows[1][1], "a soft decline is retried on the same PSP"
     assert [a[2] for a in rows] == [f"{pid}:auth:1", f"{pid}:auth:2"]
-    assert story(gw, pid) == ["processing", "failed"]
 
 
 def test_the_worker_takes_psp_and_retry_settings_from_the_config_file(tmp_path: Path) -> None:
@@ -192,12 +195,8 @@ def test_psp_outage_fails_over_to_another_psp(gw: Gateway) -> None:
 
 
 def test_psp_errors_everywhere_fail_the_payment_after_bounded_attempts(gw: Gateway) -> None:
-    pid = create(gw, "tok_psp_error")
-    p = get(gw, pid)
-    assert (p["status"], p["failure_code"]) == ("failed", "processor_unavailable")
-    auths = attempts(gw, pid)
+    _, auths = failed_payment(gw, "tok_psp_error", "processor_unavailable")
     assert 2 <= len(auths) <= 4 and {a[1] for a in auths} == {"psp_a", "psp_b"}
-    assert story(gw, pid) == ["processing", "failed"]
 
 
 def test_invalid_transitions_are_422_with_stable_codes(gw: Gateway) -> None:
