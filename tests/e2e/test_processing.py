@@ -89,6 +89,23 @@ def code(r: httpx.Response) -> str:
     return str(r.json()["error"]["code"])
 
 
+def authorized_payment(g: Gateway, token: str = "tok_visa") -> str:
+    """Creates a payment with `token` (no capture) and checks that it is authorized; its id."""
+    pid = create(g, token)
+    assert get(g, pid)["status"] == "authorized"
+    return pid
+
+
+def failed_payment(g: Gateway, token: str, failure_code: str) -> tuple[str, list[tuple[str, str, str, str, str | None]]]:
+    """Creates a payment with `token` and checks that it failed with `failure_code`, straight from
+    processing; its id and its PSP attempts."""
+    pid = create(g, token)
+    p = get(g, pid)
+    assert (p["status"], p["failure_code"]) == ("failed", failure_code)
+    assert story(g, pid) == ["processing", "failed"]
+    return pid, attempts(g, pid)
+
+
 # -- scenarios -------------------------------------------------------------------------------------
 
 
@@ -124,8 +141,7 @@ def test_auto_capture_captures_the_full_amount(gw: Gateway) -> None:
 
 
 def test_void_cancels_and_releases_the_hold(gw: Gateway) -> None:
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     r = op(gw, pid, "void")
     assert r.status_code == 200, r.text
     assert (r.json()["status"], r.json()["amount_capturable"]) == ("canceled", 0)
@@ -133,16 +149,6 @@ def test_void_cancels_and_releases_the_hold(gw: Gateway) -> None:
     assert code(op(gw, pid, "refunds", {"amount": 1})) == "payment_already_canceled"
     assert story(gw, pid) == ["processing", "authorized", "canceled"]
     assert_ledger_ok(gw)
-
-
-def failed_payment(g: Gateway, token: str, failure_code: str) -> tuple[str, list[tuple[str, str, str, str, str | None]]]:
-    """Creates a payment with `token` and checks that it failed with `failure_code`, straight from
-    processing; its id and its PSP attempts."""
-    pid = create(g, token)
-    p = get(g, pid)
-    assert (p["status"], p["failure_code"]) == ("failed", failure_code)
-    assert story(g, pid) == ["processing", "failed"]
-    return pid, attempts(g, pid)
 
 
 def test_hard_decline_fails_without_retry(gw: Gateway) -> None:
@@ -204,8 +210,7 @@ def test_invalid_transitions_are_422_with_stable_codes(gw: Gateway) -> None:
     assert get(gw, declined)["status"] == "failed"
     assert code(op(gw, declined, "capture")) == "payment_not_capturable"
     assert code(op(gw, declined, "void")) == "payment_not_voidable"
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     r = op(gw, pid, "capture", {"amount": 1001})
     assert (r.status_code, code(r), r.json()["error"]["param"]) == (422, "amount_exceeds_capturable", "amount")
     assert code(op(gw, pid, "refunds", {"amount": 10})) == "payment_not_refundable"
@@ -219,8 +224,7 @@ def test_invalid_transitions_are_422_with_stable_codes(gw: Gateway) -> None:
 
 
 def test_idempotent_capture_and_refund_replay_the_stored_response(gw: Gateway) -> None:
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     key = str(uuid.uuid4())
     first = op(gw, pid, "capture", {"amount": 700}, key=key)
     assert first.status_code == 200 and "idempotent-replayed" not in first.headers
@@ -241,8 +245,7 @@ def test_idempotent_capture_and_refund_replay_the_stored_response(gw: Gateway) -
 
 
 def test_an_operation_refused_as_invalid_is_replayed_too(gw: Gateway) -> None:
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     key = str(uuid.uuid4())
     first = op(gw, pid, "refunds", {"amount": 5}, key=key)
     assert (first.status_code, code(first)) == (422, "payment_not_refundable")
@@ -250,8 +253,7 @@ def test_an_operation_refused_as_invalid_is_replayed_too(gw: Gateway) -> None:
 
 
 def test_without_prefer_wait_an_operation_is_accepted_with_202(gw: Gateway) -> None:
-    pid = create(gw, "tok_timeout_capture")
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw, "tok_timeout_capture")
     r = op(gw, pid, "capture", wait=False)
     assert r.status_code == 202
     assert r.json()["pending_operation"]["type"] == "capture"
