@@ -9,9 +9,11 @@ import http.server
 import json
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 import stripe
 from support import DEMO_KEY, unique_token
 
@@ -56,6 +58,22 @@ class Receiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()  # the listening socket too, or it is left to the garbage collector
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    """One receiver for the tests of the module that imports this fixture."""
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+def push_rules(url: str, admin_key: str) -> int:
+    """Pushes RULES through the admin API of the gateway at `url`; the version of the ruleset."""
+    r = httpx.post(f"{url}/v1/admin/rules", headers={"Authorization": f"Bearer {admin_key}"}, timeout=30,
+                   json={"source": RULES, "author": "tests"})
+    assert r.status_code == 201, r.text
+    return r.json()["version"]
 
 
 def close_sdk_connections() -> None:

@@ -16,13 +16,11 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import httpx
 import pytest
@@ -31,6 +29,7 @@ from support import REPO, Gateway, auth
 
 from .conftest import ServiceUrls
 from .test_cluster_processing import ProcessingCluster
+from .traffic import BackgroundTraffic
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -72,25 +71,21 @@ class Outcome:
         return sum(n for s, n in self.statuses.items() if s >= 500) + self.transport_errors
 
 
-class PacedBurst:
+class PacedBurst(BackgroundTraffic):
     """Creates with distinct keys at about RATE_PER_S until stopped; transport errors are counted."""
 
     def __init__(self, url: str, rate_per_s: float = RATE_PER_S, lanes: int = LANES) -> None:
-        self.url = url
+        super().__init__(url, BODY, lanes)
         self.rate_per_s = rate_per_s
-        self.lanes = lanes
         self.outcome = Outcome()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _lane(self, client: httpx.AsyncClient) -> None:
         period_s = self.lanes / self.rate_per_s
         next_at = time.monotonic()
         while not self._stop.is_set():
             key = uuid.uuid4().hex
-            try:
-                r = await client.post(f"{self.url}/v1/payments", json=BODY, headers={**auth(), "Idempotency-Key": key})
-            except httpx.HTTPError:
+            r = await self._create(client, key)
+            if r is None:
                 self.outcome.transport_errors += 1
             else:
                 o = self.outcome
@@ -102,25 +97,8 @@ class PacedBurst:
             next_at += period_s
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
-    async def _main(self) -> None:
-        limits = httpx.Limits(max_connections=self.lanes, max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=15, limits=limits) as client:
-            await asyncio.gather(*[self._lane(client) for _ in range(self.lanes)])
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def wait_acked(self, n: int, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        start = len(self.outcome.acked)
-        while len(self.outcome.acked) < start + n:
-            assert time.monotonic() < deadline, f"fewer than {n} new 2xx in {timeout_s}s: {self.outcome.statuses}"
-            time.sleep(0.05)
+    def progress(self) -> object:
+        return self.outcome.statuses
 
 
 class FaultCluster(ProcessingCluster):

@@ -13,13 +13,11 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import httpx
 import psycopg
@@ -29,6 +27,7 @@ from confluent_kafka.admin import AdminClient
 from support import GATEWAY, REPO, Gateway, auth, same_payment, stop_process
 
 from .conftest import ServiceUrls, cluster_config
+from .traffic import BackgroundTraffic
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -165,23 +164,20 @@ def cluster_factory(services: ServiceUrls, tmp_path: Path) -> Iterator[object]:
         c.cleanup()
 
 
-class Burst:
+class Burst(BackgroundTraffic):
     """Open-ended traffic in a background thread: distinct keys (each sent `copies` times at once)
     until stopped; transport errors (a killed process) are counted, never retried."""
 
+    ack_timeout_s = 30
+
     def __init__(self, url: str, concurrency: int = 8, copies: int = 1) -> None:
-        self.url = url
-        self.concurrency = concurrency
+        super().__init__(url, BODY, concurrency, connections_per_lane=copies)
         self.copies = copies
         self.outcome = Outcome()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _one(self, client: httpx.AsyncClient, key: str) -> None:
-        try:
-            r = await client.post(f"{self.url}/v1/payments", json=BODY,
-                                  headers={**auth(), "Idempotency-Key": key})
-        except httpx.HTTPError:
+        r = await self._create(client, key)
+        if r is None:
             self.outcome.errors += 1
             return
         self.outcome.record(key, r)
@@ -190,26 +186,6 @@ class Burst:
         while not self._stop.is_set():
             key = uuid.uuid4().hex
             await asyncio.gather(*[self._one(client, key) for _ in range(self.copies)])
-
-    async def _main(self) -> None:
-        limits = httpx.Limits(max_connections=self.concurrency * self.copies, max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=15, limits=limits) as client:
-            await asyncio.gather(*[self._lane(client) for _ in range(self.concurrency)])
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def wait_acked(self, n: int, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        start = len(self.outcome.acked)
-        while len(self.outcome.acked) < start + n:
-            assert time.monotonic() < deadline, f"fewer than {n} new 2xx in {timeout_s}s: {self.outcome}"
-            time.sleep(0.05)
 
 
 def post(url: str, key: str, body: dict | None = None) -> httpx.Response:

@@ -28,6 +28,30 @@ def admin(cl: Cluster, method: str, path: str, body: Any = None) -> httpx.Respon
     return httpx.request(method, f"{cl.gateway.url}{path}", json=body, headers=ADMIN, timeout=30)
 
 
+def started_with_admin_key(make_cluster: Callable[[], Cluster], monkeypatch: pytest.MonkeyPatch) -> Cluster:
+    """A cluster of the default kind, started, whose admin API takes ADMIN_KEY."""
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    cl = make_cluster()
+    cl.start_gateway()
+    return cl
+
+
+def new_card_list(cl: Cluster, name: str, values: list[str] | None = None) -> None:
+    """Creates the card list `name` through the admin API and adds `values` to it."""
+    r = admin(cl, "POST", "/v1/admin/lists", {"name": name, "kind": "card"})
+    assert r.status_code == 201, r.text
+    if values:
+        r = admin(cl, "POST", f"/v1/admin/lists/{name}/add", {"values": values})
+        assert r.status_code == 200 and r.json()["added"] == len(values), r.text
+
+
+def push_rules(cl: Cluster, source: str) -> int:
+    """Pushes the ruleset `source` through the admin API; its version."""
+    r = admin(cl, "POST", "/v1/admin/rules", {"source": source, "author": "tests"})
+    assert r.status_code == 201, r.text
+    return r.json()["version"]
+
+
 def metric_by_slot(cl: Cluster, metric: str, until: Callable[[dict[str, int]], bool], want: str,
                    timeout_s: float = 20) -> dict[str, int]:
     """Polls /metrics on new connections (the kernel spreads them over both processes) until
@@ -67,32 +91,22 @@ def decline_codes(responses: list[httpx.Response]) -> list[str | int]:
 
 
 def test_list_add_rule_push_and_rollback_through_one_port_reach_both_processes(cluster_factory, monkeypatch) -> None:  # noqa: F811
-    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
-    cl = cluster_factory()
-    cl.start_gateway()
+    cl = started_with_admin_key(cluster_factory, monkeypatch)
     tables = {r[0] for r in cl.query(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", cl.schema)}
     assert {"risk_rulesets", "risk_lists", "risk_list_entries", "risk_audit"} <= tables
 
     stolen = unique_token("tok_s")
     clean = unique_token("tok_c")
-    r = admin(cl, "POST", "/v1/admin/lists", {"name": "stolen_cards", "kind": "card"})
-    assert r.status_code == 201, r.text
-    r = admin(cl, "POST", "/v1/admin/lists/stolen_cards/add", {"values": [stolen]})
-    assert r.status_code == 200 and r.json()["added"] == 1, r.text
-    r = admin(cl, "POST", "/v1/admin/rules", {"source": "stolen: block if :card: in @stolen_cards\n",
-                                              "author": "tests"})
-    assert r.status_code == 201, r.text
-    v_block = r.json()["version"]
+    new_card_list(cl, "stolen_cards", [stolen])
+    v_block = push_rules(cl, "stolen: block if :card: in @stolen_cards\n")
 
     rules_version_by_slot(cl, v_block)
     assert decline_codes(pay_fresh(cl, stolen)) == ["blocklisted"] * PAYMENTS
     assert {r.status_code for r in pay_fresh(cl, clean, 10)} == {201}
 
     # A ruleset that blocks nothing, then a rollback to the blocking one: both processes follow.
-    r = admin(cl, "POST", "/v1/admin/rules", {"source": "huge: block if :amount: > 99999999\n", "author": "tests"})
-    assert r.status_code == 201, r.text
-    rules_version_by_slot(cl, r.json()["version"])
+    rules_version_by_slot(cl, push_rules(cl, "huge: block if :amount: > 99999999\n"))
     assert {r.status_code for r in pay_fresh(cl, stolen, 20)} == {201}
 
     r = admin(cl, "POST", "/v1/admin/rules/rollback", {"version": v_block, "author": "tests"})
@@ -120,20 +134,16 @@ def test_list_add_rule_push_and_rollback_through_one_port_reach_both_processes(c
 
 
 def test_a_restarted_process_restores_the_control_plane_from_postgres(cluster_factory, monkeypatch) -> None:  # noqa: F811
-    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
-    cl = cluster_factory()
-    cl.start_gateway()
+    cl = started_with_admin_key(cluster_factory, monkeypatch)
     stolen = unique_token("tok_s")
-    assert admin(cl, "POST", "/v1/admin/lists", {"name": "bad", "kind": "card"}).status_code == 201
-    assert admin(cl, "POST", "/v1/admin/lists/bad/add", {"values": [stolen]}).status_code == 200
-    r = admin(cl, "POST", "/v1/admin/rules", {"source": "bad: block if :card: in @bad\n", "author": "tests"})
-    assert r.status_code == 201, r.text
+    new_card_list(cl, "bad", [stolen])
+    version = push_rules(cl, "bad: block if :card: in @bad\n")
     cl.gateway.stop()
     cl.start_gateway()
-    rules_version_by_slot(cl, r.json()["version"])
+    rules_version_by_slot(cl, version)
     assert decline_codes(pay_fresh(cl, stolen, 20)) == ["blocklisted"] * 20
     got = admin(cl, "GET", "/v1/admin/rules/history").json()["data"]
-    assert [v["version"] for v in got] == [r.json()["version"]] and got[0]["active"]
+    assert [v["version"] for v in got] == [version] and got[0]["active"]
     report = admin(cl, "POST", "/v1/admin/rules/backtest", {"source": "x: block if :amount: > 1\n"})
     assert report.status_code == 200 and report.json()["source"] == "kafka", report.text
 
@@ -168,11 +178,8 @@ def test_backtest_in_cluster_mode_replays_every_process_from_kafka_like_the_live
     cl.gateway.config_path.write_text(cl.config_text + "\n[risk]\nbacktest_records_max = 50\n")
     cl.start_gateway()
     watched = unique_token("tok_w")
-    assert admin(cl, "POST", "/v1/admin/lists", {"name": "watch", "kind": "card"}).status_code == 201
-    assert admin(cl, "POST", "/v1/admin/lists/watch/add", {"values": [watched]}).status_code == 200
-    r = admin(cl, "POST", "/v1/admin/rules", {"source": "huge: block if :amount: > 99999999\n", "author": "tests"})
-    assert r.status_code == 201, r.text
-    rules_version_by_slot(cl, r.json()["version"])
+    new_card_list(cl, "watch", [watched])
+    rules_version_by_slot(cl, push_rules(cl, "huge: block if :amount: > 99999999\n"))
 
     first = pay_mix(cl, watched, 30)
     assert live_actions(first) == {"allow": 30}
@@ -194,9 +201,7 @@ def test_backtest_in_cluster_mode_replays_every_process_from_kafka_like_the_live
     assert got["live"]["allow"] == 45
 
     # What the live engine decides for the same traffic once the candidate is live.
-    r = admin(cl, "POST", "/v1/admin/rules", {"source": candidate, "author": "tests"})
-    assert r.status_code == 201, r.text
-    rules_version_by_slot(cl, r.json()["version"])
+    rules_version_by_slot(cl, push_rules(cl, candidate))
     live = live_actions(pay_mix(cl, watched, 30))
     live_second = live_actions(pay_mix(cl, watched, 15))
     for action in set(live) | set(live_second):
@@ -233,14 +238,10 @@ def test_list_changes_whose_message_was_never_published_reach_both_processes_by_
     from gateway.risk import control as ctl
     from gateway.store.postgres import PostgresStore
 
-    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ADMIN_KEY)
-    cl = cluster_factory()
-    cl.start_gateway()
+    cl = started_with_admin_key(cluster_factory, monkeypatch)
     token = unique_token("tok_q")
-    assert admin(cl, "POST", "/v1/admin/lists", {"name": "quiet", "kind": "card"}).status_code == 201
-    r = admin(cl, "POST", "/v1/admin/rules", {"source": "q: block if :card: in @quiet\n", "author": "tests"})
-    assert r.status_code == 201, r.text
-    rules_version_by_slot(cl, r.json()["version"])
+    new_card_list(cl, "quiet")
+    rules_version_by_slot(cl, push_rules(cl, "q: block if :card: in @quiet\n"))
     assert {r.status_code for r in pay_fresh(cl, token, 10)} == {201}
 
     # A process whose publish was lost: it commits the change to PostgreSQL and tells nobody.

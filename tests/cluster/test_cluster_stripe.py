@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import stripe_sdk_cases as cases
 from e2e.test_stripe_sdk_node import run_node_sdk
-from stripe_sdk_cases import Receiver
+from stripe_sdk_cases import Receiver, receiver  # noqa: F401 - the fixture, shared
 
 from .conftest import ServiceUrls
 from .test_cluster_processing import ProcessingCluster
@@ -27,20 +26,10 @@ def cl(services: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Itera
     c.gateway.extra_env = {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS": "1"}
     c.worker_env.update({"GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS": "1", "GATEWAY_WEBHOOK_POLL_MS": "20"})
     for c_ in c.serving():
-        r = httpx.post(f"{c_.gateway.url}/v1/admin/rules", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                       json={"source": cases.RULES, "author": "tests"}, timeout=30)
-        assert r.status_code == 201, r.text
-        rules_version_by_slot(c_, r.json()["version"])  # type: ignore[arg-type]
+        rules_version_by_slot(c_, cases.push_rules(c_.gateway.url, ADMIN_KEY))  # type: ignore[arg-type]
         cases.configure(c_.gateway.url)
         yield c_
         cases.close_sdk_connections()
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.stop()
 
 
 def test_confirm_capture_cancel_and_refunds(cl: ProcessingCluster) -> None:
@@ -61,7 +50,7 @@ def test_idempotency_and_pagination(cl: ProcessingCluster) -> None:
     cases.list_with_auto_pagination()
 
 
-def test_webhooks_and_three_d_secure(cl: ProcessingCluster, receiver: Receiver) -> None:
+def test_webhooks_and_three_d_secure(cl: ProcessingCluster, receiver: Receiver) -> None:  # noqa: F811
     cases.webhooks_signed_and_verified_by_the_sdk(receiver)
     cases.three_d_secure_completion(cl.gateway.url)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from e2e.test_webhooks import Receiver, assert_signed, delivered_types
+from e2e.test_webhooks import Receiver, assert_signed, delivered_types, receiver  # noqa: F401 - the fixture, shared
 from support import auth
 
 from .conftest import ServiceUrls
@@ -34,13 +34,6 @@ WEBHOOK_ENV = {
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
 def cl(services: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessingCluster]:
     c = ProcessingCluster(services, tmp_path_factory.mktemp("cwebhooks"), psp_time_scale=0.01)
     c.gateway.extra_env = {"GATEWAY_WEBHOOK_ALLOW_PRIVATE_URLS": "1"}
@@ -49,14 +42,14 @@ def cl(services: ServiceUrls, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture(scope="module")
-def secret(cl: ProcessingCluster, receiver: Receiver) -> str:
+def secret(cl: ProcessingCluster, receiver: Receiver) -> str:  # noqa: F811
     r = httpx.post(f"{cl.gateway.url}/v1/webhook_endpoints", headers=auth(), json={"url": receiver.url}, timeout=10)
     assert r.status_code == 201, r.text
     return str(r.json()["secret"])
 
 
 def test_every_event_is_sent_once_in_order_by_one_of_the_workers(
-    cl: ProcessingCluster, receiver: Receiver, secret: str
+    cl: ProcessingCluster, receiver: Receiver, secret: str  # noqa: F811
 ) -> None:
     ids = [cl.create(capture=True) for _ in range(30)]
     for pid in ids:
@@ -73,7 +66,7 @@ def test_every_event_is_sent_once_in_order_by_one_of_the_workers(
 
 
 def test_a_failing_receiver_is_retried_with_the_same_event_across_workers(
-    cl: ProcessingCluster, receiver: Receiver, secret: str
+    cl: ProcessingCluster, receiver: Receiver, secret: str  # noqa: F811
 ) -> None:
     receiver.fail_first["payment.authorized"] = 3
     try:
@@ -89,7 +82,7 @@ def test_a_failing_receiver_is_retried_with_the_same_event_across_workers(
 
 
 def test_events_pending_when_a_worker_is_sigkilled_are_delivered_by_the_other(
-    cl: ProcessingCluster, receiver: Receiver, secret: str
+    cl: ProcessingCluster, receiver: Receiver, secret: str  # noqa: F811
 ) -> None:
     receiver.status_all = 503
     try:

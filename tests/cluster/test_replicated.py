@@ -13,13 +13,11 @@ import asyncio
 import os
 import re
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import httpx
 import pytest
@@ -27,6 +25,7 @@ from support import Gateway, auth
 
 from .conftest import Brokers3, ServiceUrls, cluster_config
 from .test_cluster_processing import FINAL, ProcessingCluster
+from .traffic import BackgroundTraffic
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -50,47 +49,23 @@ class Outcome:
             assert self.acked.setdefault(key, pid) == pid, f"key {key} answered with two payments"
 
 
-class Burst:
+class Burst(BackgroundTraffic):
     """Distinct keys from `concurrency` lanes in a background thread until stopped; transport errors
     (a killed gateway) are counted, never retried."""
 
     def __init__(self, url: str, concurrency: int = 8) -> None:
-        self.url = url
-        self.concurrency = concurrency
+        super().__init__(url, BODY, concurrency)
         self.outcome = Outcome()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _lane(self, client: httpx.AsyncClient) -> None:
         while not self._stop.is_set():
             key = uuid.uuid4().hex
-            try:
-                r = await client.post(f"{self.url}/v1/payments", json=BODY, headers={**auth(), "Idempotency-Key": key})
-            except httpx.HTTPError:
+            r = await self._create(client, key)
+            if r is None:
                 self.outcome.errors += 1
                 await asyncio.sleep(0.05)
                 continue
             self.outcome.record(key, r)
-
-    async def _main(self) -> None:
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=15, limits=limits) as client:
-            await asyncio.gather(*[self._lane(client) for _ in range(self.concurrency)])
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-    def wait_acked(self, n: int, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        start = len(self.outcome.acked)
-        while len(self.outcome.acked) < start + n:
-            assert time.monotonic() < deadline, f"fewer than {n} new 2xx in {timeout_s}s: {self.outcome}"
-            time.sleep(0.05)
 
 
 class ReplicatedCluster(ProcessingCluster):

@@ -89,6 +89,23 @@ def code(r: httpx.Response) -> str:
     return str(r.json()["error"]["code"])
 
 
+def authorized_payment(g: Gateway, token: str = "tok_visa") -> str:
+    """Creates a payment with `token` (no capture) and checks that it is authorized; its id."""
+    pid = create(g, token)
+    assert get(g, pid)["status"] == "authorized"
+    return pid
+
+
+def failed_payment(g: Gateway, token: str, failure_code: str) -> tuple[str, list[tuple[str, str, str, str, str | None]]]:
+    """Creates a payment with `token` and checks that it failed with `failure_code`, straight from
+    processing; its id and its PSP attempts."""
+    pid = create(g, token)
+    p = get(g, pid)
+    assert (p["status"], p["failure_code"]) == ("failed", failure_code)
+    assert story(g, pid) == ["processing", "failed"]
+    return pid, attempts(g, pid)
+
+
 # -- scenarios -------------------------------------------------------------------------------------
 
 
@@ -124,8 +141,7 @@ def test_auto_capture_captures_the_full_amount(gw: Gateway) -> None:
 
 
 def test_void_cancels_and_releases_the_hold(gw: Gateway) -> None:
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     r = op(gw, pid, "void")
     assert r.status_code == 200, r.text
     assert (r.json()["status"], r.json()["amount_capturable"]) == ("canceled", 0)
@@ -136,23 +152,16 @@ def test_void_cancels_and_releases_the_hold(gw: Gateway) -> None:
 
 
 def test_hard_decline_fails_without_retry(gw: Gateway) -> None:
-    pid = create(gw, "tok_decline_stolen")
-    p = get(gw, pid)
-    assert (p["status"], p["failure_code"]) == ("failed", "stolen_card")
-    assert [(a[0], a[3]) for a in attempts(gw, pid)] == [("authorize", "hard_decline")]
-    assert story(gw, pid) == ["processing", "failed"]
+    _, rows = failed_payment(gw, "tok_decline_stolen", "stolen_card")
+    assert [(a[0], a[3]) for a in rows] == [("authorize", "hard_decline")]
     assert_ledger_ok(gw)
 
 
 def test_soft_decline_is_retried_once_on_the_same_psp(gw: Gateway) -> None:
-    pid = create(gw, "tok_decline_insufficient_funds")
-    p = get(gw, pid)
-    assert (p["status"], p["failure_code"]) == ("failed", "insufficient_funds")
-    rows = attempts(gw, pid)
+    pid, rows = failed_payment(gw, "tok_decline_insufficient_funds", "insufficient_funds")
     assert [a[3] for a in rows] == ["soft_decline", "soft_decline"]
     assert rows[0][1] == rows[1][1], "a soft decline is retried on the same PSP"
     assert [a[2] for a in rows] == [f"{pid}:auth:1", f"{pid}:auth:2"]
-    assert story(gw, pid) == ["processing", "failed"]
 
 
 def test_the_worker_takes_psp_and_retry_settings_from_the_config_file(tmp_path: Path) -> None:
@@ -192,12 +201,8 @@ def test_psp_outage_fails_over_to_another_psp(gw: Gateway) -> None:
 
 
 def test_psp_errors_everywhere_fail_the_payment_after_bounded_attempts(gw: Gateway) -> None:
-    pid = create(gw, "tok_psp_error")
-    p = get(gw, pid)
-    assert (p["status"], p["failure_code"]) == ("failed", "processor_unavailable")
-    auths = attempts(gw, pid)
+    _, auths = failed_payment(gw, "tok_psp_error", "processor_unavailable")
     assert 2 <= len(auths) <= 4 and {a[1] for a in auths} == {"psp_a", "psp_b"}
-    assert story(gw, pid) == ["processing", "failed"]
 
 
 def test_invalid_transitions_are_422_with_stable_codes(gw: Gateway) -> None:
@@ -205,8 +210,7 @@ def test_invalid_transitions_are_422_with_stable_codes(gw: Gateway) -> None:
     assert get(gw, declined)["status"] == "failed"
     assert code(op(gw, declined, "capture")) == "payment_not_capturable"
     assert code(op(gw, declined, "void")) == "payment_not_voidable"
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     r = op(gw, pid, "capture", {"amount": 1001})
     assert (r.status_code, code(r), r.json()["error"]["param"]) == (422, "amount_exceeds_capturable", "amount")
     assert code(op(gw, pid, "refunds", {"amount": 10})) == "payment_not_refundable"
@@ -220,8 +224,7 @@ def test_invalid_transitions_are_422_with_stable_codes(gw: Gateway) -> None:
 
 
 def test_idempotent_capture_and_refund_replay_the_stored_response(gw: Gateway) -> None:
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     key = str(uuid.uuid4())
     first = op(gw, pid, "capture", {"amount": 700}, key=key)
     assert first.status_code == 200 and "idempotent-replayed" not in first.headers
@@ -242,8 +245,7 @@ def test_idempotent_capture_and_refund_replay_the_stored_response(gw: Gateway) -
 
 
 def test_an_operation_refused_as_invalid_is_replayed_too(gw: Gateway) -> None:
-    pid = create(gw)
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw)
     key = str(uuid.uuid4())
     first = op(gw, pid, "refunds", {"amount": 5}, key=key)
     assert (first.status_code, code(first)) == (422, "payment_not_refundable")
@@ -251,8 +253,7 @@ def test_an_operation_refused_as_invalid_is_replayed_too(gw: Gateway) -> None:
 
 
 def test_without_prefer_wait_an_operation_is_accepted_with_202(gw: Gateway) -> None:
-    pid = create(gw, "tok_timeout_capture")
-    assert get(gw, pid)["status"] == "authorized"
+    pid = authorized_payment(gw, "tok_timeout_capture")
     r = op(gw, pid, "capture", wait=False)
     assert r.status_code == 202
     assert r.json()["pending_operation"]["type"] == "capture"

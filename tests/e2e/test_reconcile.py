@@ -107,9 +107,11 @@ def files(env: tuple[Gateway, str, Path]) -> dict[str, Path]:
     return out
 
 
-def busiest(files: dict[str, Path]) -> tuple[str, Path]:
+def busiest(files: dict[str, Path]) -> tuple[str, Path, str, list[str]]:
+    """The PSP with the most lines, its file, the file's header and its rows."""
     psp = max(files, key=lambda p: len(lines_of(files[p])))
-    return psp, files[psp]
+    header, *rows = lines_of(files[psp])
+    return psp, files[psp], header, rows
 
 
 def test_the_simulators_files_match_exit_0_and_a_rerun_reports_the_stored_run(
@@ -137,8 +139,7 @@ def test_a_tampered_copy_reports_each_discrepancy_exactly_and_exits_1(
     env: tuple[Gateway, str, Path], files: dict[str, Path]
 ) -> None:
     g, _, tmp = env
-    psp, path = busiest(files)
-    header, *rows = lines_of(path)
+    psp, path, header, rows = busiest(files)
     once = [r for r in rows if sum(x.split(",")[0] == r.split(",")[0] for x in rows) == 1]
     assert len(once) >= 3, rows
     changed, dropped, doubled = once[0], once[1], once[2]
@@ -181,8 +182,7 @@ def test_a_tampered_copy_reports_each_discrepancy_exactly_and_exits_1(
 
 def test_a_malformed_file_exits_2_with_the_line_number(env: tuple[Gateway, str, Path], files: dict[str, Path]) -> None:
     g, _, tmp = env
-    psp, path = busiest(files)
-    header, *rows = lines_of(path)
+    psp, path, header, rows = busiest(files)
     ref, amount, currency, fee, net, status = rows[1].split(",")
     bad = tmp / f"malformed-{path.name}"
     bad.write_text("\n".join([header, rows[0], f"{ref},{amount}.50,{currency},{fee},{net},{status}", *rows[2:]]) + "\n")
@@ -205,8 +205,7 @@ def test_fee_corrections_keep_the_ledger_balanced_and_make_the_file_match(
     env: tuple[Gateway, str, Path], files: dict[str, Path]
 ) -> None:
     g, _, tmp = env
-    psp, path = busiest(files)
-    header, *rows = lines_of(path)
+    psp, path, header, rows = busiest(files)
     target = next(r for r in rows if r.endswith(",captured"))
     ref, amount, currency, fee, net, status = target.split(",")
     higher = f"{ref},{amount},{currency},{int(fee) + 7},{int(net) - 7},{status}"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import stripe
 import stripe_sdk_cases as cases
-from stripe_sdk_cases import Receiver
+from stripe_sdk_cases import Receiver, receiver  # noqa: F401 - the fixture, shared
 from support import Gateway
 
 ADMIN_KEY = "ak_test_" + "s" * 24
@@ -22,21 +22,12 @@ ENV = {"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_PSP_TIME_SCALE": "0.01", "GATEWA
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     g = Gateway(tmp_path_factory.mktemp("stripe") / "data", extra_env=ENV).start()
-    r = httpx.post(f"{g.url}/v1/admin/rules", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30,
-                   json={"source": cases.RULES, "author": "tests"})
-    assert r.status_code == 201, r.text
+    cases.push_rules(g.url, ADMIN_KEY)
     cases.configure(g.url)
     yield g
     cases.close_sdk_connections()
     g.stop()
     assert "Traceback" not in g.log(), g.log()[-3000:]
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.stop()
 
 
 def test_confirmed_intent_succeeds_with_its_charge(gw: Gateway) -> None:
@@ -79,7 +70,7 @@ def test_stripe_version_is_recorded(gw: Gateway) -> None:
     cases.stripe_version_is_recorded(gw.url)
 
 
-def test_webhooks_signed_and_verified_by_the_sdk(gw: Gateway, receiver: Receiver) -> None:
+def test_webhooks_signed_and_verified_by_the_sdk(gw: Gateway, receiver: Receiver) -> None:  # noqa: F811
     cases.webhooks_signed_and_verified_by_the_sdk(receiver)
 
 

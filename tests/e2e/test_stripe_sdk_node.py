@@ -8,9 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
-from stripe_sdk_cases import RULES
+from stripe_sdk_cases import push_rules
 from support import Gateway
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "sdk" / "node"
@@ -31,9 +30,7 @@ def run_node_sdk(url: str, timeout_s: float = 180) -> subprocess.CompletedProces
 def test_node_sdk_drives_the_stripe_surface(tmp_path: Path) -> None:
     g = Gateway(tmp_path / "data", extra_env=ENV).start()
     try:
-        r = httpx.post(f"{g.url}/v1/admin/rules", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30,
-                       json={"source": RULES, "author": "tests"})
-        assert r.status_code == 201, r.text
+        push_rules(g.url, ADMIN_KEY)
         done = run_node_sdk(g.url)
         assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
         assert "# fail 0" in done.stdout and "# pass 12" in done.stdout, done.stdout[-3000:]

@@ -14,6 +14,7 @@ from gateway.store.payments import load_states
 from gateway.store.postgres import PostgresStore
 from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
+from schema_before import reopened_after_old_schema
 from support import DATABASE_URL
 
 LATEST = max(v for v, _ in sqlite_mod.MIGRATIONS)
@@ -56,13 +57,7 @@ def _check(store: SqliteStore | PostgresStore) -> None:
 
 def test_sqlite_store_of_the_schema_before_keeps_every_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "gateway.db"
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_mod, "MIGRATIONS", [x for x in sqlite_mod.MIGRATIONS if x[0] < 9])
-        old = SqliteStore(path)
-        assert old.migrate() == 8
-        _seed_old(old)
-        old.close()
-    store = SqliteStore(path)
+    store = reopened_after_old_schema(monkeypatch, sqlite_mod, lambda: SqliteStore(path), 9, _seed_old)
     assert store.migrate() == LATEST
     _check(store)
     with ProcessingStore(store)._read() as db:
@@ -76,13 +71,7 @@ def test_postgres_store_of_the_schema_before_keeps_every_state(monkeypatch: pyte
     except psycopg.OperationalError as e:
         pytest.skip(f"PostgreSQL not reachable at {DATABASE_URL}: {e}")
     schema = f"mig9_{uuid.uuid4().hex[:10]}"
-    with monkeypatch.context() as m:
-        m.setattr(pg_mod, "MIGRATIONS", [x for x in pg_mod.MIGRATIONS if x[0] < 9])
-        old = PostgresStore(DATABASE_URL, schema)
-        assert old.migrate() == 8
-        _seed_old(old)
-        old.close()
-    store = PostgresStore(DATABASE_URL, schema)
+    store = reopened_after_old_schema(monkeypatch, pg_mod, lambda: PostgresStore(DATABASE_URL, schema), 9, _seed_old)
     try:
         assert store.migrate() == LATEST
         _check(store)

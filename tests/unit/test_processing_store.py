@@ -66,8 +66,11 @@ def factory(request: pytest.FixtureRequest) -> Factory:
             return store
 
         return make_sqlite
-    pg: PostgresStore = request.getfixturevalue("pg_store")
+    return _emptied(request.getfixturevalue("pg_store"))
 
+
+def _emptied(pg: PostgresStore) -> Factory:
+    """A factory that hands out the one PostgreSQL store of the module with its tables emptied."""
     def make_pg(_folder: str) -> Store:
         with pg.pool.connection() as conn:
             conn.execute(f"TRUNCATE {PG_TABLES}")  # type: ignore[call-overload]
@@ -249,12 +252,7 @@ def test_one_operation_at_a_time_per_payment(tmp_path: Path, factory: Factory) -
 
 
 def test_postgres_ledger_and_audit_log_refuse_updates_and_deletes(tmp_path: Path, pg_store: PostgresStore) -> None:
-    def make(_folder: str) -> Store:
-        with pg_store.pool.connection() as conn:
-            conn.execute(f"TRUNCATE {PG_TABLES}")  # type: ignore[call-overload]
-        return pg_store
-
-    _, pstore = _store(str(tmp_path), make)
+    _, pstore = _store(str(tmp_path), _emptied(pg_store))
     for statement in ("UPDATE ledger_entries SET debit = debit + 1", "DELETE FROM ledger_entries",
                       "UPDATE audit_log SET reason = 'rewritten'", "DELETE FROM audit_log"):
         with pytest.raises(psycopg.errors.RestrictViolation), pg_store.pool.connection() as conn:
@@ -282,12 +280,7 @@ def test_postgres_claims_let_one_process_drive_a_payment_at_a_time(pg_store: Pos
 
 
 def test_postgres_concurrent_operations_accept_one_whatever_their_keys(tmp_path: Path, pg_store: PostgresStore) -> None:
-    def make(_folder: str) -> Store:
-        with pg_store.pool.connection() as conn:
-            conn.execute(f"TRUNCATE {PG_TABLES}")  # type: ignore[call-overload]
-        return pg_store
-
-    _, pstore = _store(str(tmp_path), make)
+    _, pstore = _store(str(tmp_path), _emptied(pg_store))
     for keys in (["same"] * 8, [f"k{i}" for i in range(8)]):
         with ThreadPoolExecutor(8) as pool:  # as eight gateway processes at once
             got = list(pool.map(

@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import gateway
 import httpx
@@ -28,6 +29,7 @@ from gateway.psp_sim import (
 from gateway.psp_sim.client import InProcessPSPClient
 from support import free_port, stop_process, wait_ready
 
+T = TypeVar("T")
 DAY = date(2025, 3, 14)
 DAY_TS = datetime(2025, 3, 14, 12, 0, tzinfo=UTC).timestamp()
 
@@ -328,31 +330,39 @@ def sim_server() -> Iterator[str]:
         stop_process(proc, 10)
 
 
-def test_http_authorize_capture_refund_and_settlement(sim_server: str) -> None:
-    async def run():
+def over_http(base: str, psp: str, timeout_s: float,
+              steps: Callable[[HTTPPSPClient, httpx.AsyncClient], Awaitable[T]]) -> T:
+    """Runs `steps` with an `HTTPPSPClient` of `psp` at `base` and the HTTP client under it."""
+    async def run() -> T:
         async with httpx.AsyncClient() as http:
-            client = HTTPPSPClient(sim_server, "psp_b", timeout_s=2.0, client=http)
-            a = await client.authorize(
-                reference="http_1", amount=2000, currency="USD", token="tok_visa", idempotency_key="h_a1"
-            )
-            again = await client.authorize(
-                reference="http_1", amount=2000, currency="USD", token="tok_visa", idempotency_key="h_a1"
-            )
-            c = await client.capture(psp_reference=a.psp_reference, amount=2000, idempotency_key="h_c1")
-            r = await client.refund(psp_reference=a.psp_reference, amount=500, idempotency_key="h_r1")
-            declined = await client.authorize(
-                reference="http_2",
-                amount=100,
-                currency="USD",
-                token="tok_decline_stolen",
-                idempotency_key="h_a2",
-            )
-            status = await client.status(reference="http_1")
-            missing = await client.status(idempotency_key="never_used")
-            csv_text = (await http.get(f"{sim_server}/v1/psp_b/settlement/{date.today()}.csv")).text
-            return a, again, c, r, declined, status, missing, csv_text
+            return await steps(HTTPPSPClient(base, psp, timeout_s=timeout_s, client=http), http)
 
-    a, again, c, r, declined, status, missing, csv_text = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_http_authorize_capture_refund_and_settlement(sim_server: str) -> None:
+    async def steps(client: HTTPPSPClient, http: httpx.AsyncClient) -> tuple[Any, ...]:
+        a = await client.authorize(
+            reference="http_1", amount=2000, currency="USD", token="tok_visa", idempotency_key="h_a1"
+        )
+        again = await client.authorize(
+            reference="http_1", amount=2000, currency="USD", token="tok_visa", idempotency_key="h_a1"
+        )
+        c = await client.capture(psp_reference=a.psp_reference, amount=2000, idempotency_key="h_c1")
+        r = await client.refund(psp_reference=a.psp_reference, amount=500, idempotency_key="h_r1")
+        declined = await client.authorize(
+            reference="http_2",
+            amount=100,
+            currency="USD",
+            token="tok_decline_stolen",
+            idempotency_key="h_a2",
+        )
+        status = await client.status(reference="http_1")
+        missing = await client.status(idempotency_key="never_used")
+        csv_text = (await http.get(f"{sim_server}/v1/psp_b/settlement/{date.today()}.csv")).text
+        return a, again, c, r, declined, status, missing, csv_text
+
+    a, again, c, r, declined, status, missing, csv_text = over_http(sim_server, "psp_b", 2.0, steps)
     assert a.outcome is Outcome.APPROVED and again.psp_reference == a.psp_reference
     assert c.outcome is Outcome.APPROVED and c.fee_minor == PSP_B.fee_minor(2000)
     assert r.outcome is Outcome.APPROVED
@@ -365,28 +375,22 @@ def test_http_authorize_capture_refund_and_settlement(sim_server: str) -> None:
 
 
 def test_http_lost_response_is_a_timeout_and_status_shows_the_charge(sim_server: str) -> None:
-    async def run():
-        async with httpx.AsyncClient() as http:
-            # The lost response hangs for 30 s × 0.01; the client gives up after 0.1 s.
-            client = HTTPPSPClient(sim_server, "psp_a", timeout_s=0.1, client=http)
-            result = await client.authorize(
-                reference="http_t", amount=700, currency="EUR", token="tok_timeout", idempotency_key="h_t1"
-            )
-            status = await client.status(idempotency_key="h_t1")
-            return result, status
+    async def steps(client: HTTPPSPClient, _http: httpx.AsyncClient) -> tuple[Any, ...]:
+        result = await client.authorize(
+            reference="http_t", amount=700, currency="EUR", token="tok_timeout", idempotency_key="h_t1"
+        )
+        status = await client.status(idempotency_key="h_t1")
+        return result, status
 
-    result, status = asyncio.run(run())
+    # The lost response hangs for 30 s × 0.01; the client gives up after 0.1 s.
+    result, status = over_http(sim_server, "psp_a", 0.1, steps)
     assert result.outcome is Outcome.TIMEOUT
     assert status is not None and status.status == "authorized" and status.amount_authorized == 700
 
 
 def test_http_unreachable_psp_is_a_retryable_error_not_a_timeout() -> None:
-    async def run():
-        async with httpx.AsyncClient() as http:
-            client = HTTPPSPClient(f"http://127.0.0.1:{free_port()}", "psp_a", timeout_s=1.0, client=http)
-            return await client.authorize(
-                reference="p", amount=1, currency="EUR", token="tok_visa", idempotency_key="k"
-            )
+    async def steps(client: HTTPPSPClient, _http: httpx.AsyncClient) -> Any:
+        return await client.authorize(reference="p", amount=1, currency="EUR", token="tok_visa", idempotency_key="k")
 
-    result = asyncio.run(run())
+    result = over_http(f"http://127.0.0.1:{free_port()}", "psp_a", 1.0, steps)
     assert result.outcome is Outcome.ERROR and result.retryable

@@ -19,6 +19,7 @@ from gateway.store.postgres import PostgresStore
 from gateway.store.processing import ProcessingStore
 from gateway.store.sqlite import SqliteStore
 from gateway.store.stripe_intents import StripeIntents, surface_event_id
+from schema_before import reopened_after_old_schema
 from support import DATABASE_URL
 
 OLD_EVENT = ("INSERT INTO payment_events (id, merchant_id, payment_id, type, created_ms, body)"
@@ -91,13 +92,7 @@ def _seed_old(store: SqliteStore | PostgresStore) -> None:
 
 def test_sqlite_store_of_the_schema_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "gateway.db"
-    with monkeypatch.context() as m:
-        m.setattr(sqlite_mod, "MIGRATIONS", [x for x in sqlite_mod.MIGRATIONS if x[0] < 10])
-        old = SqliteStore(path)
-        assert old.migrate() == 9
-        _seed_old(old)
-        old.close()
-    store = SqliteStore(path)
+    store = reopened_after_old_schema(monkeypatch, sqlite_mod, lambda: SqliteStore(path), 10, _seed_old)
     assert store.migrate() == 10
     _check(store)
     store.close()
@@ -113,13 +108,8 @@ def pg_schema() -> Iterator[str]:
 
 
 def test_postgres_store_of_the_schema_before(monkeypatch: pytest.MonkeyPatch, pg_schema: str) -> None:
-    with monkeypatch.context() as m:
-        m.setattr(pg_mod, "MIGRATIONS", [x for x in pg_mod.MIGRATIONS if x[0] < 10])
-        old = PostgresStore(DATABASE_URL, pg_schema)
-        assert old.migrate() == 9
-        _seed_old(old)
-        old.close()
-    store = PostgresStore(DATABASE_URL, pg_schema)
+    store = reopened_after_old_schema(monkeypatch, pg_mod, lambda: PostgresStore(DATABASE_URL, pg_schema), 10,
+                                      _seed_old)
     try:
         assert store.migrate() == 10
         _check(store)
