@@ -143,15 +143,11 @@ def run_step_k6(port: int, rate: float, seconds: float, run_id: str, work: Path)
 def services(brokers: int = 1) -> dict[str, str]:
     """The services of deploy/ (started if needed); with `brokers` 3 KAFKA_BOOTSTRAP names the three
     nodes of `KAFKA_BROKERS=3 deploy/kafka.sh` (started too)."""
+    # services.sh prints the ports it chose for this checkout (another checkout may hold the defaults),
+    # KAFKA_BOOTSTRAP included: with KAFKA_BROKERS=3 it names the three nodes.
     out = subprocess.run(["bash", str(REPO / "deploy" / "services.sh"), "up"], capture_output=True, text=True,
-                         check=True, timeout=900).stdout
-    svc = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    if brokers == 3:
-        subprocess.run(["bash", str(REPO / "deploy" / "kafka.sh"), "start"], check=True, timeout=600,
-                       env={**os.environ, "KAFKA_BROKERS": "3"}, stdout=subprocess.DEVNULL)
-        port = int(os.environ.get("KAFKA_PORT", "19092"))
-        svc["KAFKA_BOOTSTRAP"] = ",".join(f"127.0.0.1:{port + 10 * i}" for i in (1, 2, 3))
-    return svc
+                         check=True, timeout=900, env={**os.environ, "KAFKA_BROKERS": str(brokers)}).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 class Deployment:
