@@ -286,9 +286,7 @@ class ClusterRuntime(Runtime):
             adm = await shared.admit(merchant.id, idem_key, fp, rate, burst, lock_ttl_ms,
                                      velocity=self._velocity_event(merchant.id, body))
         except SharedStateUnavailable as e:
-            self.shared_unavailable += 1
-            log.warning("create refused with 503: shared state unavailable (%s)", e)
-            return _shared_unavailable()
+            return self._refused_shared_down(e, "")
         if adm.kind == "replay":
             return CreateAnswer(adm.status, adm.body, replayed=True, echo_key=idem_key is not None and adm.status < 500)
         if adm.kind == "mismatch":
@@ -308,9 +306,7 @@ class ClusterRuntime(Runtime):
                 durable = await self._durable_answer(merchant.id, idem_key, fp, adm.keys_since_ms)
             except SharedStateUnavailable as e:
                 # Nothing written yet; the lock `admit` took expires by itself.
-                self.shared_unavailable += 1
-                log.warning("create refused with 503: shared state unavailable after admission (%s)", e)
-                return _shared_unavailable()
+                return self._refused_shared_down(e, " after admission")
             if durable is not None:
                 return durable
         if adm.velocity is not None:
@@ -339,6 +335,12 @@ class ClusterRuntime(Runtime):
             self.shared_unavailable += 1
             log.warning("could not cache the response of %s: %s", answer.payment_id, e)
         return answer
+
+    def _refused_shared_down(self, e: SharedStateUnavailable, when: str) -> CreateAnswer:
+        """The 503 of a create refused because Redis failed before anything was written, counted."""
+        self.shared_unavailable += 1
+        log.warning("create refused with 503: shared state unavailable%s (%s)", when, e)
+        return _shared_unavailable()
 
     async def _durable_answer(self, merchant_id: str, idem_key: str, fp: str,
                               keys_since_ms: int | None) -> CreateAnswer | None:
