@@ -12,6 +12,7 @@ bounded by concurrency / latency, i.e. GATEWAY_WORKER_INFLIGHT_MAX and the PSPs'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import tempfile
@@ -27,7 +28,7 @@ FINAL = ("captured", "failed", "canceled", "authorized")
 
 
 def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...],
-        batch_max: int = 256) -> dict[str, object]:
+        batch_max: int = 256, wave_linger_ms: float | None = None) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as folder:
         store = SqliteStore(Path(folder) / "gateway.db")
         store.migrate()
@@ -71,8 +72,11 @@ def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...],
         for i in range(0, len(records), 1000):
             store.apply_wal_records(records[i : i + 1000])
         # The worker's start-up scan finds every `processing` payment, as after a crash; time from start.
-        worker = Worker(store, WorkerSettings(psp_time_scale=time_scale, psps=psps, inflight_max=inflight,
-                                              batch_records_max=batch_max))
+        settings = WorkerSettings(psp_time_scale=time_scale, psps=psps, inflight_max=inflight,
+                                  batch_records_max=batch_max)
+        if wave_linger_ms is not None:
+            settings = dataclasses.replace(settings, wave_linger_ms=wave_linger_ms)
+        worker = Worker(store, settings)
         started = time.perf_counter()
         cpu_started = time.process_time()
         worker.start()
@@ -92,6 +96,7 @@ def run(payments: int, time_scale: float, inflight: int, psps: tuple[str, ...],
         "time_scale": time_scale,
         "inflight_max": inflight,
         "batch_records_max": batch_max,
+        "wave_linger_ms": settings.wave_linger_ms,
         "mean_batch_size": batches,
         # The whole process (the worker thread and this poller, which mostly sleeps).
         "cpu_us_per_payment": round(cpu_s / payments * 1e6),
@@ -111,16 +116,20 @@ def main() -> None:
     ap.add_argument("--psps", default="psp_a,psp_b")
     ap.add_argument("--batch-max", type=int, action="append",
                     help="[worker] batch_records_max; repeat to compare (1 = one transaction per store call)")
+    ap.add_argument("--wave-linger-ms", type=float, action="append",
+                    help="[worker] wave_linger_ms (default: the config's); repeat to compare")
     args = ap.parse_args()
     results = [
-        run(args.payments, ts, args.inflight, tuple(args.psps.split(",")), bm)
+        run(args.payments, ts, args.inflight, tuple(args.psps.split(",")), bm, wl)
         for ts in args.time_scale or [0.0] for bm in args.batch_max or [256]
+        for wl in args.wave_linger_ms or [None]
     ]
     for r in results:
         print(
             f"time_scale={r['time_scale']}: {r['payments']} payments authorized+captured in {r['elapsed_s']} s"
             f" = {r['payments_per_s']} payments/s, {r['cpu_us_per_payment']} us CPU/payment"
             f" (inflight_max={r['inflight_max']}, batch_records_max={r['batch_records_max']},"
+            f" wave_linger_ms={r['wave_linger_ms']},"
             f" mean batch {r['mean_batch_size']})"
         )
     out = save_report("settle_rate", results)

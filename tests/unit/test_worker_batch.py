@@ -90,8 +90,9 @@ def test_a_batch_of_new_payments_takes_one_intent_transaction_and_a_few_applies(
     # a few transactions (one per wave of answers), not one per payment.
     assert calls["record_intents"] == 1 and calls["intents"] == n
     assert 2 <= calls["apply_many"] <= 10, calls
-    # Nothing went through the one-payment path's group commit.
-    assert worker.intents.items == 0 and worker.applies.items == 0
+    # Nothing went through the one-payment path: its intents and outcomes go one at a time to the group
+    # commit, the batch step's outcomes as one list per wave (2 changes a payment: authorized, captured).
+    assert worker.intents.items == 0 and worker.applies.singles == 0 and worker.applies.items == 2 * n
     # The ledger balances and every payment is booked once.
     db = sqlite3.connect(tmp_path / "gateway.db")
     assert db.execute("SELECT sum(debit) - sum(credit) FROM ledger_entries").fetchone()[0] == 0

@@ -13,6 +13,10 @@ hands every such payment it finds queued (up to `[worker] batch_records_max` at 
    auto-capture's operation and the `started` row of that capture's first attempt;
 6. captures: those calls in flight, and their outcomes applied in one transaction per wave.
 
+A wave's outcomes go through the worker's group commit (`Worker.applies`), which holds a round open
+for `wave_linger_ms`: the waves of concurrent steps (at real PSP latency many small batches are in
+flight at once) share one transaction instead of taking one each.
+
 A wave is what has arrived when the step looks (at PSP time scale 0, the whole batch at once); a
 payment whose call needs another attempt (a retry, a failover) or anything but a fresh
 authorization (an unresolved attempt, pending verification, a capture the state machine refuses)
@@ -83,6 +87,7 @@ class Worker(Protocol):
     shared: bool
     errors: int
     intents: Batcher[Intent, None]
+    applies: Batcher[Change, Applied]
     releases: Batcher[str, None]
     _tasks: set[asyncio.Task[None]]
     _locks: dict[str, asyncio.Lock]
@@ -127,6 +132,7 @@ class _Step:
         self.finished = finished
         self.held: set[str] = set()  # payments whose lock (and claim) this step holds
         self._ending: list[str] = []  # held payments the step is done with, released by `_end`
+        self._failed: set[str] = set()  # payments left for the next scan (`Worker.failed` once released)
 
     async def run(self, payment_ids: list[str]) -> None:
         w = self.w
@@ -194,7 +200,8 @@ class _Step:
         e = fut.exception()
         if e is None:
             return True
-        self.w.failed()
+        # Counted as failed once the step lets go of it (`_end`): a scan before that would skip it.
+        self._failed.add(payment_id)
         log.error("payment %s: PSP call failed (%r); the next scan resolves it by its key", payment_id, e)
         return False
 
@@ -258,12 +265,9 @@ class _Step:
             self._ending.append(c.payment.id)
 
     async def _apply(self, changes: list[Change]) -> list[Applied]:
-        w = self.w
-        out: list[Applied] = []
-        size = w.settings.batch_records_max
-        for i in range(0, len(changes), size):
-            out += await w._db(w.pstore.apply_many, changes[i:i + size])
-        return out
+        # Through the worker's group commit: the waves of concurrent steps (and the one-payment path's
+        # outcomes) that reach it within the wave linger share one transaction.
+        return await self.w.applies.submit_many(changes, self.w.settings.wave_linger_ms / 1000)
 
     # -- the one-payment path, for what leaves the batch ---------------------------------------------
 
@@ -368,6 +372,9 @@ class _Step:
             for pid in ids:
                 self._unlock(pid)
                 self.finished(pid)
+                if pid in self._failed:
+                    self._failed.discard(pid)
+                    self.w.failed()
 
     async def _release(self, payment_id: str) -> None:
         """A payment handed over to a task of its own, released by that task."""

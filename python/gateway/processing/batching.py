@@ -42,8 +42,19 @@ class Batcher(Generic[In, Out]):
         # What the batches looked like: for the metrics and the benchmark.
         self.batches = 0
         self.items = 0
+        self.singles = 0  # items submitted one at a time (`submit`), not as a list (`submit_many`)
 
     async def submit(self, item: In) -> Out:
+        self.singles += 1
+        return await self._add(item)
+
+    async def submit_many(self, items: list[In], linger_s: float | None = None) -> list[Out]:
+        """Every item joins the round (filling as many batches as it takes); the results in order.
+        `linger_s`: how long a round these items start may wait for more (default: the batcher's)."""
+        futures = [self._add(item, linger_s) for item in items]
+        return list(await asyncio.gather(*futures)) if futures else []
+
+    def _add(self, item: In, linger_s: float | None = None) -> asyncio.Future[Out]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Out] = loop.create_future()
         self._items.append(item)
@@ -51,9 +62,9 @@ class Batcher(Generic[In, Out]):
         if len(self._items) >= self.batch_max:
             self._flush()
         elif self._scheduled is None:
-            self._scheduled = (loop.call_later(self.linger_s, self._flush) if self.linger_s > 0
-                               else loop.call_soon(self._flush))
-        return await fut
+            linger = self.linger_s if linger_s is None else linger_s
+            self._scheduled = (loop.call_later(linger, self._flush) if linger > 0 else loop.call_soon(self._flush))
+        return fut
 
     def _flush(self) -> None:
         if self._scheduled is not None:

@@ -117,7 +117,7 @@ class Worker:
         ps = self.pstore
         self.loads: Batcher[str, PaymentRecord | None] = self._store_batcher(ps.load_many, "load")
         self.intents: Batcher[Intent, None] = self._store_batcher(self._record_intents, "intent")
-        self.applies: Batcher[Change, Applied] = self._store_batcher(ps.apply_many, "apply")
+        self.applies: Batcher[Change, Applied] = self._store_batcher(lambda cs: self.pstore.apply_many(cs), "apply")
         self.attempt_reads: Batcher[tuple[str, str | None], list[AttemptRow]] = self._store_batcher(
             ps.attempts_many, "attempts")
         self.operation_reads: Batcher[str, Operation | None] = self._store_batcher(ps.operations_many, "operations")

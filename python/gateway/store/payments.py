@@ -194,8 +194,20 @@ def audit_trail(db: Db, payment_id: str) -> list[tuple[str, str, str, str]]:
 # -- attempts ------------------------------------------------------------------------------------------
 
 
-def upsert_attempts(db: Db, intents: Sequence[Intent]) -> None:
-    """Inserts the attempts, or updates their outcome where they exist (one statement over the batch)."""
+def upsert_attempts(db: Db, intents: Sequence[Intent], recorded: bool = False) -> None:
+    """Inserts the attempts, or updates their outcome where they exist (one statement over the batch).
+    `recorded`: the attempts are expected to exist already (outcomes of intents written before their
+    calls): on SQLite they are first updated by primary key, half the cost of the upsert's failed
+    insert, and the upsert runs only if some row was not there."""
+    rows = list(_one_row_per_attempt(intents).values())
+    if recorded and not db.pg and rows:
+        before = db.raw.total_changes
+        db.raw.executemany(
+            "UPDATE payment_attempts SET status = ?, psp_reference = coalesce(?, psp_reference), code = ?,"
+            " fee_minor = ?, latency_ms = ?, finished_at_ms = ? WHERE attempt_id = ?",
+            [(r[9], r[11], r[12], r[13], r[14], r[16], r[0]) for r in rows])
+        if db.raw.total_changes - before == len(rows):
+            return
     db.executemany(
         "INSERT INTO payment_attempts (attempt_id, payment_id, operation_id, attempt_no, operation, psp,"
         " idempotency_key, amount, currency, status, final_capture, psp_reference, code, fee_minor,"
@@ -204,7 +216,7 @@ def upsert_attempts(db: Db, intents: Sequence[Intent]) -> None:
         " psp_reference = coalesce(excluded.psp_reference, payment_attempts.psp_reference),"
         " code = excluded.code, fee_minor = excluded.fee_minor, latency_ms = excluded.latency_ms,"
         " finished_at_ms = excluded.finished_at_ms",
-        list(_one_row_per_attempt(intents).values()),
+        rows,
     )
 
 

@@ -245,7 +245,8 @@ class ProcessingStore:
             live = [c for c in changes if c.result.payment.id not in stale and c.result.payment.id in rows]
             counts = {c.result.payment.id: rows[c.result.payment.id][1] + len(events_of[c.result.payment.id])
                       for c in live}
-            pay.upsert_attempts(db, [Intent(a, c.operation_id) for c in live for a in c.result.attempts])
+            pay.upsert_attempts(db, [Intent(a, c.operation_id) for c in live for a in c.result.attempts],
+                                recorded=True)
             pay.insert_audit(db, [t for c in live for t in c.result.transitions])
             ledger_rows.insert_postings(db, [p for c in live for p in c.result.postings])
             ops.finish_operations(db, [c.finish for c in live if c.finish is not None])
