@@ -96,12 +96,21 @@ class AuthorizationRun:
         return self.call
 
     def send(self) -> Awaitable[PSPResult]:
-        """The PSP call of the row `next_call()` gave."""
+        """The PSP call of the row `next_call()` gave, to run as a task or future (`asyncio.ensure_future`;
+        see `PSPClient.send_authorize`); `request()` is the same call to await in place."""
         row = self.call
         assert row is not None
-        return self.clients[row.psp].authorize(reference=self.payment.id, amount=self.payment.amount,
-                                               currency=self.payment.currency, token=self.token,
-                                               idempotency_key=row.idempotency_key)
+        p = self.payment
+        return self.clients[row.psp].send_authorize(reference=p.id, amount=p.amount, currency=p.currency,
+                                                    token=self.token, idempotency_key=row.idempotency_key)
+
+    def request(self) -> Awaitable[PSPResult]:
+        """The PSP call of the row `next_call()` gave, as a coroutine."""
+        row = self.call
+        assert row is not None
+        p = self.payment
+        return self.clients[row.psp].authorize(reference=p.id, amount=p.amount, currency=p.currency,
+                                               token=self.token, idempotency_key=row.idempotency_key)
 
     def on_result(self, last: PSPResult) -> bool:
         """Takes the answer to the last call; True when another call follows (after `delay_s`, if not
@@ -172,7 +181,7 @@ async def drive_authorization(run: AuthorizationRun, sleep: Sleep = asyncio.slee
     while (row := run.next_call()) is not None:
         if record_intent is not None:
             await record_intent(row)
-        if not run.on_result(await run.send()):
+        if not run.on_result(await run.request()):
             break
         if run.delay_s is not None:
             await sleep(run.delay_s)

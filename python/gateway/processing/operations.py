@@ -14,7 +14,14 @@ from typing import TypedDict, Unpack
 
 from gateway.domain import payment as sm
 from gateway.domain.attempt import AttemptRow, Outcome, ProcessingResult, operation_attempt
-from gateway.processing.attempts import RecordIntent, Sleep, apply_operation, call_operation, finish_attempt
+from gateway.processing.attempts import (
+    RecordIntent,
+    Sleep,
+    apply_operation,
+    call_operation,
+    finish_attempt,
+    send_operation,
+)
 from gateway.psp.client import PSPClient, PSPResult
 from gateway.psp.routing import DEFAULT_RETRY_POLICY, Action, RetryPolicy
 
@@ -70,6 +77,12 @@ class OperationRun:
         return row
 
     def send(self) -> Awaitable[PSPResult]:
+        """The call, to run as a task or future (see `AuthorizationRun.send`)."""
+        assert self.call is not None
+        return send_operation(self.client, self.call, self.payment)
+
+    def request(self) -> Awaitable[PSPResult]:
+        """The call, as a coroutine to await in place."""
         assert self.call is not None
         return call_operation(self.client, self.call, self.payment)
 
@@ -106,7 +119,7 @@ async def drive_operation(run: OperationRun, sleep: Sleep = asyncio.sleep, recor
     while (row := run.next_call()) is not None:
         if record_intent is not None and row.attempt_id != recorded:
             await record_intent(row)
-        if not run.on_result(await run.send()):
+        if not run.on_result(await run.request()):
             break
         await sleep(run.delay_s)
     run.done = True

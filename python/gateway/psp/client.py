@@ -10,8 +10,11 @@ by a status query before anything else happens). A timeout is never reported as 
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import msgspec
@@ -57,6 +60,10 @@ class PSPResult:
         return self.outcome is Outcome.TIMEOUT
 
 
+# Told a submitted call's result, or the exception its coroutine would have raised (`submit_authorize`).
+Done = Callable[["PSPResult | BaseException"], None]
+
+
 # What the PSP reports about a transaction: the wire type itself (`status` is the PSP's own vocabulary:
 # authorized, declined, captured, voided, partially_refunded, refunded).
 PSPStatus = TransactionStatus
@@ -82,6 +89,42 @@ class PSPClient(abc.ABC):
 
     @abc.abstractmethod
     async def refund(self, *, psp_reference: str, amount: int, idempotency_key: str) -> PSPResult: ...
+
+    def send_authorize(
+        self, *, reference: str, amount: int, currency: str, token: str, idempotency_key: str
+    ) -> Awaitable[PSPResult]:
+        """`authorize` as an awaitable to run as a task or future (`asyncio.ensure_future`), not to
+        await in place: a client that answers through the event loop's callbacks (a bulkhead over the
+        in-process simulator at time scale 0) gives a future with the call under way, in the turns its
+        task would have taken; any other, the coroutine."""
+        return self.authorize(reference=reference, amount=amount, currency=currency, token=token,
+                              idempotency_key=idempotency_key)
+
+    def send_capture(
+        self, *, psp_reference: str, amount: int, idempotency_key: str, final: bool = False
+    ) -> Awaitable[PSPResult]:
+        """`capture` as `send_authorize` gives `authorize`."""
+        return self.capture(psp_reference=psp_reference, amount=amount, idempotency_key=idempotency_key, final=final)
+
+    def submits(self) -> bool:
+        """Whether `submit_authorize` and `submit_capture` can be used now."""
+        return False
+
+    def submit_authorize(
+        self, call: asyncio.Future[Any], done: Done, *, reference: str, amount: int, currency: str, token: str,
+        idempotency_key: str,
+    ) -> None:
+        """`authorize` as callbacks on `call`'s loop, started in the turn where its task's first step would
+        run: `done` gets the result, or the exception the coroutine would raise, where it would return or
+        raise (a CancelledError once `call` is cancelled). Only where `submits()`."""
+        raise NotImplementedError
+
+    def submit_capture(
+        self, call: asyncio.Future[Any], done: Done, *, psp_reference: str, amount: int, idempotency_key: str,
+        final: bool = False,
+    ) -> None:
+        """`capture` as `submit_authorize` gives `authorize`."""
+        raise NotImplementedError
 
     def has_room(self) -> bool:
         """Whether a new call would go out at once (a bulkhead at its bound says no): the router's
