@@ -50,6 +50,38 @@ def test_constructor_refuses_an_unbalanced_posting() -> None:
         )
 
 
+def test_constructor_refuses_a_balanced_posting_with_a_non_positive_line_or_an_empty_id() -> None:
+    lines = (Line("a", Direction.DEBIT, 100), Line("b", Direction.CREDIT, 150), Line("c", Direction.CREDIT, -50))
+    with pytest.raises(UnbalancedPosting, match="non-positive"):
+        Posting("x", "p", PostingKind.CAPTURE, "EUR", 100, lines, T0)
+    ok = (Line("a", Direction.DEBIT, 100), Line("b", Direction.CREDIT, 100))
+    with pytest.raises(UnbalancedPosting, match="non-positive"):
+        Posting("x", "p", PostingKind.CAPTURE, "EUR", -1, ok, T0)
+    with pytest.raises(UnbalancedPosting, match="posting id"):
+        Posting("", "p", PostingKind.CAPTURE, "EUR", 100, ok, T0)
+    with pytest.raises(UnbalancedPosting, match="posting id"):
+        Posting("x" * (ledger.POSTING_ID_LENGTH_MAX + 1), "p", PostingKind.CAPTURE, "EUR", 100, ok, T0)
+    with pytest.raises(UnbalancedPosting, match="lines"):
+        Posting("x", "p", PostingKind.CAPTURE, "EUR", 100, ok * 9, T0)
+
+
+def test_postings_for_a_transition_are_named_after_the_operation_and_their_kind() -> None:
+    p = sm.new_payment("pay_1", "m1", 1000, "EUR")
+    t = sm.authorize(p, amount=1000, psp="psp_a", psp_reference="r", actor="w", at_ms=T0)
+    assert [(x.posting_id, x.kind, x.amount) for x in ledger.postings_for_transition(t, "k1")] == [
+        ("k1:authorization_hold", PostingKind.AUTHORIZATION_HOLD, 1000)]
+    t = sm.capture(t.payment, amount=600, final_capture=True, actor="w", at_ms=T0 + 1)
+    posted = ledger.postings_for_transition(t, "k2", fee_minor=7)
+    assert [(x.posting_id, x.kind, x.amount, x.at_ms) for x in posted] == [
+        ("k2:capture", PostingKind.CAPTURE, 600, T0 + 1), ("k2:hold_release", PostingKind.HOLD_RELEASE, 400, T0 + 1),
+        ("k2:psp_fee", PostingKind.PSP_FEE, 7, T0 + 1)]
+    assert [x.account for x in posted[0].lines] == [
+        "merchant:m1:pending", "customer_holds", "psp:psp_a:receivable", "merchant:m1:available"]
+    t = sm.refund(t.payment, amount=600, actor="m", at_ms=T0 + 2)
+    assert [(x.posting_id, x.kind, x.amount) for x in ledger.postings_for_transition(t, "k3")] == [
+        ("k3:refund", PostingKind.REFUND, 600)]
+
+
 def test_lifecycle_balances_by_account() -> None:
     postings = [
         ledger.hold("h", "p", "m1", "EUR", 1000, T0),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from gateway.domain import ledger
 from gateway.domain import payment as sm
@@ -163,6 +165,75 @@ def test_invariant_violations_are_caught_by_assertions() -> None:
     )
     with pytest.raises(AssertionError):
         sm.check_invariants(broken)
+
+
+def test_each_transition_builds_the_payment_dataclasses_replace_would() -> None:
+    """The transitions build the new payment field by field: it is `replace` of the old one with the
+    transition's changes and the version one higher, no field dropped or reordered."""
+    pending = sm.Payment("pay_r", "m_r", 1000, "EUR", S.PENDING_VERIFICATION, psp="psp_b", failure_code="prev",
+                         version=4)
+    processing = dataclasses.replace(pending, status=S.PROCESSING, psp=None)
+    auth = sm.authorize(pending, amount=900, psp="psp_a", psp_reference="r9", actor="w", at_ms=T0).payment
+    cap = sm.capture(auth, amount=300, final_capture=False, actor="m", at_ms=T0).payment
+    cases = [
+        (sm.authorize(pending, amount=900, psp="psp_a", psp_reference="r9", actor="w", at_ms=T0),
+         {"status": S.AUTHORIZED, "amount_authorized": 900, "psp": "psp_a", "psp_reference": "r9",
+          "failure_code": None}),
+        (sm.fail(pending, code="declined", actor="w", at_ms=T0), {"status": S.FAILED, "failure_code": "declined"}),
+        (sm.mark_pending_verification(processing, psp="psp_c", actor="w", at_ms=T0),
+         {"status": S.PENDING_VERIFICATION, "psp": "psp_c"}),
+        (sm.capture(auth, amount=300, final_capture=False, actor="m", at_ms=T0),
+         {"status": S.CAPTURED, "amount_captured": 300}),
+        (sm.capture(auth, amount=300, final_capture=True, actor="m", at_ms=T0),
+         {"status": S.CAPTURED, "amount_captured": 300, "capture_final": True}),
+        (sm.capture(cap, amount=600, final_capture=False, actor="m", at_ms=T0),
+         {"status": S.CAPTURED, "amount_captured": 900, "capture_final": True}),
+        (sm.refund(cap, amount=100, actor="m", at_ms=T0),
+         {"status": S.PARTIALLY_REFUNDED, "amount_refunded": 100, "capture_final": True}),
+        (sm.refund(cap, amount=300, actor="m", at_ms=T0),
+         {"status": S.REFUNDED, "amount_refunded": 300, "capture_final": True}),
+        (sm.void(auth, actor="m", at_ms=T0), {"status": S.CANCELED, "capture_final": True}),
+    ]
+    for t, changes in cases:
+        expected = dataclasses.replace(t.before, version=t.before.version + 1, **changes)
+        assert dataclasses.astuple(t.payment) == dataclasses.astuple(expected), changes
+        assert t.payment.status is changes["status"]
+        assert t.audit.old_status == t.before.status.value and t.audit.new_status == t.payment.status.value
+        assert type(t.audit.old_status) is str and type(t.audit.new_status) is str
+
+
+def test_a_transition_refuses_an_actor_that_is_empty_or_too_long() -> None:
+    p = sm.new_payment("pay_1", "m_1", 1000, "EUR")
+    for actor in ("", "a" * (sm.ACTOR_LENGTH_MAX + 1)):
+        with pytest.raises(AssertionError):
+            sm.authorize(p, amount=1000, psp="psp_a", psp_reference="r", actor=actor, at_ms=T0)
+        with pytest.raises(AssertionError):
+            sm.capture(authorized(), amount=10, final_capture=False, actor=actor, at_ms=T0)
+
+
+def test_the_domain_enums_values_lookups_and_pickling_are_a_str_enums() -> None:
+    import pickle
+    from enum import StrEnum
+
+    from gateway.domain.attempt import AttemptStatus, Outcome
+
+    for enum in (S, AttemptStatus, Outcome, ledger.Direction, ledger.PostingKind):
+        assert issubclass(enum, StrEnum) and len(enum) == len(enum.__members__) > 1
+        for member in enum:
+            assert type(member.value) is str and member.value == member == str(member) == f"{member}"
+            assert enum(member.value) is member and enum[member.name] is member
+            assert pickle.loads(pickle.dumps(member)) is member
+    assert S.AUTHORIZED.value == "authorized" and ledger.PostingKind.PSP_FEE.value == "psp_fee"
+
+
+def test_an_operation_attempt_is_its_started_row() -> None:
+    from gateway.domain.attempt import AttemptRow, AttemptStatus, operation_attempt
+
+    p = authorized()
+    assert operation_attempt(p, "capture", 400, True, "psp_a", "pay_1:capture:1", 2, T0) == AttemptRow(
+        attempt_id="pay_1:capture:1#2", payment_id="pay_1", attempt_no=2, operation="capture", psp="psp_a",
+        idempotency_key="pay_1:capture:1", amount=400, currency="EUR", status=AttemptStatus.STARTED,
+        started_at_ms=T0, final_capture=True, psp_reference="psp_a_1")
 
 
 # -- model-based property: random operation sequences -------------------------------------------

@@ -173,6 +173,22 @@ def test_event_ids_of_a_payment_share_a_prefix_and_sort_in_the_order_of_their_ev
     assert event_id(pid, 1) != event_id(pid, 1)  # random tail: unique even if a payment's count restarts
 
 
+def test_random_letters_are_uniform_letters_of_the_id_alphabet(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.domain import events
+
+    for n in (0, 1, 8, 24, 32, 100):
+        assert all(len(events.random_letters(n)) == n for _ in range(50))
+    drawn = "".join(events.random_letters(24) for _ in range(5000))
+    counts = {c: drawn.count(c) for c in set(drawn)}
+    assert set(counts) == set("abcdefghjkmnpqrstvwxyz")
+    expected = len(drawn) / 22
+    assert all(abs(c - expected) < 0.1 * expected for c in counts.values()), counts
+    # A draw whose bytes are all of the uneven top (dropped) is topped up, not cut short.
+    draws = iter([b"\xff" * 18, b"\x00\x01\xf2\x14\xf1\xfe" * 2])
+    monkeypatch.setattr(events._secrets, "token_bytes", lambda k: next(draws))
+    assert events.random_letters(8) == "abyzabyz"
+
+
 @pytest.mark.parametrize(
     ("url", "private"),
     [("http://localhost:9000/h", True), ("http://127.0.0.1/h", True), ("http://[::1]:8080/h", True),

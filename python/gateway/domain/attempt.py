@@ -9,7 +9,6 @@ A call produces two versions of its row: `started` (before the call) and the res
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from gateway.domain import ledger
 from gateway.domain import payment as sm
@@ -18,7 +17,7 @@ ATTEMPTS_MAX_LIMIT = 16
 PSP_IDEMPOTENCY_KEY_CHARS_MAX = 255
 
 
-class Outcome(StrEnum):
+class Outcome(sm.FastStrEnum):
     """How one PSP call ended. `ERROR` (retryable or not) means the PSP says it did not process
     the request; `TIMEOUT` means nobody knows, and the payment must be resolved by a status query."""
 
@@ -45,7 +44,7 @@ def operation_idempotency_key(payment_id: str, operation: str, seq: int) -> str:
     return key
 
 
-class AttemptStatus(StrEnum):
+class AttemptStatus(sm.FastStrEnum):
     STARTED = "started"
     APPROVED = "approved"
     SOFT_DECLINE = "soft_decline"
@@ -54,6 +53,9 @@ class AttemptStatus(StrEnum):
     TIMEOUT = "timeout"
     # Set by resolve_pending when the PSP has no record of the attempt.
     NOT_PROCESSED = "not_processed"
+
+
+_STARTED = AttemptStatus.STARTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,20 +87,8 @@ class AttemptRow:
 def operation_attempt(payment: sm.Payment, operation: str, amount: int, final_capture: bool, psp: str,
                       idempotency_key: str, attempt_no: int, at_ms: int) -> AttemptRow:
     """The `started` row of attempt `attempt_no` of a capture, void or refund of `payment`."""
-    return AttemptRow(
-        attempt_id=f"{idempotency_key}#{attempt_no}",
-        payment_id=payment.id,
-        attempt_no=attempt_no,
-        operation=operation,
-        psp=psp,
-        idempotency_key=idempotency_key,
-        amount=amount,
-        currency=payment.currency,
-        status=AttemptStatus.STARTED,
-        started_at_ms=at_ms,
-        final_capture=final_capture,
-        psp_reference=payment.psp_reference,
-    )
+    return AttemptRow(f"{idempotency_key}#{attempt_no}", payment.id, attempt_no, operation, psp, idempotency_key,
+                      amount, payment.currency, _STARTED, at_ms, final_capture, payment.psp_reference)
 
 
 @dataclass(slots=True)

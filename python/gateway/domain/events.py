@@ -60,20 +60,22 @@ def event_id_prefix(payment_id: str) -> str:
 _ID_ALPHABET = "abcdefghjkmnpqrstvwxyz"
 EVENT_TAIL_CHARS = 8
 ID_RANDOM_CHARS = 24
-_BITS_PER_LETTER_CEIL = 5  # log2(22) = 4.46
+# `bytes.translate` table: byte b → letter b % 22; the bytes 242..255 (where b % 22 would favour the first
+# 14 letters) are dropped, so every letter kept is exactly uniform.
+_LETTER_OF_BYTE = bytes(ord(_ID_ALPHABET[b % len(_ID_ALPHABET)]) for b in range(256))
+_UNEVEN_BYTES = bytes(range(256 - 256 % len(_ID_ALPHABET), 256))
 
 
 def random_letters(n: int) -> str:
     """`n` random letters (4.46 bits each): the random part of an id that goes into a path. One draw of
-    the system's random source for all of them (8 bits more than needed: the bias is below 2^-8 per id),
-    written out in base 22; a draw per letter cost about 10 us per id on the worker's hot path."""
-    base = len(_ID_ALPHABET)
-    r = _secrets.randbits(n * _BITS_PER_LETTER_CEIL + 8)
-    out = []
-    for _ in range(n):
-        r, d = divmod(r, base)
-        out.append(_ID_ALPHABET[d])
-    return "".join(out)
+    the system's random source for all of them (a quarter more bytes than letters, plus 8: 5.5% of the
+    bytes are dropped to keep the letters uniform; a draw left short, very rare, is topped up), each byte
+    mapped to its letter in C (`bytes.translate`). A draw per letter cost about 10 us per id on the
+    worker's hot path, and a base-22 expansion of one big draw 2.5 (8 letters) to 5 us (24)."""
+    letters = _secrets.token_bytes(n + (n >> 2) + 8).translate(_LETTER_OF_BYTE, _UNEVEN_BYTES)
+    while len(letters) < n:
+        letters += _secrets.token_bytes(n).translate(_LETTER_OF_BYTE, _UNEVEN_BYTES)
+    return letters[:n].decode("ascii")
 
 
 def event_id(payment_id: str, n: int) -> str:

@@ -26,25 +26,39 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 
-from gateway.domain.payment import Transition
+from gateway.domain.payment import FastStrEnum, Transition
 
 LINES_PER_POSTING_MAX = 16
 POSTING_ID_LENGTH_MAX = 255
 
 
-class Direction(StrEnum):
+class Direction(FastStrEnum):
     DEBIT = "debit"
     CREDIT = "credit"
 
 
-class PostingKind(StrEnum):
+class PostingKind(FastStrEnum):
     AUTHORIZATION_HOLD = "authorization_hold"
     HOLD_RELEASE = "hold_release"
     CAPTURE = "capture"
     REFUND = "refund"
     PSP_FEE = "psp_fee"
+
+
+_DEBIT = Direction.DEBIT
+_CREDIT = Direction.CREDIT
+_AUTHORIZATION_HOLD = PostingKind.AUTHORIZATION_HOLD
+_HOLD_RELEASE = PostingKind.HOLD_RELEASE
+_CAPTURE = PostingKind.CAPTURE
+_REFUND = PostingKind.REFUND
+_PSP_FEE = PostingKind.PSP_FEE
+# `:{kind}`, the tail of a posting id (`{op_id}:{kind}`).
+_HOLD_TAIL = f":{_AUTHORIZATION_HOLD._value_}"
+_RELEASE_TAIL = f":{_HOLD_RELEASE._value_}"
+_CAPTURE_TAIL = f":{_CAPTURE._value_}"
+_REFUND_TAIL = f":{_REFUND._value_}"
+_FEE_TAIL = f":{_PSP_FEE._value_}"
 
 
 class UnbalancedPosting(AssertionError):
@@ -111,17 +125,27 @@ class Posting:
     reverses: str | None = None
 
     def __post_init__(self) -> None:
-        debits = sum(x.amount for x in self.lines if x.direction is Direction.DEBIT)
-        credits = sum(x.amount for x in self.lines if x.direction is Direction.CREDIT)
+        lines = self.lines
         if not (0 < len(self.posting_id) <= POSTING_ID_LENGTH_MAX):
             raise UnbalancedPosting(f"posting id must be 1..{POSTING_ID_LENGTH_MAX} characters")
-        if not (2 <= len(self.lines) <= LINES_PER_POSTING_MAX):
-            raise UnbalancedPosting(f"posting {self.posting_id} has {len(self.lines)} lines")
-        if self.amount <= 0 or any(x.amount <= 0 for x in self.lines):
+        if not (2 <= len(lines) <= LINES_PER_POSTING_MAX):
+            raise UnbalancedPosting(f"posting {self.posting_id} has {len(lines)} lines")
+        # One pass over the lines: debits, credits and whether every amount is positive.
+        debits = credits = 0
+        positive = self.amount > 0
+        for x in lines:
+            amount = x.amount
+            if amount <= 0:
+                positive = False
+            direction = x.direction
+            if direction is _DEBIT:
+                debits += amount
+            elif direction is _CREDIT:
+                credits += amount
+        if not positive:
             raise UnbalancedPosting(f"posting {self.posting_id} has a non-positive amount")
         if debits != credits:
             raise UnbalancedPosting(f"posting {self.posting_id}: debits {debits} != credits {credits}")
-        assert debits == credits
 
     @property
     def sign(self) -> int:
@@ -130,12 +154,12 @@ class Posting:
 
     def row_values(self) -> list[tuple[str, int, str, str, str, str, int, int, int, str | None]]:
         """`rows()` as plain tuples in `LedgerRow`'s field order (what a batched INSERT sends)."""
-        debit = Direction.DEBIT
-        kind = self.kind.value
+        posting_id, payment_id, kind = self.posting_id, self.payment_id, self.kind._value_
+        currency, at_ms, reverses = self.currency, self.at_ms, self.reverses
         return [
-            (self.posting_id, i, self.payment_id, kind, x.account, self.currency,
-             x.amount if x.direction is debit else 0, 0 if x.direction is debit else x.amount, self.at_ms,
-             self.reverses)
+            (posting_id, i, payment_id, kind, x.account, currency, x.amount, 0, at_ms, reverses)
+            if x.direction is _DEBIT else
+            (posting_id, i, payment_id, kind, x.account, currency, 0, x.amount, at_ms, reverses)
             for i, x in enumerate(self.lines)
         ]
 
@@ -157,53 +181,48 @@ class Posting:
         ]
 
 
-def _dr(account: str, amount: int) -> Line:
-    return Line(account, Direction.DEBIT, amount)
-
-
-def _cr(account: str, amount: int) -> Line:
-    return Line(account, Direction.CREDIT, amount)
-
-
 # -- builders ---------------------------------------------------------------------------------
+
+_CUSTOMER_HOLDS = customer_holds()
 
 
 def hold(
     posting_id: str, payment_id: str, merchant_id: str, currency: str, amount: int, at_ms: int
 ) -> Posting:
-    lines = (_dr(customer_holds(), amount), _cr(merchant_pending(merchant_id), amount))
-    return Posting(posting_id, payment_id, PostingKind.AUTHORIZATION_HOLD, currency, amount, lines, at_ms)
+    lines = (Line(_CUSTOMER_HOLDS, _DEBIT, amount), Line(merchant_pending(merchant_id), _CREDIT, amount))
+    return Posting(posting_id, payment_id, _AUTHORIZATION_HOLD, currency, amount, lines, at_ms)
 
 
 def hold_release(
     posting_id: str, payment_id: str, merchant_id: str, currency: str, amount: int, at_ms: int
 ) -> Posting:
-    lines = (_dr(merchant_pending(merchant_id), amount), _cr(customer_holds(), amount))
-    return Posting(posting_id, payment_id, PostingKind.HOLD_RELEASE, currency, amount, lines, at_ms)
+    lines = (Line(merchant_pending(merchant_id), _DEBIT, amount), Line(_CUSTOMER_HOLDS, _CREDIT, amount))
+    return Posting(posting_id, payment_id, _HOLD_RELEASE, currency, amount, lines, at_ms)
 
 
 def capture(
     posting_id: str, payment_id: str, merchant_id: str, psp: str, currency: str, amount: int, at_ms: int
 ) -> Posting:
     lines = (
-        _dr(merchant_pending(merchant_id), amount),
-        _cr(customer_holds(), amount),
-        _dr(psp_receivable(psp), amount),
-        _cr(merchant_available(merchant_id), amount),
+        Line(merchant_pending(merchant_id), _DEBIT, amount),
+        Line(_CUSTOMER_HOLDS, _CREDIT, amount),
+        Line(psp_receivable(psp), _DEBIT, amount),
+        Line(merchant_available(merchant_id), _CREDIT, amount),
     )
-    return Posting(posting_id, payment_id, PostingKind.CAPTURE, currency, amount, lines, at_ms)
+    return Posting(posting_id, payment_id, _CAPTURE, currency, amount, lines, at_ms)
 
 
 def refund(
     posting_id: str, payment_id: str, merchant_id: str, psp: str, currency: str, amount: int, at_ms: int
 ) -> Posting:
-    lines = (_dr(merchant_available(merchant_id), amount), _cr(psp_receivable(psp), amount))
-    return Posting(posting_id, payment_id, PostingKind.REFUND, currency, amount, lines, at_ms)
+    lines = (Line(merchant_available(merchant_id), _DEBIT, amount),
+             Line(psp_receivable(psp), _CREDIT, amount))
+    return Posting(posting_id, payment_id, _REFUND, currency, amount, lines, at_ms)
 
 
 def psp_fee(posting_id: str, payment_id: str, psp: str, currency: str, amount: int, at_ms: int) -> Posting:
-    lines = (_dr(psp_fees(psp), amount), _cr(psp_receivable(psp), amount))
-    return Posting(posting_id, payment_id, PostingKind.PSP_FEE, currency, amount, lines, at_ms)
+    lines = (Line(psp_fees(psp), _DEBIT, amount), Line(psp_receivable(psp), _CREDIT, amount))
+    return Posting(posting_id, payment_id, _PSP_FEE, currency, amount, lines, at_ms)
 
 
 def reverse(original: Posting, posting_id: str, at_ms: int) -> Posting:
@@ -238,29 +257,24 @@ def postings_for_transition(t: Transition, op_id: str, *, fee_minor: int = 0) ->
     authorized = a.amount_authorized - b.amount_authorized
     captured = a.amount_captured - b.amount_captured
     refunded = a.amount_refunded - b.amount_refunded
-    released = b.amount_held + authorized - captured - a.amount_held
+    # b.amount_held + authorized - captured - a.amount_held
+    released = ((0 if b.capture_final else b.amount_authorized - b.amount_captured) + authorized - captured
+                - (0 if a.capture_final else a.amount_authorized - a.amount_captured))
     assert authorized >= 0 and captured >= 0 and refunded >= 0 and released >= 0, (b, a)
+    pid, merchant_id, currency = a.id, a.merchant_id, a.currency
     if authorized:
-        out.append(
-            hold(f"{op_id}:{PostingKind.AUTHORIZATION_HOLD}", a.id, a.merchant_id, a.currency, authorized, at)
-        )
+        out.append(hold(op_id + _HOLD_TAIL, pid, merchant_id, currency, authorized, at))
     if captured:
         assert a.psp is not None
-        out.append(
-            capture(f"{op_id}:{PostingKind.CAPTURE}", a.id, a.merchant_id, a.psp, a.currency, captured, at)
-        )
+        out.append(capture(op_id + _CAPTURE_TAIL, pid, merchant_id, a.psp, currency, captured, at))
     if released:
-        out.append(
-            hold_release(f"{op_id}:{PostingKind.HOLD_RELEASE}", a.id, a.merchant_id, a.currency, released, at)
-        )
+        out.append(hold_release(op_id + _RELEASE_TAIL, pid, merchant_id, currency, released, at))
     if refunded:
         assert a.psp is not None
-        out.append(
-            refund(f"{op_id}:{PostingKind.REFUND}", a.id, a.merchant_id, a.psp, a.currency, refunded, at)
-        )
+        out.append(refund(op_id + _REFUND_TAIL, pid, merchant_id, a.psp, currency, refunded, at))
     if fee_minor:
         assert a.psp is not None and fee_minor > 0
-        out.append(psp_fee(f"{op_id}:{PostingKind.PSP_FEE}", a.id, a.psp, a.currency, fee_minor, at))
+        out.append(psp_fee(op_id + _FEE_TAIL, pid, a.psp, currency, fee_minor, at))
     return out
 
 
