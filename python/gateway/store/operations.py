@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.domain.events import ID_RANDOM_CHARS, random_letters
 from gateway.domain.idempotency import fingerprint
-from gateway.store.sql import Db, chunked, marks, now_ms
+from gateway.store.sql import Db, any_of, chunked, now_ms
 
 __all__ = ["Accepted", "Operation", "OperationFinish", "Refused", "Replayed", "StoredKey", "fingerprint"]
 
@@ -124,11 +124,9 @@ def insert_operations(db: Db, new: Sequence[NewOperation]) -> list[Operation]:
     query for the numbers of the whole batch, one statement for the rows."""
     last: dict[tuple[str, str], int] = {}
     for chunk in chunked(sorted({n.payment_id for n in new})):
+        where, args = any_of(db, "payment_id", chunk)
         last.update(((r[0], r[1]), int(r[2])) for r in db.fetchall(
-            "SELECT payment_id, kind, max(seq) FROM payment_operations"
-            f" WHERE payment_id IN ({marks(len(chunk))}) GROUP BY payment_id, kind",
-            chunk,
-        ))
+            f"SELECT payment_id, kind, max(seq) FROM payment_operations WHERE {where} GROUP BY payment_id, kind", args))
     t = now_ms()
     out = []
     for n in new:
@@ -187,8 +185,8 @@ def operations_many(db: Db, operation_ids: Sequence[str]) -> list[Operation | No
     """Each operation by id (None: no such operation), one statement for the whole list."""
     found: dict[str, Operation] = {}
     for chunk in chunked(list(dict.fromkeys(operation_ids))):
-        rows = db.execute(f"SELECT {OP_COLUMNS} FROM payment_operations WHERE id IN ({marks(len(chunk))})",
-                          chunk).fetchall()
+        where, args = any_of(db, "id", chunk)
+        rows = db.execute(f"SELECT {OP_COLUMNS} FROM payment_operations WHERE {where}", args).fetchall()
         found.update((r[0], op_from_row(r)) for r in rows)
     return [found.get(i) for i in operation_ids]
 

@@ -28,7 +28,7 @@ from gateway.store.operations import (
     OperationFinish,
     op_from_row,
 )
-from gateway.store.sql import Db, chunked, marks, now_ms
+from gateway.store.sql import Db, any_of, chunked, now_ms, pg_arrays, pg_unnest
 
 ATTEMPTS_IN_BODY_MAX = 32
 OPERATIONS_IN_BODY_MAX = 100
@@ -91,9 +91,8 @@ def load_states(db: Db, payment_ids: Sequence[str]) -> dict[str, PaymentRecord]:
         if len(part) == 1:
             rows = db.execute(f"SELECT {STATE_COLUMNS} FROM payments WHERE id = ?", tuple(part)).fetchall()
         else:
-            rows = db.execute(
-                f"SELECT {STATE_COLUMNS} FROM payments WHERE id IN ({marks(len(part))})", tuple(part)
-            ).fetchall()
+            where, args = any_of(db, "id", part)
+            rows = db.execute(f"SELECT {STATE_COLUMNS} FROM payments WHERE {where}", args).fetchall()
         for r in rows:
             out[r[0]] = record_from_row(r)
     return out
@@ -106,24 +105,24 @@ def lock_rows(db: Db, payment_ids: Sequence[str]) -> dict[str, tuple[int, int, s
     out: dict[str, tuple[int, int, str]] = {}
     lock = " FOR UPDATE" if db.pg else ""
     for part in chunked(sorted(set(payment_ids))):  # one order for every locker: no deadlock between workers
-        rows = db.fetchall(f"SELECT id, version, events_count, body FROM payments WHERE id IN ({marks(len(part))})"
-                           f" ORDER BY id{lock}", part)
+        where, args = any_of(db, "id", part)
+        rows = db.fetchall(f"SELECT id, version, events_count, body FROM payments WHERE {where} ORDER BY id{lock}", args)
         out.update((r[0], (int(r[1]), int(r[2]), r[3])) for r in rows)
     return out
 
 
 # Rows of one multi-row VALUES list in a batched UPDATE (13 parameters each: well under SQLite's 32,766).
 STATE_ROWS_PER_STATEMENT = 500
-_STATE_ROW = ("(CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT),"
-              " CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT),"
-              " CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS TEXT))")
+# The arrays of a batched state write on PostgreSQL: id, status, the three amounts, capture_final, psp,
+# psp_reference, failure_code, version, base version, events count, body.
+_STATE_TYPES = ("text", "text", "bigint", "bigint", "bigint", "bigint", "text", "text", "text", "bigint", "bigint",
+                "bigint", "text")
 
 
 def write_states(db: Db, changes: Sequence[tuple[sm.Payment, int, int, bytes]]) -> set[str]:
-    """Writes each (new state, base version, events count after, body) in one statement per
-    `STATE_ROWS_PER_STATEMENT` changes (`UPDATE ... FROM (VALUES ...)`, the same SQL on SQLite and
-    PostgreSQL): the payment's whole row, state and body together, if its version is still the base
-    one. Returns the payments written."""
+    """Writes each (new state, base version, events count after, body): the payment's whole row, state
+    and body together, if its version is still the base one; on PostgreSQL one `UPDATE ... FROM
+    unnest(...)` per `STATE_ROWS_PER_STATEMENT` changes. Returns the payments written."""
     t = now_ms()
     out: set[str] = set()
     if not db.pg:
@@ -135,29 +134,22 @@ def write_states(db: Db, changes: Sequence[tuple[sm.Payment, int, int, bytes]]) 
         db.raw.executemany(
             "UPDATE payments SET status = ?, amount_authorized = ?, amount_captured = ?, amount_refunded = ?,"
             " capture_final = ?, psp = ?, psp_reference = ?, failure_code = ?, version = ?, events_count = ?,"
-            f" body = ?, updated_ms = {int(t)} WHERE id = ? AND version = ?",
+            " body = ?, updated_ms = ? WHERE id = ? AND version = ?",
             [(p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded, int(p.capture_final), p.psp,
-              p.psp_reference, p.failure_code, p.version, events, body.decode(), p.id, base_version)
+              p.psp_reference, p.failure_code, p.version, events, body.decode(), t, p.id, base_version)
              for p, base_version, events, body in changes])
         if db.raw.total_changes - before != len(changes):
             raise RuntimeError("a payment row changed while the store's writer held the database")
         return {p.id for p, *_ in changes}
+    text = ("UPDATE payments SET status = v.c1, amount_authorized = v.c2, amount_captured = v.c3,"
+            " amount_refunded = v.c4, capture_final = v.c5, psp = v.c6, psp_reference = v.c7, failure_code = v.c8,"
+            f" version = v.c9, events_count = v.c11, body = v.c12, updated_ms = %b FROM {pg_unnest(_STATE_TYPES, 'v')}"
+            " WHERE payments.id = v.c0 AND payments.version = v.c10 RETURNING id")
     for chunk in chunked(changes, STATE_ROWS_PER_STATEMENT):
-        args: list[Any] = []
-        for p, base_version, events, body in chunk:
-            args += (p.id, p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded,
-                     int(p.capture_final), p.psp, p.psp_reference, p.failure_code, p.version, base_version, events,
-                     body.decode())
-        rows = db.fetchall(
-            "UPDATE payments SET status = v.column2, amount_authorized = v.column3,"
-            " amount_captured = v.column4, amount_refunded = v.column5, capture_final = v.column6,"
-            " psp = v.column7, psp_reference = v.column8, failure_code = v.column9, version = v.column10,"
-            f" events_count = v.column12, body = v.column13, updated_ms = {int(t)}"
-            f" FROM (VALUES {', '.join([_STATE_ROW] * len(chunk))}) AS v"
-            " WHERE payments.id = v.column1 AND payments.version = v.column11 RETURNING id",
-            args,
-        )
-        out.update(r[0] for r in rows)
+        rows = [(p.id, p.status.value, p.amount_authorized, p.amount_captured, p.amount_refunded, int(p.capture_final),
+                 p.psp, p.psp_reference, p.failure_code, p.version, base_version, events, body.decode())
+                for p, base_version, events, body in chunk]
+        out.update(r[0] for r in db.fetchall_pg(text, [t, *pg_arrays(rows, _STATE_TYPES)]))
     return out
 
 
@@ -166,12 +158,17 @@ def count_events(db: Db, counts: Sequence[tuple[str, int]]) -> dict[str, int]:
     counts after."""
     out: dict[str, int] = {}
     for chunk in chunked(counts, STATE_ROWS_PER_STATEMENT):
-        rows = db.fetchall(
-            "UPDATE payments SET events_count = payments.events_count + v.column2"
-            f" FROM (VALUES {', '.join(['(CAST(? AS TEXT), CAST(? AS BIGINT))'] * len(chunk))}) AS v"
-            " WHERE payments.id = v.column1 RETURNING id, events_count",
-            [a for pid, n in chunk for a in (pid, n)],
-        )
+        if db.pg:
+            rows = db.fetchall_pg("UPDATE payments SET events_count = payments.events_count + v.c1"
+                               f" FROM {pg_unnest(('text', 'bigint'), 'v')} WHERE payments.id = v.c0"
+                               " RETURNING id, events_count", pg_arrays(chunk, ('text', 'bigint')))
+        else:
+            rows = db.fetchall(
+                "UPDATE payments SET events_count = payments.events_count + v.column2"
+                f" FROM (VALUES {', '.join(['(CAST(? AS TEXT), CAST(? AS BIGINT))'] * len(chunk))}) AS v"
+                " WHERE payments.id = v.column1 RETURNING id, events_count",
+                [a for pid, n in chunk for a in (pid, n)],
+            )
         out.update((r[0], int(r[1])) for r in rows)
     return out
 
@@ -255,10 +252,9 @@ def attempts_many(db: Db, keys: Sequence[tuple[str, str | None]]) -> list[list[A
     started: one statement for the whole list."""
     by_payment: dict[str, list[tuple[str | None, AttemptRow]]] = {pid: [] for pid, _ in keys}
     for chunk in chunked(list(by_payment)):
-        rows = db.execute(
-            f"SELECT {_ATTEMPT_COLUMNS}, operation_id FROM payment_attempts WHERE payment_id IN ({marks(len(chunk))})"
-            " ORDER BY payment_id, started_at_ms, attempt_id", chunk,
-        ).fetchall()
+        where, args = any_of(db, "payment_id", chunk)
+        rows = db.execute(f"SELECT {_ATTEMPT_COLUMNS}, operation_id FROM payment_attempts WHERE {where}"
+                          " ORDER BY payment_id, started_at_ms, attempt_id", args).fetchall()
         for r in rows:
             by_payment[r[1]].append((r[16], AttemptRow(
                 attempt_id=r[0], payment_id=r[1], attempt_no=r[2], operation=r[3], psp=r[4],
@@ -348,19 +344,19 @@ def compose_bodies(db: Db, payment_ids: Sequence[str], known: Mapping[str, sm.Pa
     attempts: dict[str, list[dict[str, Any]]] = {pid: [] for pid in ids}
     operations: dict[str, list[Operation]] = {pid: [] for pid in ids}
     for chunk in chunked(ids):
-        m = marks(len(chunk))
+        of_chunk, args = any_of(db, "payment_id", chunk)
         # The reads are sent before any result is read: one round trip in a pipeline.
         reading = [pid for pid in chunk if pid not in bodies or pid not in states]
-        row_cur = db.execute(f"SELECT body, {STATE_COLUMNS} FROM payments WHERE id IN ({marks(len(reading))})",
-                             reading) if reading else None
+        row_cur = None
+        if reading:
+            of_reading, reading_args = any_of(db, "id", reading)
+            row_cur = db.execute(f"SELECT body, {STATE_COLUMNS} FROM payments WHERE {of_reading}", reading_args)
         attempts_cur = db.execute(
             "SELECT payment_id, attempt_id, operation, psp, status, code, amount, started_at_ms, finished_at_ms"
-            f" FROM payment_attempts WHERE payment_id IN ({m}) ORDER BY payment_id, started_at_ms, attempt_id",
-            chunk,
+            f" FROM payment_attempts WHERE {of_chunk} ORDER BY payment_id, started_at_ms, attempt_id", args,
         )
         ops_cur = db.execute(
-            f"SELECT {OP_COLUMNS} FROM payment_operations WHERE payment_id IN ({m})"
-            " ORDER BY payment_id, created_ms, seq", chunk,
+            f"SELECT {OP_COLUMNS} FROM payment_operations WHERE {of_chunk} ORDER BY payment_id, created_ms, seq", args,
         )
         for r in row_cur.fetchall() if row_cur is not None else ():
             bodies.setdefault(r[1], msgspec.json.decode(r[0]))

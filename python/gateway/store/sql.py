@@ -35,9 +35,8 @@ log = logging.getLogger("gateway.store.sql")
 
 # Values bound in one `IN (...)` list; longer lists are split (SQLite allows 32,766 variables a statement).
 IN_LIST_MAX = 500
-# Rows of one multi-row `INSERT ... VALUES (...), (...)` on PostgreSQL (and at most 65,535 parameters).
+# Rows of one batched statement on PostgreSQL (`INSERT ... SELECT FROM unnest(...)`, `UPDATE ... FROM unnest`).
 PG_ROWS_PER_INSERT = 1_000
-PG_PARAMS_MAX = 65_535
 
 
 def now_ms() -> int:
@@ -62,14 +61,83 @@ def marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
+def any_of(db: Db, column: str, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+    """`column IN (values)` and its arguments: one array parameter on PostgreSQL (the statement's text,
+    and so its conversion and plan, is the same whatever the count), a placeholder a value on SQLite."""
+    if db.pg:
+        return f"{column} = ANY(?)", (list(values),)
+    return f"{column} IN ({marks(len(values))})", values
+
+
 def chunked(values: Sequence[Any], size: int = IN_LIST_MAX) -> Iterator[Sequence[Any]]:
     for i in range(0, len(values), size):
         yield values[i:i + size]
 
 
-def _pg_chunks(rows: Sequence[Sequence[Any]], width: int) -> Iterator[Sequence[Sequence[Any]]]:
-    """`rows` of `width` parameters each, cut for one PostgreSQL statement per chunk."""
-    return chunked(rows, max(1, min(PG_ROWS_PER_INSERT, PG_PARAMS_MAX // max(1, width))))
+def pg_unnest(types: Sequence[str], alias: str) -> str:
+    """`unnest(%b::type[], ...) AS alias(c0, c1, ...)`: the rows of `pg_arrays`, one array a column."""
+    arrays = ", ".join(f"%b::{t}[]" for t in types)
+    return f"unnest({arrays}) AS {alias}({', '.join(f'c{i}' for i in range(len(types)))})"
+
+
+_INTEGER_TYPES = frozenset(("bigint", "integer", "smallint"))
+_FLOAT_TYPES = frozenset(("double precision", "real"))
+
+
+def pg_arrays(rows: Sequence[Sequence[Any]], types: Sequence[str]) -> list[list[Any]]:
+    """The columns of `rows` as the arrays of `pg_unnest(types)`: a list of one Python type each, as
+    psycopg's array dumper needs (a flag stored as an integer column arrives as an int, a whole amount
+    in a float column as a float)."""
+    out: list[list[Any]] = []
+    for values, sql_type in zip(zip(*rows, strict=True), types, strict=True):
+        if sql_type in _INTEGER_TYPES:
+            out.append([v if v is None or type(v) is int else int(v) for v in values])
+        elif sql_type in _FLOAT_TYPES:
+            out.append([v if v is None or type(v) is float else float(v) for v in values])
+        else:
+            out.append(list(values))
+    return out
+
+
+# Per INSERT statement: its unnest form and the types of its arrays, or None where it has no such form.
+_PG_UNNEST: dict[str, tuple[str, list[str]] | None] = {}
+# Column types of a table, read from the catalog once per process (every schema has the same tables).
+_PG_TYPES: dict[str, dict[str, str]] = {}
+
+
+def _pg_unnest_insert(db: Db, sql: str) -> tuple[str, list[str]] | None:
+    """`INSERT INTO t (a, b, c) VALUES (?, 'x', ?) tail` as `INSERT INTO t (a, b, c) SELECT u.c0,
+    CAST('x' AS type of b), u.c1 FROM unnest(...) AS u(c0, c1) tail`, with the array types; None for a
+    statement of another shape (parameters inside expressions, or in the tail)."""
+    if sql in _PG_UNNEST:
+        return _PG_UNNEST[sql]
+    plan = None
+    m = _INSERT_VALUES.match(sql)
+    if m is not None:
+        head, one, tail = m.groups()
+        table, column_list = head[len("INSERT INTO "):].split("(", 1)
+        columns = [c.strip() for c in column_list.split(")")[0].split(",")]
+        items = [i.strip() for i in one[1:-1].split(",")]
+        simple = all(i == "?" or ("?" not in i and i.count("'") % 2 == 0) for i in items)
+        if simple and len(items) == len(columns) and "?" not in tail:
+            table = table.strip()
+            known = _PG_TYPES.get(table)
+            if known is None:
+                known = _PG_TYPES[table] = dict(db.fetchall(
+                    "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                    " WHERE attrelid = CAST(? AS regclass) AND attnum > 0 AND NOT attisdropped", (table,)))
+            types: list[str] = []
+            select: list[str] = []
+            for column, item in zip(columns, items, strict=True):
+                if item == "?":
+                    select.append(f"u.c{len(types)}")
+                    types.append(known[column])
+                else:
+                    select.append(f"CAST({item} AS {known[column]})")
+            into, values = head[:-len("VALUES ")].replace("%", "%%"), ", ".join(select).replace("%", "%%")
+            plan = (f"{into}SELECT {values} FROM {pg_unnest(types, 'u')}{tail.replace('%', '%%')}", types)
+    _PG_UNNEST[sql] = plan
+    return plan
 
 
 class Db:
@@ -93,27 +161,28 @@ class Db:
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """One statement over many rows. SQLite steps one prepared statement; on PostgreSQL an
-        `INSERT ... VALUES (...)` goes out as one multi-row INSERT per `PG_ROWS_PER_INSERT` rows (one
-        statement for the server to run instead of one per row; an `ON CONFLICT DO UPDATE` caller must
-        not repeat a key within one call), anything else as a pipelined executemany."""
+        `INSERT ... VALUES (...)` goes out as one `INSERT ... SELECT FROM unnest(...)` per
+        `PG_ROWS_PER_INSERT` rows, a column an array (one statement for the server to run instead of one
+        per row, and one text whatever the count: psycopg converts it once and the server prepares it;
+        an `ON CONFLICT DO UPDATE` caller must not repeat a key within one call); anything else as a
+        pipelined executemany."""
         if not rows:
             return
         if not self.pg:
             self.raw.executemany(sql, rows)
             return
-        m = _INSERT_VALUES.match(sql) if len(rows) > 1 else None
-        if m is None:
+        plan = _pg_unnest_insert(self, sql) if len(rows) > 1 else None
+        if plan is None:
             with self.raw.cursor() as cur:
                 cur.executemany(pg_sql(sql), rows)
             return
-        head, one, tail = m.groups()
-        for chunk in _pg_chunks(rows, len(rows[0])):
-            self.raw.execute(pg_sql(f"{head}{', '.join([one] * len(chunk))}{tail}"),
-                             [v for row in chunk for v in row])
+        text, types = plan
+        for chunk in chunked(rows, PG_ROWS_PER_INSERT):
+            self.raw.execute(text, pg_arrays(chunk, types))
 
     def update_many(self, table: str, key: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> None:
         """`UPDATE table SET column = ... WHERE key = ?` for each row `(key value, column values...)`;
-        `columns` are (name, SQL type). On PostgreSQL one `UPDATE ... FROM (VALUES ...)` per chunk of
+        `columns` are (name, SQL type). On PostgreSQL one `UPDATE ... FROM unnest(...)` per chunk of
         rows (one statement for the server, not one per row); SQLite steps one prepared statement."""
         if not rows:
             return
@@ -121,15 +190,22 @@ class Db:
             sets = ", ".join(f"{name} = ?" for name, _ in columns)
             self.raw.executemany(f"UPDATE {table} SET {sets} WHERE {key} = ?", [(*r[1:], r[0]) for r in rows])
             return
-        sets = ", ".join(f"{name} = v.column{i}" for i, (name, _) in enumerate(columns, 2))
-        one = "(CAST(? AS TEXT), " + ", ".join(f"CAST(? AS {sql_type})" for _, sql_type in columns) + ")"
-        for chunk in _pg_chunks(rows, len(columns) + 1):
-            self.raw.execute(pg_sql(f"UPDATE {table} SET {sets} FROM (VALUES {', '.join([one] * len(chunk))}) AS v"
-                                    f" WHERE {table}.{key} = v.column1"), [v for row in chunk for v in row])
+        types = ["text", *(sql_type.lower() for _, sql_type in columns)]
+        sets = ", ".join(f"{name} = v.c{i}" for i, (name, _) in enumerate(columns, 1))
+        text = (f"UPDATE {table} SET {sets} FROM {pg_unnest(types, 'v')}"
+                f" WHERE {table}.{key} = v.c0")
+        for chunk in chunked(rows, PG_ROWS_PER_INSERT):
+            self.raw.execute(text, pg_arrays(chunk, types))
 
     def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of a query (an empty list for a statement that returns none)."""
-        cur = self.execute(sql, args)
+        return self._rows(self.execute(sql, args))
+
+    def fetchall_pg(self, text: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """`fetchall` of a PostgreSQL statement already in psycopg's style (`%b` arrays of `pg_unnest`)."""
+        return self._rows(self.raw.execute(text, args))
+
+    def _rows(self, cur: Any) -> list[tuple[Any, ...]]:
         if self.pg and self.pipeline is not None:
             self.pipeline.sync()  # in a pipeline a cursor knows its result's shape only once it has arrived
         if self.pg and cur.description is None:

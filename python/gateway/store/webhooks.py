@@ -20,7 +20,7 @@ from gateway.domain import events as ev
 from gateway.domain.secrets import Secret
 from gateway.domain.stripe_objects import stripe_types
 from gateway.store.payments import count_events
-from gateway.store.sql import Db, Dialect, chunked, marks, now_ms
+from gateway.store.sql import Db, Dialect, any_of, chunked, now_ms
 
 ERROR_CHARS_MAX = 200
 DELIVERY_STATUSES = ("delivered", "failed", "pending")
@@ -69,10 +69,10 @@ def emit_many(db: Db, events: Sequence[NewEvent]) -> tuple[list[str], bool]:
         return [], False
     subscriptions: dict[str, list[tuple[str, list[str]]]] = {}
     for chunk in chunked(sorted({e.merchant_id for e in events})):
+        where, args = any_of(db, "merchant_id", chunk)
         for merchant_id, endpoint_id, enabled in db.fetchall(
-            f"SELECT merchant_id, id, enabled_events FROM webhook_endpoints WHERE merchant_id IN ({marks(len(chunk))})"
-            " AND deleted_ms IS NULL ORDER BY merchant_id, id",
-            chunk,
+            f"SELECT merchant_id, id, enabled_events FROM webhook_endpoints WHERE {where}"
+            " AND deleted_ms IS NULL ORDER BY merchant_id, id", args,
         ):
             subscriptions.setdefault(merchant_id, []).append((endpoint_id, msgspec.json.decode(enabled)))
     t = now_ms()
