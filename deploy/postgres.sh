@@ -83,6 +83,10 @@ max_connections = 200
 # Sized for a test machine shared with builds; durability settings stay at their safe defaults.
 shared_buffers = 128MB
 effective_cache_size = 512MB
+# The data sits in memory or on an SSD: a random page costs about what a sequential one does. At the
+# default (4) a batch's UPDATE ... FROM unnest joined a 16,000-row table by scanning it whole (5.5 ms)
+# instead of 157 primary-key probes (1.5 ms).
+random_page_cost = 1.1
 work_mem = 8MB
 maintenance_work_mem = 64MB
 fsync = on
@@ -96,6 +100,10 @@ wal_level = minimal
 # Background work that only matters for long-lived databases stays modest.
 autovacuum_naptime = 30s
 log_min_duration_statement = 500
+# Per-statement counts and times (pg_stat_statements view, after CREATE EXTENSION): what the pipeline
+# benchmark reads for statements and server time per payment.
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = top
 log_line_prefix = '%m [%p] %q%u@%d '
 timezone = 'UTC'
 CONF
@@ -120,6 +128,9 @@ SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', '$PG_ROLE', '$PG_PASSWORD')
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$PG_ROLE')\gexec
 SELECT format('CREATE DATABASE %I OWNER %I', '$PG_DB', '$PG_ROLE')
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = '$PG_DB')\gexec
+\connect $PG_DB
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public;
+GRANT pg_read_all_stats TO $PG_ROLE;
 SQL
 }
 

@@ -106,3 +106,11 @@ def test_pg_a_value_of_the_wrong_kind_is_refused_and_nothing_is_written(dialect:
         db.executemany(INSERT, [("a", 1, True, 0.5, None), ("b", "two", False, 1.5, None)])
     with dialect.read() as db:
         assert db.fetchone("SELECT count(*) FROM batch_rows") == (0,)
+
+
+def test_pg_payments_keep_only_the_indexes_postgresql_reads(pg_store: PostgresStore) -> None:
+    with dialect_for(pg_store).read() as db:
+        names = {r[0] for r in db.fetchall("SELECT indexname FROM pg_indexes WHERE schemaname = ? AND tablename = 'payments'",
+                                           (pg_store.schema,))}
+    assert "payments_by_merchant" in names and "payments_by_status" in names
+    assert not names & {"payments_by_merchant_created", "payments_by_merchant_lsn"}

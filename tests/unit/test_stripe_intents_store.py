@@ -111,7 +111,7 @@ def test_postgres_store_of_the_schema_before(monkeypatch: pytest.MonkeyPatch, pg
     store = reopened_after_old_schema(monkeypatch, pg_mod, lambda: PostgresStore(DATABASE_URL, pg_schema), 10,
                                       _seed_old)
     try:
-        assert store.migrate() == 10
+        assert store.migrate() == max(v for v, _ in pg_mod.MIGRATIONS)
         _check(store)
     finally:
         store.drop_schema()

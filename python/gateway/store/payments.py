@@ -28,7 +28,7 @@ from gateway.store.operations import (
     OperationFinish,
     op_from_row,
 )
-from gateway.store.sql import Db, any_of, chunked, now_ms, pg_arrays, pg_unnest
+from gateway.store.sql import Db, any_of, chunked, now_ms, pg_arrays, pg_column_types, pg_unnest
 
 ATTEMPTS_IN_BODY_MAX = 32
 OPERATIONS_IN_BODY_MAX = 100
@@ -197,7 +197,17 @@ def upsert_attempts(db: Db, intents: Sequence[Intent], recorded: bool = False) -
     calls): on SQLite they are first updated by primary key, half the cost of the upsert's failed
     insert, and the upsert runs only if some row was not there."""
     rows = list(_one_row_per_attempt(intents).values())
-    if recorded and not db.pg and rows:
+    if recorded and rows and db.pg:
+        outcomes = [(r[0], r[9], r[11], r[12], r[13], r[14], r[16]) for r in rows]
+        types = [pg_column_types(db, "payment_attempts")[c] for c in _OUTCOME_COLUMNS]
+        updated = {r[0] for r in db.fetchall_pg(
+            "UPDATE payment_attempts SET status = v.c1, psp_reference = coalesce(v.c2, payment_attempts.psp_reference),"
+            f" code = v.c3, fee_minor = v.c4, latency_ms = v.c5, finished_at_ms = v.c6 FROM {pg_unnest(types, 'v')}"
+            " WHERE payment_attempts.attempt_id = v.c0 RETURNING v.c0", pg_arrays(outcomes, types))}
+        rows = [r for r in rows if r[0] not in updated]
+        if not rows:
+            return
+    elif recorded and rows:
         before = db.raw.total_changes
         db.raw.executemany(
             "UPDATE payment_attempts SET status = ?, psp_reference = coalesce(?, psp_reference), code = ?,"
@@ -217,6 +227,8 @@ def upsert_attempts(db: Db, intents: Sequence[Intent], recorded: bool = False) -
     )
 
 
+# The columns of an attempt's outcome, as a recorded attempt's UPDATE on PostgreSQL sets them.
+_OUTCOME_COLUMNS = ("attempt_id", "status", "psp_reference", "code", "fee_minor", "latency_ms", "finished_at_ms")
 # Columns of an attempt row that a later row of the same attempt replaces (the upsert's DO UPDATE SET).
 _ATTEMPT_OUTCOME_COLUMNS = (9, 12, 13, 14, 16)
 _ATTEMPT_PSP_REFERENCE = 11

@@ -25,10 +25,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from gateway.store.postgres import PostgresStore
     from gateway.store.sqlite import SqliteStore
 
 log = logging.getLogger("gateway.store.sql")
@@ -105,6 +104,16 @@ _PG_UNNEST: dict[str, tuple[str, list[str]] | None] = {}
 _PG_TYPES: dict[str, dict[str, str]] = {}
 
 
+def pg_column_types(db: Db, table: str) -> dict[str, str]:
+    """The SQL type of each column of `table` (read from the catalog once per process)."""
+    known = _PG_TYPES.get(table)
+    if known is None:
+        known = _PG_TYPES[table] = dict(db.fetchall(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = CAST(? AS regclass) AND attnum > 0 AND NOT attisdropped", (table,)))
+    return known
+
+
 def _pg_unnest_insert(db: Db, sql: str) -> tuple[str, list[str]] | None:
     """`INSERT INTO t (a, b, c) VALUES (?, 'x', ?) tail` as `INSERT INTO t (a, b, c) SELECT u.c0,
     CAST('x' AS type of b), u.c1 FROM unnest(...) AS u(c0, c1) tail`, with the array types; None for a
@@ -120,12 +129,7 @@ def _pg_unnest_insert(db: Db, sql: str) -> tuple[str, list[str]] | None:
         items = [i.strip() for i in one[1:-1].split(",")]
         simple = all(i == "?" or ("?" not in i and i.count("'") % 2 == 0) for i in items)
         if simple and len(items) == len(columns) and "?" not in tail:
-            table = table.strip()
-            known = _PG_TYPES.get(table)
-            if known is None:
-                known = _PG_TYPES[table] = dict(db.fetchall(
-                    "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
-                    " WHERE attrelid = CAST(? AS regclass) AND attnum > 0 AND NOT attisdropped", (table,)))
+            known = pg_column_types(db, table.strip())
             types: list[str] = []
             select: list[str] = []
             for column, item in zip(columns, items, strict=True):
@@ -159,26 +163,27 @@ class Db:
             return self.raw.execute(pg_sql(sql), tuple(args))
         return self.raw.execute(sql, args)
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        """One statement over many rows. SQLite steps one prepared statement; on PostgreSQL an
-        `INSERT ... VALUES (...)` goes out as one `INSERT ... SELECT FROM unnest(...)` per
-        `PG_ROWS_PER_INSERT` rows, a column an array (one statement for the server to run instead of one
-        per row, and one text whatever the count: psycopg converts it once and the server prepares it;
-        an `ON CONFLICT DO UPDATE` caller must not repeat a key within one call); anything else as a
-        pipelined executemany."""
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """One statement over many rows; returns the rows it wrote (outside a pipeline). SQLite steps
+        one prepared statement; on PostgreSQL an `INSERT ... VALUES (...)` goes out as one `INSERT ...
+        SELECT FROM unnest(...)` per `PG_ROWS_PER_INSERT` rows, a column an array (one statement for the
+        server to run instead of one per row, and one text whatever the count: psycopg converts it once
+        and the server prepares it; an `ON CONFLICT DO UPDATE` caller must not repeat a key within one
+        call, `DO NOTHING` may); anything else as a pipelined executemany."""
         if not rows:
-            return
+            return 0
         if not self.pg:
-            self.raw.executemany(sql, rows)
-            return
+            return int(self.raw.executemany(sql, rows).rowcount)
         plan = _pg_unnest_insert(self, sql) if len(rows) > 1 else None
         if plan is None:
             with self.raw.cursor() as cur:
                 cur.executemany(pg_sql(sql), rows)
-            return
+                return int(cur.rowcount)
         text, types = plan
+        written = 0
         for chunk in chunked(rows, PG_ROWS_PER_INSERT):
-            self.raw.execute(text, pg_arrays(chunk, types))
+            written += self.raw.execute(text, pg_arrays(chunk, types)).rowcount
+        return written
 
     def update_many(self, table: str, key: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> None:
         """`UPDATE table SET column = ... WHERE key = ?` for each row `(key value, column values...)`;
@@ -329,10 +334,19 @@ class SqliteDialect(Dialect):
         conn.execute("COMMIT")
 
 
+class PgStore(Protocol):
+    """What the PostgreSQL dialect needs of `PostgresStore` (which builds on this module)."""
+
+    schema: str
+    pool: Any
+
+    def connect(self) -> Any: ...
+
+
 class PostgresDialect(Dialect):
     pg = True
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: PgStore) -> None:
         self.store = store
         self.schema = store.schema
         # Session advisory locks of the payments this process drives, all on one connection: the
@@ -443,7 +457,7 @@ class PostgresDialect(Dialect):
                 self._claims = None
 
 
-def dialect_for(store: SqliteStore | PostgresStore) -> Dialect:
+def dialect_for(store: SqliteStore | PgStore) -> Dialect:
     """The dialect of a backend store: SQLite's connections and write lock, or PostgreSQL's pool."""
     from gateway.store.sqlite import SqliteStore
 
