@@ -332,10 +332,14 @@ def sim_server() -> Iterator[str]:
 
 def over_http(base: str, psp: str, timeout_s: float,
               steps: Callable[[HTTPPSPClient, httpx.AsyncClient], Awaitable[T]]) -> T:
-    """Runs `steps` with an `HTTPPSPClient` of `psp` at `base` and the HTTP client under it."""
+    """Runs `steps` with an `HTTPPSPClient` of `psp` at `base` and an HTTP client of the test's own."""
     async def run() -> T:
-        async with httpx.AsyncClient() as http:
-            return await steps(HTTPPSPClient(base, psp, timeout_s=timeout_s, client=http), http)
+        client = HTTPPSPClient(base, psp, timeout_s=timeout_s)
+        try:
+            async with httpx.AsyncClient() as http:
+                return await steps(client, http)
+        finally:
+            await client.aclose()
 
     return asyncio.run(run())
 

@@ -213,6 +213,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(dispatcher, reconciler, webhooks, health, return_exceptions=True)
+        await asyncio.gather(*(b.inner.aclose() for b in self.bulkheads.values()))  # HTTP connections of this loop
         self.pstore.close()  # drops this worker's claims at once instead of at process exit
         if self._executor is not None:
             self._executor.shutdown(wait=True)
