@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import msgspec
 
 from gateway.config import WebhooksConfig
@@ -81,9 +81,12 @@ class Dispatcher:
     async def run(self) -> None:
         s = self.settings
         sem = asyncio.Semaphore(s.concurrency)
-        limits = httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency)
-        async with httpx.AsyncClient(timeout=s.timeout_ms / 1000, limits=limits, follow_redirects=False,
-                                     headers={"user-agent": USER_AGENT}) as client:
+        # aiohttp: its connection pool stays cheap with every send in flight (httpx's re-scanned all its
+        # connections on each event, ~2.5 ms of CPU a call at 32 in flight). No timeout of its own: each
+        # attempt has one deadline (`_deliver`).
+        connector = aiohttp.TCPConnector(limit=s.concurrency, limit_per_host=0)
+        async with aiohttp.ClientSession(connector=connector, headers={"user-agent": USER_AGENT},
+                                         timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False) as client:
             try:
                 while True:
                     free = s.concurrency - len(self._inflight)
@@ -134,12 +137,12 @@ class Dispatcher:
         sem.release()
         self._wake.set()  # a delivery finished: the next event of its payment may be due now
 
-    async def _deliver(self, client: httpx.AsyncClient, d: Delivery) -> None:
+    async def _deliver(self, client: aiohttp.ClientSession, d: Delivery) -> None:
         status_code: int | None = None
         error: str | None = None
         try:
-            # One deadline for the whole attempt (httpx's timeouts are per phase and per read): an
-            # attempt must end well inside its lease, or another dispatcher could send it meanwhile.
+            # One deadline for the whole attempt: an attempt must end well inside its lease, or another
+            # dispatcher could send it meanwhile.
             async with asyncio.timeout(self.settings.timeout_ms / 1000):
                 if not self.settings.allow_private_urls and await self._private_target(d.url):
                     raise _NotAllowed
@@ -148,15 +151,17 @@ class Dispatcher:
                 # The same signature under Stripe's name too: Stripe's SDKs verify it (`construct_event`).
                 headers = {"content-type": "application/json", SIGNATURE_HEADER: signature,
                            "stripe-signature": signature, "gateway-event-id": d.event_id}
-                # Streamed and not read: a receiver's answer matters only by its status.
-                async with client.stream("POST", d.url, content=body, headers=headers) as response:
-                    status_code = response.status_code
+                # The body is not read: a receiver's answer matters only by its status.
+                async with client.post(d.url, data=body, headers=headers, allow_redirects=False) as response:
+                    status_code = response.status
         except _NotAllowed:
             error = "address_not_allowed"
-        except (httpx.TimeoutException, TimeoutError):
+        except TimeoutError:
             error = "timeout"
-        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
-            # Connection refused, reset, TLS, an address that cannot be resolved: retried like a 5xx.
+        except aiohttp.ClientConnectorError:
+            error = "ConnectError"  # refused, unreachable, unresolvable: the name merchants have seen
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            # Reset, TLS, a malformed answer or URL: retried like a 5xx.
             error = type(e).__name__
         attempts = d.attempts + 1
         try:
