@@ -123,3 +123,19 @@ def test_quick_pipeline_bench_embedded_settles_every_accepted_payment(tmp_path: 
         assert (out / "backlog.png").stat().st_size > 1000
     else:
         assert any("matplotlib" in n for n in report["notes"])
+
+
+@pytest.mark.timeout(120)
+def test_psp_client_bench_times_every_call_of_both_clients(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "psp_client.py"), "--calls", "200", "--inflight", "4,16"],
+        capture_output=True, text=True, timeout=110, check=False, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    saved = Path(proc.stdout.strip().splitlines()[-1].removeprefix("saved "))
+    report = json.loads(saved.read_text())
+    saved.unlink()
+    assert report["calls"] == 200 and [r["inflight"] for r in report["rows"]] == [4, 16]
+    for row in report["rows"]:
+        for client in ("aiohttp_gateway_client", "httpx"):
+            assert row[client]["calls_per_s"] > 0 and 0 < row[client]["cpu_us_per_call"] < 1_000_000
