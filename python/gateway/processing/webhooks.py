@@ -48,6 +48,39 @@ class _NotAllowed(Exception):
     pass
 
 
+class _PrivateAddress(OSError):
+    """A host name resolved to a private address: raised by the resolver, so nothing connects to it."""
+
+
+class PublicResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's resolver, refusing a name when any address it resolves to is loopback, private or
+    link-local (SSRF): the connection goes to exactly the addresses checked, so a DNS answer that
+    changes between a check and the connect (rebinding) cannot slip a private address in."""
+
+    def __init__(self, inner: aiohttp.abc.AbstractResolver | None = None) -> None:
+        self._inner = inner or aiohttp.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[aiohttp.abc.ResolveResult]:
+        infos = await self._inner.resolve(host, port, family)
+        if any(private_address(str(info["host"])) for info in infos):
+            raise _PrivateAddress(f"{host} resolves to a private address")
+        return infos
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def failure_name(e: BaseException) -> str:
+    """The `last_error` of a send that raised `e`."""
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        # Refused, unreachable, unresolvable: the name merchants have seen; or refused by the resolver.
+        return "address_not_allowed" if isinstance(e.os_error, _PrivateAddress) else "ConnectError"
+    return type(e).__name__  # reset, TLS, a malformed answer or URL: retried like a 5xx
+
+
 DbCall = Callable[..., Awaitable[Any]]
 
 
@@ -84,7 +117,8 @@ class Dispatcher:
         # aiohttp: its connection pool stays cheap with every send in flight (httpx's re-scanned all its
         # connections on each event, ~2.5 ms of CPU a call at 32 in flight). No timeout of its own: each
         # attempt has one deadline (`_deliver`).
-        connector = aiohttp.TCPConnector(limit=s.concurrency, limit_per_host=0)
+        connector = aiohttp.TCPConnector(limit=s.concurrency, limit_per_host=0,
+                                         resolver=None if s.allow_private_urls else PublicResolver())
         async with aiohttp.ClientSession(connector=connector, headers={"user-agent": USER_AGENT},
                                          timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False) as client:
             try:
@@ -118,19 +152,11 @@ class Dispatcher:
                         t.cancel()
 
     async def _private_target(self, url: str) -> bool:
-        """Whether the URL's host resolves to a loopback, private or link-local address: a public
-        endpoint URL must not reach into the gateway's own network (SSRF). Checked at every attempt, as
-        a name may change what it points to; an unresolvable name is left to the send to fail."""
+        """Whether the URL's host is a loopback, private or link-local address, or a localhost name: a
+        public endpoint URL must not reach into the gateway's own network (SSRF). A host name is checked
+        where it is resolved, at every connect (`PublicResolver`): the address checked is the one used."""
         host = urlsplit(url).hostname or ""
-        if host == "localhost" or host.endswith(".localhost") or private_address(host):
-            return True
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM),
-                self.settings.timeout_ms / 1000)
-        except (OSError, TimeoutError):
-            return False
-        return any(private_address(str(info[4][0])) for info in infos)
+        return host == "localhost" or host.endswith(".localhost") or private_address(host)
 
     def _done(self, sem: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -156,13 +182,8 @@ class Dispatcher:
                     status_code = response.status
         except _NotAllowed:
             error = "address_not_allowed"
-        except TimeoutError:
-            error = "timeout"
-        except aiohttp.ClientConnectorError:
-            error = "ConnectError"  # refused, unreachable, unresolvable: the name merchants have seen
-        except (aiohttp.ClientError, OSError, ValueError) as e:
-            # Reset, TLS, a malformed answer or URL: retried like a 5xx.
-            error = type(e).__name__
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+            error = failure_name(e)
         attempts = d.attempts + 1
         try:
             if status_code is not None and 200 <= status_code < 300:
