@@ -41,6 +41,34 @@ PARTITIONS = 4
 SETTLE_TIMEOUT_S = 600
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a live process (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_sample(workers: list[int]) -> dict[str, dict[int, float]]:
+    """CPU seconds of each worker process and of each PostgreSQL server process (every backend of the
+    server: the run's own are most of it, the harness's poll is in it too)."""
+    postgres: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().startswith(b"postgres") and (c := _cpu_s(int(entry.name))):
+                    postgres[int(entry.name)] = c
+    return {"workers": {pid: c for pid in workers if (c := _cpu_s(pid)) is not None}, "postgres": postgres}
+
+
+def _cpu_us_per_payment(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]],
+                        payments: int) -> dict[str, float]:
+    """CPU between two samples per payment, by group (a process born in between counts from zero)."""
+    return {group: round(sum(c - before[group].get(pid, 0.0) for pid, c in after[group].items())
+                         / payments * 1e6, 1) for group in after}
+
+
 def services() -> dict[str, str]:
     out = subprocess.run(["bash", str(BENCH.parent / "deploy" / "services.sh"), "up"], capture_output=True,
                          text=True, check=True, timeout=900).stdout
@@ -95,6 +123,8 @@ redis_key_prefix = "b{tag}"
                                       stderr=subprocess.STDOUT, env=env, start_new_session=True))
         log.close()
     first: float | None = None
+    cpu_first: dict[str, dict[int, float]] = {}
+    final_first = 0
     try:
         with psycopg.connect(svc["DATABASE_URL"], autocommit=True) as conn:
             conn.execute(f"SET search_path = {schema}")  # type: ignore[arg-type]
@@ -104,6 +134,7 @@ redis_key_prefix = "b{tag}"
                 final, captured = (row[0], row[1]) if row else (0, 0)
                 if final and first is None:
                     first = time.perf_counter()
+                    cpu_first, final_first = _cpu_sample([p.pid for p in procs]), final
                 if final >= payments:
                     break
                 assert time.perf_counter() - started < SETTLE_TIMEOUT_S, f"only {final}/{payments} settled"
@@ -111,6 +142,7 @@ redis_key_prefix = "b{tag}"
                 # workers), every 20 ms near the end so that the finish is timed within 20 ms.
                 time.sleep(0.02 if final >= 0.95 * payments else 0.1)
         done = time.perf_counter()
+        cpu_done = _cpu_sample([p.pid for p in procs])
         check = subprocess.run([gateway, "ledger", "check", "--config", str(config)], capture_output=True,
                                text=True, check=False)
     finally:
@@ -137,6 +169,8 @@ redis_key_prefix = "b{tag}"
         "elapsed_with_startup_s": round(done - started, 3),
         "payments_per_s": round(payments / steady, 1),
         "psp_calls_per_payment": 2,
+        # From the first settled payment to the last, as payments_per_s; /proc of this machine.
+        "cpu_us_per_payment": _cpu_us_per_payment(cpu_first, cpu_done, payments - final_first),
         "ledger_check": check.stdout.strip() or check.stderr.strip(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
@@ -154,7 +188,8 @@ def main() -> None:
     results = [run(svc, args.payments, int(w), args.time_scale, args.inflight) for w in args.workers.split(",")]
     for r in results:
         print(f"{r['workers']} worker(s): {r['payments']} payments authorized+captured in {r['elapsed_s']} s"
-              f" = {r['payments_per_s']} payments/s ({r['captured']} captured; with start-up"
+              f" = {r['payments_per_s']} payments/s, CPU us/payment {r['cpu_us_per_payment']}"
+              f" ({r['captured']} captured; with start-up"
               f" {r['elapsed_with_startup_s']} s; {r['ledger_check']})")
     out = BENCH / "results" / f"cluster_settle-{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
