@@ -17,6 +17,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -111,7 +112,7 @@ def main() -> None:
                 f"{name}: {v['calls_per_s']:,.0f} calls/s, {v['cpu_us_per_call']:,.0f} us CPU/call"
                 for name, v in row.items() if isinstance(v, dict)))
     finally:
-        sim.kill()
+        os.killpg(sim.pid, signal.SIGKILL)  # the simulator's server workers too (its own session)
         sim.wait()
     path = save_report("psp_client", {"calls": args.calls, "pinned": pin, "rows": rows,
                                       "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}})
