@@ -53,6 +53,8 @@ import psycopg
 import redis
 from confluent_kafka.admin import AdminClient
 from fsync_stats import FsyncProbe, gateway_fsync_histogram, histogram_delta
+from gateway.config import ClusterConfig
+from pipeline import Processes, cpu_delta, descendants
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -63,6 +65,10 @@ DEMO_KEY = "sk_test_demo"
 # k6 cycles through the targets with keys unique to the step and the wrap-around.
 K6_TARGETS = 10_000
 K6_VUS_MAX = 2_000
+# The relay's linger ([cluster] relay_linger_ms default), used by the broker floor too.
+RELAY_LINGER_MS = ClusterConfig().relay_linger_ms
+# Seconds of no load after the warm-up, whose CPU shows what the deployment costs at rest.
+IDLE_SAMPLE_S = 3.0
 BODY = json.dumps({"amount": 2599, "currency": "USD", "payment_method": "tok_visa",
                    "customer": {"email": "buyer@example.com", "country": "US"}})
 
@@ -140,6 +146,88 @@ def run_step_k6(port: int, rate: float, seconds: float, run_id: str, work: Path)
     return hb.run_step(k6, targets, port, rate, seconds, run_id, None, None, K6_VUS_MAX, [DEMO_KEY], work)
 
 
+def pids_matching(needle: str) -> list[int]:
+    """Live processes whose command line contains `needle`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def cpu_groups(d: Deployment) -> Processes:
+    """The processes whose CPU a step reports: the gateway's HTTP processes (the supervisor and its
+    children), the worker, the Kafka brokers, Redis and PostgreSQL (every process of each server)."""
+    procs = Processes()
+    serve, worker = d.procs[0].pid, d.procs[1].pid
+    procs.add("gateway_http", lambda: [serve, *descendants(serve)])
+    procs.add("worker", lambda: [worker, *descendants(worker)])
+    procs.add("kafka", lambda: pids_matching("kafka.Kafka"))
+    procs.add("redis", lambda: pids_matching("redis-server"))
+    procs.add("postgres", lambda: pids_matching("postgres"))
+    return procs
+
+
+def cpu_report(procs: Processes, before: dict[str, dict[int, float]], seconds: float,
+               requests: int) -> dict[str, Any]:
+    """Cores each group kept busy over `seconds`, and CPU ms per answered request."""
+    after = procs.cpu()
+    used = {name: cpu_delta(before.get(name, {}), pids) for name, pids in after.items()}
+    return {"cores": {n: round(v / seconds, 3) for n, v in used.items()},
+            "cpu_ms_per_request": {n: round(v / max(1, requests) * 1000, 3) for n, v in used.items()}}
+
+
+def broker_floor(bootstrap: str, replicas: int, rate: float, seconds: float, linger_ms: int) -> dict[str, Any]:
+    """The brokers' own floor at `rate`: a bare producer with the relay's settings (idempotent,
+    acks=all, the same linger) sending records of a create's size, open loop, to a topic with the
+    benchmark's replication, and each record's time from its due time to its acknowledgement. What
+    durability "replicated" adds above it is the gateway's."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import NewTopic
+    from gateway.feed.eventlog import producer_config
+
+    topic = f"bench-floor-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=replicas, config={
+        "min.insync.replicas": str(2 if replicas >= 3 else 1)})])[topic].result(timeout=30)
+    producer = Producer(producer_config(bootstrap, linger_ms=linger_ms, message_timeout_ms=10_000,
+                                        inflight_records_max=10_000))
+    lat: list[float] = []
+    failed = 0
+    payload = b"x" * 600  # about a payment.created record
+
+    def delivered(due: float, err: Any) -> None:
+        nonlocal failed
+        if err is not None:
+            failed += 1
+        else:
+            lat.append((time.perf_counter() - due) * 1000)
+    try:
+        for i in range(50):  # metadata and the producer id before the clock starts
+            producer.produce(topic, payload, key=str(i).encode())
+        producer.flush(30)
+        n = int(rate * seconds)
+        start = time.perf_counter()
+        for i in range(n):
+            due = start + i / rate
+            while (wait := due - time.perf_counter()) > 0:
+                producer.poll(min(wait, 0.0005))
+            producer.produce(topic, payload, key=uuid.uuid4().bytes,
+                             on_delivery=lambda err, _msg, due=due: delivered(due, err))
+            producer.poll(0)
+        producer.flush(30)
+    finally:
+        admin.delete_topics([topic])
+    lat.sort()
+    return {"records": n, "failed": failed, "p50_ms": round(_percentile(lat, 0.5), 3),
+            "p99_ms": round(_percentile(lat, 0.99), 3), "p999_ms": round(_percentile(lat, 0.999), 3),
+            "max_ms": round(lat[-1], 3) if lat else None}
+
+
 def services(brokers: int = 1) -> dict[str, str]:
     """The services of deploy/ (started if needed); with `brokers` 3 KAFKA_BOOTSTRAP names the three
     nodes of `KAFKA_BROKERS=3 deploy/kafka.sh` (started too)."""
@@ -153,7 +241,7 @@ def services(brokers: int = 1) -> dict[str, str]:
 class Deployment:
     def __init__(self, svc: dict[str, str], durability: str, workdir: Path, workers: int,
                  velocity: str = "shared", processing: bool = True, replicas: int = 1,
-                 gateway_env: dict[str, str] | None = None) -> None:
+                 gateway_env: dict[str, str] | None = None, relay_linger_ms: int | None = None) -> None:
         # processing False: the worker only materialises payments into PostgreSQL (GATEWAY_WORKER=off),
         # so the figures are those of the request path with the machine to itself.
         self.processing = processing
@@ -188,7 +276,7 @@ durability = "{durability}"
 velocity = "{velocity}"
 topic_replication_factor = {replicas}
 topic_min_insync_replicas = {2 if replicas >= 3 else 1}
-""")
+""" + (f"relay_linger_ms = {relay_linger_ms}\n" if relay_linger_ms is not None else ""))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers = workers
 
@@ -318,6 +406,10 @@ def main() -> int:
     ap.add_argument("--processing", choices=("on", "off"), default="on",
                     help="off: the worker only writes payments to PostgreSQL (no PSP calls, no ledger)")
     ap.add_argument("--velocity", default="shared", help="cluster.velocity values to run: shared, local")
+    ap.add_argument("--broker-floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="after each replicated step, the brokers' own floor: a bare producer at the same rate")
+    ap.add_argument("--relay-linger-ms", type=int, default=None,
+                    help=f"[cluster] relay_linger_ms of the gateways (and the broker floor); default {RELAY_LINGER_MS}")
     ap.add_argument("--admit-only", type=int, default=0, metavar="CALLS",
                     help="only time the Redis admission script, with and without velocity")
     args = ap.parse_args()
@@ -355,7 +447,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cluster-bench-") as tmp:
         for mode, velocity, name in runs:
             d = Deployment(svc, mode, Path(tmp), args.workers, velocity, args.processing == "on",
-                           replicas=args.brokers, gateway_env=gateway_env)
+                           replicas=args.brokers, gateway_env=gateway_env, relay_linger_ms=args.relay_linger_ms)
             try:
                 d.start()
                 def step(rate: float, seconds: float, run_id: str, d: Deployment = d) -> dict[str, Any]:
@@ -364,12 +456,23 @@ def main() -> int:
                     return run_step_k6(d.port, rate, seconds, run_id, d.dir)
 
                 step(rates[0], 5.0, f"{name}-warm")  # the first seconds of a deployment are slower
+                procs = cpu_groups(d)
+                # What the deployment costs with no request at all (heartbeats, polls, replica fetches).
+                before_idle = procs.cpu()
+                time.sleep(IDLE_SAMPLE_S)
+                idle_cores = cpu_report(procs, before_idle, IDLE_SAMPLE_S, 0)["cores"]
+                print(f"{name:12} at rest, cores busy " + ", ".join(f"{k} {v:.2f}" for k, v in idle_cores.items()),
+                      flush=True)
                 steps = []
                 url = f"http://127.0.0.1:{d.port}"
                 for rate in rates:
                     before = gateway_fsync_histogram(url, args.workers)
+                    cpu_before = procs.cpu()
+                    started = time.monotonic()
                     with FsyncProbe(d.dir) as probe:
                         r = step(rate, args.step_seconds, f"{name}-{int(rate)}")
+                    answered = sum(r["status_counts"].values())
+                    cpu = cpu_report(procs, cpu_before, time.monotonic() - started, answered)
                     wal_fsync = histogram_delta(before, gateway_fsync_histogram(url, args.workers))
                     steps.append({
                         "wal_fsync": wal_fsync, "disk_fsync_probe": probe.summary(),
@@ -377,6 +480,7 @@ def main() -> int:
                         "error_rate": r["error_rate"], "status_counts": r["status_counts"],
                         "p50_ms": r["latency_corrected"]["p50_ms"], "p99_ms": r["latency_corrected"]["p99_ms"],
                         "p999_ms": r["latency_corrected"]["p999_ms"], "max_ms": r["latency_corrected"]["max_ms"],
+                        "cores_busy": cpu["cores"], "cpu_ms_per_request": cpu["cpu_ms_per_request"],
                     })
                     print(f"{name:12} offered {rate:7.0f}/s achieved {r['achieved_rate']:8.1f}/s "
                           f"p50 {r['latency_corrected']['p50_ms']:7.2f} ms p99 {r['latency_corrected']['p99_ms']:7.2f}"
@@ -386,11 +490,23 @@ def main() -> int:
                     print(f"{'':12} WAL fsync p99 <= {wal_fsync.get('p99_ms_le')} ms, max <= {wal_fsync.get('max_ms_le')}"
                           f" ms ({wal_fsync.get('over_100ms', 0)} over 100 ms); disk probe p99 {pr['p99_ms']} ms,"
                           f" max {pr['max_ms']} ms ({pr['over_100ms']} over 100 ms)", flush=True)
+                    if args.broker_floor and mode == "replicated":
+                        floor = broker_floor(svc["KAFKA_BOOTSTRAP"], args.brokers, rate, args.step_seconds,
+                                             RELAY_LINGER_MS if args.relay_linger_ms is None
+                                             else args.relay_linger_ms)
+                        steps[-1]["broker_floor"] = floor
+                        print(f"{'':12} broker floor (bare producer, acks=all, same rate): p50 {floor['p50_ms']} ms"
+                              f" p99 {floor['p99_ms']} ms p99.9 {floor['p999_ms']} ms max {floor['max_ms']} ms",
+                              flush=True)
+                    print(f"{'':12} CPU ms/request " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                              cpu["cpu_ms_per_request"].items())
+                          + "; cores busy " + ", ".join(f"{k} {v:.2f}" for k, v in cpu["cores"].items()), flush=True)
                 acked = sum(s["status_counts"].get("201", 0) for s in steps)
                 deadline = time.monotonic() + 60
                 while (in_pg := d.payments_in_postgres()) < acked and time.monotonic() < deadline:
                     time.sleep(0.5)
-                report["modes"][name] = {"velocity": velocity, "steps": steps, "acknowledged_in_steps": acked,
+                report["modes"][name] = {"velocity": velocity, "idle_cores_busy": idle_cores, "steps": steps,
+                                         "acknowledged_in_steps": acked,
                                          "payments_in_postgres": in_pg}
             finally:
                 d.stop()

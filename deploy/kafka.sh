@@ -44,7 +44,10 @@ select_node() {
         # The three nodes share one cluster id.
         KAFKA_CLUSTER_ID_FILE="$SERVICES_DIR/kafka3/cluster.id"
     fi
-    KAFKA_DATA="$KAFKA_DIR/data"
+    # KAFKA_DATA_DIR puts the nodes' logs elsewhere (configuration, pidfile and broker log stay here):
+    # e.g. a tmpfs, so that three nodes sharing one machine's disk do not stall together on it.
+    KAFKA_DATA="${KAFKA_DATA_DIR:+$KAFKA_DATA_DIR/${KAFKA_DIR#"$SERVICES_DIR"/}}"
+    KAFKA_DATA="${KAFKA_DATA:-$KAFKA_DIR/data}"
     KAFKA_CONF="$KAFKA_DIR/server.properties"
     KAFKA_LOG4J="$KAFKA_DIR/log4j2.properties"
     KAFKA_PID="$KAFKA_DIR/kafka.pid"
@@ -62,14 +65,15 @@ quorum_voters() {
 }
 
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
+KAFKA_GC_OPTS="${KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
 KAFKA_START_TIMEOUT_S="${KAFKA_START_TIMEOUT_S:-120}"
 KAFKA_STOP_TIMEOUT_S=60
 
 # The JVM command line shared by the storage tool and the broker, as an array in JAVA_ARGV.
 java_argv() {
-    # KAFKA_HEAP_OPTS is a list of JVM flags, split on spaces on purpose.
+    # KAFKA_HEAP_OPTS and KAFKA_GC_OPTS are lists of JVM flags, split on spaces on purpose.
     # shellcheck disable=SC2206
-    JAVA_ARGV=(java $KAFKA_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+    JAVA_ARGV=(java $KAFKA_HEAP_OPTS $KAFKA_GC_OPTS -XX:+ExitOnOutOfMemoryError
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_DIR"
         -cp "$KAFKA_LIBS/*" "$@")
 }

@@ -4,6 +4,8 @@ record schema its Kafka key, the event log, the workers and the stores decode wi
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -99,3 +101,57 @@ def test_bytes_that_are_not_a_record_are_refused_by_the_stores_and_skipped_by_th
     assert records.decode_summary(b"not json") is None and records.payment_id_of(b"[]") is None
     with pytest.raises(msgspec.DecodeError):
         wal_rows([(1, b'{"type": "payment.created"}')])
+
+
+class AckingProducer:
+    """Stands in for librdkafka's producer in the poller: each `poll` delivers the LSNs queued so far."""
+
+    def __init__(self, r: Relay) -> None:
+        self.relay, self.queued = r, []
+
+    def poll(self, timeout: float) -> int:
+        lsns, self.queued = self.queued, []
+        for lsn in lsns:
+            self.relay._delivered(self.relay._generation, lsn, None)
+        time.sleep(min(timeout, 0.005))
+        return len(lsns)
+
+
+def test_acks_keep_flowing_while_the_checkpoint_write_is_stuck_on_the_disk(tmp_path: Path) -> None:
+    """A checkpoint fsync held up by a stalling disk must not hold acknowledgements back: durability
+    "replicated" answers a create on the ack alone."""
+    r = Relay(str(tmp_path / "wal"), tmp_path / "relay.checkpoint", NoSource(), "127.0.0.1:1", "t",
+              checkpoint_interval_ms=1)
+    disk = threading.Event()
+    stores: list[int] = []
+
+    def stalled_store(lsn: int) -> None:
+        disk.wait(10)
+        stores.append(lsn)
+
+    r._checkpoint.store = stalled_store  # type: ignore[method-assign]
+    producer = AckingProducer(r)
+    r._producer = producer  # type: ignore[assignment]
+    threads = [threading.Thread(target=t, daemon=True) for t in (r._poll_loop, r._checkpoint_loop)]
+    for t in threads:
+        t.start()
+    try:
+        for lsn in range(1, 51):
+            with r._lock:
+                r._inflight.append(lsn)
+            producer.queued.append(lsn)
+        deadline = time.monotonic() + 5
+        while r.acked_lsn < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert r.acked_lsn == 50, "acks waited for the checkpoint's disk write"
+        assert stores == [] and r.checkpointed_lsn == 0
+        disk.set()
+        deadline = time.monotonic() + 5
+        while r.checkpointed_lsn < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert r.checkpointed_lsn == 50 and stores[-1] == 50
+    finally:
+        disk.set()
+        r._stop.set()
+        for t in threads:
+            t.join(5)
