@@ -54,7 +54,7 @@ import redis
 from confluent_kafka.admin import AdminClient
 from fsync_stats import FsyncProbe, gateway_fsync_histogram, histogram_delta
 from gateway.config import ClusterConfig
-from pipeline import Processes, cpu_delta, descendants
+from pipeline import Processes, cmdline, cpu_delta, descendants
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -148,15 +148,7 @@ def run_step_k6(port: int, rate: float, seconds: float, run_id: str, work: Path)
 
 def pids_matching(needle: str) -> list[int]:
     """Live processes whose command line contains `needle`."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(entry.name))
-            except OSError:
-                continue
-    return out
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and needle in cmdline(int(e.name))]
 
 
 def cpu_groups(d: Deployment) -> Processes:
@@ -241,7 +233,7 @@ def services(brokers: int = 1) -> dict[str, str]:
 class Deployment:
     def __init__(self, svc: dict[str, str], durability: str, workdir: Path, workers: int,
                  velocity: str = "shared", processing: bool = True, replicas: int = 1,
-                 gateway_env: dict[str, str] | None = None, relay_linger_ms: int | None = None) -> None:
+                 gateway_env: dict[str, str] | None = None, relay_linger_ms: int = RELAY_LINGER_MS) -> None:
         # processing False: the worker only materialises payments into PostgreSQL (GATEWAY_WORKER=off),
         # so the figures are those of the request path with the machine to itself.
         self.processing = processing
@@ -276,7 +268,8 @@ durability = "{durability}"
 velocity = "{velocity}"
 topic_replication_factor = {replicas}
 topic_min_insync_replicas = {2 if replicas >= 3 else 1}
-""" + (f"relay_linger_ms = {relay_linger_ms}\n" if relay_linger_ms is not None else ""))
+relay_linger_ms = {relay_linger_ms}
+""")
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers = workers
 
@@ -408,8 +401,8 @@ def main() -> int:
     ap.add_argument("--velocity", default="shared", help="cluster.velocity values to run: shared, local")
     ap.add_argument("--broker-floor", action=argparse.BooleanOptionalAction, default=True,
                     help="after each replicated step, the brokers' own floor: a bare producer at the same rate")
-    ap.add_argument("--relay-linger-ms", type=int, default=None,
-                    help=f"[cluster] relay_linger_ms of the gateways (and the broker floor); default {RELAY_LINGER_MS}")
+    ap.add_argument("--relay-linger-ms", type=int, default=RELAY_LINGER_MS,
+                    help="[cluster] relay_linger_ms of the gateways (and the broker floor)")
     ap.add_argument("--admit-only", type=int, default=0, metavar="CALLS",
                     help="only time the Redis admission script, with and without velocity")
     args = ap.parse_args()
@@ -492,8 +485,7 @@ def main() -> int:
                           f" max {pr['max_ms']} ms ({pr['over_100ms']} over 100 ms)", flush=True)
                     if args.broker_floor and mode == "replicated":
                         floor = broker_floor(svc["KAFKA_BOOTSTRAP"], args.brokers, rate, args.step_seconds,
-                                             RELAY_LINGER_MS if args.relay_linger_ms is None
-                                             else args.relay_linger_ms)
+                                             args.relay_linger_ms)
                         steps[-1]["broker_floor"] = floor
                         print(f"{'':12} broker floor (bare producer, acks=all, same rate): p50 {floor['p50_ms']} ms"
                               f" p99 {floor['p99_ms']} ms p99.9 {floor['p999_ms']} ms max {floor['max_ms']} ms",

@@ -251,11 +251,14 @@ class Relay:
                 return
 
     def _checkpoint_loop(self) -> None:
+        # A checkpoint that cannot be written stops the relay with that error, as it did on the poller.
         while not self._stop.wait(self.checkpoint_interval_s):
             try:
                 self._save_checkpoint()
-            except OSError as e:  # the next interval tries again; a restart resends from the last one
-                log.warning("relay checkpoint not saved: %s", e)
+            except BaseException as e:
+                self.error = e
+                log.exception("relay checkpointer stopped")
+                return
 
     def _send_loop(self) -> None:
         reader = WalReader(self.wal_dir, self.acked_lsn)
